@@ -1,0 +1,3 @@
+from fulfillment.cli import main
+
+raise SystemExit(main())

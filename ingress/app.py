@@ -1,0 +1,152 @@
+"""The aiohttp application: Stripe webhooks in, confirmed broker messages out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ingress import metrics
+from ingress.publisher import EventPublisher
+from ingress.settings import IngressSettings
+from ingress.signature import InvalidSignature, verify
+from shared.envelope import EventEnvelope
+from shared.errors import BrokerUnavailable, MalformedEvent
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+SETTINGS = web.AppKey("settings", IngressSettings)
+PUBLISHER = web.AppKey("publisher", EventPublisher)
+
+_ACCEPTED = b'{"received":true}'
+
+
+class Rejected(Exception):
+    """Raised when a webhook request is refused; carries the HTTP answer."""
+
+    def __init__(self, status: int, code: str, message: str, *, close: bool = False) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.close = status, code, message, close
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"type": code, "message": message}}, status=status)
+
+
+async def read_body(request: web.Request, settings: IngressSettings) -> bytes:
+    """The raw body, refusing early (413) when it is over the limit and (408) when too slow."""
+    limit = settings.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise Rejected(413, "body_too_large", f"body is over {limit} bytes", close=True)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(settings.read_timeout_s):
+            while chunk := await request.content.read(65536):
+                size += len(chunk)
+                if size > limit:
+                    raise Rejected(413, "body_too_large", f"body is over {limit} bytes", close=True)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Rejected(
+            408,
+            "read_timeout",
+            f"body not received within {settings.read_timeout_s:g}s",
+            close=True,
+        ) from None
+    return b"".join(chunks)
+
+
+async def receive_webhook(request: web.Request) -> web.StreamResponse:
+    """POST /webhooks/stripe: verify, then answer 200 only once the broker confirmed."""
+    settings = request.app[SETTINGS]
+    metrics.IN_FLIGHT.inc()
+    try:
+        event = await _accept(request, settings)
+    except Rejected as exc:
+        metrics.REQUESTS.labels(exc.code).inc()
+        log.warning("webhook rejected", status=exc.status, reason=exc.code, detail=exc.message)
+        response = error_response(exc.status, exc.code, exc.message)
+        if exc.status == 503:
+            response.headers["Retry-After"] = str(settings.retry_after_s)
+        if exc.close:
+            response.force_close()
+        return response
+    finally:
+        metrics.IN_FLIGHT.dec()
+    metrics.REQUESTS.labels("accepted").inc()
+    log.info("webhook queued", event_id=event.id, event_type=event.type, livemode=event.livemode)
+    return web.Response(body=_ACCEPTED, content_type="application/json")
+
+
+async def _accept(request: web.Request, settings: IngressSettings) -> EventEnvelope:
+    header = request.headers.get("Stripe-Signature")
+    if not header:
+        raise Rejected(400, "missing_signature", "Stripe-Signature header is missing")
+    raw = await read_body(request, settings)
+    try:
+        verify(raw, header, settings.webhook_secrets, settings.tolerance_s)
+    except InvalidSignature as exc:
+        raise Rejected(400, exc.code, exc.message) from None
+    try:
+        event = EventEnvelope.parse(raw)
+    except MalformedEvent as exc:
+        raise Rejected(400, "malformed_event", str(exc)) from None
+    try:
+        await request.app[PUBLISHER].publish(raw, event)
+    except BrokerUnavailable as exc:
+        raise Rejected(503, "broker_unavailable", f"event not queued, retry later: {exc}") from None
+    return event
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[PUBLISHER].ready:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "not ready", "reason": "broker unavailable"}, status=503)
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Routing errors (404, 405) as JSON like every other error of this API."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        if exc.status == 405:
+            response.headers["Allow"] = exc.headers.get("Allow", "POST")
+        return response
+
+
+def create_app(settings: IngressSettings, *, connect_wait_s: float = 5.0) -> web.Application:
+    """The ingress application; the broker connection lives as long as the app."""
+    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+
+    async def broker(app: web.Application) -> AsyncIterator[None]:
+        publisher = EventPublisher(settings.broker)
+        app[PUBLISHER] = publisher
+        await publisher.start(wait_s=connect_wait_s)
+        yield
+        await publisher.close()
+
+    app.cleanup_ctx.append(broker)
+    app.router.add_post("/webhooks/stripe", receive_webhook)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    return app

@@ -1,0 +1,21 @@
+"""Prometheus metrics of the ingress (the process's default registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "ingress_webhook_requests_total",
+    "Webhook requests by outcome (accepted, invalid_signature, malformed_event, too_large, "
+    "unavailable, ...).",
+    ["outcome"],
+)
+CONFIRM_SECONDS = Histogram(
+    "ingress_publish_confirm_seconds",
+    "Time from publish to the broker's confirm.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+IN_FLIGHT = Gauge("ingress_webhook_requests_in_flight", "Webhook requests being handled now.")
+BROKER_UP = Gauge(
+    "ingress_broker_connected", "1 while the broker connection and channel are usable."
+)

@@ -1,0 +1,116 @@
+"""The ingress's broker connection: kept up in the background, failing fast while it is down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+
+from ingress import metrics
+from shared.broker import event_message, publish_confirmed
+from shared.envelope import EventEnvelope
+from shared.errors import BrokerUnavailable
+from shared.logging import get_logger
+from shared.settings import BrokerSettings
+from shared.topology import Topology
+
+log = get_logger(__name__)
+
+RECONNECT_MAX_S = 1.0  # "back within 5 s" needs short gaps between connection attempts
+
+
+class EventPublisher:
+    """Publishes verified events with confirms; reconnects by itself after broker outages.
+
+    While disconnected, ``publish`` raises BrokerUnavailable at once instead of waiting:
+    Stripe retries a 503, and a 200 must only ever mean the broker confirmed the message.
+    """
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self._settings = settings
+        self._topology = Topology.from_settings(settings)
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        channel = self._channel
+        return self._exchange is not None and channel is not None and not channel.is_closed
+
+    async def start(self, *, wait_s: float = 0.0) -> None:
+        """Start the connection loop; wait up to ``wait_s`` for a first connection."""
+        self._task = asyncio.create_task(self._maintain(), name="broker-connection")
+        if wait_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), wait_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def publish(self, raw: bytes, event: EventEnvelope) -> None:
+        """Publish one event and return once the broker confirmed it; else BrokerUnavailable."""
+        exchange, channel = self._exchange, self._channel
+        if exchange is None or channel is None or channel.is_closed:
+            raise BrokerUnavailable("not connected to the broker")
+        message = event_message(raw, event, source="fulfillment-ingress")
+        started = time.perf_counter()
+        await publish_confirmed(
+            exchange, message, event.type, timeout_s=self._settings.publish_timeout_s
+        )
+        metrics.CONFIRM_SECONDS.observe(time.perf_counter() - started)
+
+    async def _maintain(self) -> None:
+        delay_s = 0.1
+        while True:
+            connection: AbstractConnection | None = None
+            try:
+                connection = await aio_pika.connect(
+                    self._settings.url, timeout=max(self._settings.publish_timeout_s, 2.0)
+                )
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                exchange = await self._topology.declare(channel)
+                self._channel, self._exchange = channel, exchange
+                self._connected.set()
+                metrics.BROKER_UP.set(1)
+                log.info("broker connected", broker=self._settings.display_url)
+                delay_s = 0.1
+                await _first_closed(connection, channel)
+                log.warning("broker connection lost", broker=self._settings.display_url)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "broker unavailable",
+                    broker=self._settings.display_url,
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=delay_s,
+                )
+            finally:
+                self._channel = self._exchange = None
+                self._connected.clear()
+                metrics.BROKER_UP.set(0)
+                if connection is not None and not connection.is_closed:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(connection.close())
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, RECONNECT_MAX_S)
+
+
+async def _first_closed(connection: AbstractConnection, channel: AbstractChannel) -> None:
+    waiters = {
+        asyncio.ensure_future(connection.closed()),
+        asyncio.ensure_future(channel.closed()),
+    }
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -1,0 +1,51 @@
+"""Ingress settings, from the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from shared.errors import ConfigError
+from shared.settings import BrokerSettings, Env, env_float, env_int, env_list, env_str
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    """What the Stripe-facing HTTP ingress needs."""
+
+    webhook_secrets: tuple[str, ...] = field(repr=False)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    host: str = "0.0.0.0"
+    port: int = 8080
+    tolerance_s: int = 300
+    max_body_bytes: int = 1024 * 1024
+    retry_after_s: int = 10
+    read_timeout_s: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> IngressSettings:
+        env = os.environ if env is None else env
+        secrets = env_list(env, "STRIPE_WEBHOOK_SECRETS")
+        if not secrets:
+            raise ConfigError(
+                "STRIPE_WEBHOOK_SECRETS is not set: give the endpoint's signing secret(s), "
+                "comma-separated (whsec_…; `stripe listen` prints one)"
+            )
+        bad = [s for s in secrets if not s.startswith("whsec_")]
+        if bad:
+            raise ConfigError("STRIPE_WEBHOOK_SECRETS entries must start with whsec_")
+        tolerance_s = env_int(env, "STRIPE_WEBHOOK_TOLERANCE_S", 300, minimum=0)
+        if tolerance_s == 0:
+            raise ConfigError(
+                "STRIPE_WEBHOOK_TOLERANCE_S must be positive: 0 would disable the replay check"
+            )
+        return cls(
+            webhook_secrets=secrets,
+            broker=BrokerSettings.from_env(env),
+            host=env_str(env, "INGRESS_HOST", "0.0.0.0"),
+            port=env_int(env, "INGRESS_PORT", 8080, minimum=0),
+            tolerance_s=tolerance_s,
+            max_body_bytes=env_int(env, "INGRESS_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
+            retry_after_s=env_int(env, "INGRESS_RETRY_AFTER_S", 10, minimum=1),
+            read_timeout_s=env_float(env, "INGRESS_READ_TIMEOUT_S", 10.0, minimum=0.1),
+        )

@@ -1,0 +1,72 @@
+"""Messages and confirmed publishing, the same for the ingress, the worker and the tools."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractExchange, HeadersType
+
+from shared.envelope import EventEnvelope
+from shared.errors import BrokerUnavailable
+
+HEADER_EVENT_ID = "stripe-event-id"
+HEADER_EVENT_TYPE = "stripe-event-type"
+HEADER_LIVEMODE = "stripe-livemode"
+HEADER_CREATED = "stripe-created"
+HEADER_API_VERSION = "stripe-api-version"
+HEADER_RECEIVED_AT = "received-at"
+
+JSON = "application/json"
+
+
+def event_message(
+    raw: bytes, event: EventEnvelope, *, source: str, headers: Mapping[str, object] | None = None
+) -> aio_pika.Message:
+    """A persistent message carrying a Stripe event's raw body and its routing fields."""
+    all_headers: HeadersType = {
+        HEADER_EVENT_ID: event.id,
+        HEADER_EVENT_TYPE: event.type,
+        HEADER_LIVEMODE: event.livemode,
+        HEADER_CREATED: event.created,
+        HEADER_RECEIVED_AT: time.time(),
+    }
+    if event.api_version is not None:
+        all_headers[HEADER_API_VERSION] = event.api_version
+    if headers:
+        all_headers.update(headers)  # type: ignore[arg-type]
+    return aio_pika.Message(
+        raw,
+        content_type=JSON,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        # unique per publish: aiormq matches returned messages by message_id
+        message_id=uuid.uuid4().hex,
+        type=event.type,
+        app_id=source,
+        headers=all_headers,
+    )
+
+
+async def publish_confirmed(
+    exchange: AbstractExchange, message: aio_pika.Message, routing_key: str, *, timeout_s: float
+) -> None:
+    """Publish mandatory and wait for the broker's confirm, or raise BrokerUnavailable.
+
+    The channel must have publisher confirms on and ``on_return_raises=True``, so an
+    unroutable message (no queue and no alternate exchange) is an error, not a silent drop.
+    """
+    try:
+        await exchange.publish(message, routing_key, mandatory=True, timeout=timeout_s)
+    except TimeoutError:
+        raise BrokerUnavailable(f"no publisher confirm within {timeout_s:g}s") from None
+    except aiormq.exceptions.PublishError:
+        raise BrokerUnavailable(
+            f"broker returned the message as unroutable ({routing_key})"
+        ) from None
+    except aiormq.exceptions.DeliveryError:
+        raise BrokerUnavailable("broker refused the message (nack)") from None
+    except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
+        raise BrokerUnavailable(f"broker connection unusable: {type(exc).__name__}") from None

@@ -1,0 +1,27 @@
+"""One error hierarchy: transient errors are retried, permanent ones are not."""
+
+from __future__ import annotations
+
+
+class FulfillmentError(Exception):
+    """Raised when anything in this project fails; the root of every error type here."""
+
+
+class ConfigError(FulfillmentError):
+    """Raised when a setting is missing or malformed; the message names the variable."""
+
+
+class TransientError(FulfillmentError):
+    """Raised when an operation may succeed if tried again later (network, 429/5xx, outage)."""
+
+
+class PermanentError(FulfillmentError):
+    """Raised when retrying cannot help (malformed input, unknown object, a bug)."""
+
+
+class MalformedEvent(PermanentError):
+    """Raised when a body is not a Stripe event: not JSON, not an object, or missing fields."""
+
+
+class BrokerUnavailable(TransientError):
+    """Raised when the broker cannot take a message now (down, reconnecting, nack, timeout)."""

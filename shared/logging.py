@@ -1,0 +1,111 @@
+"""structlog, set up once per process: JSON off a terminal, readable on one, secrets masked."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import structlog
+
+from shared.settings import LogSettings
+
+# Stripe secret keys, restricted keys and webhook secrets; passwords in URLs.
+_SECRET_PATTERNS = re.compile(
+    r"(?:whsec|sk_live|sk_test|rk_live|rk_test)_[A-Za-z0-9]+"
+    r"|(?<=://)([^:/@\s]*):[^@/\s]+(?=@)"
+)
+_known_secrets: set[str] = set()
+
+
+def register_secrets(values: Iterable[str]) -> None:
+    """Mask these exact values in every later log line (for secrets of no known shape)."""
+    _known_secrets.update(v for v in values if len(v) >= 6)
+
+
+def mask_secrets(text: str) -> str:
+    """The text with every known or recognisable secret replaced by ``***``."""
+    for secret in _known_secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return _SECRET_PATTERNS.sub(
+        lambda m: f"{m.group(1)}:***" if m.group(1) is not None else "***", text
+    )
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_secrets(value)
+    if isinstance(value, BaseException):
+        return mask_secrets(f"{type(value).__name__}: {value}")
+    return value
+
+
+def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in event_dict.items():
+        event_dict[key] = _mask(value)
+    return event_dict
+
+
+def configure_logging(component: str, settings: LogSettings | None = None) -> None:
+    """Route structlog and stdlib logging to stderr with timestamp, level and component."""
+    settings = settings or LogSettings.from_env()
+    console = settings.format == "console" or (settings.format == "auto" and sys.stderr.isatty())
+    level = getattr(logging, settings.level)
+
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        _redact,
+    ]
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=True)
+        if console
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(component=component)
+
+    # Libraries log through stdlib logging: render their lines the same way.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[
+                *shared[:1],
+                structlog.stdlib.add_logger_name,
+                *shared[1:],
+                _bind_component(component),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # aiormq/aio-pika are chatty about reconnects at INFO; our own lines say what matters.
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+    logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _bind_component(component: str) -> Any:
+    def bind(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event_dict.setdefault("component", component)
+        return event_dict
+
+    return bind
+
+
+def get_logger(name: str | None = None) -> Any:
+    """A structlog logger; ``component`` is already bound by configure_logging."""
+    return structlog.get_logger(name)

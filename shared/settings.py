@@ -1,0 +1,153 @@
+"""Settings from the environment: parsed once at start, frozen, each bad value named.
+
+Each component has its own frozen dataclass with a ``from_env()`` constructor; what
+more than one component needs (the broker) lives here, the rest beside its component.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from shared.errors import ConfigError
+
+Env = Mapping[str, str]
+
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@localhost:5672/"
+DEFAULT_RETRY_DELAYS_S = (10.0, 60.0, 600.0, 3600.0, 21600.0)
+
+
+def _raw(env: Env, name: str) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def env_str(env: Env, name: str, default: str) -> str:
+    """A string setting; blank counts as unset."""
+    return _raw(env, name) or default
+
+
+def env_int(env: Env, name: str, default: int, *, minimum: int | None = None) -> int:
+    """An integer setting, optionally bounded below."""
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def env_float(env: Env, name: str, default: float, *, minimum: float | None = None) -> float:
+    """A number setting (seconds, usually), optionally bounded below (exclusive of 0 if 0)."""
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name} must be a finite number, got {raw!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum:g}, got {value:g}")
+    return value
+
+
+def env_list(env: Env, name: str) -> tuple[str, ...]:
+    """A comma-separated list; empty items are dropped."""
+    raw = _raw(env, name)
+    if raw is None:
+        return ()
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def env_url(env: Env, name: str, default: str, *, schemes: tuple[str, ...]) -> str:
+    """A URL setting whose scheme must be one of ``schemes``."""
+    value = env_str(env, name, default)
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.hostname:
+        wanted = " or ".join(f"{s}://" for s in schemes)
+        raise ConfigError(f"{name} must be a {wanted} URL with a host, got {redact_url(value)!r}")
+    return value
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+def _delays(env: Env, name: str) -> tuple[float, ...]:
+    raw = env_list(env, name)
+    if not raw:
+        return DEFAULT_RETRY_DELAYS_S
+    delays: list[float] = []
+    for item in raw:
+        try:
+            delay = float(item)
+        except ValueError:
+            raise ConfigError(f"{name} must be comma-separated seconds, got {item!r}") from None
+        if not 0 < delay <= 7 * 86400:
+            raise ConfigError(f"{name} delays must be in (0, 604800] seconds, got {item!r}")
+        delays.append(delay)
+    return tuple(delays)
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where the broker is and how every component names and uses it."""
+
+    url: str = field(default=DEFAULT_RABBITMQ_URL, repr=False)
+    prefix: str = ""
+    publish_timeout_s: float = 5.0
+    retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S
+    delivery_limit: int = 10
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> BrokerSettings:
+        env = os.environ if env is None else env
+        prefix = env_str(env, "BROKER_PREFIX", "")
+        if any(c.isspace() for c in prefix) or "#" in prefix or "*" in prefix:
+            raise ConfigError(f"BROKER_PREFIX must not hold spaces, '#' or '*', got {prefix!r}")
+        return cls(
+            url=env_url(env, "RABBITMQ_URL", DEFAULT_RABBITMQ_URL, schemes=("amqp", "amqps")),
+            prefix=prefix,
+            publish_timeout_s=env_float(env, "PUBLISH_TIMEOUT_S", 5.0, minimum=0.01),
+            retry_delays_s=_delays(env, "RETRY_DELAYS_S"),
+            delivery_limit=env_int(env, "DELIVERY_LIMIT", 10, minimum=1),
+        )
+
+    @property
+    def display_url(self) -> str:
+        return redact_url(self.url)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """How logs are written: level and format (``auto`` = readable on a terminal, else JSON)."""
+
+    level: str = "INFO"
+    format: str = "auto"
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> LogSettings:
+        env = os.environ if env is None else env
+        level = env_str(env, "LOG_LEVEL", "INFO").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+        fmt = env_str(env, "LOG_FORMAT", "auto").lower()
+        if fmt not in ("auto", "json", "console"):
+            raise ConfigError(f"LOG_FORMAT must be auto, json or console, got {fmt!r}")
+        return cls(level=level, format=fmt)

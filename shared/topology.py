@@ -1,0 +1,180 @@
+"""The broker topology, declared from one place by every component; all names from one prefix.
+
+Declaring is idempotent: every component (ingress, worker, tools) calls ``declare`` on
+start, and a deployment may also run ``fulfillment topology`` ahead of time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange
+
+from shared.errors import BrokerUnavailable
+from shared.settings import BrokerSettings
+
+# The event types workers handle; the work queue is bound to them.
+WORK_BINDING = "checkout.session.*"
+
+
+def _delay_label(delay_s: float) -> str:
+    if delay_s >= 3600 and delay_s % 3600 == 0:
+        return f"{int(delay_s // 3600)}h"
+    if delay_s >= 60 and delay_s % 60 == 0:
+        return f"{int(delay_s // 60)}m"
+    if delay_s == int(delay_s):
+        return f"{int(delay_s)}s"
+    return f"{int(delay_s * 1000)}ms"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names and arguments of every exchange and queue, derived from the broker settings."""
+
+    prefix: str
+    retry_delays_s: tuple[float, ...]
+    delivery_limit: int
+
+    @classmethod
+    def from_settings(cls, settings: BrokerSettings) -> Topology:
+        return cls(settings.prefix, settings.retry_delays_s, settings.delivery_limit)
+
+    def _name(self, base: str) -> str:
+        return f"{self.prefix}.{base}" if self.prefix else base
+
+    @property
+    def events_exchange(self) -> str:
+        return self._name("stripe.events")
+
+    @property
+    def unrouted_exchange(self) -> str:
+        return self._name("stripe.events.unrouted")
+
+    @property
+    def unrouted_queue(self) -> str:
+        return self._name("stripe.events.unrouted")
+
+    @property
+    def work_queue(self) -> str:
+        return self._name("fulfillment")
+
+    @property
+    def dead_queue(self) -> str:
+        return self._name("fulfillment.dead")
+
+    @property
+    def out_exchange(self) -> str:
+        return self._name("fulfillment.out")
+
+    @property
+    def retry_queues(self) -> tuple[str, ...]:
+        """One delay queue per configured delay (per-message TTL expires only at the head)."""
+        return tuple(
+            self._name(f"fulfillment.retry.{_delay_label(d)}") for d in self.retry_delays_s
+        )
+
+    def retry_queue_for(self, attempt: int) -> tuple[str, float]:
+        """The delay queue and delay for retry number ``attempt`` (1-based), capped at the last."""
+        index = min(max(attempt, 1), len(self.retry_delays_s)) - 1
+        return self.retry_queues[index], self.retry_delays_s[index]
+
+    @property
+    def all_queues(self) -> tuple[str, ...]:
+        return (self.work_queue, *self.retry_queues, self.dead_queue, self.unrouted_queue)
+
+    def _quorum(self, **extra: Any) -> dict[str, Any]:
+        return {"x-queue-type": "quorum", **extra}
+
+    def _dead_lettering(self, target_queue: str) -> dict[str, Any]:
+        # At-least-once dead-lettering through the default exchange straight to the target;
+        # it requires reject-publish overflow (RabbitMQ quorum queues, 3.10+).
+        return {
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": target_queue,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+    async def declare(self, channel: AbstractChannel) -> AbstractExchange:
+        """Declare everything (idempotently) and return the events exchange."""
+        unrouted = await channel.declare_exchange(
+            self.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        unrouted_queue = await channel.declare_queue(
+            self.unrouted_queue, durable=True, arguments=self._quorum()
+        )
+        await unrouted_queue.bind(unrouted)
+
+        events = await channel.declare_exchange(
+            self.events_exchange,
+            aio_pika.ExchangeType.TOPIC,
+            durable=True,
+            arguments={"alternate-exchange": self.unrouted_exchange},
+        )
+        await channel.declare_queue(self.dead_queue, durable=True, arguments=self._quorum())
+        work = await channel.declare_queue(
+            self.work_queue,
+            durable=True,
+            arguments=self._quorum(
+                **{"x-delivery-limit": self.delivery_limit},
+                **self._dead_lettering(self.dead_queue),
+            ),
+        )
+        await work.bind(events, routing_key=WORK_BINDING)
+        for name, delay_s in zip(self.retry_queues, self.retry_delays_s, strict=True):
+            await channel.declare_queue(
+                name,
+                durable=True,
+                arguments=self._quorum(
+                    **{"x-message-ttl": int(delay_s * 1000)},
+                    **self._dead_lettering(self.work_queue),
+                ),
+            )
+        await channel.declare_exchange(self.out_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        return events
+
+    def describe(self) -> str:
+        """The declared names, one per line, for people."""
+        lines = [
+            f"exchange {self.events_exchange} (topic, alternate {self.unrouted_exchange})",
+            f"exchange {self.unrouted_exchange} (fanout) -> queue {self.unrouted_queue}",
+            f"exchange {self.out_exchange} (topic: order.fulfilled, payment.failed)",
+            f"queue {self.work_queue} (quorum, bound {WORK_BINDING}, "
+            f"delivery limit {self.delivery_limit}, dead letters -> {self.dead_queue})",
+            *(
+                f"queue {name} (delay {delay:g}s, then back to {self.work_queue})"
+                for name, delay in zip(self.retry_queues, self.retry_delays_s, strict=True)
+            ),
+            f"queue {self.dead_queue} (quorum, dead letters)",
+        ]
+        return "\n".join(lines)
+
+    async def delete(self, channel: AbstractChannel) -> None:
+        """Remove everything ``declare`` made (tests and teardown only)."""
+        for name in self.all_queues:
+            await channel.queue_delete(name)
+        for name in (self.events_exchange, self.unrouted_exchange, self.out_exchange):
+            await channel.exchange_delete(name)
+
+
+async def connect(settings: BrokerSettings) -> aio_pika.abc.AbstractConnection:
+    """A plain connection, or BrokerUnavailable naming the broker (password masked)."""
+    try:
+        return await aio_pika.connect(settings.url, timeout=10)
+    except Exception as exc:
+        raise BrokerUnavailable(
+            f"cannot reach RabbitMQ at {settings.display_url} ({type(exc).__name__}: {exc}); "
+            "is it running? (rabbitmq-server -detached)"
+        ) from None
+
+
+async def declare_on_broker(settings: BrokerSettings) -> Topology:
+    """Connect, declare the whole topology, disconnect."""
+    topology = Topology.from_settings(settings)
+    connection = await connect(settings)
+    async with connection:
+        channel = await connection.channel()
+        await topology.declare(channel)
+    return topology

@@ -1,0 +1,156 @@
+"""Real services for the tests: RabbitMQ (and later PostgreSQL), unique names per test.
+
+Where a service comes from, in order: its URL variable (RABBITMQ_URL); a testcontainers
+container when a Docker engine answers; the default local address if something listens
+there. Without any, tests that need it are skipped locally and fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from shared.settings import BrokerSettings
+from shared.topology import Topology
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _listening(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection(
+            (parts.hostname or "localhost", parts.port or default_port), 1
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def _docker_available() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _unavailable(what: str) -> None:
+    message = f"{what} is not available (set its URL, run Docker, or start it locally)"
+    if IN_CI:
+        pytest.fail(message + " — required under CI=true")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    url = os.environ.get("RABBITMQ_URL")
+    if url:
+        if not _listening(url, 5672):
+            _unavailable(f"RabbitMQ at {url}")
+        yield url
+        return
+    if _docker_available():
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        with RabbitMqContainer("rabbitmq:3.13-management") as container:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(5672)
+            yield f"amqp://guest:guest@{host}:{port}/"
+        return
+    url = "amqp://guest:guest@127.0.0.1:5672/"
+    if not _listening(url, 5672):
+        _unavailable("RabbitMQ")
+    yield url
+
+
+@pytest.fixture
+def prefix() -> str:
+    """Broker names unique to this test, so tests never see each other's messages."""
+    return f"test.{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def broker_settings(rabbitmq_url: str, prefix: str) -> BrokerSettings:
+    return BrokerSettings(
+        url=rabbitmq_url, prefix=prefix, publish_timeout_s=2.0, retry_delays_s=(0.5, 1.0)
+    )
+
+
+@pytest.fixture
+async def amqp(rabbitmq_url: str) -> AsyncIterator[AbstractRobustConnection]:
+    connection = await aio_pika.connect_robust(rabbitmq_url)
+    async with connection:
+        yield connection
+
+
+@pytest.fixture
+async def channel(amqp: AbstractRobustConnection) -> AsyncIterator[AbstractChannel]:
+    ch = await amqp.channel()
+    yield ch
+    with contextlib.suppress(Exception):
+        await ch.close()
+
+
+@pytest.fixture
+async def topology(broker_settings: BrokerSettings, rabbitmq_url: str) -> AsyncIterator[Topology]:
+    """The whole topology declared under this test's prefix, deleted afterwards."""
+    topo = Topology.from_settings(broker_settings)
+    connection = await aio_pika.connect(rabbitmq_url)
+    async with connection:
+        await topo.declare(await connection.channel())
+    yield topo
+    connection = await aio_pika.connect(rabbitmq_url)
+    async with connection:
+        await topo.delete(await connection.channel())
+
+
+async def drain(channel: AbstractChannel, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Every message now in ``queue`` (acknowledged, so the queue ends empty)."""
+    q = await channel.get_queue(queue, ensure=True)
+    messages = []
+    while (message := await q.get(fail=False, no_ack=True)) is not None:
+        messages.append(message)
+    return messages
+
+
+async def depths(channel: AbstractChannel, topo: Topology) -> dict[str, int]:
+    """Ready-message counts of every queue in the topology."""
+    underlay = await channel.get_underlay_channel()
+    result = {}
+    for name in topo.all_queues:
+        declared = await underlay.queue_declare(name, passive=True)
+        result[name] = declared.message_count or 0
+    return result
+
+
+async def wait_for(predicate, timeout_s: float = 10.0, interval_s: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll an async or sync predicate until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(interval_s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

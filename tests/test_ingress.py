@@ -1,0 +1,430 @@
+"""The webhook ingress against a real RabbitMQ: what is queued, what is refused, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlsplit
+
+import aio_pika
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from ingress.app import create_app
+from ingress.settings import IngressSettings
+from shared.broker import HEADER_EVENT_ID
+from shared.settings import BrokerSettings
+from shared.topology import Topology
+from tests import stripe_helpers as sh
+from tests.conftest import depths, drain, free_port, wait_for
+from tests.tcp_proxy import TcpProxy
+
+SECRET = sh.new_secret()
+URL = "/webhooks/stripe"
+
+
+@pytest.fixture
+def ingress_settings(broker_settings: BrokerSettings) -> IngressSettings:
+    return IngressSettings(
+        webhook_secrets=(SECRET,), broker=broker_settings, max_body_bytes=64 * 1024
+    )
+
+
+Client = Callable[..., Any]
+
+
+@pytest.fixture
+async def start_ingress() -> AsyncIterator[Callable[[IngressSettings], Any]]:
+    servers: list[TestServer] = []
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def start(
+        settings: IngressSettings, connect_wait_s: float = 5.0
+    ) -> tuple[aiohttp.ClientSession, str]:
+        server = TestServer(create_app(settings, connect_wait_s=connect_wait_s), port=0)
+        await server.start_server()
+        servers.append(server)
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        return session, str(server.make_url(""))
+
+    yield start
+    for session in sessions:
+        await session.close()
+    for server in servers:
+        await server.close()
+
+
+async def post(
+    session: aiohttp.ClientSession, base: str, raw: bytes, header: str | None, **kw: Any
+) -> tuple[int, dict[str, Any], Any]:
+    headers = {"Content-Type": "application/json", **kw.pop("headers", {})}
+    if header is not None:
+        headers["Stripe-Signature"] = header
+    async with session.post(base + URL, data=raw, headers=headers, **kw) as response:
+        try:
+            payload = await response.json(content_type=None)
+        except ValueError:
+            payload = None
+        return response.status, payload, response.headers
+
+
+async def test_a_valid_event_is_answered_200_after_exactly_one_persistent_message_is_queued(
+    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
+) -> None:
+    session, base = await start_ingress(ingress_settings)
+    doc = sh.event("checkout.session.completed")
+    raw = sh.body(doc)
+
+    status, payload, _ = await post(session, base, raw, sh.signature_header(raw, SECRET))
+
+    assert (status, payload) == (200, {"received": True})
+    messages = await drain(channel, topology.work_queue)
+    assert len(messages) == 1
+    message = messages[0]
+    assert message.body == raw
+    assert message.headers[HEADER_EVENT_ID] == doc["id"]
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.content_type == "application/json"
+    assert message.routing_key == "checkout.session.completed"
+    assert message.message_id
+    assert (await depths(channel, topology)) == dict.fromkeys(topology.all_queues, 0)
+
+
+def _bad_requests() -> list[
+    tuple[str, Callable[[], tuple[bytes, str | None, dict[str, str]]], int, str]
+]:
+    good = sh.body(sh.event())
+    now = int(time.time())
+
+    def signed(raw: bytes) -> tuple[bytes, str | None, dict[str, str]]:
+        return raw, sh.signature_header(raw, SECRET), {}
+
+    return [
+        ("missing header", lambda: (good, None, {}), 400, "missing_signature"),
+        ("malformed header", lambda: (good, "garbage", {}), 400, "malformed_signature"),
+        ("header without v1", lambda: (good, f"t={now}", {}), 400, "malformed_signature"),
+        ("non-numeric timestamp", lambda: (good, "t=abc,v1=00", {}), 400, "malformed_signature"),
+        (
+            "wrong signature",
+            lambda: (good, sh.signature_header(good, sh.new_secret()), {}),
+            400,
+            "invalid_signature",
+        ),
+        (
+            "signature of another body",
+            lambda: (good, sh.signature_header(good + b" ", SECRET), {}),
+            400,
+            "invalid_signature",
+        ),
+        (
+            "stale timestamp",
+            lambda: (good, sh.signature_header(good, SECRET, timestamp=now - 301), {}),
+            400,
+            "timestamp_out_of_tolerance",
+        ),
+        (
+            "future timestamp",
+            lambda: (good, sh.signature_header(good, SECRET, timestamp=now + 3600), {}),
+            400,
+            "timestamp_out_of_tolerance",
+        ),
+        (
+            "invalid utf-8",
+            lambda: (b"\xff\xfe{}", sh.signature_header(b"\xff\xfe{}", SECRET), {}),
+            400,
+            "invalid_signature",
+        ),
+        ("not json", lambda: signed(b"this is not json"), 400, "malformed_event"),
+        ("json array", lambda: signed(b"[1, 2]"), 400, "malformed_event"),
+        ("empty body", lambda: signed(b""), 400, "malformed_event"),
+        (
+            "no id",
+            lambda: signed(json.dumps({"object": "event", "type": "x"}).encode()),
+            400,
+            "malformed_event",
+        ),
+        (
+            "no type",
+            lambda: signed(json.dumps({"object": "event", "id": "evt_1"}).encode()),
+            400,
+            "malformed_event",
+        ),
+        (
+            "not an event",
+            lambda: signed(json.dumps({"object": "charge", "id": "ch_1", "type": "x"}).encode()),
+            400,
+            "malformed_event",
+        ),
+        (
+            "deeply nested",
+            lambda: signed(b'{"a":' * 50000 + b"1" + b"}" * 50000),
+            413,
+            "body_too_large",
+        ),
+        (
+            "nested within limit",
+            lambda: signed(b"[" * 30000 + b"]" * 30000),
+            400,
+            "malformed_event",
+        ),
+        ("over the limit", lambda: signed(b" " * (64 * 1024 + 1)), 413, "body_too_large"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "code"),
+    [pytest.param(m, s, c, id=name) for name, m, s, c in _bad_requests()],
+)
+async def test_bad_input_gets_its_status_and_a_json_error_and_nothing_is_queued(
+    topology: Topology,
+    ingress_settings: IngressSettings,
+    start_ingress: Any,
+    channel: Any,
+    make: Any,
+    status: int,
+    code: str,
+) -> None:
+    session, base = await start_ingress(ingress_settings)
+    raw, header, headers = make()
+
+    got, payload, _ = await post(session, base, raw, header, headers=headers)
+
+    assert got == status
+    assert payload["error"]["type"] == code
+    assert payload["error"]["message"]
+    assert (await depths(channel, topology)) == dict.fromkeys(topology.all_queues, 0)
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_without_reading_it_all(
+    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
+) -> None:
+    session, base = await start_ingress(ingress_settings)
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(10_000):  # 640 MB if the server read it all
+            sent += 65536
+            yield b" " * 65536
+
+    try:
+        status, payload, _ = await post(session, base, endless(), "t=1,v1=00")  # type: ignore[arg-type]
+        assert status == 413
+        assert payload["error"]["type"] == "body_too_large"
+    except aiohttp.ClientError:
+        pass  # the server may close the connection while we are still sending: also a refusal
+    assert sent < 64 * 65536
+    assert (await depths(channel, topology)) == dict.fromkeys(topology.all_queues, 0)
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+async def test_other_methods_on_the_webhook_route_get_405(
+    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, method: str
+) -> None:
+    session, base = await start_ingress(ingress_settings)
+    async with session.request(method, base + URL) as response:
+        assert response.status == 405
+        assert (await response.json())["error"]["type"] == "method_not_allowed"
+
+
+async def test_two_v1_signatures_and_two_configured_secrets_verify_and_a_wrong_secret_does_not(
+    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
+) -> None:
+    old, new, other = sh.new_secret(), sh.new_secret(), sh.new_secret()
+    settings = replace(ingress_settings, webhook_secrets=(old, new))
+    session, base = await start_ingress(settings)
+    raw = sh.body(sh.event())
+
+    # Stripe signs with both the expiring and the new secret during rotation.
+    assert (await post(session, base, raw, sh.signature_header(raw, [other, new])))[0] == 200
+    assert (await post(session, base, raw, sh.signature_header(raw, old)))[0] == 200
+    assert (await post(session, base, raw, sh.signature_header(raw, new)))[0] == 200
+    assert (await post(session, base, raw, sh.signature_header(raw, other)))[0] == 400
+
+    assert len(await drain(channel, topology.work_queue)) == 3
+
+
+async def test_an_event_type_no_queue_is_bound_for_lands_in_the_unrouted_queue(
+    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
+) -> None:
+    session, base = await start_ingress(ingress_settings)
+    doc = sh.event("customer.created", sh.fixture_object("customer"))
+    raw = sh.body(doc)
+
+    status, _, _ = await post(session, base, raw, sh.signature_header(raw, SECRET))
+
+    assert status == 200
+    unrouted = await drain(channel, topology.unrouted_queue)
+    assert [m.headers[HEADER_EVENT_ID] for m in unrouted] == [doc["id"]]
+    assert await drain(channel, topology.work_queue) == []
+
+
+async def test_health_readiness_and_metrics_routes_answer(
+    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any
+) -> None:
+    session, base = await start_ingress(ingress_settings)
+    raw = sh.body(sh.event())
+    await post(session, base, raw, sh.signature_header(raw, SECRET))
+    await post(session, base, raw, "garbage")
+
+    async with session.get(base + "/healthz") as r:
+        assert r.status == 200
+    async with session.get(base + "/readyz") as r:
+        assert r.status == 200
+    async with session.get(base + "/metrics") as r:
+        text = await r.text()
+    assert 'ingress_webhook_requests_total{outcome="accepted"}' in text
+    assert 'ingress_webhook_requests_total{outcome="malformed_signature"}' in text
+    assert "ingress_publish_confirm_seconds_bucket" in text
+    assert "ingress_webhook_requests_in_flight" in text
+
+
+async def test_broker_gone_gives_a_prompt_503_and_back_gives_200_without_a_restart(
+    topology: Topology,
+    ingress_settings: IngressSettings,
+    start_ingress: Any,
+    rabbitmq_url: str,
+    channel: Any,
+) -> None:
+    target = urlsplit(rabbitmq_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    proxied = rabbitmq_url.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}")
+    settings = replace(ingress_settings, broker=replace(ingress_settings.broker, url=proxied))
+    session, base = await start_ingress(settings)
+    raw = sh.body(sh.event())
+    try:
+        assert (await post(session, base, raw, sh.signature_header(raw, SECRET)))[0] == 200
+
+        await proxy.cut()
+        started = time.monotonic()
+        status, payload, headers = await post(session, base, raw, sh.signature_header(raw, SECRET))
+        assert status == 503
+        assert payload["error"]["type"] == "broker_unavailable"
+        assert int(headers["Retry-After"]) > 0
+        assert time.monotonic() - started < settings.broker.publish_timeout_s + 0.5
+        async with session.get(base + "/readyz") as r:
+            assert r.status == 503
+
+        await proxy.restore()
+        back = time.monotonic()
+
+        async def accepted() -> bool:
+            return (await post(session, base, raw, sh.signature_header(raw, SECRET)))[0] == 200
+
+        await wait_for(accepted, timeout_s=5.0, interval_s=0.2)
+        assert time.monotonic() - back < 5.0
+        async with session.get(base + "/readyz") as r:
+            assert r.status == 200
+    finally:
+        await proxy.close()
+    assert len(await drain(channel, topology.work_queue)) == 2
+
+
+async def test_the_ingress_starts_while_the_broker_is_down_and_serves_once_it_is_up(
+    topology: Topology,
+    ingress_settings: IngressSettings,
+    start_ingress: Any,
+    rabbitmq_url: str,
+    channel: Any,
+) -> None:
+    target = urlsplit(rabbitmq_url)
+    port = free_port()
+    proxied = rabbitmq_url.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{port}")
+    settings = replace(ingress_settings, broker=replace(ingress_settings.broker, url=proxied))
+    session, base = await start_ingress(settings, connect_wait_s=0.5)
+    raw = sh.body(sh.event())
+
+    status, _, headers = await post(session, base, raw, sh.signature_header(raw, SECRET))
+    assert status == 503 and "Retry-After" in headers
+
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672, port=port)
+    await proxy.start()
+    try:
+
+        async def ready() -> bool:
+            async with session.get(base + "/readyz") as r:
+                return r.status == 200
+
+        await wait_for(ready, timeout_s=5.0)
+        assert (await post(session, base, raw, sh.signature_header(raw, SECRET)))[0] == 200
+    finally:
+        await proxy.close()
+    assert len(await drain(channel, topology.work_queue)) == 1
+
+
+async def test_sigterm_with_requests_in_flight_finishes_each_of_them_and_loses_none(
+    topology: Topology, broker_settings: BrokerSettings, rabbitmq_url: str, channel: Any
+) -> None:
+    target = urlsplit(rabbitmq_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    port = free_port()
+    env = {
+        **os.environ,
+        "RABBITMQ_URL": rabbitmq_url.replace(
+            f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}"
+        ),
+        "BROKER_PREFIX": broker_settings.prefix,
+        "STRIPE_WEBHOOK_SECRETS": SECRET,
+        "INGRESS_PORT": str(port),
+        "INGRESS_HOST": "127.0.0.1",
+        "LOG_FORMAT": "json",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fulfillment",
+        "ingress",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def ready() -> bool:
+                try:
+                    async with session.get(base + "/readyz") as r:
+                        return r.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_for(ready, timeout_s=15.0)
+            proxy.downstream_delay_s = 1.0  # confirms come back slowly: requests stay in flight
+            raws = [sh.body(sh.event()) for _ in range(20)]
+            requests = [
+                asyncio.create_task(post(session, base, raw, sh.signature_header(raw, SECRET)))
+                for raw in raws
+            ]
+            await asyncio.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            results = await asyncio.gather(*requests)
+        code = await asyncio.wait_for(process.wait(), 20)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await proxy.close()
+
+    statuses = [status for status, _, _ in results]
+    assert code == 0
+    assert set(statuses) <= {200, 503}
+    assert statuses.count(200) >= 1
+    queued = await drain(channel, topology.work_queue)
+    # every 200 means a confirmed message; a 503 may still have been queued (Stripe retries it)
+    assert len(queued) >= statuses.count(200)
+    accepted_bodies = {
+        raw for raw, (status, _, _) in zip(raws, results, strict=True) if status == 200
+    }
+    assert accepted_bodies <= {m.body for m in queued}

@@ -10,6 +10,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from ingress import metrics
+from shared.backoff import compute_backoff
 from shared.broker import event_message, publish_confirmed
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable
@@ -68,7 +69,7 @@ class EventPublisher:
         metrics.CONFIRM_SECONDS.observe(time.perf_counter() - started)
 
     async def _maintain(self) -> None:
-        delay_s = 0.1
+        failures = 0
         while True:
             connection: AbstractConnection | None = None
             try:
@@ -81,17 +82,18 @@ class EventPublisher:
                 self._connected.set()
                 metrics.BROKER_UP.set(1)
                 log.info("broker connected", broker=self._settings.display_url)
-                delay_s = 0.1
+                failures = 0
                 await _first_closed(connection, channel)
                 log.warning("broker connection lost", broker=self._settings.display_url)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                failures += 1
                 log.warning(
                     "broker unavailable",
                     broker=self._settings.display_url,
                     error=f"{type(exc).__name__}: {exc}",
-                    retry_in_s=delay_s,
+                    attempt=failures,
                 )
             finally:
                 self._channel = self._exchange = None
@@ -100,8 +102,9 @@ class EventPublisher:
                 if connection is not None and not connection.is_closed:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(connection.close())
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, RECONNECT_MAX_S)
+            await asyncio.sleep(
+                compute_backoff(max(failures, 1), base_s=0.1, max_s=RECONNECT_MAX_S)
+            )
 
 
 async def _first_closed(connection: AbstractConnection, channel: AbstractChannel) -> None:

@@ -51,7 +51,12 @@ def event_message(
 
 
 async def publish_confirmed(
-    exchange: AbstractExchange, message: aio_pika.Message, routing_key: str, *, timeout_s: float
+    exchange: AbstractExchange,
+    message: aio_pika.Message,
+    routing_key: str,
+    *,
+    timeout_s: float,
+    mandatory: bool = True,
 ) -> None:
     """Publish mandatory and wait for the broker's confirm, or raise BrokerUnavailable.
 
@@ -59,7 +64,7 @@ async def publish_confirmed(
     unroutable message (no queue and no alternate exchange) is an error, not a silent drop.
     """
     try:
-        await exchange.publish(message, routing_key, mandatory=True, timeout=timeout_s)
+        await exchange.publish(message, routing_key, mandatory=mandatory, timeout=timeout_s)
     except TimeoutError:
         raise BrokerUnavailable(f"no publisher confirm within {timeout_s:g}s") from None
     except aiormq.exceptions.PublishError:

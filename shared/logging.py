@@ -35,12 +35,21 @@ def mask_secrets(text: str) -> str:
     )
 
 
-def _mask(value: Any) -> Any:
+def _mask(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return mask_secrets(value)
     if isinstance(value, BaseException):
         return mask_secrets(f"{type(value).__name__}: {value}")
-    return value
+    if isinstance(value, bytes | bytearray):
+        return mask_secrets(value.decode("utf-8", "replace"))
+    if depth < 8:
+        if isinstance(value, dict):
+            return {k: _mask(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [_mask(v, depth + 1) for v in value]
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    return mask_secrets(repr(value))
 
 
 def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

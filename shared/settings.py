@@ -70,18 +70,31 @@ def env_list(env: Env, name: str) -> tuple[str, ...]:
 
 
 def env_url(env: Env, name: str, default: str, *, schemes: tuple[str, ...]) -> str:
-    """A URL setting whose scheme must be one of ``schemes``."""
+    """A URL setting whose scheme must be one of ``schemes``; the value is never echoed raw."""
     value = env_str(env, name, default)
-    parts = urlsplit(value)
+    wanted = " or ".join(f"{s}://" for s in schemes)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port (e.g. a password with '/')
+    except ValueError:
+        raise ConfigError(
+            f"{name} is not a valid {wanted} URL (percent-encode special characters "
+            "in the user name or password)"
+        ) from None
     if parts.scheme not in schemes or not parts.hostname:
-        wanted = " or ".join(f"{s}://" for s in schemes)
         raise ConfigError(f"{name} must be a {wanted} URL with a host, got {redact_url(value)!r}")
     return value
 
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced, for logs and error messages."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if "://" not in url:
+        # no scheme: urlsplit finds no netloc, so it cannot tell where a password is
+        return "<URL without scheme>" if "@" in url else url
     if parts.password is None:
         return url
     netloc = parts.netloc.rsplit("@", 1)[1]

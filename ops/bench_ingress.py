@@ -1,0 +1,328 @@
+"""Ingress benchmark: signed ~2 KB Stripe events through real HTTP into a real RabbitMQ.
+
+Prints, from one run on one broker:
+  * verified + confirmed webhooks/s at fixed concurrency (closed loop), p50/p99;
+  * the raw aio-pika publish-with-confirm rate for the same messages at the same concurrency,
+    and the ratio between the two;
+  * p50/p99 latency at a fixed offered rate (open loop, default 1,000 requests/s);
+  * rejections/s for invalid signatures.
+
+    .venv/bin/python ops/bench_ingress.py [--processes 2] [--concurrency 64] [--seconds 10]
+
+Uses RABBITMQ_URL (default local broker) and a throwaway BROKER_PREFIX it deletes at the end.
+All traffic goes to 127.0.0.1 and every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared.broker import event_message  # noqa: E402
+from shared.envelope import EventEnvelope  # noqa: E402
+from shared.settings import BrokerSettings  # noqa: E402
+from shared.topology import Topology  # noqa: E402
+from tests import stripe_helpers as sh  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# Fields of the fixture session left out so an event is about 2 KB, a typical size.
+_TRIM = (
+    "after_expiration",
+    "custom_text",
+    "invoice_creation",
+    "consent_collection",
+    "automatic_tax",
+    "payment_method_configuration_details",
+    "saved_payment_method_options",
+    "shipping_cost",
+    "total_details",
+    "shipping_address_collection",
+    "phone_number_collection",
+    "consent",
+)
+
+
+def make_events(n: int) -> list[bytes]:
+    """Stripe-shaped checkout.session.completed events of about 2 KB each."""
+    bodies = []
+    for _ in range(n):
+        session = sh.checkout_session()
+        for key in _TRIM:
+            session.pop(key, None)
+        bodies.append(sh.body(sh.event("checkout.session.completed", session)))
+    return bodies
+
+
+class HttpConnection:
+    """A lean keep-alive HTTP/1.1 client connection, so the load generator costs little CPU."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> int:
+        if self.writer is None or self.reader is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.writer.write(head.encode() + b"\r\n" + body)
+        response = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(response[9:12])
+        length = 0
+        close = False
+        for line in response.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            lname = name.strip().lower()
+            if lname == b"content-length":
+                length = int(value)
+            elif lname == b"connection" and value.strip().lower() == b"close":
+                close = True
+        await self.reader.readexactly(length)
+        if close:
+            self.writer.close()
+            self.reader = self.writer = None
+        return status
+
+
+def pct(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+async def closed_loop(
+    call: Callable[[int], Awaitable[bool]], concurrency: int, seconds: float, max_requests: int
+) -> tuple[float, list[float], int]:
+    """Run ``call`` from ``concurrency`` tasks for ``seconds``; rate, sorted latencies, errors."""
+    latencies: list[float] = []
+    errors = 0
+    counter = 0
+    deadline = time.perf_counter() + seconds
+
+    async def runner() -> None:
+        nonlocal errors, counter
+        while time.perf_counter() < deadline and counter < max_requests:
+            i = counter
+            counter += 1
+            started = time.perf_counter()
+            ok = await call(i)
+            latencies.append(time.perf_counter() - started)
+            errors += not ok
+
+    started = time.perf_counter()
+    await asyncio.gather(*(runner() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return len(latencies) / elapsed, sorted(latencies), errors
+
+
+async def open_loop(
+    call: Callable[[int], Awaitable[bool]], rate: float, seconds: float
+) -> tuple[float, list[float], int]:
+    """Offer ``rate`` requests/s for ``seconds`` regardless of answers; latencies from send."""
+    latencies: list[float] = []
+    errors = 0
+    tasks = []
+    total = int(rate * seconds)
+
+    async def one(i: int) -> None:
+        nonlocal errors
+        started = time.perf_counter()
+        ok = await call(i)
+        latencies.append(time.perf_counter() - started)
+        errors += not ok
+
+    start = time.perf_counter()
+    for i in range(total):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    return total / (time.perf_counter() - start), sorted(latencies), errors
+
+
+async def wait_ready(session: aiohttp.ClientSession, url: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            async with session.get(url) as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"ingress not ready at {url}")
+
+
+async def purge(channel: aio_pika.abc.AbstractChannel, topo: Topology) -> int:
+    queue = await channel.get_queue(topo.work_queue, ensure=True)
+    result = await queue.purge()
+    return int(result.message_count or 0)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--processes", type=int, default=2, help="ingress processes (SO_REUSEPORT)")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--rate", type=float, default=1000.0, help="offered rate for the latency run"
+    )
+    parser.add_argument("--events", type=int, default=2000, help="distinct signed bodies to cycle")
+    args = parser.parse_args()
+
+    url = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    prefix = f"bench.{secrets.token_hex(4)}"
+    settings = BrokerSettings(url=url, prefix=prefix)
+    topo = Topology.from_settings(settings)
+    secret = sh.new_secret()
+    bodies = make_events(args.events)
+    headers = [
+        {"Stripe-Signature": sh.signature_header(b, secret), "Content-Type": "application/json"}
+        for b in bodies
+    ]
+    bad_headers = [{"Stripe-Signature": sh.signature_header(b, sh.new_secret())} for b in bodies]
+    size = sum(map(len, bodies)) // len(bodies)
+
+    connection = await aio_pika.connect(url)
+    channel = await connection.channel()
+    await topo.declare(channel)
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "RABBITMQ_URL": url,
+        "BROKER_PREFIX": prefix,
+        "STRIPE_WEBHOOK_SECRETS": secret,
+        "INGRESS_PORT": str(port),
+        "INGRESS_HOST": "127.0.0.1",
+        "LOG_FORMAT": "json",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fulfillment", "ingress"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(args.processes)
+    ]
+    base = f"http://127.0.0.1:{port}"
+    results: dict[str, object] = {}
+    try:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await wait_ready(session, base + "/readyz")
+            await asyncio.sleep(0.5 * args.processes)  # every process connected
+
+            idle: list[HttpConnection] = []
+
+            async def send(j: int, h: dict[str, str]) -> int:
+                conn = idle.pop() if idle else HttpConnection("127.0.0.1", port)
+                try:
+                    status = await conn.post("/webhooks/stripe", bodies[j], h)
+                except (OSError, asyncio.IncompleteReadError):
+                    return 0
+                idle.append(conn)
+                return status
+
+            async def webhook(i: int) -> bool:
+                j = i % len(bodies)
+                return await send(j, headers[j]) == 200
+
+            async def invalid(i: int) -> bool:
+                j = i % len(bodies)
+                return await send(j, bad_headers[j]) == 400
+
+            await closed_loop(webhook, args.concurrency, 1.0, 10**9)  # warm-up
+            rate, lat, errors = await closed_loop(webhook, args.concurrency, args.seconds, 10**7)
+            results["ingress"] = (rate, pct(lat, 0.5), pct(lat, 0.99), errors)
+            await purge(channel, topo)
+
+            orate, olat, oerrors = await open_loop(webhook, args.rate, args.seconds)
+            results["open"] = (orate, pct(olat, 0.5), pct(olat, 0.99), oerrors)
+            await purge(channel, topo)
+
+            irate, ilat, ierrors = await closed_loop(
+                invalid, args.concurrency, args.seconds / 2, 10**7
+            )
+            results["invalid"] = (irate, pct(ilat, 0.5), pct(ilat, 0.99), ierrors)
+
+        # Raw aio-pika publish-with-confirm, same messages, same concurrency, same broker.
+        pub_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await pub_channel.get_exchange(topo.events_exchange)
+        envelopes = [EventEnvelope.parse(b) for b in bodies]
+
+        async def raw_publish(i: int) -> bool:
+            j = i % len(bodies)
+            await exchange.publish(
+                event_message(bodies[j], envelopes[j], source="bench"),
+                envelopes[j].type,
+                mandatory=True,
+                timeout=5,
+            )
+            return True
+
+        await closed_loop(raw_publish, args.concurrency, 1.0, 10**9)
+        prate, plat, perrors = await closed_loop(raw_publish, args.concurrency, args.seconds, 10**7)
+        results["raw"] = (prate, pct(plat, 0.5), pct(plat, 0.99), perrors)
+        await purge(channel, topo)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        await topo.delete(channel)
+        await connection.close()
+
+    def row(name: str, key: str) -> str:
+        rate, p50, p99, errors = results[key]  # type: ignore[misc]
+        return f"| {name} | {rate:,.0f}/s | {p50 * 1000:.1f} ms | {p99 * 1000:.1f} ms | {errors} |"
+
+    ingress_rate = results["ingress"][0]  # type: ignore[index]
+    raw_rate = results["raw"][0]  # type: ignore[index]
+    print(
+        f"\nIngress benchmark: {args.processes} ingress process(es), concurrency {args.concurrency}, "
+        f"{size} B events, {args.seconds:g} s per run, {os.cpu_count()} cores, broker on this host\n"
+    )
+    print("| run | rate | p50 | p99 | errors |")
+    print("|---|---|---|---|---|")
+    print(row("verified + confirmed webhooks (closed loop)", "ingress"))
+    print(row("raw aio-pika publish with confirm", "raw"))
+    print(row(f"webhooks at {args.rate:,.0f} req/s offered (open loop)", "open"))
+    print(row("invalid signatures rejected (closed loop)", "invalid"))
+    print(f"\nratio ingress / raw publish: {ingress_rate / raw_rate:.2f}")
+    print(json.dumps({k: list(v) for k, v in results.items()}))  # type: ignore[call-overload]
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

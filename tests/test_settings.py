@@ -1,0 +1,296 @@
+"""Settings from the environment: defaults, parsing, and every bad value named, never a secret."""
+
+from __future__ import annotations
+
+import pytest
+
+from ingress.settings import IngressSettings
+from shared.errors import ConfigError
+from shared.settings import (
+    DEFAULT_RABBITMQ_URL,
+    DEFAULT_RETRY_DELAYS_S,
+    BrokerSettings,
+    LogSettings,
+)
+
+SECRET = "whsec_" + "a1b2c3d4" * 4
+OTHER_SECRET = "whsec_" + "e5f6a7b8" * 4
+PASSWORD = "hunter2-very-secret"
+
+
+def ingress_env(**extra: str) -> dict[str, str]:
+    return {"STRIPE_WEBHOOK_SECRETS": SECRET, **extra}
+
+
+# --- defaults ---------------------------------------------------------------------------------
+
+
+def test_broker_settings_fall_back_to_their_defaults_when_nothing_is_set() -> None:
+    settings = BrokerSettings.from_env({})
+
+    assert settings == BrokerSettings()
+    assert settings.url == DEFAULT_RABBITMQ_URL
+    assert settings.prefix == ""
+    assert settings.publish_timeout_s == 5.0
+    assert settings.retry_delays_s == DEFAULT_RETRY_DELAYS_S
+    assert settings.delivery_limit == 10
+
+
+def test_blank_values_count_as_unset() -> None:
+    blank = {
+        "RABBITMQ_URL": "  ",
+        "BROKER_PREFIX": "",
+        "PUBLISH_TIMEOUT_S": " ",
+        "RETRY_DELAYS_S": "",
+        "DELIVERY_LIMIT": "\t",
+        "LOG_LEVEL": "",
+        "LOG_FORMAT": " ",
+    }
+
+    assert BrokerSettings.from_env(blank) == BrokerSettings()
+    assert LogSettings.from_env(blank) == LogSettings()
+
+
+def test_log_settings_default_to_info_and_auto_format() -> None:
+    assert LogSettings.from_env({}) == LogSettings(level="INFO", format="auto")
+
+
+def test_ingress_settings_need_only_the_webhook_secret_and_default_the_rest() -> None:
+    settings = IngressSettings.from_env(ingress_env())
+
+    assert settings.webhook_secrets == (SECRET,)
+    assert settings.broker == BrokerSettings()
+    assert settings.host == "0.0.0.0"
+    assert settings.port == 8080
+    assert settings.tolerance_s == 300
+    assert settings.max_body_bytes == 1024 * 1024
+    assert settings.retry_after_s == 10
+    assert settings.read_timeout_s == 10.0
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+def test_set_values_are_parsed_into_their_types() -> None:
+    settings = BrokerSettings.from_env(
+        {
+            "RABBITMQ_URL": "amqps://user:pw@rabbit.example:5671/vhost",
+            "BROKER_PREFIX": "staging.eu",
+            "PUBLISH_TIMEOUT_S": "2.5",
+            "RETRY_DELAYS_S": " 1, 30 ,,600.5 ",
+            "DELIVERY_LIMIT": "3",
+        }
+    )
+
+    assert settings.url == "amqps://user:pw@rabbit.example:5671/vhost"
+    assert settings.prefix == "staging.eu"
+    assert settings.publish_timeout_s == 2.5
+    assert settings.retry_delays_s == (1.0, 30.0, 600.5)
+    assert settings.delivery_limit == 3
+
+
+def test_log_level_and_format_are_case_insensitive() -> None:
+    assert LogSettings.from_env({"LOG_LEVEL": "debug", "LOG_FORMAT": "JSON"}) == LogSettings(
+        level="DEBUG", format="json"
+    )
+
+
+def test_comma_separated_webhook_secrets_are_all_kept_in_order_without_blanks() -> None:
+    settings = IngressSettings.from_env({"STRIPE_WEBHOOK_SECRETS": f" {SECRET} ,, {OTHER_SECRET},"})
+
+    assert settings.webhook_secrets == (SECRET, OTHER_SECRET)
+
+
+def test_ingress_settings_read_the_broker_settings_from_the_same_environment() -> None:
+    settings = IngressSettings.from_env(
+        ingress_env(BROKER_PREFIX="blue", DELIVERY_LIMIT="4", STRIPE_WEBHOOK_TOLERANCE_S="60")
+    )
+
+    assert settings.broker.prefix == "blue"
+    assert settings.broker.delivery_limit == 4
+    assert settings.tolerance_s == 60
+
+
+# --- every bad value stops with a ConfigError naming the variable -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        pytest.param("DELIVERY_LIMIT", "ten", id="int-not-a-number"),
+        pytest.param("DELIVERY_LIMIT", "2.5", id="int-with-a-fraction"),
+        pytest.param("DELIVERY_LIMIT", "0", id="int-below-minimum"),
+        pytest.param("DELIVERY_LIMIT", "-3", id="int-negative"),
+        pytest.param("PUBLISH_TIMEOUT_S", "soon", id="float-not-a-number"),
+        pytest.param("PUBLISH_TIMEOUT_S", "nan", id="float-nan"),
+        pytest.param("PUBLISH_TIMEOUT_S", "NaN", id="float-NaN"),
+        pytest.param("PUBLISH_TIMEOUT_S", "inf", id="float-inf"),
+        pytest.param("PUBLISH_TIMEOUT_S", "-1", id="float-negative"),
+        pytest.param("PUBLISH_TIMEOUT_S", "0", id="float-zero"),
+        pytest.param("RABBITMQ_URL", "http://rabbit:5672/", id="url-http-scheme"),
+        pytest.param("RABBITMQ_URL", "rabbit:5672", id="url-no-scheme"),
+        pytest.param("RABBITMQ_URL", "amqp:///vhost", id="url-no-host"),
+        pytest.param("RETRY_DELAYS_S", "10,soon,60", id="delays-garbage"),
+        pytest.param("RETRY_DELAYS_S", "10;60", id="delays-wrong-separator"),
+        pytest.param("RETRY_DELAYS_S", "0", id="delays-zero"),
+        pytest.param("RETRY_DELAYS_S", "10,0,60", id="delays-zero-among-others"),
+        pytest.param("RETRY_DELAYS_S", "-5", id="delays-negative"),
+        pytest.param("RETRY_DELAYS_S", "nan", id="delays-nan"),
+        pytest.param("RETRY_DELAYS_S", "inf", id="delays-inf"),
+        pytest.param("RETRY_DELAYS_S", "604801", id="delays-over-a-week"),
+        pytest.param("BROKER_PREFIX", "my prefix", id="prefix-space"),
+        pytest.param("BROKER_PREFIX", "a\tb", id="prefix-tab"),
+        pytest.param("BROKER_PREFIX", "team#1", id="prefix-hash"),
+        pytest.param("BROKER_PREFIX", "team.*", id="prefix-star"),
+    ],
+)
+def test_a_bad_broker_value_stops_with_a_config_error_naming_the_variable(
+    name: str, value: str
+) -> None:
+    with pytest.raises(ConfigError, match=name):
+        BrokerSettings.from_env({name: value})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        pytest.param("LOG_LEVEL", "verbose", id="level-unknown"),
+        pytest.param("LOG_LEVEL", "CRITICAL", id="level-not-offered"),
+        pytest.param("LOG_LEVEL", "10", id="level-numeric"),
+        pytest.param("LOG_FORMAT", "xml", id="format-unknown"),
+    ],
+)
+def test_a_bad_log_value_stops_with_a_config_error_naming_the_variable(
+    name: str, value: str
+) -> None:
+    with pytest.raises(ConfigError, match=name):
+        LogSettings.from_env({name: value})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        pytest.param("STRIPE_WEBHOOK_TOLERANCE_S", "0", id="tolerance-zero"),
+        pytest.param("STRIPE_WEBHOOK_TOLERANCE_S", "-1", id="tolerance-negative"),
+        pytest.param("STRIPE_WEBHOOK_TOLERANCE_S", "5m", id="tolerance-not-a-number"),
+        pytest.param("INGRESS_PORT", "http", id="port-not-a-number"),
+        pytest.param("INGRESS_PORT", "-1", id="port-negative"),
+        pytest.param("INGRESS_MAX_BODY_BYTES", "100", id="body-limit-below-minimum"),
+        pytest.param("INGRESS_RETRY_AFTER_S", "0", id="retry-after-zero"),
+        pytest.param("INGRESS_READ_TIMEOUT_S", "nan", id="read-timeout-nan"),
+        pytest.param("INGRESS_READ_TIMEOUT_S", "0.01", id="read-timeout-below-minimum"),
+        pytest.param("DELIVERY_LIMIT", "many", id="broker-value-through-ingress"),
+    ],
+)
+def test_a_bad_ingress_value_stops_with_a_config_error_naming_the_variable(
+    name: str, value: str
+) -> None:
+    with pytest.raises(ConfigError, match=name):
+        IngressSettings.from_env(ingress_env(**{name: value}))
+
+
+def test_a_zero_webhook_tolerance_is_refused_because_it_would_disable_the_replay_check() -> None:
+    with pytest.raises(ConfigError, match="STRIPE_WEBHOOK_TOLERANCE_S") as caught:
+        IngressSettings.from_env(ingress_env(STRIPE_WEBHOOK_TOLERANCE_S="0"))
+
+    assert "replay" in str(caught.value)
+
+
+@pytest.mark.parametrize("value", [None, "", "  ", ",", " , , "])
+def test_missing_webhook_secrets_stop_with_a_config_error_naming_the_variable(
+    value: str | None,
+) -> None:
+    env = {} if value is None else {"STRIPE_WEBHOOK_SECRETS": value}
+
+    with pytest.raises(ConfigError, match="STRIPE_WEBHOOK_SECRETS"):
+        IngressSettings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("sk_test_51Habcdefghijklmnop", id="api-key-instead"),
+        pytest.param("a1b2c3d4e5f6", id="bare-value"),
+        pytest.param(f"{SECRET},sk_live_51Habcdefghijklmnop", id="one-good-one-bad"),
+        pytest.param("WHSEC_abcdef123456", id="wrong-case-prefix"),
+    ],
+)
+def test_webhook_secrets_not_starting_with_whsec_are_refused_without_echoing_them(
+    value: str,
+) -> None:
+    with pytest.raises(ConfigError, match="STRIPE_WEBHOOK_SECRETS") as caught:
+        IngressSettings.from_env({"STRIPE_WEBHOOK_SECRETS": value})
+
+    message = str(caught.value)
+    for item in value.split(","):
+        assert item not in message
+
+
+# --- secrets stay out of messages and reprs ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param(f"http://guest:{PASSWORD}@rabbit:5672/", id="wrong-scheme"),
+        pytest.param(f"amqp://guest:{PASSWORD}@", id="no-host"),
+        pytest.param(f"amqp://guest:{PASSWORD}@/vhost", id="no-host-with-path"),
+        pytest.param(f"redis://:{PASSWORD}@rabbit:6379/0", id="password-without-user"),
+    ],
+)
+def test_the_rabbitmq_password_never_appears_in_the_config_error(url: str) -> None:
+    with pytest.raises(ConfigError, match="RABBITMQ_URL") as caught:
+        BrokerSettings.from_env({"RABBITMQ_URL": url})
+
+    assert PASSWORD not in str(caught.value)
+    assert PASSWORD not in repr(caught.value)
+    assert "***" in str(caught.value)
+
+
+def test_the_rabbitmq_password_never_appears_in_the_config_error_when_the_scheme_is_missing() -> (
+    None
+):
+    with pytest.raises(ConfigError, match="RABBITMQ_URL") as caught:
+        BrokerSettings.from_env({"RABBITMQ_URL": f"guest:{PASSWORD}@rabbit:5672/"})
+
+    assert PASSWORD not in str(caught.value)
+
+
+def test_an_unparseable_rabbitmq_url_stops_with_a_config_error_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match="RABBITMQ_URL"):
+        BrokerSettings.from_env({"RABBITMQ_URL": f"amqp://guest:{PASSWORD}@[::1/"})
+
+
+def test_a_rabbitmq_url_whose_port_is_not_a_number_is_refused_without_the_password() -> None:
+    with pytest.raises(ConfigError, match="RABBITMQ_URL") as caught:
+        BrokerSettings.from_env({"RABBITMQ_URL": "amqp://guest:pa/ss@rabbit:5672/"})
+
+    assert "pa/ss" not in str(caught.value)
+
+
+def test_the_rabbitmq_password_is_not_in_the_repr_of_any_settings_object() -> None:
+    url = f"amqp://guest:{PASSWORD}@rabbit.internal:5672/prod"
+    broker = BrokerSettings.from_env({"RABBITMQ_URL": url})
+    ingress = IngressSettings.from_env(ingress_env(RABBITMQ_URL=url))
+
+    assert broker.url == url
+    assert ingress.broker.url == url
+    for text in (repr(broker), str(broker), repr(ingress), str(ingress)):
+        assert PASSWORD not in text
+
+
+def test_the_display_url_shows_the_broker_with_the_password_masked() -> None:
+    broker = BrokerSettings.from_env(
+        {"RABBITMQ_URL": f"amqp://guest:{PASSWORD}@rabbit.internal:5672/prod"}
+    )
+
+    assert broker.display_url == "amqp://guest:***@rabbit.internal:5672/prod"
+
+
+def test_webhook_secrets_are_not_in_the_repr_of_the_ingress_settings() -> None:
+    settings = IngressSettings.from_env({"STRIPE_WEBHOOK_SECRETS": f"{SECRET},{OTHER_SECRET}"})
+
+    for text in (repr(settings), str(settings)):
+        assert SECRET not in text
+        assert OTHER_SECRET not in text
+        assert "whsec_" not in text

@@ -12,6 +12,8 @@ from shared.errors import FulfillmentError
 EPILOG = """examples:
   fulfillment ingress                 # serve POST /webhooks/stripe on $INGRESS_PORT
   fulfillment topology                # declare exchanges and queues, print their names
+  fulfillment migrate                 # create or upgrade the database schema
+  fulfillment worker --concurrency 64 # consume the fulfillment queue
 """
 
 
@@ -30,6 +32,26 @@ def _topology(args: argparse.Namespace) -> int:
     configure_logging("topology")
     topology = asyncio.run(declare_on_broker(BrokerSettings.from_env()))
     print(topology.describe())
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.main import run
+
+    run(concurrency=args.concurrency)
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    import os
+
+    from shared.logging import configure_logging
+    from worker.db import migrate
+    from worker.settings import database_url_from_env
+
+    configure_logging("migrate")
+    applied = asyncio.run(migrate(database_url_from_env(os.environ)))
+    print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}")
     return 0
 
 
@@ -66,6 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
         _topology,
         "Declare the broker's exchanges and queues (idempotent).",
         "RABBITMQ_URL=amqp://guest:guest@localhost:5672/ fulfillment topology",
+    )
+    worker = add(
+        "worker",
+        _worker,
+        "Run a fulfillment worker (competing consumer).",
+        "STRIPE_API_KEY=sk_test_... fulfillment worker --concurrency 64",
+    )
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        metavar="N",
+        help="messages handled at once (prefetch); default $WORKER_CONCURRENCY or 32",
+    )
+    add(
+        "migrate",
+        _migrate,
+        "Create or upgrade the database schema (safe to run concurrently).",
+        "DATABASE_URL=postgresql://localhost/fulfillment fulfillment migrate",
     )
     return parser
 

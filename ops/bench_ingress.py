@@ -311,8 +311,9 @@ async def main() -> None:
     ingress_rate = results["ingress"][0]  # type: ignore[index]
     raw_rate = results["raw"][0]  # type: ignore[index]
     print(
-        f"\nIngress benchmark: {args.processes} ingress process(es), concurrency {args.concurrency}, "
-        f"{size} B events, {args.seconds:g} s per run, {os.cpu_count()} cores, broker on this host\n"
+        f"\nIngress benchmark: {args.processes} ingress process(es), "
+        f"concurrency {args.concurrency}, {size} B events, {args.seconds:g} s per run, "
+        f"{os.cpu_count()} cores, broker on this host\n"
     )
     print("| run | rate | p50 | p99 | errors |")
     print("|---|---|---|---|---|")

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractExchange, HeadersType
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, HeadersType
 
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable
@@ -75,3 +75,34 @@ async def publish_confirmed(
         raise BrokerUnavailable("broker refused the message (nack)") from None
     except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
         raise BrokerUnavailable(f"broker connection unusable: {type(exc).__name__}") from None
+
+
+# Headers the worker sets on retried and dead-lettered copies; the DLQ tools read them.
+HEADER_ATTEMPT = "fulfillment-attempt"
+HEADER_FIRST_FAILED_AT = "fulfillment-first-failed-at"
+HEADER_LAST_FAILED_AT = "fulfillment-last-failed-at"
+HEADER_ERROR_TYPE = "fulfillment-error-type"
+HEADER_ERROR_MESSAGE = "fulfillment-error-message"
+HEADER_WORKER_ID = "fulfillment-worker-id"
+HEADER_REPLAYED_FROM = "replayed-from"
+
+
+def copy_message(
+    message: AbstractIncomingMessage, headers: Mapping[str, object]
+) -> aio_pika.Message:
+    """A persistent copy of a received message with extra headers and a new message_id.
+
+    Broker-managed headers (``x-death``, ``x-delivery-count``, …) are left behind: they
+    describe the old copy's journey, and RabbitMQ 4 ignores client-set ``x-death``.
+    """
+    kept: HeadersType = {k: v for k, v in (message.headers or {}).items() if not k.startswith("x-")}
+    kept.update(headers)  # type: ignore[arg-type]
+    return aio_pika.Message(
+        message.body,
+        content_type=message.content_type or JSON,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=uuid.uuid4().hex,
+        type=message.type,
+        app_id=message.app_id,
+        headers=kept,
+    )

@@ -40,12 +40,16 @@ class StripeSettings:
         )
 
 
-def make_client(settings: StripeSettings) -> stripe.StripeClient:
-    """A StripeClient on stripe-python's async aiohttp transport; retries are ours, not its."""
+def make_client(settings: StripeSettings, *, http_client: stripe.HTTPClient) -> stripe.StripeClient:
+    """A StripeClient on the given transport (the caller closes it); retries are ours.
+
+    Pass ``stripe.AIOHTTPClient(timeout=…)`` for async calls and ``await
+    http_client.close_async()`` when done: StripeClient has no close of its own.
+    """
     return stripe.StripeClient(
         settings.api_key,
         base_addresses={"api": settings.api_base},
-        http_client=stripe.AIOHTTPClient(timeout=settings.timeout_s),
+        http_client=http_client,
         max_network_retries=0,
     )
 

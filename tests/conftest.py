@@ -9,20 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from fulfillment.stripe_standin import StripeStandIn, serve
+from shared.broker import event_message
+from shared.envelope import EventEnvelope
 from shared.settings import BrokerSettings
+from shared.stripe_client import StripeSettings
 from shared.topology import Topology
+from tests.smtp_sink import SmtpSink
+from worker.consumer import Worker
+from worker.settings import SmtpSettings, WorkerSettings
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -154,3 +163,152 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A server URL (database part ignored): DATABASE_URL, a container, or the local server."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        if not _listening(url, 5432):
+            _unavailable(f"PostgreSQL at {url}")
+        yield url
+        return
+    if _docker_available():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as container:
+            yield container.get_connection_url()
+        return
+    url = "postgresql://postgres@127.0.0.1:5432/postgres"
+    if not _listening(url, 5432):
+        _unavailable("PostgreSQL")
+    yield url
+
+
+def database_url_named(server_url: str, name: str) -> str:
+    parts = urlsplit(server_url)
+    return parts._replace(path=f"/{name}").geturl()
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_url: str) -> Iterator[str]:
+    """A fresh, migrated database for this test session, dropped at the end."""
+    import asyncpg
+
+    from worker.db import migrate
+
+    name = f"fulfillment_test_{uuid.uuid4().hex[:8]}"
+    url = database_url_named(postgres_url, name)
+    asyncio.run(migrate(url))
+    yield url
+
+    async def drop() -> None:
+        admin = await asyncpg.connect(database_url_named(postgres_url, "postgres"))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    asyncio.run(drop())
+
+
+# --- worker fixtures: SMTP sink, Stripe stand-in, workers in process -------------------
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSink]:
+    sink = SmtpSink(free_port())
+    sink.start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def standin() -> StripeStandIn:
+    return StripeStandIn(seed=1)
+
+
+@pytest.fixture
+async def stripe_base(standin: StripeStandIn) -> AsyncIterator[str]:
+    async with serve(standin) as base:
+        yield base
+
+
+@pytest.fixture
+def worker_settings(
+    broker_settings: BrokerSettings, database_url: str, smtp: SmtpSink, stripe_base: str
+) -> WorkerSettings:
+    return WorkerSettings(
+        stripe=StripeSettings(
+            api_key="sk_test_" + uuid.uuid4().hex, api_base=stripe_base, timeout_s=3
+        ),
+        broker=broker_settings,
+        database_url=database_url,
+        smtp=SmtpSettings(
+            host="127.0.0.1", port=smtp.port, timeout_s=2, sender="Shop <orders@shop.test>"
+        ),
+        concurrency=8,
+        metrics_port=0,
+        grace_s=5,
+        quick_retries=2,
+        worker_id="test-worker",
+    )
+
+
+@pytest.fixture
+async def start_worker(topology: Topology) -> AsyncIterator[Any]:
+    workers: list[Worker] = []
+
+    async def start(settings: WorkerSettings) -> Worker:
+        worker = Worker(settings)
+        await worker.start()
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        await worker.stop(grace_s=2)
+
+
+@pytest.fixture
+async def outbound(topology: Topology, channel: AbstractChannel) -> str:
+    """A queue bound to every outbound message (order.fulfilled, payment.failed)."""
+    queue = await channel.declare_queue(f"{topology.prefix}.outbound-capture", auto_delete=False)
+    await queue.bind(topology.out_exchange, routing_key="#")
+    return queue.name
+
+
+@pytest.fixture
+async def publish(topology: Topology, amqp: AbstractRobustConnection) -> Any:
+    """Publish a Stripe event document to the events exchange, as the ingress would."""
+    ch = await amqp.channel(publisher_confirms=True, on_return_raises=True)
+    exchange = await ch.get_exchange(topology.events_exchange)
+
+    async def send(doc: dict[str, Any] | bytes, routing_key: str | None = None) -> None:
+        if isinstance(doc, bytes):
+            message = aio_pika.Message(
+                doc,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=uuid.uuid4().hex,
+                content_type="application/json",
+            )
+            await exchange.publish(message, routing_key or "checkout.session.completed")
+            return
+        raw = json.dumps(doc).encode()
+        envelope = EventEnvelope.parse(raw)
+        await exchange.publish(
+            event_message(raw, envelope, source="test"), routing_key or envelope.type
+        )
+
+    return send
+
+
+async def db_fetch(database_url: str, sql: str, *args: Any) -> list[Any]:
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()

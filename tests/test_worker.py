@@ -1,0 +1,405 @@
+"""Workers against real RabbitMQ, PostgreSQL and SMTP, with the Stripe stand-in over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from fulfillment.stripe_standin import StripeStandIn
+from shared.broker import (
+    HEADER_ATTEMPT,
+    HEADER_ERROR_MESSAGE,
+    HEADER_ERROR_TYPE,
+    HEADER_EVENT_ID,
+    HEADER_FIRST_FAILED_AT,
+    HEADER_LAST_FAILED_AT,
+    HEADER_WORKER_ID,
+)
+from shared.topology import Topology
+from tests import stripe_helpers as sh
+from tests.conftest import db_fetch, drain, wait_for
+from tests.smtp_sink import SmtpSink
+from worker.settings import WorkerSettings
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def session_event(
+    standin: StripeStandIn, event_type: str, session_id: str, **kw: Any
+) -> dict[str, Any]:
+    """An event around the stand-in's current view of the session, as Stripe would send."""
+    session = {k: v for k, v in standin.sessions[session_id].items() if k != "line_items"}
+    return sh.event(event_type, session, **kw)
+
+
+async def fulfillment_rows(database_url: str, session_id: str) -> list[Any]:
+    return await db_fetch(
+        database_url, "SELECT * FROM fulfillments WHERE checkout_session_id = $1", session_id
+    )
+
+
+async def settle(worker: Any, topology: Topology, channel: Any, seconds: float = 0.5) -> None:
+    """Wait until the work queue is empty and nothing is in flight for a while."""
+    quiet_since = None
+    loop = asyncio.get_running_loop()
+    while True:
+        q = await (await channel.get_underlay_channel()).queue_declare(
+            topology.work_queue, passive=True
+        )
+        busy = q.message_count or worker.in_flight
+        now = loop.time()
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = now
+        elif now - quiet_since >= seconds:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_a_paid_completed_session_gives_one_row_one_email_and_one_order_fulfilled(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    session = standin.add_session(
+        line_items=[("T-shirt", 2, 2000), ("Mug", 1, 1250)], customer_email="ada@example.com"
+    )
+    sid = session["id"]
+    await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    rows = await wait_for(lambda: fulfillment_rows(database_url, sid))
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["amount_total"], row["currency"], row["customer_email"]) == (
+        5250,
+        "usd",
+        "ada@example.com",
+    )
+    items = await db_fetch(
+        database_url,
+        "SELECT description, quantity, amount_total FROM fulfillment_line_items "
+        "WHERE checkout_session_id = $1 ORDER BY description",
+        sid,
+    )
+    assert [tuple(i) for i in items] == [("Mug", 1, 1250), ("T-shirt", 2, 4000)]
+
+    [mail] = await asyncio.to_thread(smtp.wait, 1)
+    assert mail["To"] == "ada@example.com"
+    assert mail["Message-ID"] == f"<order.{sid}@shop.test>"
+    text = mail.get_content()
+    assert "2 x T-shirt" in text and "1 x Mug" in text
+    assert "Total: 52.50 USD" in text
+
+    async def outbound_messages() -> list[Any]:
+        return await drain(channel, outbound)
+
+    [out] = await wait_for(outbound_messages)
+    assert out.routing_key == "order.fulfilled"
+    assert out.headers["fulfillment-id"] == f"order.fulfilled:{sid}"
+    body = json.loads(out.body)
+    assert (body["checkout_session_id"], body["amount_total"], body["currency"]) == (
+        sid,
+        5250,
+        "usd",
+    )
+    assert [i["quantity"] for i in body["items"]] == [2, 1]
+
+
+async def test_duplicates_and_both_success_events_for_one_session_fulfill_it_once(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    sid = standin.add_session()["id"]
+    first = await start_worker(worker_settings)
+    await start_worker(replace(worker_settings, worker_id="test-worker-2"))
+    completed = session_event(standin, "checkout.session.completed", sid)
+
+    await asyncio.gather(
+        *(publish(completed) for _ in range(20)),
+        publish(session_event(standin, "checkout.session.async_payment_succeeded", sid)),
+    )
+
+    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    await settle(first, topology, channel)
+    assert len(await fulfillment_rows(database_url, sid)) == 1
+    assert len(smtp.for_session(sid)) == 1
+    assert len(await drain(channel, outbound)) == 1
+
+
+async def test_an_unpaid_session_waits_and_is_fulfilled_once_when_the_delayed_payment_succeeds(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    sid = standin.add_session(payment_status="unpaid")["id"]
+    worker = await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    async def state() -> Any:
+        rows = await db_fetch(
+            database_url, "SELECT state FROM checkout_sessions WHERE checkout_session_id = $1", sid
+        )
+        return rows[0]["state"] if rows else None
+
+    assert await wait_for(state) == "awaiting_payment"
+    await settle(worker, topology, channel)
+    assert await fulfillment_rows(database_url, sid) == []
+    assert smtp.for_session(sid) == []
+
+    standin.set_payment_status(sid, "paid")
+    await publish(session_event(standin, "checkout.session.async_payment_succeeded", sid))
+    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    await publish(session_event(standin, "checkout.session.completed", sid))  # late duplicate
+    await settle(worker, topology, channel)
+
+    assert len(await fulfillment_rows(database_url, sid)) == 1
+    assert await state() == "fulfilled"
+    assert len(smtp.for_session(sid)) == 1
+    assert [m.routing_key for m in await drain(channel, outbound)] == ["order.fulfilled"]
+
+
+async def test_a_failed_delayed_payment_sends_one_notice_and_fulfills_nothing(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    sid = standin.add_session(payment_status="unpaid", customer_email="bob@example.com")["id"]
+    worker = await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+    failed = session_event(standin, "checkout.session.async_payment_failed", sid)
+    await publish(failed)
+    await publish(failed)
+
+    [mail] = await asyncio.to_thread(smtp.wait, 1)
+    await settle(worker, topology, channel)
+    assert len(smtp.for_session(sid)) == 1
+    assert mail["Message-ID"] == f"<payment-failed.{sid}@shop.test>"
+    assert "did not go through" in mail.get_content()
+    assert await fulfillment_rows(database_url, sid) == []
+    rows = await db_fetch(
+        database_url, "SELECT state FROM checkout_sessions WHERE checkout_session_id = $1", sid
+    )
+    assert rows[0]["state"] == "payment_failed"
+    assert [m.routing_key for m in await drain(channel, outbound)] == ["payment.failed"]
+
+
+async def test_a_payment_failure_after_fulfillment_changes_nothing(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    sid = standin.add_session()["id"]
+    worker = await start_worker(worker_settings)
+    await publish(session_event(standin, "checkout.session.completed", sid))
+    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    await asyncio.to_thread(smtp.wait, 1)
+
+    standin.set_payment_status(sid, "unpaid")  # a stale or contradictory failure event
+    await publish(session_event(standin, "checkout.session.async_payment_failed", sid))
+    await settle(worker, topology, channel)
+
+    assert len(smtp.for_session(sid)) == 1
+    assert smtp.for_session(sid)[0]["Message-ID"] == f"<order.{sid}@shop.test>"
+
+
+async def test_success_arriving_before_completed_still_fulfills_once(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    sid = standin.add_session()["id"]
+    worker = await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.async_payment_succeeded", sid))
+    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    await publish(session_event(standin, "checkout.session.completed", sid))
+    await settle(worker, topology, channel)
+
+    assert len(await fulfillment_rows(database_url, sid)) == 1
+    assert len(smtp.for_session(sid)) == 1
+    assert len(await drain(channel, outbound)) == 1
+
+
+async def test_stripe_errors_at_first_are_retried_in_process_then_fulfilled(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    sid = standin.add_session()["id"]
+    standin.fail_next(1, 429)
+    await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    assert len(await drain(channel, topology.dead_queue)) == 0
+    assert standin.request_count >= 2
+
+
+async def test_stripe_away_for_longer_goes_through_a_delay_queue_and_then_fulfills(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    sid = standin.add_session()["id"]
+    standin.fail_next(4, 500)  # two quick tries, a delay, two more, a second delay, then up
+    worker = await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    rows = await wait_for(lambda: fulfillment_rows(database_url, sid), timeout_s=20)
+    assert len(rows) == 1
+    await settle(worker, topology, channel)
+    assert len(smtp.for_session(sid)) == 1
+    assert await drain(channel, topology.dead_queue) == []
+    processed = await db_fetch(
+        database_url, "SELECT outcome FROM processed_events WHERE checkout_session_id = $1", sid
+    )
+    assert [r["outcome"] for r in processed] == ["fulfilled"]
+
+
+async def test_an_unknown_session_or_malformed_body_is_dead_lettered_at_once_with_reasons(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    good = standin.add_session()["id"]
+    unknown = sh.event("checkout.session.completed", sh.checkout_session("cs_test_unknown_123"))
+    await start_worker(worker_settings)
+
+    await publish(unknown)
+    await publish(b"{not json")
+    await publish(session_event(standin, "checkout.session.completed", good))
+
+    await wait_for(lambda: fulfillment_rows(database_url, good))
+
+    async def dead() -> list[Any]:
+        return (
+            await drain(channel, topology.dead_queue)
+            if (await _depth(channel, topology.dead_queue)) >= 2
+            else []
+        )
+
+    letters = await wait_for(dead)
+    by_type = {m.headers[HEADER_ERROR_TYPE]: m for m in letters}
+    assert set(by_type) == {"StripeNotFound", "MalformedEvent"}
+    not_found = by_type["StripeNotFound"]
+    assert not_found.headers[HEADER_EVENT_ID] == unknown["id"]
+    assert "No such checkout.session" in not_found.headers[HEADER_ERROR_MESSAGE]
+    assert not_found.headers[HEADER_ATTEMPT] == 1
+    assert not_found.headers[HEADER_WORKER_ID] == "test-worker"
+    assert not_found.headers[HEADER_FIRST_FAILED_AT] <= not_found.headers[HEADER_LAST_FAILED_AT]
+    assert json.loads(not_found.body)["id"] == unknown["id"]
+    assert by_type["MalformedEvent"].body == b"{not json"
+
+
+async def _depth(channel: Any, queue: str) -> int:
+    q = await (await channel.get_underlay_channel()).queue_declare(queue, passive=True)
+    return int(q.message_count or 0)
+
+
+async def test_smtp_down_is_retried_and_one_email_is_sent_once_it_is_back(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    sid = standin.add_session()["id"]
+    smtp.stop()
+    worker = await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+    await wait_for(lambda: fulfillment_rows(database_url, sid))  # the row does not wait for mail
+    await asyncio.sleep(1.0)  # at least one retry through a delay queue
+    assert smtp.for_session(sid) == []
+    smtp.start()
+
+    await asyncio.to_thread(smtp.wait, 1, 15)
+    await settle(worker, topology, channel)
+    assert len(smtp.for_session(sid)) == 1
+    assert len(await fulfillment_rows(database_url, sid)) == 1
+    assert await drain(channel, topology.dead_queue) == []
+
+
+async def test_other_checkout_and_unhandled_types_are_acked_and_counted(
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    sid = standin.add_session()["id"]
+    worker = await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.expired", sid))
+    await settle(worker, topology, channel)
+
+    assert await fulfillment_rows(database_url, sid) == []
+    assert await drain(channel, topology.dead_queue) == []
+    assert standin.request_count == 0

@@ -1,0 +1,319 @@
+"""The consumer: competing consumers on the work queue, retries through delay queues, DLQ.
+
+Per message: parse, dispatch by event type, a few quick in-process retries for transient
+errors (tenacity), then one of three outcomes, each confirmed by the broker before the
+original is acked:
+
+* done → ack;
+* transient failure → a copy to the next delay queue (it dead-letters back to the work
+  queue when its TTL runs out), with the attempt count in our own header;
+* permanent failure, or retries exhausted → a copy to the DLQ saying why.
+
+A worker killed mid-message acks nothing, so the broker redelivers; a message that kills
+workers every time is stopped by the quorum queue's delivery limit and dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import asyncpg
+import stripe
+import structlog
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
+from shared.backoff import compute_backoff
+from shared.broker import (
+    HEADER_ATTEMPT,
+    HEADER_ERROR_MESSAGE,
+    HEADER_ERROR_TYPE,
+    HEADER_EVENT_ID,
+    HEADER_FIRST_FAILED_AT,
+    HEADER_LAST_FAILED_AT,
+    HEADER_WORKER_ID,
+    copy_message,
+    publish_confirmed,
+)
+from shared.envelope import EventEnvelope
+from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError, TransientError
+from shared.logging import get_logger
+from shared.stripe_client import make_client
+from shared.topology import Topology
+from worker import db, metrics
+from worker.fulfillment import Fulfiller, Outcome, record_processed
+from worker.settings import WorkerSettings
+
+log = get_logger(__name__)
+
+FULFILL = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
+PAYMENT_FAILED = ("checkout.session.async_payment_failed",)
+
+_TRANSIENT_DB_ERRORS = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.AdminShutdownError,
+    asyncpg.QueryCanceledError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again later may succeed (outage, overload), as opposed to never."""
+    if isinstance(exc, PermanentError):
+        return False
+    return isinstance(exc, (TransientError, OSError, TimeoutError, *_TRANSIENT_DB_ERRORS))
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What a message says, read once."""
+
+    event: EventEnvelope
+    session_id: str | None
+    attempt: int
+
+
+def parse(message: AbstractIncomingMessage) -> Delivery:
+    """Read the event and its Checkout Session id; MalformedEvent if it is not usable."""
+    attempt = _attempt(message.headers or {})
+    try:
+        doc = json.loads(message.body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise MalformedEvent("body is not valid JSON") from None
+    event = EventEnvelope.from_dict(doc)
+    obj = (doc.get("data") or {}).get("object") if isinstance(doc.get("data"), dict) else None
+    session_id = None
+    if event.type.startswith("checkout.session."):
+        if not isinstance(obj, dict) or obj.get("object") != "checkout.session":
+            raise MalformedEvent(f"{event.type} event without a checkout.session in data.object")
+        session_id = obj.get("id")
+        if not isinstance(session_id, str) or not session_id.startswith("cs_"):
+            raise MalformedEvent("data.object.id is not a Checkout Session id (cs_…)")
+    return Delivery(event, session_id, attempt)
+
+
+class Worker:
+    """One worker process's consumer; start, then stop on a signal."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.topology = Topology.from_settings(settings.broker)
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._http: stripe.AIOHTTPClient | None = None
+        self._fulfiller: Fulfiller | None = None
+        self._retrying = AsyncRetrying(
+            stop=stop_after_attempt(settings.quick_retries),
+            wait=lambda state: compute_backoff(state.attempt_number, base_s=0.2, max_s=2.0),
+            retry=retry_if_exception(is_transient),
+            reraise=True,
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def start(self) -> None:
+        """Migrate, connect, declare, and start consuming."""
+        s = self.settings
+        await db.migrate(s.database_url)
+        self._pool = await db.create_pool(s.database_url, max_size=min(s.concurrency, 32))
+        self._http = stripe.AIOHTTPClient(timeout=s.stripe.timeout_s)
+        client = make_client(s.stripe, http_client=self._http)
+        try:
+            self._connection = await aio_pika.connect_robust(s.broker.url, timeout=10)
+        except Exception as exc:
+            raise BrokerUnavailable(
+                f"cannot reach RabbitMQ at {s.broker.display_url} ({type(exc).__name__})"
+            ) from None
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channel = channel
+        await channel.set_qos(prefetch_count=s.concurrency)
+        await self.topology.declare(channel)
+        out = await channel.get_exchange(self.topology.out_exchange)
+        self._fulfiller = Fulfiller(
+            self._pool, client, out, s.smtp, publish_timeout_s=s.broker.publish_timeout_s
+        )
+        self._queue = await channel.get_queue(self.topology.work_queue)
+        self._consumer_tag = await self._queue.consume(self._on_message)
+        log.info(
+            "worker consuming",
+            queue=self.topology.work_queue,
+            concurrency=s.concurrency,
+            worker_id=s.worker_id,
+        )
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking messages, let in-flight ones finish within the grace period, close."""
+        grace_s = self.settings.grace_s if grace_s is None else grace_s
+        if self._queue is not None and self._consumer_tag is not None:
+            with contextlib.suppress(Exception):
+                await self._queue.cancel(self._consumer_tag)
+            self._consumer_tag = None
+        if self._in_flight:
+            log.info("worker draining", in_flight=len(self._in_flight), grace_s=grace_s)
+            _, pending = await asyncio.wait(set(self._in_flight), timeout=grace_s)
+            for task in pending:
+                task.cancel()  # unacked: the broker redelivers it to another worker
+            if pending:
+                log.warning(
+                    "grace period over; in-flight messages left for redelivery", count=len(pending)
+                )
+                await asyncio.wait(pending, timeout=5)
+        for closer in (self._connection, self._pool):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer.close()
+        if self._http is not None:
+            await self._http.close_async()  # type: ignore[no-untyped-call]
+        log.info("worker stopped", worker_id=self.settings.worker_id)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        metrics.IN_FLIGHT.inc()
+        try:
+            await self._process(message)
+        finally:
+            metrics.IN_FLIGHT.dec()
+            self._in_flight.discard(task)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        headers = message.headers or {}
+        event_type = str(headers.get("stripe-event-type") or message.routing_key or "unknown")
+        bound = log.bind(
+            event_id=headers.get(HEADER_EVENT_ID),
+            event_type=event_type,
+            redelivered=message.redelivered or None,
+        )
+        try:
+            delivery = parse(message)
+            bound = bound.bind(checkout_session_id=delivery.session_id, attempt=delivery.attempt)
+            outcome: Outcome = await self._retrying(self._dispatch, delivery)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            attempt = _attempt(headers)
+            outcome_name = await asyncio.shield(
+                self._fail(message, exc, attempt, event_type, bound)
+            )
+        else:
+            await asyncio.shield(message.ack())
+            outcome_name = outcome.name
+            bound.info(
+                "event handled",
+                outcome=outcome_name,
+                effects=list(outcome.effects_done) or None,
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            )
+        metrics.PROCESSED.labels(event_type, outcome_name).inc()
+        metrics.DURATION.labels(event_type).observe(time.perf_counter() - started)
+
+    async def _dispatch(self, delivery: Delivery) -> Outcome:
+        fulfiller = self._fulfiller
+        assert fulfiller is not None and self._pool is not None
+        event = delivery.event
+        handler: Callable[[str, str], Awaitable[Outcome]] | None = None
+        if event.type in FULFILL:
+            handler = fulfiller.fulfill
+        elif event.type in PAYMENT_FAILED:
+            handler = fulfiller.payment_failed
+        if handler is None or delivery.session_id is None:
+            return Outcome("ignored")
+        outcome = await handler(delivery.session_id, event.id)
+        await record_processed(self._pool, event.id, event.type, delivery.session_id, outcome.name)
+        return outcome
+
+    async def _fail(
+        self,
+        message: AbstractIncomingMessage,
+        exc: BaseException,
+        attempt: int,
+        event_type: str,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> str:
+        """Send the message on to a delay queue or the DLQ, confirmed, then ack the original."""
+        transient = is_transient(exc)
+        retries = len(self.topology.retry_delays_s)
+        now = time.time()
+        headers = message.headers or {}
+        reason = {
+            HEADER_ATTEMPT: attempt,
+            HEADER_FIRST_FAILED_AT: headers.get(HEADER_FIRST_FAILED_AT, now),
+            HEADER_LAST_FAILED_AT: now,
+            HEADER_ERROR_TYPE: type(exc).__name__,
+            HEADER_ERROR_MESSAGE: str(exc)[:1000] or type(exc).__name__,
+            HEADER_WORKER_ID: self.settings.worker_id,
+        }
+        if transient and attempt <= retries:
+            queue, delay_s = self.topology.retry_queue_for(attempt)
+            target, outcome = queue, "retry"
+        else:
+            target, outcome = self.topology.dead_queue, "dead_letter"
+        assert self._channel is not None
+        try:
+            await publish_confirmed(
+                self._channel.default_exchange,
+                copy_message(message, reason),
+                target,
+                timeout_s=self.settings.broker.publish_timeout_s,
+            )
+        except BrokerUnavailable as publish_error:
+            # Nothing was moved: leave the original to the broker (redelivered later).
+            bound.warning("failed message not moved; left for redelivery", error=str(publish_error))
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            return "requeued"
+        await message.ack()
+        if outcome == "retry":
+            metrics.RETRIES.labels(event_type).inc()
+            bound.warning(
+                "retry scheduled",
+                outcome=outcome,
+                attempt=attempt,
+                retry_in_s=delay_s,
+                error_type=type(exc).__name__,
+                error=str(exc),
+            )
+        else:
+            kind = "retries_exhausted" if transient else "permanent"
+            metrics.DEAD_LETTERS.labels(event_type, kind).inc()
+            bound.error(
+                "dead-lettered",
+                outcome=outcome,
+                attempt=attempt,
+                reason=kind,
+                error_type=type(exc).__name__,
+                error=str(exc),
+                exc_info=exc if not isinstance(exc, TransientError | PermanentError) else None,
+            )
+        return outcome
+
+
+def _attempt(headers: Any) -> int:
+    try:
+        return int(headers.get(HEADER_ATTEMPT, 0)) + 1
+    except (TypeError, ValueError):
+        return 1

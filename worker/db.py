@@ -1,0 +1,112 @@
+"""PostgreSQL: the pool, and versioned migrations that are safe to run concurrently."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from shared.errors import TransientError
+from shared.logging import get_logger
+from shared.settings import redact_url
+
+log = get_logger(__name__)
+
+# Any constant shared by every process that migrates; pg_advisory_lock takes a bigint.
+MIGRATION_LOCK_ID = 0x66756C66  # "fulf"
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every file in worker/migrations, in order."""
+    found = []
+    for entry in resources.files("worker.migrations").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text("utf-8")))
+    return sorted(found)
+
+
+async def _connect(url: str) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(url, timeout=10)
+    except asyncpg.InvalidCatalogNameError:
+        raise
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise TransientError(
+            f"cannot reach PostgreSQL at {redact_url(url)} ({type(exc).__name__}: {exc}); is it "
+            "running? (pg_ctlcluster --skip-systemctl-redirect <version> main start)"
+        ) from None
+
+
+async def create_database_if_missing(url: str) -> bool:
+    """Create the URL's database when it does not exist; True if it was created."""
+    try:
+        connection = await _connect(url)
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await connection.close()
+        return False
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    admin = await _connect(urlunsplit(parts._replace(path="/postgres")))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name.replace(chr(34), chr(34) * 2)}"')
+        log.info("database created", database=name)
+        return True
+    except asyncpg.DuplicateDatabaseError:
+        return False  # another process created it at the same time
+    finally:
+        await admin.close()
+
+
+async def migrate(url: str) -> list[str]:
+    """Apply pending migrations under an advisory lock; returns the names applied."""
+    await create_database_if_missing(url)
+    connection = await _connect(url)
+    applied: list[str] = []
+    try:
+        await connection.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        try:
+            await connection.execute(
+                """CREATE TABLE IF NOT EXISTS schema_migrations (
+                       version integer PRIMARY KEY,
+                       name text NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            done = {
+                r["version"]
+                for r in await connection.fetch("SELECT version FROM schema_migrations")
+            }
+            for version, name, sql in migrations():
+                if version in done:
+                    continue
+                async with connection.transaction():
+                    await connection.execute(sql)
+                    await connection.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        version,
+                        name,
+                    )
+                applied.append(name)
+                log.info("migration applied", migration=name)
+        finally:
+            await connection.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    finally:
+        await connection.close()
+    return applied
+
+
+async def create_pool(url: str, *, max_size: int) -> asyncpg.Pool:
+    """A connection pool sized for the worker's concurrency."""
+    try:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=max_size, timeout=10)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise TransientError(
+            f"cannot reach PostgreSQL at {redact_url(url)} ({type(exc).__name__}: {exc})"
+        ) from None
+    assert pool is not None
+    return pool

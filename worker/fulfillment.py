@@ -1,0 +1,312 @@
+"""Fulfillment, as Stripe's Checkout guide asks: keyed on the session, safe to run many times.
+
+``fulfill(session_id)`` may run for every event of a session, concurrently on many workers,
+after crashes at any instant. Per session:
+
+1. Retrieve the session from Stripe with its line items (the event may be stale).
+2. Lock the session's row (``checkout_sessions``, FOR UPDATE): one worker at a time.
+3. In one transaction: the ``fulfillments`` row and its line items, if not there yet.
+4. Each external effect in turn (confirmation email, ``order.fulfilled`` message): under the
+   row lock, skip it if recorded, else do it and record it. A crash between doing and
+   recording repeats only that effect, with the same deterministic id for receivers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import asyncpg
+import stripe
+from aio_pika.abc import AbstractExchange
+from asyncpg.pool import PoolConnectionProxy
+
+from shared.broker import HEADER_EVENT_ID, JSON, publish_confirmed
+from shared.errors import PermanentError
+from shared.logging import get_logger
+from shared.stripe_client import classify
+from worker import mail
+from worker.order import Order
+from worker.settings import SmtpSettings
+
+log = get_logger(__name__)
+
+HEADER_DEDUPE_ID = "fulfillment-id"
+
+Effect = Callable[[Order], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What handling one event did, for the log line and metrics."""
+
+    name: str  # fulfilled | already_fulfilled | awaiting_payment | payment_failed | ...
+    effects_done: tuple[str, ...] = ()
+
+
+class Fulfiller:
+    """Handlers for the Checkout events; every method is idempotent per session."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        stripe_client: stripe.StripeClient,
+        out_exchange: AbstractExchange,
+        smtp: SmtpSettings,
+        *,
+        publish_timeout_s: float,
+    ) -> None:
+        self._pool = pool
+        self._stripe = stripe_client
+        self._out = out_exchange
+        self._smtp = smtp
+        self._publish_timeout_s = publish_timeout_s
+
+    async def retrieve(self, session_id: str) -> Order:
+        """The session with all its line items, straight from Stripe."""
+        sessions = self._stripe.v1.checkout.sessions
+        try:
+            session = await sessions.retrieve_async(session_id, params={"expand": ["line_items"]})
+            doc = session.to_dict()
+            line_items = doc.get("line_items") or {}
+            if line_items.get("has_more"):
+                # the expansion holds the first page only; fetch them all
+                items = []
+                listing = await sessions.line_items.list_async(session_id, params={"limit": 100})
+                async for item in listing.auto_paging_iter():
+                    items.append(item.to_dict())
+                doc["line_items"] = {"object": "list", "data": items, "has_more": False}
+        except stripe.StripeError as exc:
+            raise classify(exc) from exc
+        return Order.from_session(doc)
+
+    async def fulfill(self, session_id: str, event_id: str) -> Outcome:
+        """Fulfill a paid (or free) session once; record an unpaid one as awaiting payment."""
+        order = await self.retrieve(session_id)
+        if order.payment_status == "unpaid":
+            await self._set_state(order, event_id, "awaiting_payment", only_from=("new",))
+            return Outcome("awaiting_payment")
+        if order.payment_status not in ("paid", "no_payment_required"):
+            raise PermanentError(f"unexpected payment_status {order.payment_status!r}")
+        created = await self._record_fulfillment(order, event_id)
+        done = await self._run_effects(
+            order,
+            (
+                ("confirmation_email", self._send_confirmation),
+                ("order_fulfilled_message", self._publish_fulfilled),
+            ),
+        )
+        return Outcome("fulfilled" if created else "already_fulfilled", done)
+
+    async def payment_failed(self, session_id: str, event_id: str) -> Outcome:
+        """Tell the customer once, record it; never for a session already fulfilled."""
+        order = await self.retrieve(session_id)
+        if order.payment_status != "unpaid":
+            # Stripe's current word wins over a stale event: a paid session is fulfilled.
+            return await self.fulfill(session_id, event_id)
+        state = await self._set_state(
+            order,
+            event_id,
+            "payment_failed",
+            only_from=("new", "awaiting_payment", "payment_failed"),
+        )
+        if state != "payment_failed":
+            return Outcome(f"ignored_{state}")
+        done = await self._run_effects(
+            order,
+            (
+                ("payment_failed_email", self._send_failure),
+                ("payment_failed_message", self._publish_failed),
+            ),
+        )
+        return Outcome("payment_failed", done)
+
+    async def _lock_session(self, conn: PoolConnectionProxy[asyncpg.Record], order: Order) -> str:
+        await conn.execute(
+            "INSERT INTO checkout_sessions (checkout_session_id, customer_email) VALUES ($1, $2) "
+            "ON CONFLICT DO NOTHING",
+            order.session_id,
+            order.customer_email,
+        )
+        state: str = await conn.fetchval(
+            "SELECT state FROM checkout_sessions WHERE checkout_session_id = $1 FOR UPDATE",
+            order.session_id,
+        )
+        return state
+
+    async def _set_state(
+        self, order: Order, event_id: str, state: str, *, only_from: tuple[str, ...]
+    ) -> str:
+        async with self._pool.acquire() as conn, conn.transaction():
+            current = await self._lock_session(conn, order)
+            if current not in only_from:
+                return current
+            await conn.execute(
+                "UPDATE checkout_sessions SET state = $2, payment_status = $3, last_event_id = $4, "
+                "updated_at = now() WHERE checkout_session_id = $1",
+                order.session_id,
+                state,
+                order.payment_status,
+                event_id,
+            )
+            return state
+
+    async def _record_fulfillment(self, order: Order, event_id: str) -> bool:
+        """The fulfillments row and its line items in one transaction; False if already there."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if await self._lock_session(conn, order) == "fulfilled":
+                return False
+            await conn.execute(
+                """INSERT INTO fulfillments (checkout_session_id, customer_id, customer_email,
+                       customer_name, amount_total, currency, payment_status, livemode, event_id)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+                order.session_id,
+                order.customer_id,
+                order.customer_email,
+                order.customer_name,
+                order.amount_total,
+                order.currency,
+                order.payment_status,
+                order.livemode,
+                event_id,
+            )
+            await conn.executemany(
+                """INSERT INTO fulfillment_line_items (checkout_session_id, line_item_id,
+                       description, price_id, quantity, unit_amount, amount_total, currency)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                [
+                    (
+                        order.session_id,
+                        i.id,
+                        i.description,
+                        i.price_id,
+                        i.quantity,
+                        i.unit_amount,
+                        i.amount_total,
+                        i.currency,
+                    )
+                    for i in order.items
+                ],
+            )
+            await conn.execute(
+                "UPDATE checkout_sessions SET state = 'fulfilled', payment_status = $2, "
+                "last_event_id = $3, updated_at = now() WHERE checkout_session_id = $1",
+                order.session_id,
+                order.payment_status,
+                event_id,
+            )
+            return True
+
+    async def _run_effects(
+        self, order: Order, effects: tuple[tuple[str, Effect], ...]
+    ) -> tuple[str, ...]:
+        done = []
+        for step, effect in effects:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self._lock_session(conn, order)
+                if await conn.fetchval(
+                    "SELECT 1 FROM fulfillment_steps WHERE checkout_session_id = $1 AND step = $2",
+                    order.session_id,
+                    step,
+                ):
+                    continue
+                detail = await effect(order)
+                await conn.execute(
+                    "INSERT INTO fulfillment_steps (checkout_session_id, step, detail) "
+                    "VALUES ($1, $2, $3)",
+                    order.session_id,
+                    step,
+                    detail,
+                )
+                done.append(step)
+                log.info(
+                    "effect done", checkout_session_id=order.session_id, step=step, detail=detail
+                )
+        return tuple(done)
+
+    async def _send_confirmation(self, order: Order) -> str:
+        return await self._send(order, mail.confirmation_email)
+
+    async def _send_failure(self, order: Order) -> str:
+        return await self._send(order, mail.payment_failed_email)
+
+    async def _send(self, order: Order, build: Callable[[Order, str], Any]) -> str:
+        if not order.customer_email:
+            return "skipped: the session has no customer email"
+        message = build(order, self._smtp.sender)
+        await mail.send(message, self._smtp)
+        return f"sent {message['Message-ID']}"
+
+    async def _publish_fulfilled(self, order: Order) -> str:
+        body = {
+            "items": [
+                {
+                    "id": i.id,
+                    "description": i.description,
+                    "price": i.price_id,
+                    "quantity": i.quantity,
+                    "amount_total": i.amount_total,
+                    "currency": i.currency,
+                }
+                for i in order.items
+            ],
+            "customer": order.customer_id,
+            "customer_email": order.customer_email,
+        }
+        return await self._publish("order.fulfilled", order, body)
+
+    async def _publish_failed(self, order: Order) -> str:
+        return await self._publish(
+            "payment.failed", order, {"customer_email": order.customer_email}
+        )
+
+    async def _publish(self, kind: str, order: Order, extra: dict[str, Any]) -> str:
+        dedupe_id = f"{kind}:{order.session_id}"
+        body = {
+            "id": dedupe_id,
+            "type": kind,
+            "checkout_session_id": order.session_id,
+            "amount_total": order.amount_total,
+            "currency": order.currency,
+            "livemode": order.livemode,
+            "created": int(time.time()),
+            **extra,
+        }
+        message = aio_pika.Message(
+            json.dumps(body).encode(),
+            content_type=JSON,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=uuid.uuid4().hex,
+            type=kind,
+            app_id="fulfillment-worker",
+            headers={HEADER_DEDUPE_ID: dedupe_id, "checkout-session-id": order.session_id},
+        )
+        # Subscribers bind their own queues; with none bound the broker drops it (pub/sub).
+        await publish_confirmed(
+            self._out, message, kind, timeout_s=self._publish_timeout_s, mandatory=False
+        )
+        return f"published {dedupe_id}"
+
+
+async def record_processed(
+    pool: asyncpg.Pool, event_id: str, event_type: str, session_id: str | None, outcome: str
+) -> None:
+    """Remember that an event was handled (for backfill and audit)."""
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO processed_events (event_id, event_type, checkout_session_id, outcome) "
+            "VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome",
+            event_id,
+            event_type,
+            session_id,
+            outcome,
+        )
+
+
+__all__ = ["HEADER_DEDUPE_ID", "HEADER_EVENT_ID", "Fulfiller", "Outcome", "record_processed"]

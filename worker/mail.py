@@ -1,0 +1,92 @@
+"""Customer emails over SMTP, each with a Message-ID fixed per session and purpose."""
+
+from __future__ import annotations
+
+import ssl
+from email.message import EmailMessage
+from email.utils import formatdate, parseaddr
+
+import aiosmtplib
+
+from shared.errors import PermanentError, TransientError
+from worker.order import Order, format_amount
+from worker.settings import SmtpSettings
+
+
+def message_id(purpose: str, session_id: str, sender: str) -> str:
+    """The same id for the same email every time, so mail systems can drop a repeat."""
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
+    return f"<{purpose}.{session_id}@{domain}>"
+
+
+def confirmation_email(order: Order, sender: str) -> EmailMessage:
+    lines = [
+        f"Hello{' ' + order.customer_name if order.customer_name else ''},",
+        "",
+        "Thank you for your order. It is confirmed and on its way.",
+        "",
+    ]
+    for item in order.items:
+        lines.append(
+            f"  {item.quantity} x {item.description}  "
+            f"{format_amount(item.amount_total, item.currency)}"
+        )
+    lines += ["", f"Total: {order.total}", "", f"Order reference: {order.session_id}"]
+    return _message(
+        order, sender, f"Your order is confirmed ({order.total})", "\n".join(lines), "order"
+    )
+
+
+def payment_failed_email(order: Order, sender: str) -> EmailMessage:
+    body = "\n".join(
+        [
+            f"Hello{' ' + order.customer_name if order.customer_name else ''},",
+            "",
+            f"The payment of {order.total} for your order did not go through, so the order",
+            "has not been fulfilled. You can place it again with another payment method.",
+            "",
+            f"Order reference: {order.session_id}",
+        ]
+    )
+    return _message(order, sender, "Your payment did not go through", body, "payment-failed")
+
+
+def _message(order: Order, sender: str, subject: str, body: str, purpose: str) -> EmailMessage:
+    if not order.customer_email:
+        raise PermanentError(f"session {order.session_id} has no customer email")
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = order.customer_email
+    message["Subject"] = subject
+    message["Date"] = formatdate(usegmt=True)
+    message["Message-ID"] = message_id(purpose, order.session_id, sender)
+    message["X-Checkout-Session-Id"] = order.session_id
+    message.set_content(body)
+    return message
+
+
+async def send(message: EmailMessage, settings: SmtpSettings) -> None:
+    """Hand the message to the relay; TransientError if it may work later."""
+    try:
+        await aiosmtplib.send(
+            message,
+            hostname=settings.host,
+            port=settings.port,
+            username=settings.username,
+            password=settings.password,
+            use_tls=settings.use_tls,
+            start_tls=None,  # STARTTLS when the server offers it
+            timeout=settings.timeout_s,
+            tls_context=ssl.create_default_context() if settings.use_tls else None,
+        )
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        codes = [r.code for r in exc.recipients]
+        if all(500 <= c < 600 for c in codes):
+            raise PermanentError(f"SMTP refused the recipient: {exc}") from None
+        raise TransientError(f"SMTP deferred the recipient: {exc}") from None
+    except aiosmtplib.SMTPResponseException as exc:
+        if 500 <= exc.code < 600:
+            raise PermanentError(f"SMTP refused the message ({exc.code}): {exc.message}") from None
+        raise TransientError(f"SMTP error ({exc.code}): {exc.message}") from None
+    except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        raise TransientError(f"SMTP unavailable: {type(exc).__name__}: {exc}") from None

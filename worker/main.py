@@ -1,0 +1,39 @@
+"""``fulfillment worker``: consume until SIGTERM/SIGINT, then drain within the grace period."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from shared.logging import configure_logging, get_logger, register_secrets
+from worker import metrics
+from worker.consumer import Worker
+from worker.settings import WorkerSettings
+
+
+async def serve(settings: WorkerSettings) -> None:
+    log = get_logger(__name__)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    runner = await metrics.start_server(settings.metrics_host, settings.metrics_port)
+    worker = Worker(settings)
+    try:
+        await worker.start()
+        log.info("worker metrics listening", port=settings.metrics_port)
+        await stop.wait()
+        log.info("worker stopping", in_flight=worker.in_flight)
+    finally:
+        await worker.stop()
+        await runner.cleanup()
+
+
+def run(concurrency: int | None = None) -> None:
+    configure_logging("worker")
+    settings = WorkerSettings.from_env(concurrency=concurrency)
+    register_secrets([settings.stripe.api_key])
+    if settings.smtp.password:
+        register_secrets([settings.smtp.password])
+    asyncio.run(serve(settings))

@@ -1,0 +1,42 @@
+"""Prometheus metrics of the worker, and the small HTTP server for /metrics and /healthz."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+PROCESSED = Counter(
+    "worker_messages_total",
+    "Messages handled, by event type and outcome (fulfilled, already_fulfilled, "
+    "awaiting_payment, payment_failed, ignored, retry, dead_letter).",
+    ["event_type", "outcome"],
+)
+DURATION = Histogram(
+    "worker_handle_seconds",
+    "Time to handle one message, from delivery to ack.",
+    ["event_type"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RETRIES = Counter("worker_retries_total", "Messages sent to a delay queue.", ["event_type"])
+DEAD_LETTERS = Counter(
+    "worker_dead_letters_total", "Messages dead-lettered by the worker.", ["event_type", "reason"]
+)
+IN_FLIGHT = Gauge("worker_messages_in_flight", "Messages being handled now.")
+
+
+async def start_server(host: str, port: int) -> web.AppRunner:
+    """Serve /metrics and /healthz; port 0 picks a free one."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

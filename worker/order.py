@@ -1,0 +1,82 @@
+"""An order: what fulfillment needs from a Checkout Session, read once from Stripe's object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shared.errors import PermanentError
+
+# Stripe's zero-decimal currencies: amounts are in whole units, not cents.
+ZERO_DECIMAL = frozenset("bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf".split())
+
+
+def format_amount(amount: int, currency: str) -> str:
+    code = currency.upper()
+    if currency.lower() in ZERO_DECIMAL:
+        return f"{amount:,} {code}"
+    return f"{amount / 100:,.2f} {code}"
+
+
+@dataclass(frozen=True, slots=True)
+class LineItem:
+    id: str
+    description: str
+    price_id: str | None
+    quantity: int
+    unit_amount: int | None
+    amount_total: int
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """A Checkout Session as fulfillment sees it."""
+
+    session_id: str
+    payment_status: str
+    amount_total: int
+    currency: str
+    customer_id: str | None
+    customer_email: str | None
+    customer_name: str | None
+    livemode: bool
+    items: tuple[LineItem, ...]
+
+    @classmethod
+    def from_session(cls, session: dict[str, Any]) -> Order:
+        """Read a retrieved session (``expand=["line_items"]``); PermanentError if it is not one."""
+        if session.get("object") != "checkout.session" or not session.get("id"):
+            raise PermanentError("Stripe returned something that is not a checkout.session")
+        details = session.get("customer_details") or {}
+        currency = session.get("currency") or "usd"
+        customer = session.get("customer")
+        items = []
+        for item in (session.get("line_items") or {}).get("data") or []:
+            price = item.get("price") or {}
+            items.append(
+                LineItem(
+                    id=item["id"],
+                    description=item.get("description") or price.get("nickname") or "Item",
+                    price_id=price.get("id"),
+                    quantity=int(item.get("quantity") or 1),
+                    unit_amount=price.get("unit_amount"),
+                    amount_total=int(item.get("amount_total") or 0),
+                    currency=item.get("currency") or currency,
+                )
+            )
+        return cls(
+            session_id=session["id"],
+            payment_status=session.get("payment_status") or "unpaid",
+            amount_total=int(session.get("amount_total") or 0),
+            currency=currency,
+            customer_id=customer if isinstance(customer, str) else (customer or {}).get("id"),
+            customer_email=details.get("email") or session.get("customer_email"),
+            customer_name=details.get("name"),
+            livemode=bool(session.get("livemode")),
+            items=tuple(items),
+        )
+
+    @property
+    def total(self) -> str:
+        return format_amount(self.amount_total, self.currency)

@@ -1,0 +1,89 @@
+"""Worker settings, from the environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from email.utils import parseaddr
+from urllib.parse import unquote, urlsplit
+
+from shared.errors import ConfigError
+from shared.settings import BrokerSettings, Env, env_float, env_int, env_str, env_url
+from shared.stripe_client import StripeSettings
+
+DEFAULT_DATABASE_URL = "postgresql://localhost/fulfillment"
+DEFAULT_SMTP_URL = "smtp://localhost:1025"
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """Mail relay: ``smtp://[user:pass@]host:port`` (STARTTLS if offered) or ``smtps://``."""
+
+    host: str = "localhost"
+    port: int = 1025
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    use_tls: bool = False
+    timeout_s: float = 10.0
+    sender: str = "orders@localhost"
+
+    @classmethod
+    def from_env(cls, env: Env) -> SmtpSettings:
+        url = env_url(env, "SMTP_URL", DEFAULT_SMTP_URL, schemes=("smtp", "smtps"))
+        parts = urlsplit(url)
+        try:
+            port = parts.port or (465 if parts.scheme == "smtps" else 25)
+        except ValueError:
+            raise ConfigError("SMTP_URL has an invalid port") from None
+        sender = env_str(env, "MAIL_FROM", "Orders <orders@localhost>")
+        if "@" not in parseaddr(sender)[1]:
+            raise ConfigError(f"MAIL_FROM must be an email address, got {sender!r}")
+        return cls(
+            host=parts.hostname or "localhost",
+            port=port,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            use_tls=parts.scheme == "smtps",
+            timeout_s=env_float(env, "SMTP_TIMEOUT_S", 10.0, minimum=0.1),
+            sender=sender,
+        )
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a fulfillment worker needs."""
+
+    stripe: StripeSettings
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    concurrency: int = 32
+    metrics_port: int = 9100
+    metrics_host: str = "0.0.0.0"
+    grace_s: float = 30.0
+    quick_retries: int = 3
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    @classmethod
+    def from_env(cls, env: Env | None = None, *, concurrency: int | None = None) -> WorkerSettings:
+        env = os.environ if env is None else env
+        return cls(
+            stripe=StripeSettings.from_env(env),
+            broker=BrokerSettings.from_env(env),
+            database_url=database_url_from_env(env),
+            smtp=SmtpSettings.from_env(env),
+            concurrency=concurrency or env_int(env, "WORKER_CONCURRENCY", 32, minimum=1),
+            metrics_port=env_int(env, "WORKER_METRICS_PORT", 9100, minimum=0),
+            metrics_host=env_str(env, "WORKER_METRICS_HOST", "0.0.0.0"),
+            grace_s=env_float(env, "WORKER_GRACE_S", 30.0, minimum=0),
+            quick_retries=env_int(env, "WORKER_QUICK_RETRIES", 3, minimum=1),
+            worker_id=env_str(
+                env, "WORKER_ID", f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+            ),
+        )
+
+
+def database_url_from_env(env: Env) -> str:
+    return env_url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, schemes=("postgresql", "postgres"))

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
-from shared.errors import BrokerUnavailable
+from shared.errors import BrokerUnavailable, ConfigError
 from shared.settings import BrokerSettings
 
 # The event types workers handle; the work queue is bound to them.
@@ -98,7 +99,20 @@ class Topology:
         }
 
     async def declare(self, channel: AbstractChannel) -> AbstractExchange:
-        """Declare everything (idempotently) and return the events exchange."""
+        """Declare everything (idempotently) and return the events exchange.
+
+        ConfigError when an exchange or queue already exists with other arguments: every
+        component must use the same BROKER_PREFIX, RETRY_DELAYS_S and DELIVERY_LIMIT.
+        """
+        try:
+            return await self._declare(channel)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise ConfigError(
+                f"broker topology mismatch: {exc}. Every component must run with the same "
+                "BROKER_PREFIX, RETRY_DELAYS_S and DELIVERY_LIMIT (or delete the old queue)"
+            ) from None
+
+    async def _declare(self, channel: AbstractChannel) -> AbstractExchange:
         unrouted = await channel.declare_exchange(
             self.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )

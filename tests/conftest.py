@@ -94,7 +94,11 @@ def prefix() -> str:
 @pytest.fixture
 def broker_settings(rabbitmq_url: str, prefix: str) -> BrokerSettings:
     return BrokerSettings(
-        url=rabbitmq_url, prefix=prefix, publish_timeout_s=2.0, retry_delays_s=(0.5, 1.0)
+        url=rabbitmq_url,
+        prefix=prefix,
+        publish_timeout_s=2.0,
+        retry_delays_s=(0.5, 1.0),
+        delivery_limit=3,
     )
 
 

@@ -25,6 +25,7 @@ from shared.settings import BrokerSettings
 from shared.topology import Topology
 from tests import stripe_helpers as sh
 from tests.conftest import depths, drain, free_port, wait_for
+from tests.processes import broker_env
 from tests.tcp_proxy import TcpProxy
 
 SECRET = sh.new_secret()
@@ -371,10 +372,10 @@ async def test_sigterm_with_requests_in_flight_finishes_each_of_them_and_loses_n
     port = free_port()
     env = {
         **os.environ,
+        **broker_env(broker_settings),
         "RABBITMQ_URL": rabbitmq_url.replace(
             f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}"
         ),
-        "BROKER_PREFIX": broker_settings.prefix,
         "STRIPE_WEBHOOK_SECRETS": SECRET,
         "INGRESS_PORT": str(port),
         "INGRESS_HOST": "127.0.0.1",

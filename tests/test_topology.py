@@ -214,3 +214,15 @@ async def test_a_message_rejected_up_to_the_delivery_limit_is_still_delivered_ag
 
     assert message.body == b"flaky"
     assert await _depth(channel, limited, limited.dead_queue) == 0
+
+
+async def test_declaring_with_other_queue_arguments_names_the_settings_to_align(
+    topology: Topology, rabbitmq_url: str
+) -> None:
+    from shared.errors import ConfigError
+
+    other = replace(topology, delivery_limit=topology.delivery_limit + 1)
+    connection = await aio_pika.connect(rabbitmq_url)
+    async with connection:
+        with pytest.raises(ConfigError, match="DELIVERY_LIMIT"):
+            await other.declare(await connection.channel())

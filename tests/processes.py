@@ -1,0 +1,113 @@
+"""Run ``fulfillment`` roles as real processes and read their JSON log lines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+
+class RoleProcess:
+    """``python -m fulfillment <args>`` with its own environment; logs collected as dicts."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.args = args
+        self.env = {**os.environ, "LOG_FORMAT": "json", **env}
+        self.process: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self, ready_event: str | None = None, timeout_s: float = 20) -> RoleProcess:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fulfillment",
+            *self.args,
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        self._reader = asyncio.create_task(self._read())
+        if ready_event:
+            await self.wait_for_log(ready_event, timeout_s)
+        return self
+
+    async def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        while line := await self.process.stdout.readline():
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+
+    @property
+    def logs(self) -> list[dict[str, Any]]:
+        parsed = []
+        for line in self.lines:
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if isinstance(doc, dict):
+                    parsed.append(doc)
+        return parsed
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [log for log in self.logs if log.get("event") == name]
+
+    async def wait_for_log(self, event: str, timeout_s: float = 20) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            found = self.events(event)
+            if found:
+                return found[-1]
+            if self.process is not None and self.process.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no {event!r} log line; output:\n" + "\n".join(self.lines[-30:]))
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    async def wait(self, timeout_s: float = 30) -> int:
+        assert self.process is not None
+        code = await asyncio.wait_for(self.process.wait(), timeout_s)
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, 5)
+        return code
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader, 5)
+
+
+def broker_env(broker: Any) -> dict[str, str]:
+    """Environment equal to in-process BrokerSettings (queue arguments must match)."""
+    return {
+        "RABBITMQ_URL": broker.url,
+        "BROKER_PREFIX": broker.prefix,
+        "RETRY_DELAYS_S": ",".join(str(d) for d in broker.retry_delays_s),
+        "DELIVERY_LIMIT": str(broker.delivery_limit),
+    }
+
+
+def worker_env(settings: Any) -> dict[str, str]:
+    """Environment for a worker process equal to in-process WorkerSettings."""
+    return {
+        **broker_env(settings.broker),
+        "DATABASE_URL": settings.database_url,
+        "STRIPE_API_KEY": settings.stripe.api_key,
+        "STRIPE_API_BASE": settings.stripe.api_base,
+        "SMTP_URL": f"smtp://{settings.smtp.host}:{settings.smtp.port}",
+        "SMTP_TIMEOUT_S": str(settings.smtp.timeout_s),
+        "MAIL_FROM": settings.smtp.sender,
+        "WORKER_METRICS_PORT": "0",
+        "WORKER_CONCURRENCY": str(settings.concurrency),
+        "WORKER_GRACE_S": str(settings.grace_s),
+        "WORKER_QUICK_RETRIES": str(settings.quick_retries),
+    }

@@ -1,0 +1,170 @@
+"""Worker processes: several at once, killed at any instant, stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from fulfillment.stripe_standin import StripeStandIn
+from shared.topology import Topology
+from tests.conftest import db_fetch, drain, wait_for
+from tests.processes import RoleProcess, worker_env
+from tests.smtp_sink import SmtpSink
+from tests.test_worker import fulfillment_rows, session_event
+from worker.settings import WorkerSettings
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def spawn(worker_settings: WorkerSettings) -> AsyncIterator[Callable[..., Any]]:
+    processes: list[RoleProcess] = []
+
+    async def start(**env: str) -> RoleProcess:
+        process = RoleProcess(["worker"], {**worker_env(worker_settings), **env})
+        processes.append(process)
+        return await process.start("worker consuming")
+
+    yield start
+    for process in processes:
+        await process.stop()
+
+
+async def _depth(channel: Any, queue: str) -> int:
+    q = await (await channel.get_underlay_channel()).queue_declare(queue, passive=True)
+    return int(q.message_count or 0)
+
+
+async def test_twenty_duplicates_over_two_worker_processes_fulfill_once(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    spawn: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    sid = standin.add_session()["id"]
+    workers = [await spawn(), await spawn()]
+    completed = session_event(standin, "checkout.session.completed", sid)
+
+    await asyncio.gather(
+        *(publish(completed) for _ in range(20)),
+        publish(session_event(standin, "checkout.session.async_payment_succeeded", sid)),
+    )
+
+    async def all_handled() -> bool:
+        return sum(len(w.events("event handled")) for w in workers) == 21
+
+    await wait_for(all_handled, timeout_s=30)
+    assert all(w.events("event handled") for w in workers), "both processes took a share"
+    assert len(await fulfillment_rows(database_url, sid)) == 1
+    assert len(smtp.for_session(sid)) == 1
+    assert len(await drain(channel, outbound)) == 1
+    outcomes = [e["outcome"] for w in workers for e in w.events("event handled")]
+    assert outcomes.count("fulfilled") == 1
+    assert outcomes.count("already_fulfilled") == 20
+
+
+async def test_a_worker_killed_between_the_row_and_the_email_is_finished_by_another_once(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    spawn: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    sid = standin.add_session()["id"]
+    smtp.rcpt_delay_s = 5.0  # the first worker is stuck mid-SMTP, after the row is committed
+    first = await spawn()
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    await asyncio.sleep(0.3)
+    first.signal(signal.SIGKILL)
+    await first.wait()
+    assert smtp.for_session(sid) == []
+
+    smtp.rcpt_delay_s = 0.0
+    second = await spawn()
+    await asyncio.to_thread(smtp.wait, 1, 20)
+    await second.wait_for_log("event handled")
+    await asyncio.sleep(0.5)
+
+    assert len(await fulfillment_rows(database_url, sid)) == 1
+    assert len(smtp.for_session(sid)) == 1
+    assert len(await drain(channel, outbound)) == 1
+    steps = await db_fetch(
+        database_url, "SELECT step FROM fulfillment_steps WHERE checkout_session_id = $1", sid
+    )
+    assert sorted(r["step"] for r in steps) == ["confirmation_email", "order_fulfilled_message"]
+
+
+async def test_sigterm_finishes_in_flight_messages_and_exits_0_with_none_redelivered(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    spawn: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    sids = [standin.add_session()["id"] for _ in range(5)]
+    standin.latency_s = 1.0
+    worker = await spawn()
+
+    for sid in sids:
+        await publish(session_event(standin, "checkout.session.completed", sid))
+    await wait_for(lambda: standin.request_count >= 5)  # all five in flight at Stripe
+    worker.signal(signal.SIGTERM)
+
+    assert await worker.wait(20) == 0
+    assert len(worker.events("event handled")) == 5
+    for sid in sids:
+        assert len(await fulfillment_rows(database_url, sid)) == 1
+    assert await _depth(channel, topology.work_queue) == 0
+    assert standin.request_count == 5  # nothing was handled twice
+    assert worker.events("worker stopped")
+
+
+async def test_a_message_that_kills_its_worker_every_time_is_dead_lettered_by_the_delivery_limit(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    spawn: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    sid = standin.add_session()["id"]
+    standin.latency_s = 30.0  # the worker is always mid-message when it dies
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    deliveries = 0
+    for _ in range(topology.delivery_limit + 3):
+        if await _depth(channel, topology.dead_queue):
+            break
+        seen = standin.request_count
+        worker = await spawn()
+        try:
+            await wait_for(lambda seen=seen: standin.request_count > seen, timeout_s=10)
+        except AssertionError:
+            await worker.stop()
+            continue
+        deliveries += 1
+        worker.signal(signal.SIGKILL)
+        await worker.wait()
+        await asyncio.sleep(0.3)
+
+    [dead] = await wait_for(lambda: drain(channel, topology.dead_queue), timeout_s=10)
+    assert deliveries == topology.delivery_limit + 1
+    deaths = dead.headers["x-death"]
+    assert deaths[0]["reason"] == "delivery_limit"
+    assert await fulfillment_rows(database_url, sid) == []

@@ -58,6 +58,9 @@ _ERROR_MESSAGES = {
 }
 
 
+ADMIN = "/_standin"
+
+
 def _new_id(prefix: str) -> str:
     infix = "_test" if prefix == "cs" else ""
     return f"{prefix}{infix}_{secrets.token_hex(12)}"
@@ -393,11 +396,18 @@ class StripeStandIn:
         app.router.add_get("/v1/events", self._list_events)
         app.router.add_get("/v1/events/{id}", self._get_event)
         app.router.add_get("/v1/customers/{id}", self._get_customer)
+        # Control routes, for a stand-in running in another process (benchmarks, demo, chaos).
+        app.router.add_post(f"{ADMIN}/sessions", self._admin_add_session)
+        app.router.add_post(f"{ADMIN}/sessions/{{id}}/payment_status", self._admin_set_status)
+        app.router.add_post(f"{ADMIN}/faults", self._admin_faults)
+        app.router.add_get(f"{ADMIN}/stats", self._admin_stats)
         app.router.add_route("*", "/{tail:.*}", self._unrecognized)
         return app
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(ADMIN + "/"):
+            return await handler(request)  # control routes: no faults, no auth, not counted
         self.requests.append((request.method, request.path))
         if self.latency_s > 0:
             await asyncio.sleep(self.latency_s)
@@ -422,6 +432,46 @@ class StripeStandIn:
             raise StripeError.injected(*self._fail_queue.popleft())
         if self._fail_fraction > 0 and self._rng.random() < self._fail_fraction:
             raise StripeError.injected(self._rng.choice(self._fail_statuses))
+
+    async def _admin_add_session(self, request: web.Request) -> web.Response:
+        """POST {id?, payment_status?, line_items?: [[description, quantity, unit_amount]], ...}."""
+        body = await request.json()
+        items = [tuple(item) for item in body.get("line_items") or [("T-shirt", 1, 2000)]]
+        session = self.add_session(
+            body.get("id"),
+            payment_status=body.get("payment_status", "paid"),
+            line_items=items,
+            currency=body.get("currency", "usd"),
+            customer_email=body.get("customer_email", "jenny@example.com"),
+            customer=body.get("customer"),
+        )
+        return web.json_response(session, status=201)
+
+    async def _admin_set_status(self, request: web.Request) -> web.Response:
+        session_id = request.match_info["id"]
+        if session_id not in self.sessions:
+            raise StripeError.missing("checkout.session", session_id, "session")
+        self.set_payment_status(session_id, (await request.json())["payment_status"])
+        return web.json_response(self.sessions[session_id])
+
+    async def _admin_faults(self, request: web.Request) -> web.Response:
+        """POST {latency_s?, fail_rate?, statuses?, fail_next?: n, status?, drop_next?, clear?}."""
+        body = await request.json()
+        if body.get("clear"):
+            self.clear_faults()
+            self.latency_s = 0.0
+        if "latency_s" in body:
+            self.latency_s = float(body["latency_s"])
+        if "fail_rate" in body:
+            self.fail_rate(float(body["fail_rate"]), tuple(body.get("statuses", (429, 500))))
+        if body.get("fail_next"):
+            self.fail_next(int(body["fail_next"]), int(body.get("status", 500)))
+        if body.get("drop_next"):
+            self.drop_next(int(body["drop_next"]))
+        return web.json_response({"latency_s": self.latency_s})
+
+    async def _admin_stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"requests": self.request_count, "sessions": len(self.sessions)})
 
     @staticmethod
     def _authenticate(request: web.Request) -> None:
@@ -537,11 +587,16 @@ async def serve(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve a local Stripe API stand-in.")
+    parser = argparse.ArgumentParser(
+        description="Serve a local Stripe API stand-in. Seed and fault it over HTTP: "
+        f"POST {ADMIN}/sessions, POST {ADMIN}/sessions/ID/payment_status, "
+        f"POST {ADMIN}/faults, GET {ADMIN}/stats."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=12111)
+    parser.add_argument("--latency-s", type=float, default=0.0, help="delay on every API call")
     args = parser.parse_args(argv)
-    standin = StripeStandIn()
+    standin = StripeStandIn(latency_s=args.latency_s)
     customer = standin.add_customer("cus_demo")
     standin.add_session(
         "cs_test_demo_paid",
@@ -552,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     standin.add_session_event("cs_test_demo_paid")
     standin.add_session_event("cs_test_demo_unpaid", "checkout.session.async_payment_failed")
     print(json.dumps({"sessions": sorted(standin.sessions), "events": sorted(standin.events)}))
-    web.run_app(standin.app(), host=args.host, port=args.port)
+    web.run_app(standin.app(), host=args.host, port=args.port, access_log=None, print=None)
 
 
 if __name__ == "__main__":

@@ -451,3 +451,31 @@ async def test_main_serves_demo_sessions(http: stripe.AIOHTTPClient) -> None:
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_the_control_routes_seed_sessions_and_faults_from_another_process() -> None:
+    import aiohttp
+
+    from fulfillment.stripe_standin import StripeStandIn, serve
+
+    standin = StripeStandIn(seed=3)
+    async with serve(standin) as base, aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{base}/_standin/sessions",
+            json={"id": "cs_test_ctl", "payment_status": "unpaid", "line_items": [["Hat", 3, 700]]},
+        ) as r:
+            assert r.status == 201
+            assert (await r.json())["amount_total"] == 2100
+        async with http.post(
+            f"{base}/_standin/sessions/cs_test_ctl/payment_status", json={"payment_status": "paid"}
+        ) as r:
+            assert (await r.json())["payment_status"] == "paid"
+        async with http.post(f"{base}/_standin/faults", json={"fail_next": 1, "status": 429}) as r:
+            assert r.status == 200
+        headers = {"Authorization": "Bearer sk_test_x"}
+        async with http.get(f"{base}/v1/checkout/sessions/cs_test_ctl", headers=headers) as r:
+            assert r.status == 429
+        async with http.get(f"{base}/v1/checkout/sessions/cs_test_ctl", headers=headers) as r:
+            assert r.status == 200
+        async with http.get(f"{base}/_standin/stats") as r:
+            assert (await r.json())["requests"] == 2

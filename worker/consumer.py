@@ -53,7 +53,7 @@ from shared.logging import get_logger
 from shared.stripe_client import make_client
 from shared.topology import Topology
 from worker import db, metrics
-from worker.fulfillment import Fulfiller, Outcome, record_processed
+from worker.fulfillment import Fulfiller, Outcome
 from worker.settings import WorkerSettings
 
 log = get_logger(__name__)
@@ -235,16 +235,14 @@ class Worker:
         fulfiller = self._fulfiller
         assert fulfiller is not None and self._pool is not None
         event = delivery.event
-        handler: Callable[[str, str], Awaitable[Outcome]] | None = None
+        handler: Callable[[str, EventEnvelope], Awaitable[Outcome]] | None = None
         if event.type in FULFILL:
             handler = fulfiller.fulfill
         elif event.type in PAYMENT_FAILED:
             handler = fulfiller.payment_failed
         if handler is None or delivery.session_id is None:
             return Outcome("ignored")
-        outcome = await handler(delivery.session_id, event.id)
-        await record_processed(self._pool, event.id, event.type, delivery.session_id, outcome.name)
-        return outcome
+        return await handler(delivery.session_id, event)
 
     async def _fail(
         self,

@@ -4,21 +4,23 @@
 after crashes at any instant. Per session:
 
 1. Retrieve the session from Stripe with its line items (the event may be stale).
-2. Lock the session's row (``checkout_sessions``, FOR UPDATE): one worker at a time.
+2. Take the session's advisory lock in PostgreSQL: one worker at a time per session.
 3. In one transaction: the ``fulfillments`` row and its line items, if not there yet.
-4. Each external effect in turn (confirmation email, ``order.fulfilled`` message): under the
-   row lock, skip it if recorded, else do it and record it. A crash between doing and
+4. Each external effect in turn (confirmation email, ``order.fulfilled`` message): skip it
+   if recorded, else do it and record it (committed at once). A crash between doing and
    recording repeats only that effect, with the same deterministic id for receivers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import aio_pika
 import asyncpg
@@ -26,7 +28,8 @@ import stripe
 from aio_pika.abc import AbstractExchange
 from asyncpg.pool import PoolConnectionProxy
 
-from shared.broker import HEADER_EVENT_ID, JSON, publish_confirmed
+from shared.broker import JSON, publish_confirmed
+from shared.envelope import EventEnvelope
 from shared.errors import PermanentError
 from shared.logging import get_logger
 from shared.stripe_client import classify
@@ -39,6 +42,7 @@ log = get_logger(__name__)
 HEADER_DEDUPE_ID = "fulfillment-id"
 
 Effect = Callable[[Order], Awaitable[str]]
+Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
 
 @dataclass(frozen=True)
@@ -85,148 +89,100 @@ class Fulfiller:
             raise classify(exc) from exc
         return Order.from_session(doc)
 
-    async def fulfill(self, session_id: str, event_id: str) -> Outcome:
+    async def fulfill(self, session_id: str, event: EventEnvelope) -> Outcome:
         """Fulfill a paid (or free) session once; record an unpaid one as awaiting payment."""
         order = await self.retrieve(session_id)
-        if order.payment_status == "unpaid":
-            await self._set_state(order, event_id, "awaiting_payment", only_from=("new",))
-            return Outcome("awaiting_payment")
-        if order.payment_status not in ("paid", "no_payment_required"):
+        if order.payment_status not in ("paid", "no_payment_required", "unpaid"):
             raise PermanentError(f"unexpected payment_status {order.payment_status!r}")
-        created = await self._record_fulfillment(order, event_id)
-        done = await self._run_effects(
-            order,
-            (
-                ("confirmation_email", self._send_confirmation),
-                ("order_fulfilled_message", self._publish_fulfilled),
-            ),
-        )
-        return Outcome("fulfilled" if created else "already_fulfilled", done)
+        async with self._locked(session_id) as conn:
+            state, steps = await _read_state(conn, session_id)
+            if order.payment_status == "unpaid":
+                if state in (None, "new"):
+                    await _set_state(conn, order, event.id, "awaiting_payment")
+                outcome = Outcome("awaiting_payment")
+            else:
+                created = state != "fulfilled"
+                if created:
+                    await _record_fulfillment(conn, order, event.id)
+                done = await self._run_effects(
+                    conn,
+                    order,
+                    steps,
+                    (
+                        ("confirmation_email", self._send_confirmation),
+                        ("order_fulfilled_message", self._publish_fulfilled),
+                    ),
+                )
+                outcome = Outcome("fulfilled" if created else "already_fulfilled", done)
+            await _record_processed(conn, event, session_id, outcome.name)
+        return outcome
 
-    async def payment_failed(self, session_id: str, event_id: str) -> Outcome:
+    async def payment_failed(self, session_id: str, event: EventEnvelope) -> Outcome:
         """Tell the customer once, record it; never for a session already fulfilled."""
         order = await self.retrieve(session_id)
         if order.payment_status != "unpaid":
             # Stripe's current word wins over a stale event: a paid session is fulfilled.
-            return await self.fulfill(session_id, event_id)
-        state = await self._set_state(
-            order,
-            event_id,
-            "payment_failed",
-            only_from=("new", "awaiting_payment", "payment_failed"),
-        )
-        if state != "payment_failed":
-            return Outcome(f"ignored_{state}")
-        done = await self._run_effects(
-            order,
-            (
-                ("payment_failed_email", self._send_failure),
-                ("payment_failed_message", self._publish_failed),
-            ),
-        )
-        return Outcome("payment_failed", done)
-
-    async def _lock_session(self, conn: PoolConnectionProxy[asyncpg.Record], order: Order) -> str:
-        await conn.execute(
-            "INSERT INTO checkout_sessions (checkout_session_id, customer_email) VALUES ($1, $2) "
-            "ON CONFLICT DO NOTHING",
-            order.session_id,
-            order.customer_email,
-        )
-        state: str = await conn.fetchval(
-            "SELECT state FROM checkout_sessions WHERE checkout_session_id = $1 FOR UPDATE",
-            order.session_id,
-        )
-        return state
-
-    async def _set_state(
-        self, order: Order, event_id: str, state: str, *, only_from: tuple[str, ...]
-    ) -> str:
-        async with self._pool.acquire() as conn, conn.transaction():
-            current = await self._lock_session(conn, order)
-            if current not in only_from:
-                return current
-            await conn.execute(
-                "UPDATE checkout_sessions SET state = $2, payment_status = $3, last_event_id = $4, "
-                "updated_at = now() WHERE checkout_session_id = $1",
-                order.session_id,
-                state,
-                order.payment_status,
-                event_id,
-            )
-            return state
-
-    async def _record_fulfillment(self, order: Order, event_id: str) -> bool:
-        """The fulfillments row and its line items in one transaction; False if already there."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            if await self._lock_session(conn, order) == "fulfilled":
-                return False
-            await conn.execute(
-                """INSERT INTO fulfillments (checkout_session_id, customer_id, customer_email,
-                       customer_name, amount_total, currency, payment_status, livemode, event_id)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
-                order.session_id,
-                order.customer_id,
-                order.customer_email,
-                order.customer_name,
-                order.amount_total,
-                order.currency,
-                order.payment_status,
-                order.livemode,
-                event_id,
-            )
-            await conn.executemany(
-                """INSERT INTO fulfillment_line_items (checkout_session_id, line_item_id,
-                       description, price_id, quantity, unit_amount, amount_total, currency)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
-                [
+            return await self.fulfill(session_id, event)
+        async with self._locked(session_id) as conn:
+            state, steps = await _read_state(conn, session_id)
+            if state == "fulfilled":
+                outcome = Outcome("ignored_fulfilled")
+            else:
+                if state != "payment_failed":
+                    await _set_state(conn, order, event.id, "payment_failed")
+                done = await self._run_effects(
+                    conn,
+                    order,
+                    steps,
                     (
-                        order.session_id,
-                        i.id,
-                        i.description,
-                        i.price_id,
-                        i.quantity,
-                        i.unit_amount,
-                        i.amount_total,
-                        i.currency,
-                    )
-                    for i in order.items
-                ],
-            )
-            await conn.execute(
-                "UPDATE checkout_sessions SET state = 'fulfilled', payment_status = $2, "
-                "last_event_id = $3, updated_at = now() WHERE checkout_session_id = $1",
-                order.session_id,
-                order.payment_status,
-                event_id,
-            )
-            return True
+                        ("payment_failed_email", self._send_failure),
+                        ("payment_failed_message", self._publish_failed),
+                    ),
+                )
+                outcome = Outcome("payment_failed", done)
+            await _record_processed(conn, event, session_id, outcome.name)
+        return outcome
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, session_id: str) -> AsyncIterator[Conn]:
+        """A connection holding the session's advisory lock: one worker at a time per session.
+
+        A session-level lock (not a transaction's) so that each step can be committed as
+        soon as it is done while the lock is still held. If the worker dies, PostgreSQL
+        drops the lock with the connection.
+        """
+        async with self._pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", session_id)
+            try:
+                yield conn
+            finally:
+                # asyncpg's pool also runs pg_advisory_unlock_all() on release
+                await asyncio.shield(
+                    conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", session_id)
+                )
 
     async def _run_effects(
-        self, order: Order, effects: tuple[tuple[str, Effect], ...]
+        self,
+        conn: Conn,
+        order: Order,
+        already_done: frozenset[str],
+        effects: tuple[tuple[str, Effect], ...],
     ) -> tuple[str, ...]:
+        """Do each effect not yet recorded, recording it (committed) right after."""
         done = []
         for step, effect in effects:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await self._lock_session(conn, order)
-                if await conn.fetchval(
-                    "SELECT 1 FROM fulfillment_steps WHERE checkout_session_id = $1 AND step = $2",
-                    order.session_id,
-                    step,
-                ):
-                    continue
-                detail = await effect(order)
-                await conn.execute(
-                    "INSERT INTO fulfillment_steps (checkout_session_id, step, detail) "
-                    "VALUES ($1, $2, $3)",
-                    order.session_id,
-                    step,
-                    detail,
-                )
-                done.append(step)
-                log.info(
-                    "effect done", checkout_session_id=order.session_id, step=step, detail=detail
-                )
+            if step in already_done:
+                continue
+            detail = await effect(order)
+            await conn.execute(
+                "INSERT INTO fulfillment_steps (checkout_session_id, step, detail) "
+                "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                order.session_id,
+                step,
+                detail,
+            )
+            done.append(step)
+            log.info("effect done", checkout_session_id=order.session_id, step=step, detail=detail)
         return tuple(done)
 
     async def _send_confirmation(self, order: Order) -> str:
@@ -293,20 +249,85 @@ class Fulfiller:
         return f"published {dedupe_id}"
 
 
-async def record_processed(
-    pool: asyncpg.Pool, event_id: str, event_type: str, session_id: str | None, outcome: str
+async def _read_state(conn: Conn, session_id: str) -> tuple[str | None, frozenset[str]]:
+    """The session's state (None if never seen) and the steps already recorded."""
+    row = await conn.fetchrow(
+        """SELECT s.state,
+                  array(SELECT f.step FROM fulfillment_steps f
+                        WHERE f.checkout_session_id = s.checkout_session_id) AS steps
+           FROM checkout_sessions s WHERE s.checkout_session_id = $1""",
+        session_id,
+    )
+    if row is None:
+        return None, frozenset()
+    return row["state"], frozenset(row["steps"])
+
+
+async def _set_state(conn: Conn, order: Order, event_id: str, state: str) -> None:
+    await conn.execute(
+        """INSERT INTO checkout_sessions
+               (checkout_session_id, state, payment_status, customer_email, last_event_id)
+           VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (checkout_session_id) DO UPDATE SET state = EXCLUDED.state,
+               payment_status = EXCLUDED.payment_status, last_event_id = EXCLUDED.last_event_id,
+               updated_at = now()""",
+        order.session_id,
+        state,
+        order.payment_status,
+        order.customer_email,
+        event_id,
+    )
+
+
+async def _record_fulfillment(conn: Conn, order: Order, event_id: str) -> None:
+    """The session's state, its fulfillments row and line items, in one transaction."""
+    async with conn.transaction():
+        await _set_state(conn, order, event_id, "fulfilled")
+        await conn.execute(
+            """INSERT INTO fulfillments (checkout_session_id, customer_id, customer_email,
+                   customer_name, amount_total, currency, payment_status, livemode, event_id)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+            order.session_id,
+            order.customer_id,
+            order.customer_email,
+            order.customer_name,
+            order.amount_total,
+            order.currency,
+            order.payment_status,
+            order.livemode,
+            event_id,
+        )
+        if order.items:
+            await conn.executemany(
+                """INSERT INTO fulfillment_line_items (checkout_session_id, line_item_id,
+                       description, price_id, quantity, unit_amount, amount_total, currency)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                [
+                    (
+                        order.session_id,
+                        i.id,
+                        i.description,
+                        i.price_id,
+                        i.quantity,
+                        i.unit_amount,
+                        i.amount_total,
+                        i.currency,
+                    )
+                    for i in order.items
+                ],
+            )
+
+
+async def _record_processed(
+    conn: Conn, event: EventEnvelope, session_id: str, outcome: str
 ) -> None:
     """Remember that an event was handled (for backfill and audit)."""
-    async with pool.acquire() as conn:
-        await conn.execute(
-            "INSERT INTO processed_events (event_id, event_type, checkout_session_id, outcome) "
-            "VALUES ($1, $2, $3, $4) "
-            "ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome",
-            event_id,
-            event_type,
-            session_id,
-            outcome,
-        )
-
-
-__all__ = ["HEADER_DEDUPE_ID", "HEADER_EVENT_ID", "Fulfiller", "Outcome", "record_processed"]
+    await conn.execute(
+        "INSERT INTO processed_events (event_id, event_type, checkout_session_id, outcome) "
+        "VALUES ($1, $2, $3, $4) "
+        "ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome, processed_at = now()",
+        event.id,
+        event.type,
+        session_id,
+        outcome,
+    )

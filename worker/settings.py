@@ -28,6 +28,8 @@ class SmtpSettings:
     use_tls: bool = False
     timeout_s: float = 10.0
     sender: str = "orders@localhost"
+    # what we say in EHLO; aiosmtplib would otherwise resolve our FQDN on every connection
+    local_hostname: str = field(default_factory=socket.gethostname)
 
     @classmethod
     def from_env(cls, env: Env) -> SmtpSettings:

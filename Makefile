@@ -13,14 +13,9 @@ $(VENV)/.synced: pyproject.toml uv.lock
 
 setup: $(VENV)/.synced
 
-# The main job. Without STRIPE_WEBHOOK_SECRETS a throwaway local secret is made and printed.
+# The main job: migrate, declare, run the ingress and two workers (see `fulfillment up --help`).
 run: setup
-	@if [ -z "$$STRIPE_WEBHOOK_SECRETS" ]; then \
-	  STRIPE_WEBHOOK_SECRETS=whsec_local$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(16))'); \
-	  echo "No STRIPE_WEBHOOK_SECRETS set: using a local one for this run: $$STRIPE_WEBHOOK_SECRETS"; \
-	  export STRIPE_WEBHOOK_SECRETS; \
-	fi; \
-	exec $(BIN)/fulfillment ingress
+	$(BIN)/fulfillment up
 
 test: setup
 	$(BIN)/pytest

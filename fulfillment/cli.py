@@ -4,34 +4,54 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from shared.errors import FulfillmentError
 
+if TYPE_CHECKING:
+    from shared.settings import BrokerSettings
+
 EPILOG = """examples:
+  fulfillment up --workers 2          # migrate, declare, run the ingress and 2 workers
   fulfillment ingress                 # serve POST /webhooks/stripe on $INGRESS_PORT
-  fulfillment topology                # declare exchanges and queues, print their names
-  fulfillment migrate                 # create or upgrade the database schema
   fulfillment worker --concurrency 64 # consume the fulfillment queue
+  fulfillment status                  # queue depths, consumers, dead letters
+  fulfillment dlq list --type checkout.session.completed
+  fulfillment dlq replay --all --dry-run
+  fulfillment backfill --since 2026-11-01
 """
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _setup(component: str) -> None:
+    from shared.logging import configure_logging
+
+    configure_logging(component)
+
+
+def _broker() -> BrokerSettings:
+    from shared.settings import BrokerSettings
+
+    return BrokerSettings.from_env()
+
+
+def _up(args: argparse.Namespace) -> int:
+    from fulfillment.up import up
+
+    _setup("up")
+    return asyncio.run(up(args.workers))
 
 
 def _ingress(args: argparse.Namespace) -> int:
     from ingress.main import run
 
     run()
-    return 0
-
-
-def _topology(args: argparse.Namespace) -> int:
-    from shared.logging import configure_logging
-    from shared.settings import BrokerSettings
-    from shared.topology import declare_on_broker
-
-    configure_logging("topology")
-    topology = asyncio.run(declare_on_broker(BrokerSettings.from_env()))
-    print(topology.describe())
     return 0
 
 
@@ -43,15 +63,156 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    import os
-
-    from shared.logging import configure_logging
     from worker.db import migrate
     from worker.settings import database_url_from_env
 
-    configure_logging("migrate")
+    _setup("migrate")
     applied = asyncio.run(migrate(database_url_from_env(os.environ)))
     print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}")
+    return 0
+
+
+def _topology(args: argparse.Namespace) -> int:
+    from shared.topology import declare_on_broker
+
+    _setup("topology")
+    print(asyncio.run(declare_on_broker(_broker())).describe())
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fulfillment.status import collect, render
+    from worker.settings import database_url_from_env
+
+    _setup("status")
+    report = asyncio.run(collect(_broker(), database_url_from_env(os.environ)))
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
+
+
+def _dlq_list(args: argparse.Namespace) -> int:
+    from fulfillment.dlq import list_dead_letters, print_table
+
+    _setup("dlq")
+    letters = asyncio.run(list_dead_letters(_broker(), event_type=args.type, limit=args.limit))
+    if args.json:
+        print(json.dumps([dl.summary() for dl in letters], indent=2))
+    else:
+        print_table(letters)
+    return 0
+
+
+def _dlq_show(args: argparse.Namespace) -> int:
+    from fulfillment.dlq import show_dead_letter
+
+    _setup("dlq")
+    dl = asyncio.run(show_dead_letter(_broker(), args.event_id))
+    print(json.dumps(dl.summary(), indent=2))
+    print("\nheaders:")
+    print(json.dumps(dl.headers, indent=2, default=str, sort_keys=True))
+    print("\nbody:")
+    try:
+        print(json.dumps(json.loads(dl.body), indent=2))
+    except (ValueError, UnicodeDecodeError):
+        print(dl.body.decode("utf-8", "replace"))
+    return 0
+
+
+def _progress(verb: str) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\r{verb} {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+        elif done == total or done % 100 == 0:
+            print(f"{verb} {done}/{total}", file=sys.stderr)
+
+    return report
+
+
+def _dlq_replay(args: argparse.Namespace) -> int:
+    from fulfillment.dlq import replay
+
+    _setup("dlq")
+    if not (args.event_ids or args.type or args.all):
+        raise FulfillmentError("say what to replay: EVENT_ID..., --type T or --all")
+    result = asyncio.run(
+        replay(
+            _broker(),
+            args.event_ids,
+            event_type=args.type,
+            everything=args.all,
+            dry_run=args.dry_run,
+            rate_per_s=args.rate,
+            progress=_progress("replayed"),
+        )
+    )
+    if args.dry_run:
+        print(f"dry run: {result.matched} dead letter(s) would be replayed")
+        for event_id in result.event_ids:
+            print(f"  {event_id}")
+        return 0
+    print(f"replayed {result.replayed} of {result.matched} matching dead letter(s)", end="")
+    print(f"; {result.failed} failed and stayed in the DLQ" if result.failed else "")
+    return 1 if result.failed else 0
+
+
+def _dlq_purge(args: argparse.Namespace) -> int:
+    from fulfillment.dlq import purge
+
+    _setup("dlq")
+    if not (args.event_ids or args.all):
+        raise FulfillmentError("say what to purge: EVENT_ID... or --all")
+    what = "ALL dead letters" if args.all else f"{len(args.event_ids)} dead letter(s)"
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise FulfillmentError(f"refusing to purge {what} without --yes")
+        answer = input(f"Permanently delete {what}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing purged")
+            return 1
+    removed = asyncio.run(purge(_broker(), args.event_ids, everything=args.all))
+    print(f"purged {len(removed)} dead letter(s)")
+    for dl in removed:
+        print(f"  {dl.event_id} {dl.event_type} ({dl.error_type})")
+    return 0
+
+
+def _date(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a date: {text!r} (use 2026-11-27 or ISO 8601)"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    from fulfillment.backfill import backfill
+    from shared.stripe_client import StripeSettings
+    from worker.settings import database_url_from_env
+
+    _setup("backfill")
+    result = asyncio.run(
+        backfill(
+            StripeSettings.from_env(),
+            _broker(),
+            database_url_from_env(os.environ),
+            since=args.since,
+            until=args.until,
+            everything=args.all,
+            dry_run=args.dry_run,
+            progress=_progress("enqueued"),
+        )
+    )
+    print(
+        f"listed {result.listed} event(s): {result.already_processed} already processed, "
+        f"{result.already_enqueued} already enqueued by a backfill, "
+        f"{'would enqueue' if args.dry_run else 'enqueued'} "
+        f"{len(result.event_ids) if args.dry_run else result.enqueued}"
+    )
+    if args.dry_run:
+        for event_id in result.event_ids:
+            print(f"  {event_id}")
     return 0
 
 
@@ -65,49 +226,73 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
-        name: str, handler: Callable[[argparse.Namespace], int], help_: str, example: str
+        parent: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        handler: Handler | None,
+        help_: str,
+        example: str,
     ) -> argparse.ArgumentParser:
-        p = sub.add_parser(
+        p = parent.add_parser(
             name,
             help=help_,
             description=help_,
             epilog=f"example:\n  {example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        p.set_defaults(handler=handler)
+        if handler is not None:
+            p.set_defaults(handler=handler)
         return p
 
-    add(
-        "ingress",
-        _ingress,
-        "Run the Stripe webhook HTTP ingress.",
-        "STRIPE_WEBHOOK_SECRETS=whsec_... fulfillment ingress",
-    )
-    add(
-        "topology",
-        _topology,
-        "Declare the broker's exchanges and queues (idempotent).",
-        "RABBITMQ_URL=amqp://guest:guest@localhost:5672/ fulfillment topology",
-    )
-    worker = add(
-        "worker",
-        _worker,
-        "Run a fulfillment worker (competing consumer).",
-        "STRIPE_API_KEY=sk_test_... fulfillment worker --concurrency 64",
-    )
-    worker.add_argument(
-        "--concurrency",
-        type=int,
-        default=None,
-        metavar="N",
-        help="messages handled at once (prefetch); default $WORKER_CONCURRENCY or 32",
-    )
-    add(
-        "migrate",
-        _migrate,
-        "Create or upgrade the database schema (safe to run concurrently).",
-        "DATABASE_URL=postgresql://localhost/fulfillment fulfillment migrate",
-    )
+    p = add(sub, "up", _up, "Migrate, declare the topology, run the ingress and N workers.",
+            "fulfillment up --workers 2")  # fmt: skip
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="worker processes (2)")
+    add(sub, "ingress", _ingress, "Run the Stripe webhook HTTP ingress.",
+        "STRIPE_WEBHOOK_SECRETS=whsec_... fulfillment ingress")  # fmt: skip
+    p = add(sub, "worker", _worker, "Run a fulfillment worker (competing consumer).",
+            "STRIPE_API_KEY=sk_test_... fulfillment worker --concurrency 64")  # fmt: skip
+    p.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="messages in flight (prefetch); $WORKER_CONCURRENCY or 32")  # fmt: skip
+    add(sub, "migrate", _migrate, "Create or upgrade the database schema (safe concurrently).",
+        "DATABASE_URL=postgresql://localhost/fulfillment fulfillment migrate")  # fmt: skip
+    add(sub, "topology", _topology, "Declare the broker's exchanges and queues (idempotent).",
+        "RABBITMQ_URL=amqp://guest:guest@localhost:5672/ fulfillment topology")  # fmt: skip
+    p = add(sub, "status", _status, "Queue depths, consumers, dead letters, recent fulfillments.",
+            "fulfillment status --json")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    dlq = add(sub, "dlq", None, "Inspect, replay or purge dead-lettered events.",
+              "fulfillment dlq list")  # fmt: skip
+    dsub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    p = add(dsub, "list", _dlq_list, "List dead letters (nothing is removed or reordered).",
+            "fulfillment dlq list --type checkout.session.completed --limit 20")  # fmt: skip
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--type", help="only this event type")
+    p.add_argument("--limit", type=int, help="at most N")
+    p = add(dsub, "show", _dlq_show, "Show one dead letter's headers and body.",
+            "fulfillment dlq show evt_1PgcB2B7WZ01zgkW")  # fmt: skip
+    p.add_argument("event_id", metavar="EVENT_ID")
+    p = add(dsub, "replay", _dlq_replay,
+            "Move dead letters back to the work queue with a fresh attempt count.",
+            "fulfillment dlq replay --type checkout.session.completed --rate 50")  # fmt: skip
+    p.add_argument("event_ids", nargs="*", metavar="EVENT_ID")
+    p.add_argument("--type", help="every dead letter of this event type")
+    p.add_argument("--all", action="store_true", help="every dead letter")
+    p.add_argument("--dry-run", action="store_true", help="say what would be replayed")
+    p.add_argument("--rate", type=float, help="at most N replays per second")
+    p = add(dsub, "purge", _dlq_purge, "Delete dead letters for good (asks unless --yes).",
+            "fulfillment dlq purge evt_1PgcB2B7WZ01zgkW --yes")  # fmt: skip
+    p.add_argument("event_ids", nargs="*", metavar="EVENT_ID")
+    p.add_argument("--all", action="store_true", help="every dead letter")
+    p.add_argument("--yes", action="store_true", help="do not ask")
+
+    p = add(sub, "backfill", _backfill,
+            "Enqueue Stripe events of the handled types that were not processed.",
+            "fulfillment backfill --since 2026-11-20 --until 2026-11-21 --dry-run")  # fmt: skip
+    p.add_argument("--since", type=_date, required=True, help="start date (UTC unless given)")
+    p.add_argument("--until", type=_date, help="end date, exclusive")
+    p.add_argument("--all", action="store_true",
+                   help="also events Stripe delivered (default: only undelivered)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="list what would be enqueued")
     return parser
 
 

@@ -71,9 +71,7 @@ async def raw_consume_rate(url: str, n: int, prefetch: int, body: bytes) -> floa
     async with connection:
         channel = await connection.channel()
         name = f"bench.raw.{secrets.token_hex(4)}"
-        await channel.declare_queue(
-            name, durable=True, arguments={"x-queue-type": "quorum"}
-        )
+        await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
         for _ in range(n):
             await channel.default_exchange.publish(
                 aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), name

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Mapping
+from datetime import UTC, datetime
 
 import aio_pika
 import aiormq
@@ -23,6 +23,14 @@ HEADER_RECEIVED_AT = "received-at"
 JSON = "application/json"
 
 
+def utc_now_iso() -> str:
+    """Now, as header values carry times: an ISO 8601 string.
+
+    Not a float: pamqp encodes Python floats as 32-bit, which rounds a Unix time by a minute.
+    """
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
 def event_message(
     raw: bytes, event: EventEnvelope, *, source: str, headers: Mapping[str, object] | None = None
 ) -> aio_pika.Message:
@@ -32,7 +40,7 @@ def event_message(
         HEADER_EVENT_TYPE: event.type,
         HEADER_LIVEMODE: event.livemode,
         HEADER_CREATED: event.created,
-        HEADER_RECEIVED_AT: time.time(),
+        HEADER_RECEIVED_AT: utc_now_iso(),
     }
     if event.api_version is not None:
         all_headers[HEADER_API_VERSION] = event.api_version

@@ -105,6 +105,9 @@ def configure_logging(component: str, settings: LogSettings | None = None) -> No
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # stripe-python logs every request at INFO; aiosmtpd (the dev mail sink) every command
+    logging.getLogger("stripe").setLevel(logging.WARNING)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 def _bind_component(component: str) -> Any:

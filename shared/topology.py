@@ -16,6 +16,8 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 from shared.errors import BrokerUnavailable, ConfigError
 from shared.settings import BrokerSettings
 
+KEPT_DELIVERY_LIMIT = 1_000_000_000
+
 # The event types workers handle; the work queue is bound to them.
 WORK_BINDING = "checkout.session.*"
 
@@ -88,6 +90,12 @@ class Topology:
     def _quorum(self, **extra: Any) -> dict[str, Any]:
         return {"x-queue-type": "quorum", **extra}
 
+    def _kept(self) -> dict[str, Any]:
+        # Queues whose messages wait for people (dead letters, unrouted events). RabbitMQ 4
+        # gives every quorum queue a delivery limit of 20 and drops past it; each
+        # `dlq list` returns what it read, which counts as a delivery. Never drop here.
+        return self._quorum(**{"x-delivery-limit": KEPT_DELIVERY_LIMIT})
+
     def _dead_lettering(self, target_queue: str) -> dict[str, Any]:
         # At-least-once dead-lettering through the default exchange straight to the target;
         # it requires reject-publish overflow (RabbitMQ quorum queues, 3.10+).
@@ -117,7 +125,7 @@ class Topology:
             self.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
         unrouted_queue = await channel.declare_queue(
-            self.unrouted_queue, durable=True, arguments=self._quorum()
+            self.unrouted_queue, durable=True, arguments=self._kept()
         )
         await unrouted_queue.bind(unrouted)
 
@@ -127,7 +135,7 @@ class Topology:
             durable=True,
             arguments={"alternate-exchange": self.unrouted_exchange},
         )
-        await channel.declare_queue(self.dead_queue, durable=True, arguments=self._quorum())
+        await channel.declare_queue(self.dead_queue, durable=True, arguments=self._kept())
         work = await channel.declare_queue(
             self.work_queue,
             durable=True,

@@ -46,6 +46,7 @@ from shared.broker import (
     HEADER_WORKER_ID,
     copy_message,
     publish_confirmed,
+    utc_now_iso,
 )
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError, TransientError
@@ -255,7 +256,7 @@ class Worker:
         """Send the message on to a delay queue or the DLQ, confirmed, then ack the original."""
         transient = is_transient(exc)
         retries = len(self.topology.retry_delays_s)
-        now = time.time()
+        now = utc_now_iso()
         headers = message.headers or {}
         reason = {
             HEADER_ATTEMPT: attempt,

@@ -1,0 +1,135 @@
+"""``fulfillment backfill``: enqueue Stripe events of the handled types not yet processed.
+
+Lists events through Stripe's Events API (``delivery_success=false`` unless ``--all``;
+Stripe keeps 30 days), skips those the workers already processed or an earlier backfill
+enqueued, and publishes the rest like the ingress would. Running it twice is the same as
+running it once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import stripe
+
+from shared.broker import event_message, publish_confirmed
+from shared.envelope import EventEnvelope
+from shared.errors import FulfillmentError
+from shared.logging import get_logger
+from shared.settings import BrokerSettings
+from shared.stripe_client import StripeSettings, classify, make_client
+from shared.topology import Topology, connect
+from worker.consumer import FULFILL, PAYMENT_FAILED
+from worker.db import create_pool
+
+log = get_logger(__name__)
+
+HANDLED_TYPES = (*FULFILL, *PAYMENT_FAILED)
+
+
+@dataclass
+class BackfillResult:
+    listed: int = 0
+    already_processed: int = 0
+    already_enqueued: int = 0
+    enqueued: int = 0
+    event_ids: list[str] = field(default_factory=list)
+
+
+async def list_events(
+    stripe_settings: StripeSettings, since: datetime, until: datetime | None, everything: bool
+) -> list[dict[str, Any]]:
+    """Every matching event, oldest first (Stripe lists newest first)."""
+    created: dict[str, int] = {"gte": int(since.timestamp())}
+    if until is not None:
+        created["lt"] = int(until.timestamp())
+    params: dict[str, Any] = {"types": list(HANDLED_TYPES), "created": created, "limit": 100}
+    if not everything:
+        params["delivery_success"] = False
+    http = stripe.AIOHTTPClient(timeout=stripe_settings.timeout_s)
+    client = make_client(stripe_settings, http_client=http)
+    events: list[dict[str, Any]] = []
+    try:
+        page = await client.v1.events.list_async(params=params)  # type: ignore[arg-type]
+        async for event in page.auto_paging_iter():
+            events.append(event.to_dict(for_json=True))
+    except stripe.StripeError as exc:
+        raise FulfillmentError(str(classify(exc))) from None
+    finally:
+        await http.close_async()  # type: ignore[no-untyped-call]
+    events.sort(key=lambda e: (e.get("created", 0), e["id"]))
+    return events
+
+
+async def backfill(
+    stripe_settings: StripeSettings,
+    broker: BrokerSettings,
+    database_url: str,
+    *,
+    since: datetime,
+    until: datetime | None = None,
+    everything: bool = False,
+    dry_run: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> BackfillResult:
+    result = BackfillResult()
+    events = await list_events(stripe_settings, since, until, everything)
+    result.listed = len(events)
+    pool = await create_pool(database_url, max_size=2)
+    try:
+        ids = [e["id"] for e in events]
+        processed = {
+            r["event_id"]
+            for r in await pool.fetch(
+                "SELECT event_id FROM processed_events WHERE event_id = ANY($1)", ids
+            )
+        }
+        enqueued = {
+            r["event_id"]
+            for r in await pool.fetch(
+                "SELECT event_id FROM backfilled_events WHERE event_id = ANY($1)", ids
+            )
+        }
+        todo = []
+        for event in events:
+            if event["id"] in processed:
+                result.already_processed += 1
+            elif event["id"] in enqueued:
+                result.already_enqueued += 1
+            else:
+                todo.append(event)
+        if dry_run or not todo:
+            result.event_ids = [e["id"] for e in todo]
+            return result
+        topology = Topology.from_settings(broker)
+        connection = await connect(broker)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            exchange = await topology.declare(channel)
+            for n, event in enumerate(todo, 1):
+                raw = json.dumps(event).encode()
+                envelope = EventEnvelope.from_dict(event)
+                await publish_confirmed(
+                    exchange,
+                    event_message(raw, envelope, source="fulfillment-backfill"),
+                    envelope.type,
+                    timeout_s=broker.publish_timeout_s,
+                )
+                await pool.execute(
+                    "INSERT INTO backfilled_events (event_id, event_type) VALUES ($1, $2) "
+                    "ON CONFLICT DO NOTHING",
+                    envelope.id,
+                    envelope.type,
+                )
+                result.enqueued += 1
+                result.event_ids.append(envelope.id)
+                log.info("event backfilled", event_id=envelope.id, event_type=envelope.type)
+                if progress:
+                    progress(n, len(todo))
+    finally:
+        await pool.close()
+    return result

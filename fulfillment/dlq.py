@@ -1,0 +1,292 @@
+"""Dead letters: list, show, replay and purge, without ever losing or reordering one.
+
+Reading uses basic.get without ack on a channel of its own; whatever is not acked (moved
+or purged) goes back when the channel closes, in its original order. A replayed copy is
+confirmed by the broker before the dead one is acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from shared.broker import (
+    HEADER_ATTEMPT,
+    HEADER_ERROR_MESSAGE,
+    HEADER_ERROR_TYPE,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_FIRST_FAILED_AT,
+    HEADER_LAST_FAILED_AT,
+    HEADER_REPLAYED_FROM,
+    HEADER_WORKER_ID,
+    copy_message,
+    publish_confirmed,
+)
+from shared.errors import FulfillmentError
+from shared.logging import get_logger
+from shared.settings import BrokerSettings
+from shared.topology import Topology, connect
+
+log = get_logger(__name__)
+
+# Headers that describe a failed attempt; a replayed copy starts without them.
+_FAILURE_HEADERS = (
+    HEADER_ATTEMPT,
+    HEADER_FIRST_FAILED_AT,
+    HEADER_LAST_FAILED_AT,
+    HEADER_ERROR_TYPE,
+    HEADER_ERROR_MESSAGE,
+    HEADER_WORKER_ID,
+)
+
+
+def _iso(ts: Any) -> str | None:
+    if isinstance(ts, str):
+        try:
+            return datetime.fromisoformat(ts).isoformat(timespec="seconds")
+        except ValueError:
+            return None
+    if isinstance(ts, int | float):
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    if isinstance(ts, datetime):
+        return ts.astimezone(UTC).isoformat(timespec="seconds")
+    return None
+
+
+@dataclass
+class DeadLetter:
+    """One dead letter as people read it."""
+
+    event_id: str
+    event_type: str
+    attempts: int
+    error_type: str
+    error: str
+    first_failed_at: str | None
+    last_failed_at: str | None
+    worker_id: str | None
+    headers: dict[str, Any] = field(repr=False)
+    body: bytes = field(repr=False)
+
+    @classmethod
+    def from_message(cls, message: AbstractIncomingMessage) -> DeadLetter:
+        headers: dict[str, Any] = dict(message.headers or {})
+        deaths = headers.get("x-death") or []
+        death = deaths[0] if deaths and isinstance(deaths[0], dict) else {}
+        event_id = str(headers.get(HEADER_EVENT_ID) or _body_field(message.body, "id") or "?")
+        event_type = str(headers.get(HEADER_EVENT_TYPE) or _body_field(message.body, "type") or "?")
+        if HEADER_ERROR_TYPE in headers:
+            error_type = str(headers[HEADER_ERROR_TYPE])
+            error = str(headers.get(HEADER_ERROR_MESSAGE, ""))
+            attempts = _int(headers.get(HEADER_ATTEMPT), 1)
+            first = _iso(headers.get(HEADER_FIRST_FAILED_AT))
+            last = _iso(headers.get(HEADER_LAST_FAILED_AT))
+        else:
+            # dead-lettered by the broker itself: the delivery limit (a worker crashed each time)
+            reason = str(death.get("reason", "unknown"))
+            error_type = f"broker:{reason}"
+            error = (
+                "delivery limit reached: workers took it and never finished (crash, kill or hang)"
+                if reason == "delivery_limit"
+                else f"dead-lettered by the broker ({reason})"
+            )
+            attempts = _int(headers.get("x-delivery-count"), 0) + 1
+            first = last = _iso(death.get("time"))
+        return cls(
+            event_id=event_id,
+            event_type=event_type,
+            attempts=attempts,
+            error_type=error_type,
+            error=error,
+            first_failed_at=first,
+            last_failed_at=last,
+            worker_id=str(headers[HEADER_WORKER_ID]) if HEADER_WORKER_ID in headers else None,
+            headers=headers,
+            body=message.body,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "event_type": self.event_type,
+            "attempts": self.attempts,
+            "error_type": self.error_type,
+            "error": self.error,
+            "first_failed_at": self.first_failed_at,
+            "last_failed_at": self.last_failed_at,
+            "worker_id": self.worker_id,
+        }
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _body_field(body: bytes, key: str) -> Any:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return doc.get(key) if isinstance(doc, dict) else None
+
+
+Held = list[tuple[DeadLetter, AbstractIncomingMessage]]
+
+
+@contextlib.asynccontextmanager
+async def dead_letters(
+    settings: BrokerSettings,
+) -> AsyncIterator[tuple[AbstractChannel, Topology, Held]]:
+    """Every dead letter now in the DLQ, held unacked; unacked ones go back on exit, in order."""
+    topology = Topology.from_settings(settings)
+    connection = await connect(settings)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        queue = await channel.get_queue(topology.dead_queue, ensure=True)
+        underlay = await channel.get_underlay_channel()
+        declared = await underlay.queue_declare(topology.dead_queue, passive=True)
+        count = declared.message_count or 0
+        held: Held = []
+        for _ in range(count):  # only what was there when we looked: newcomers wait
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            held.append((DeadLetter.from_message(message), message))
+        try:
+            yield channel, topology, held
+        finally:
+            await channel.close()  # returns every message not acked, in its original order
+
+
+def _matcher(
+    event_ids: Sequence[str], event_type: str | None, everything: bool
+) -> Callable[[DeadLetter], bool]:
+    if everything:
+        return lambda dl: True
+    if event_type:
+        return lambda dl: dl.event_type == event_type
+    wanted = set(event_ids)
+    return lambda dl: dl.event_id in wanted
+
+
+async def list_dead_letters(
+    settings: BrokerSettings, *, event_type: str | None = None, limit: int | None = None
+) -> list[DeadLetter]:
+    async with dead_letters(settings) as (_, _, held):
+        letters = [dl for dl, _ in held if event_type is None or dl.event_type == event_type]
+    return letters[:limit] if limit is not None else letters
+
+
+async def show_dead_letter(settings: BrokerSettings, event_id: str) -> DeadLetter:
+    async with dead_letters(settings) as (_, _, held):
+        for dl, _ in held:
+            if dl.event_id == event_id:
+                return dl
+    raise FulfillmentError(f"no dead letter for event {event_id}")
+
+
+@dataclass
+class ReplayResult:
+    matched: int = 0
+    replayed: int = 0
+    failed: int = 0
+    event_ids: list[str] = field(default_factory=list)
+
+
+async def replay(
+    settings: BrokerSettings,
+    event_ids: Sequence[str] = (),
+    *,
+    event_type: str | None = None,
+    everything: bool = False,
+    dry_run: bool = False,
+    rate_per_s: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReplayResult:
+    """Move matching dead letters back to the work queue with a fresh attempt count."""
+    match = _matcher(event_ids, event_type, everything)
+    result = ReplayResult()
+    async with dead_letters(settings) as (channel, topology, held):
+        chosen = [(dl, m) for dl, m in held if match(dl)]
+        result.matched = len(chosen)
+        for n, (dl, message) in enumerate(chosen, 1):
+            result.event_ids.append(dl.event_id)
+            if dry_run:
+                continue
+            fresh = copy_message(message, {HEADER_REPLAYED_FROM: topology.dead_queue})
+            for header in _FAILURE_HEADERS:
+                fresh.headers.pop(header, None)
+            try:
+                await publish_confirmed(
+                    channel.default_exchange,
+                    fresh,
+                    topology.work_queue,
+                    timeout_s=settings.publish_timeout_s,
+                )
+            except FulfillmentError as exc:
+                result.failed += 1
+                log.error("replay failed; dead letter kept", event_id=dl.event_id, error=str(exc))
+                continue
+            await message.ack()  # only now: the new copy is confirmed
+            result.replayed += 1
+            log.info("dead letter replayed", event_id=dl.event_id, event_type=dl.event_type)
+            if progress:
+                progress(n, len(chosen))
+            if rate_per_s:
+                await asyncio.sleep(1 / rate_per_s)
+    return result
+
+
+async def purge(
+    settings: BrokerSettings, event_ids: Sequence[str] = (), *, everything: bool = False
+) -> list[DeadLetter]:
+    """Remove matching dead letters for good; returns what was removed."""
+    match = _matcher(event_ids, None, everything)
+    removed = []
+    async with dead_letters(settings) as (_, _, held):
+        for dl, message in held:
+            if match(dl):
+                await message.ack()
+                removed.append(dl)
+                log.warning(
+                    "dead letter purged",
+                    event_id=dl.event_id,
+                    event_type=dl.event_type,
+                    error_type=dl.error_type,
+                )
+    return removed
+
+
+def age_s(dl: DeadLetter, now: float | None = None) -> float | None:
+    """Seconds since the dead letter's last failure."""
+    if dl.last_failed_at is None:
+        return None
+    then = datetime.fromisoformat(dl.last_failed_at).timestamp()
+    return (now or time.time()) - then
+
+
+def print_table(letters: Sequence[DeadLetter], out: Any = sys.stdout) -> None:
+    if not letters:
+        print("no dead letters", file=out)
+        return
+    print(f"{'EVENT ID':32} {'TYPE':44} {'ATT':>3}  {'LAST FAILURE':25} ERROR", file=out)
+    for dl in letters:
+        error = f"{dl.error_type}: {dl.error}".replace("\n", " ")
+        print(
+            f"{dl.event_id:32} {dl.event_type:44} {dl.attempts:>3}  "
+            f"{dl.last_failed_at or '-':25} {error[:100]}",
+            file=out,
+        )

@@ -1,0 +1,86 @@
+"""``fulfillment status``: queue depths, consumers, recent fulfillments, oldest dead letter."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import asyncpg
+
+from fulfillment.dlq import DeadLetter, age_s
+from shared.settings import BrokerSettings, redact_url
+from shared.topology import Topology, connect
+
+
+async def collect(broker: BrokerSettings, database_url: str) -> dict[str, Any]:
+    """Everything ``status`` shows, as one JSON-able document."""
+    topology = Topology.from_settings(broker)
+    report: dict[str, Any] = {"broker": broker.display_url, "queues": {}}
+    connection = await connect(broker)
+    async with connection:
+        channel = await connection.channel()
+        underlay = await channel.get_underlay_channel()
+        for name in topology.all_queues:
+            declared = await underlay.queue_declare(name, passive=True)
+            report["queues"][name] = {
+                "messages": declared.message_count or 0,
+                "consumers": declared.consumer_count or 0,
+            }
+        oldest = None
+        if report["queues"][topology.dead_queue]["messages"]:
+            # peek at the head: get without ack, then the channel's close puts it back
+            peek = await connection.channel()
+            queue = await peek.get_queue(topology.dead_queue, ensure=False)
+            message = await queue.get(no_ack=False, fail=False)
+            if message is not None:
+                oldest = age_s(DeadLetter.from_message(message))
+            await peek.close()
+        report["oldest_dead_letter_age_s"] = round(oldest, 1) if oldest is not None else None
+    report["consumers"] = report["queues"][topology.work_queue]["consumers"]
+    report["database"] = redact_url(database_url)
+    try:
+        conn = await asyncpg.connect(database_url, timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        report["fulfillments_last_hour"] = None
+        report["database_error"] = f"{type(exc).__name__}: {exc}"
+    else:
+        try:
+            report["fulfillments_last_hour"] = await conn.fetchval(
+                "SELECT count(*) FROM fulfillments WHERE created_at > now() - interval '1 hour'"
+            )
+            report["awaiting_payment"] = await conn.fetchval(
+                "SELECT count(*) FROM checkout_sessions WHERE state = 'awaiting_payment'"
+            )
+        except asyncpg.UndefinedTableError:
+            report["fulfillments_last_hour"] = None
+            report["database_error"] = "schema missing: run `fulfillment migrate`"
+        finally:
+            await conn.close()
+    report["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return report
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"broker {report['broker']}", "", f"{'QUEUE':48} {'MESSAGES':>9} {'CONSUMERS':>9}"]
+    for name, q in report["queues"].items():
+        lines.append(f"{name:48} {q['messages']:>9} {q['consumers']:>9}")
+    age = report["oldest_dead_letter_age_s"]
+    lines += [
+        "",
+        f"oldest dead letter: {_duration(age) + ' old' if age is not None else 'none'}",
+        f"fulfillments in the last hour: {report.get('fulfillments_last_hour', '?')}"
+        + (f"  ({report['database_error']})" if report.get("database_error") else ""),
+    ]
+    if report.get("awaiting_payment") is not None:
+        lines.append(f"sessions awaiting a delayed payment: {report['awaiting_payment']}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"

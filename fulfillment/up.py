@@ -1,0 +1,201 @@
+"""``fulfillment up``: the whole pipeline on one machine, for development and small installs.
+
+Checks RabbitMQ and PostgreSQL (and says how to start whichever is missing), migrates,
+declares the topology, then runs one ingress and N worker processes, their log lines
+prefixed, restarting any that dies, until Ctrl-C or SIGTERM stops them all cleanly.
+
+With no Stripe credentials it stands in for Stripe locally: a throwaway webhook secret is
+printed (sign test events with it), and without STRIPE_API_KEY the local Stripe API
+stand-in answers the workers. Without SMTP_URL and nothing listening on localhost:1025, a
+local mail sink prints each email it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from shared.backoff import compute_backoff
+from shared.errors import FulfillmentError
+from shared.settings import BrokerSettings, env_float, env_int
+from shared.topology import declare_on_broker
+from worker.db import migrate
+from worker.settings import database_url_from_env
+
+RABBITMQ_HINT = "start it: rabbitmq-server -detached  (or: docker compose up -d rabbitmq)"
+POSTGRES_HINT = (
+    "start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start  "
+    "(or: docker compose up -d postgres)"
+)
+
+
+def say(line: str) -> None:
+    print(f"up       | {line}", flush=True)
+
+
+def _listening(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
+        return True
+    return False
+
+
+class Child:
+    """One supervised process with a name; its output lines are prefixed with the name."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.name, self.args, self.env = name, args, env
+        self.process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self._pump_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fulfillment", *self.args,
+            env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        self._pump_task = asyncio.create_task(self._pump(self.process))
+
+    async def _pump(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        prefix = f"{self.name:<8} | "
+        while line := await process.stdout.readline():
+            sys.stdout.write(prefix + line.decode(errors="replace"))
+            sys.stdout.flush()
+
+    async def supervise(self, stopping: asyncio.Event) -> None:
+        """Restart the process whenever it exits, until ``stopping`` is set."""
+        while True:
+            assert self.process is not None
+            exited = asyncio.ensure_future(self.process.wait())
+            stop = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            exited.cancel()
+            if stopping.is_set():
+                return
+            self.restarts += 1
+            delay = compute_backoff(self.restarts, base_s=0.5, max_s=10)
+            say(f"{self.name} exited with {self.process.returncode}; restarting in {delay:.1f}s")
+            await asyncio.sleep(delay)
+            if stopping.is_set():
+                return
+            await self.start()
+
+    async def stop(self, timeout_s: float) -> int:
+        """SIGTERM, wait for a clean exit, kill after ``timeout_s``; the exit code."""
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(self.process.wait(), timeout_s)
+        except TimeoutError:
+            self.process.kill()
+            code = await self.process.wait()
+        if self._pump_task is not None:
+            await self._pump_task
+        return code
+
+
+async def _dev_stand_ins(env: dict[str, str]) -> list[Callable[[], Any]]:
+    """Local stand-ins for Stripe's API and a mail relay where none is configured."""
+    closers: list[Callable[[], Any]] = []
+    if not env.get("STRIPE_WEBHOOK_SECRETS"):
+        env["STRIPE_WEBHOOK_SECRETS"] = "whsec_local" + secrets.token_hex(16)
+        say(f"no STRIPE_WEBHOOK_SECRETS: sign test events with {env['STRIPE_WEBHOOK_SECRETS']}")
+    if not env.get("STRIPE_API_KEY"):
+        from aiohttp import web
+
+        from fulfillment.stripe_standin import ADMIN, StripeStandIn
+
+        port = env_int(env, "STANDIN_PORT", 12111, minimum=0)
+        runner = web.AppRunner(StripeStandIn().app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        closers.append(runner.cleanup)
+        env["STRIPE_API_KEY"] = "sk_test_local_standin"
+        env["STRIPE_API_BASE"] = f"http://127.0.0.1:{port}"
+        say(
+            f"no STRIPE_API_KEY: workers use the local Stripe stand-in at {env['STRIPE_API_BASE']}"
+            f" (seed sessions with POST {ADMIN}/sessions)"
+        )
+    if not env.get("SMTP_URL") and not _listening("127.0.0.1", 1025):
+        from fulfillment.mailsink import start_mail_sink
+
+        server = await start_mail_sink("127.0.0.1", 1025, lambda line: print(f"mail     | {line}"))
+        closers.append(server.close)
+        env["SMTP_URL"] = "smtp://127.0.0.1:1025"
+        say("no SMTP_URL and nothing on localhost:1025: a local mail sink prints each email")
+    return closers
+
+
+async def _preflight(env: dict[str, str]) -> bool:
+    """RabbitMQ and PostgreSQL reachable, schema migrated, topology declared; else say why."""
+    broker = BrokerSettings.from_env(env)
+    database_url = database_url_from_env(env)
+    try:
+        await declare_on_broker(broker)
+    except FulfillmentError:
+        print(
+            f"fulfillment up: RabbitMQ is not reachable at {broker.display_url}; {RABBITMQ_HINT}",
+            file=sys.stderr,
+        )
+        return False
+    try:
+        applied = await migrate(database_url)
+    except FulfillmentError as exc:
+        print(f"fulfillment up: PostgreSQL: {exc}; {POSTGRES_HINT}", file=sys.stderr)
+        return False
+    say(f"database ready ({len(applied)} migration(s) applied); broker topology declared")
+    return True
+
+
+def _children(env: dict[str, str], workers: int) -> list[Child]:
+    host = env.get("INGRESS_HOST", "0.0.0.0")
+    port = env_int(env, "INGRESS_PORT", 8080, minimum=0)
+    metrics_port = env_int(env, "WORKER_METRICS_PORT", 9100, minimum=0)
+    children = [Child("ingress", ["ingress"], env)]
+    say(f"ingress: POST http://{host}:{port}/webhooks/stripe (healthz, readyz, metrics)")
+    for i in range(1, workers + 1):
+        worker_port = metrics_port + i - 1 if metrics_port else 0
+        children.append(
+            Child(f"worker-{i}", ["worker"], {**env, "WORKER_METRICS_PORT": str(worker_port)})
+        )
+        say(f"worker-{i}: metrics and healthz on http://{host}:{worker_port}/metrics")
+    return children
+
+
+async def up(workers: int) -> int:
+    """Run the pipeline until a signal; 0 when everything stopped cleanly."""
+    env = dict(os.environ)
+    if sys.stdout.isatty():
+        env.setdefault("LOG_FORMAT", "console")
+    if not await _preflight(env):
+        return 1
+    closers = await _dev_stand_ins(env)
+    children = _children(env, workers)
+    say("Ctrl-C stops everything")
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    for child in children:
+        await child.start()
+    await asyncio.gather(*(child.supervise(stopping) for child in children))
+
+    say("stopping: the ingress answers what it holds, workers finish theirs")
+    grace_s = env_float(env, "WORKER_GRACE_S", 30.0, minimum=0) + 15
+    codes = await asyncio.gather(*(child.stop(grace_s) for child in children))
+    for close in closers:
+        result = close()
+        if asyncio.iscoroutine(result):
+            await result
+    say("stopped")
+    return 0 if all(code == 0 for code in codes) else 1

@@ -1,0 +1,412 @@
+"""Operator commands against the real broker and database: status, dlq, backfill, up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import aio_pika
+import pytest
+
+from fulfillment.stripe_standin import StripeStandIn
+from shared.broker import HEADER_EVENT_ID, HEADER_REPLAYED_FROM
+from shared.topology import Topology
+from tests import stripe_helpers as sh
+from tests.conftest import db_fetch, drain, free_port, wait_for
+from tests.processes import RoleProcess, broker_env, worker_env
+from tests.smtp_sink import SmtpSink
+from tests.test_worker import fulfillment_rows, session_event
+from worker.settings import WorkerSettings
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def cli(
+    settings: WorkerSettings, *args: str, input_: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``fulfillment ARGS`` as a user would, with the test's broker, database and Stripe."""
+    env = {**os.environ, **worker_env(settings), "LOG_FORMAT": "json"}
+    return subprocess.run(
+        [sys.executable, "-m", "fulfillment", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        input=input_,
+    )
+
+
+async def acli(settings: WorkerSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(cli, settings, *args)
+
+
+async def dead_letter_unknown_sessions(
+    n: int,
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    topology: Topology,
+) -> list[dict[str, Any]]:
+    """n events for sessions Stripe does not know: the worker dead-letters each at once."""
+    events = [
+        sh.event(
+            "checkout.session.completed",
+            sh.checkout_session(f"cs_test_unknown_{i}_{time.time_ns()}"),
+        )
+        for i in range(n)
+    ]
+    worker = await start_worker(worker_settings)
+    for event in events:
+        await publish(event)
+
+    async def all_dead() -> bool:
+        q = await (await channel.get_underlay_channel()).queue_declare(
+            topology.dead_queue, passive=True
+        )
+        return (q.message_count or 0) >= n
+
+    await wait_for(all_dead)
+    await worker.stop(grace_s=2)
+    return events
+
+
+async def test_dlq_list_shows_why_and_leaves_every_dead_letter_in_place_and_in_order(
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    topology: Topology,
+) -> None:
+    events = await dead_letter_unknown_sessions(
+        3, standin, worker_settings, start_worker, publish, channel, topology
+    )
+
+    first = await acli(worker_settings, "dlq", "list", "--json")
+    second = await acli(worker_settings, "dlq", "list", "--json", "--limit", "2")
+    table = await acli(worker_settings, "dlq", "list")
+
+    assert first.returncode == 0, first.stderr
+    listed = json.loads(first.stdout)
+    assert [d["event_id"] for d in listed] == [e["id"] for e in events]
+    assert {d["error_type"] for d in listed} == {"StripeNotFound"}
+    assert all(d["attempts"] == 1 and d["first_failed_at"] and d["worker_id"] for d in listed)
+    assert [d["event_id"] for d in json.loads(second.stdout)] == [e["id"] for e in events[:2]]
+    assert events[0]["id"] in table.stdout and "StripeNotFound" in table.stdout
+    remaining = await drain(channel, topology.dead_queue)
+    assert [m.headers[HEADER_EVENT_ID] for m in remaining] == [e["id"] for e in events]
+
+
+async def test_dlq_show_prints_the_headers_and_the_pretty_body(
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    topology: Topology,
+) -> None:
+    [event] = await dead_letter_unknown_sessions(
+        1, standin, worker_settings, start_worker, publish, channel, topology
+    )
+
+    shown = await acli(worker_settings, "dlq", "show", event["id"])
+    missing = await acli(worker_settings, "dlq", "show", "evt_not_there")
+
+    assert shown.returncode == 0, shown.stderr
+    assert '"fulfillment-error-type": "StripeNotFound"' in shown.stdout
+    assert f'"id": "{event["id"]}"' in shown.stdout
+    assert missing.returncode != 0 and "evt_not_there" in missing.stderr
+    assert len(await drain(channel, topology.dead_queue)) == 1
+
+
+async def test_replay_after_a_fix_fulfills_and_replaying_a_fulfilled_session_is_a_no_op(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    topology: Topology,
+    database_url: str,
+) -> None:
+    [event] = await dead_letter_unknown_sessions(
+        1, standin, worker_settings, start_worker, publish, channel, topology
+    )
+    sid = event["data"]["object"]["id"]
+    standin.add_session(sid)  # the cause is fixed: Stripe knows the session now
+
+    dry = await acli(worker_settings, "dlq", "replay", "--all", "--dry-run")
+    assert "1 dead letter(s) would be replayed" in dry.stdout
+    replayed = await acli(worker_settings, "dlq", "replay", event["id"])
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed 1 of 1" in replayed.stdout
+
+    worker = await start_worker(worker_settings)
+    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    await asyncio.to_thread(smtp.wait, 1)
+
+    # the same event dead again (say a worker crashed after fulfilling): replaying changes nothing
+    copy = aio_pika.Message(
+        json.dumps(event).encode(),
+        headers={HEADER_EVENT_ID: event["id"], "stripe-event-type": event["type"]},
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+    await channel.default_exchange.publish(copy, topology.dead_queue)
+    again = await acli(worker_settings, "dlq", "replay", "--type", "checkout.session.completed")
+    assert "replayed 1 of 1" in again.stdout
+    await wait_for(
+        lambda: db_fetch(
+            database_url,
+            "SELECT 1 FROM processed_events WHERE event_id = $1 AND outcome = 'already_fulfilled'",
+            event["id"],
+        )
+    )
+    await worker.stop(grace_s=2)
+    assert len(await fulfillment_rows(database_url, sid)) == 1
+    assert len(smtp.for_session(sid)) == 1
+    assert await drain(channel, topology.dead_queue) == []
+
+
+async def test_a_replayed_copy_starts_over_and_says_where_it_came_from(
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    topology: Topology,
+) -> None:
+    [event] = await dead_letter_unknown_sessions(
+        1, standin, worker_settings, start_worker, publish, channel, topology
+    )
+
+    assert (await acli(worker_settings, "dlq", "replay", event["id"])).returncode == 0
+
+    [message] = await drain(channel, topology.work_queue)
+    assert message.headers[HEADER_REPLAYED_FROM] == topology.dead_queue
+    assert "fulfillment-attempt" not in message.headers
+    assert "fulfillment-error-type" not in message.headers
+    assert json.loads(message.body)["id"] == event["id"]
+
+
+async def test_purge_refuses_without_yes_and_removes_only_what_it_is_told_with_yes(
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    topology: Topology,
+) -> None:
+    events = await dead_letter_unknown_sessions(
+        2, standin, worker_settings, start_worker, publish, channel, topology
+    )
+
+    refused = await acli(worker_settings, "dlq", "purge", "--all")
+    assert refused.returncode != 0 and "--yes" in refused.stderr
+    purged = await acli(worker_settings, "dlq", "purge", events[0]["id"], "--yes")
+
+    assert purged.returncode == 0, purged.stderr
+    assert "purged 1 dead letter(s)" in purged.stdout
+    assert any(
+        log.get("event") == "dead letter purged" and log.get("event_id") == events[0]["id"]
+        for log in map(json.loads, filter(None, purged.stderr.splitlines()))
+    )
+    remaining = await drain(channel, topology.dead_queue)
+    assert [m.headers[HEADER_EVENT_ID] for m in remaining] == [events[1]["id"]]
+
+
+async def test_status_reports_queue_depths_consumers_dead_letters_and_recent_fulfillments(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    topology: Topology,
+    database_url: str,
+) -> None:
+    await dead_letter_unknown_sessions(
+        1, standin, worker_settings, start_worker, publish, channel, topology
+    )
+    sid = standin.add_session()["id"]
+    worker = await start_worker(worker_settings)
+    await publish(session_event(standin, "checkout.session.completed", sid))
+    await wait_for(lambda: fulfillment_rows(database_url, sid))
+
+    result = await acli(worker_settings, "status", "--json")
+    text = await acli(worker_settings, "status")
+    await worker.stop(grace_s=2)
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["queues"][topology.dead_queue]["messages"] == 1
+    assert report["queues"][topology.work_queue]["consumers"] == 1
+    assert set(report["queues"]) == set(topology.all_queues)
+    assert report["fulfillments_last_hour"] >= 1
+    assert 0 <= report["oldest_dead_letter_age_s"] < 120
+    assert "oldest dead letter:" in text.stdout and topology.dead_queue in text.stdout
+    assert len(await drain(channel, topology.dead_queue)) == 1  # peeking kept it
+
+
+async def test_backfill_enqueues_only_missing_events_across_pages_and_twice_is_once(
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    channel: Any,
+    topology: Topology,
+    database_url: str,
+    start_worker: Any,
+    publish: Any,
+) -> None:
+    now = int(time.time())
+    missing = [
+        standin.add_session_event(standin.add_session()["id"], created=now - 3600 - i)["id"]
+        for i in range(105)
+    ]
+    delivered = standin.add_session_event(
+        standin.add_session()["id"], created=now - 3600, delivery_success=True
+    )
+    too_old = standin.add_session_event(standin.add_session()["id"], created=now - 10 * 86400)
+    other = standin.add_event(
+        sh.event("customer.created", sh.fixture_object("customer"), created=now - 3600)
+    )
+    processed_sid = standin.add_session()["id"]
+    processed = standin.add_session_event(processed_sid, created=now - 3600)
+    worker = await start_worker(worker_settings)
+    await publish(processed)
+    await wait_for(
+        lambda: db_fetch(
+            database_url, "SELECT 1 FROM processed_events WHERE event_id = $1", processed["id"]
+        )
+    )
+    await worker.stop(grace_s=2)
+    since = time.strftime("%Y-%m-%d", time.gmtime(now - 2 * 86400))
+
+    dry = await acli(worker_settings, "backfill", "--since", since, "--dry-run")
+    first = await acli(worker_settings, "backfill", "--since", since)
+    second = await acli(worker_settings, "backfill", "--since", since)
+
+    assert dry.returncode == 0, dry.stderr
+    assert "would enqueue 105" in dry.stdout
+    assert first.returncode == 0, first.stderr
+    assert "enqueued 105" in first.stdout and "1 already processed" in first.stdout
+    assert "enqueued 0" in second.stdout and "105 already enqueued" in second.stdout
+    queued = await drain(channel, topology.work_queue)
+    assert sorted(m.headers[HEADER_EVENT_ID] for m in queued) == sorted(missing)
+    for skipped in (delivered["id"], too_old["id"], other["id"]):
+        assert skipped not in {m.headers[HEADER_EVENT_ID] for m in queued}
+    with_all = await acli(worker_settings, "backfill", "--since", since, "--all")
+    assert "enqueued 1" in with_all.stdout  # the delivered one, only with --all
+
+
+async def test_up_serves_a_signed_webhook_to_a_fulfilled_row_and_stops_cleanly_on_sigterm(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    topology: Topology,
+    database_url: str,
+) -> None:
+    sid = standin.add_session()["id"]
+    secret = sh.new_secret()
+    port = free_port()
+    up = RoleProcess(
+        ["up", "--workers", "2"],
+        {
+            **worker_env(worker_settings),
+            "STRIPE_WEBHOOK_SECRETS": secret,
+            "INGRESS_PORT": str(port),
+            "INGRESS_HOST": "127.0.0.1",
+            "WORKER_METRICS_PORT": str(free_port()),
+        },
+    )
+    try:
+        await up.start()
+        await wait_for(
+            lambda: sum("worker consuming" in line for line in up.lines) == 2, timeout_s=30
+        )
+        await wait_for(lambda: any("broker connected" in line for line in up.lines), timeout_s=10)
+        raw = sh.body(session_event(standin, "checkout.session.completed", sid))
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"http://127.0.0.1:{port}/webhooks/stripe",
+                data=raw,
+                headers={"Stripe-Signature": sh.signature_header(raw, secret)},
+            ) as r:
+                assert r.status == 200
+        await wait_for(lambda: fulfillment_rows(database_url, sid), timeout_s=15)
+        await asyncio.to_thread(smtp.wait, 1)
+        up.signal(signal.SIGTERM)
+        assert await up.wait(60) == 0
+    finally:
+        await up.stop()
+    output = "\n".join(up.lines)
+    assert "ingress  | " in output and "worker-1 | " in output and "worker-2 | " in output
+    assert "up       | stopped" in output
+
+
+def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_settings: Any) -> None:
+    env = {
+        **os.environ,
+        **broker_env(broker_settings),
+        "RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "fulfillment", "up"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "RabbitMQ is not reachable at amqp://guest:***@127.0.0.1:" in result.stderr
+    assert "rabbitmq-server -detached" in result.stderr
+
+    env = {
+        **os.environ,
+        **broker_env(broker_settings),
+        "DATABASE_URL": f"postgresql://127.0.0.1:{free_port()}/x",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "fulfillment", "up"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "PostgreSQL" in result.stderr and "pg_ctlcluster" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["up"],
+        ["ingress"],
+        ["worker"],
+        ["migrate"],
+        ["topology"],
+        ["status"],
+        ["dlq", "list"],
+        ["dlq", "show"],
+        ["dlq", "replay"],
+        ["dlq", "purge"],
+        ["backfill"],
+    ],
+)
+def test_every_command_has_help_with_an_example(command: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fulfillment", *command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0
+    assert "example:" in result.stdout and "fulfillment " in result.stdout

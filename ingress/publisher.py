@@ -20,7 +20,8 @@ from shared.topology import Topology
 
 log = get_logger(__name__)
 
-RECONNECT_MAX_S = 1.0  # "back within 5 s" needs short gaps between connection attempts
+RECONNECT_MAX_S = 1.0
+CLOSE_TIMEOUT_S = 2.0  # "back within 5 s" needs short gaps between connection attempts
 
 
 class EventPublisher:
@@ -51,10 +52,10 @@ class EventPublisher:
                 await asyncio.wait_for(self._connected.wait(), wait_s)
 
     async def close(self) -> None:
+        """Stop the connection loop; bounded, so shutdown never hangs on a sick broker."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=CLOSE_TIMEOUT_S * 2)
 
     async def publish(self, raw: bytes, event: EventEnvelope) -> None:
         """Publish one event and return once the broker confirmed it; else BrokerUnavailable."""
@@ -100,8 +101,10 @@ class EventPublisher:
                 self._connected.clear()
                 metrics.BROKER_UP.set(0)
                 if connection is not None and not connection.is_closed:
+                    # bounded: a broker that stopped answering never sends Close-Ok, and an
+                    # unbounded close here kept a SIGTERMed ingress from exiting (chaos run)
                     with contextlib.suppress(Exception):
-                        await asyncio.shield(connection.close())
+                        await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT_S)
             await asyncio.sleep(
                 compute_backoff(max(failures, 1), base_s=0.1, max_s=RECONNECT_MAX_S)
             )

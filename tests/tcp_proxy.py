@@ -13,6 +13,8 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.port = port
         self.downstream_delay_s = 0.0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -37,6 +39,13 @@ class TcpProxy:
 
     async def restore(self) -> None:
         await self.start()
+
+    def freeze(self) -> None:
+        """Keep every connection open but pass nothing either way: a hung broker."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
 
     async def close(self) -> None:
         await self.cut()
@@ -68,6 +77,7 @@ class TcpProxy:
     ) -> None:
         with contextlib.suppress(ConnectionError, asyncio.CancelledError):
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 wait = self.downstream_delay_s if delay_s is None else delay_s
                 if wait:
                     await asyncio.sleep(wait)

@@ -429,3 +429,52 @@ async def test_sigterm_with_requests_in_flight_finishes_each_of_them_and_loses_n
         raw for raw, (status, _, _) in zip(raws, results, strict=True) if status == 200
     }
     assert accepted_bodies <= {m.body for m in queued}
+
+
+async def test_sigterm_while_the_broker_hangs_still_exits_promptly(
+    topology: Topology, broker_settings: BrokerSettings, rabbitmq_url: str
+) -> None:
+    """Regression (chaos run): closing the connection to a broker that stopped answering
+    waited forever for Close-Ok, so the ingress never exited after SIGTERM."""
+    target = urlsplit(rabbitmq_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    port = free_port()
+    env = {
+        **os.environ,
+        **broker_env(broker_settings),
+        "RABBITMQ_URL": rabbitmq_url.replace(
+            f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}"
+        ),
+        "STRIPE_WEBHOOK_SECRETS": SECRET,
+        "INGRESS_PORT": str(port),
+        "INGRESS_HOST": "127.0.0.1",
+        "LOG_FORMAT": "json",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fulfillment", "ingress", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def ready() -> bool:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
+                        return r.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_for(ready, timeout_s=15.0)
+        proxy.freeze()
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = await asyncio.wait_for(process.wait(), 20)
+        assert code == 0
+        assert time.monotonic() - started < 10
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        proxy.thaw()
+        await proxy.close()

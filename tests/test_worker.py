@@ -403,3 +403,47 @@ async def test_other_checkout_and_unhandled_types_are_acked_and_counted(
     assert await fulfillment_rows(database_url, sid) == []
     assert await drain(channel, topology.dead_queue) == []
     assert standin.request_count == 0
+
+
+async def test_a_connection_lost_inside_the_session_lock_surfaces_as_the_original_error(
+    worker_settings: WorkerSettings, database_url: str
+) -> None:
+    """Regression (chaos run, PostgreSQL restart): the unlock on a broken connection raised
+    its own error, which replaced the real one (here an SMTP outage, to be retried)."""
+    import asyncpg
+
+    from shared.errors import TransientError
+    from worker.fulfillment import Fulfiller
+
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    fulfiller = Fulfiller(pool, None, None, worker_settings.smtp, publish_timeout_s=1)  # type: ignore[arg-type]
+    admin = await asyncpg.connect(database_url)
+    original = TransientError("SMTP unavailable")
+    try:
+        with pytest.raises(TransientError) as caught:
+            async with fulfiller._locked("cs_test_lock_regression") as conn:
+                pid = await conn.fetchval("SELECT pg_backend_pid()")
+                await admin.execute("SELECT pg_terminate_backend($1)", pid)
+                await asyncio.sleep(0.2)  # the database restarts while we talk to SMTP
+                raise original
+        assert caught.value is original
+        # and the lock is free again for the next worker
+        async with fulfiller._locked("cs_test_lock_regression") as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await admin.close()
+        await pool.close()
+
+
+def test_a_connection_broken_mid_protocol_counts_as_transient() -> None:
+    """Regression (chaos run, PostgreSQL restart): asyncpg reports a connection the server
+    dropped mid-protocol as InternalClientError; it was dead-lettered as a handler bug."""
+    import asyncpg
+
+    from worker.consumer import is_transient
+
+    assert is_transient(
+        asyncpg.InternalClientError(
+            "cannot switch to state 12; another operation (2) is in progress"
+        )
+    )

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq
 import asyncpg
 import stripe
 import structlog
@@ -71,6 +72,9 @@ _TRANSIENT_DB_ERRORS = (
     asyncpg.DeadlockDetectedError,
     asyncpg.AdminShutdownError,
     asyncpg.QueryCanceledError,
+    # what asyncpg raises on a connection the server dropped mid-protocol (seen in the chaos
+    # run when PostgreSQL restarts): "cannot switch to state …; another operation in progress"
+    asyncpg.InternalClientError,
 )
 
 
@@ -221,7 +225,7 @@ class Worker:
                 self._fail(message, exc, attempt, event_type, bound)
             )
         else:
-            await asyncio.shield(message.ack())
+            await asyncio.shield(_settle(message.ack(), bound))
             outcome_name = outcome.name
             bound.info(
                 "event handled",
@@ -285,7 +289,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
             return "requeued"
-        await message.ack()
+        await _settle(message.ack(), bound)
         if outcome == "retry":
             metrics.RETRIES.labels(event_type).inc()
             bound.warning(
@@ -309,6 +313,15 @@ class Worker:
                 exc_info=exc if not isinstance(exc, TransientError | PermanentError) else None,
             )
         return outcome
+
+
+async def _settle(ack: Awaitable[Any], bound: structlog.typing.FilteringBoundLogger) -> None:
+    """Ack, tolerating a connection lost meanwhile: the broker then redelivers the message,
+    and the handlers are idempotent, so the work is not lost and not doubled."""
+    try:
+        await ack
+    except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        bound.warning("ack failed, the broker will redeliver", error=f"{type(exc).__name__}: {exc}")
 
 
 def _attempt(headers: Any) -> int:

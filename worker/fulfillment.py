@@ -13,7 +13,6 @@ after crashes at any instant. Per session:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
@@ -151,15 +150,21 @@ class Fulfiller:
         soon as it is done while the lock is still held. If the worker dies, PostgreSQL
         drops the lock with the connection.
         """
+        lock = "SELECT pg_advisory_lock(hashtextextended($1, 0))"
+        unlock = "SELECT pg_advisory_unlock(hashtextextended($1, 0))"
         async with self._pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", session_id)
+            await conn.execute(lock, session_id)
             try:
                 yield conn
-            finally:
-                # asyncpg's pool also runs pg_advisory_unlock_all() on release
-                await asyncio.shield(
-                    conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", session_id)
-                )
+            except BaseException:
+                # The connection may be what failed (a database restart): the unlock's own
+                # error must not replace the real one. A dead connection drops the lock, and
+                # asyncpg's pool runs pg_advisory_unlock_all() when it takes the connection
+                # back, also when we are cancelled here.
+                with contextlib.suppress(Exception):
+                    await conn.execute(unlock, session_id)
+                raise
+            await conn.execute(unlock, session_id)
 
     async def _run_effects(
         self,

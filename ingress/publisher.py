@@ -20,8 +20,8 @@ from shared.topology import Topology
 
 log = get_logger(__name__)
 
-RECONNECT_MAX_S = 1.0
-CLOSE_TIMEOUT_S = 2.0  # "back within 5 s" needs short gaps between connection attempts
+RECONNECT_MAX_S = 1.0  # "back within 5 s" needs short gaps between connection attempts
+CLOSE_TIMEOUT_S = 2.0
 
 
 class EventPublisher:

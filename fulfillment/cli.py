@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 EPILOG = """examples:
   fulfillment up --workers 2          # migrate, declare, run the ingress and 2 workers
+  fulfillment demo                    # the same with Stripe stood in, and sample orders
   fulfillment ingress                 # serve POST /webhooks/stripe on $INGRESS_PORT
   fulfillment worker --concurrency 64 # consume the fulfillment queue
   fulfillment status                  # queue depths, consumers, dead letters
@@ -45,7 +46,12 @@ def _up(args: argparse.Namespace) -> int:
     from fulfillment.up import up
 
     _setup("up")
-    return asyncio.run(up(args.workers))
+    return asyncio.run(up(args.workers, demo=args.demo, keep_running=args.keep_running))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    args.demo = True
+    return _up(args)
 
 
 def _ingress(args: argparse.Namespace) -> int:
@@ -246,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "up", _up, "Migrate, declare the topology, run the ingress and N workers.",
             "fulfillment up --workers 2")  # fmt: skip
     p.add_argument("--workers", type=int, default=2, metavar="N", help="worker processes (2)")
+    p.add_argument("--demo", action="store_true", help="the same as `fulfillment demo`")
+    p.add_argument("--keep-running", action="store_true", help="with --demo: stay up after it")
+    p = add(sub, "demo", _demo,
+            "Run the stack with a local Stripe stand-in and a realistic mix of orders.",
+            "fulfillment demo --keep-running")  # fmt: skip
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="worker processes (2)")
+    p.add_argument("--keep-running", action="store_true",
+                   help="stay up after the demo (try the Checkout pages)")  # fmt: skip
     add(sub, "ingress", _ingress, "Run the Stripe webhook HTTP ingress.",
         "STRIPE_WEBHOOK_SECRETS=whsec_... fulfillment ingress")  # fmt: skip
     p = add(sub, "worker", _worker, "Run a fulfillment worker (competing consumer).",

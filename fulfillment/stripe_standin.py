@@ -26,6 +26,8 @@ import asyncio
 import contextlib
 import copy
 import fnmatch
+import hashlib
+import hmac
 import itertools
 import json
 import random
@@ -59,6 +61,13 @@ _ERROR_MESSAGES = {
 
 
 ADMIN = "/_standin"
+
+
+def signature_header(payload: bytes, secret: str, timestamp: int | None = None) -> str:
+    """``Stripe-Signature`` as Stripe computes it: HMAC-SHA256 over ``"{t}.{body}"``."""
+    t = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + payload, hashlib.sha256)
+    return f"t={t},v1={mac.hexdigest()}"
 
 
 def _new_id(prefix: str) -> str:
@@ -219,6 +228,7 @@ class StripeStandIn:
         self._fail_fraction = 0.0
         self._fail_statuses: tuple[int, ...] = (429, 500)
         self._drops = 0
+        self.checkout: Any = None  # a HostedCheckout adds session creation and the pay page
 
     # --- seeding -------------------------------------------------------------------------
 
@@ -396,6 +406,14 @@ class StripeStandIn:
         app.router.add_get("/v1/events", self._list_events)
         app.router.add_get("/v1/events/{id}", self._get_event)
         app.router.add_get("/v1/customers/{id}", self._get_customer)
+        # Checkout (fulfillment/standin_checkout.py), answered once ``checkout`` is set
+        for method, path, name in (
+            ("POST", "/v1/checkout/sessions", "create_session"),
+            ("GET", "/v1/prices/{id}", "get_price"),
+            ("GET", "/pay/{id}", "hosted_page"),
+            ("POST", "/pay/{id}", "pay"),
+        ):
+            app.router.add_route(method, path, self._checkout_route(name))
         # Control routes, for a stand-in running in another process (benchmarks, demo, chaos).
         app.router.add_post(f"{ADMIN}/sessions", self._admin_add_session)
         app.router.add_post(f"{ADMIN}/sessions/{{id}}/payment_status", self._admin_set_status)
@@ -404,10 +422,20 @@ class StripeStandIn:
         app.router.add_route("*", "/{tail:.*}", self._unrecognized)
         return app
 
+    def _checkout_route(self, name: str) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            if self.checkout is None:
+                return await self._unrecognized(request)
+            result: web.StreamResponse = await getattr(self.checkout, name)(request)
+            return result
+
+        return handler
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(ADMIN + "/"):
-            return await handler(request)  # control routes: no faults, no auth, not counted
+        if request.path.startswith((ADMIN + "/", "/pay/")):
+            # control routes and the hosted page: no faults, no API key, not counted
+            return await handler(request)
         self.requests.append((request.method, request.path))
         if self.latency_s > 0:
             await asyncio.sleep(self.latency_s)

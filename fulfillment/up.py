@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from shared.backoff import compute_backoff
@@ -103,36 +104,51 @@ class Child:
         return code
 
 
-async def _dev_stand_ins(env: dict[str, str]) -> list[Callable[[], Any]]:
+@dataclass
+class LocalStack:
+    """What ``up`` runs in its own process besides the children: stand-ins, and their closers."""
+
+    closers: list[Callable[[], Any]] = field(default_factory=list)
+    standin: Any = None  # the StripeStandIn, when Stripe is stood in for
+
+    async def close(self) -> None:
+        for close in self.closers:
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+
+
+async def _dev_stand_ins(env: dict[str, str], *, force_standin: bool = False) -> LocalStack:
     """Local stand-ins for Stripe's API and a mail relay where none is configured."""
-    closers: list[Callable[[], Any]] = []
+    stack = LocalStack()
     if not env.get("STRIPE_WEBHOOK_SECRETS"):
         env["STRIPE_WEBHOOK_SECRETS"] = "whsec_local" + secrets.token_hex(16)
         say(f"no STRIPE_WEBHOOK_SECRETS: sign test events with {env['STRIPE_WEBHOOK_SECRETS']}")
-    if not env.get("STRIPE_API_KEY"):
+    if force_standin or not env.get("STRIPE_API_KEY"):
         from aiohttp import web
 
         from fulfillment.stripe_standin import ADMIN, StripeStandIn
 
         port = env_int(env, "STANDIN_PORT", 12111, minimum=0)
-        runner = web.AppRunner(StripeStandIn().app(), access_log=None)
+        stack.standin = StripeStandIn()
+        runner = web.AppRunner(stack.standin.app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
-        closers.append(runner.cleanup)
+        stack.closers.append(runner.cleanup)
         env["STRIPE_API_KEY"] = "sk_test_local_standin"
         env["STRIPE_API_BASE"] = f"http://127.0.0.1:{port}"
         say(
-            f"no STRIPE_API_KEY: workers use the local Stripe stand-in at {env['STRIPE_API_BASE']}"
+            f"Stripe: the local stand-in at {env['STRIPE_API_BASE']} answers the API"
             f" (seed sessions with POST {ADMIN}/sessions)"
         )
     if not env.get("SMTP_URL") and not _listening("127.0.0.1", 1025):
         from fulfillment.mailsink import start_mail_sink
 
         server = await start_mail_sink("127.0.0.1", 1025, lambda line: print(f"mail     | {line}"))
-        closers.append(server.close)
+        stack.closers.append(server.close)
         env["SMTP_URL"] = "smtp://127.0.0.1:1025"
         say("no SMTP_URL and nothing on localhost:1025: a local mail sink prints each email")
-    return closers
+    return stack
 
 
 async def _preflight(env: dict[str, str]) -> bool:
@@ -171,14 +187,25 @@ def _children(env: dict[str, str], workers: int) -> list[Child]:
     return children
 
 
-async def up(workers: int) -> int:
-    """Run the pipeline until a signal; 0 when everything stopped cleanly."""
+async def up(workers: int, *, demo: bool = False, keep_running: bool = False) -> int:
+    """Run the pipeline until a signal; 0 when everything stopped cleanly.
+
+    With ``demo`` Stripe is always the local stand-in, the Checkout pages are on, and a
+    mix of signed events goes through the ingress; unless ``keep_running``, it stops
+    after the summary.
+    """
     env = dict(os.environ)
     if sys.stdout.isatty():
         env.setdefault("LOG_FORMAT", "console")
     if not await _preflight(env):
         return 1
-    closers = await _dev_stand_ins(env)
+    stack = await _dev_stand_ins(env, force_standin=demo)
+    scenario = None
+    if demo:
+        from fulfillment.demo import Demo
+
+        scenario = Demo(env, stack.standin)
+        stack.closers.append(scenario.close)
     children = _children(env, workers)
     say("Ctrl-C stops everything")
 
@@ -188,14 +215,14 @@ async def up(workers: int) -> int:
         loop.add_signal_handler(sig, stopping.set)
     for child in children:
         await child.start()
-    await asyncio.gather(*(child.supervise(stopping) for child in children))
+    tasks = [asyncio.ensure_future(child.supervise(stopping)) for child in children]
+    if scenario is not None:
+        tasks.append(asyncio.ensure_future(scenario.run(stopping, keep_running=keep_running)))
+    await asyncio.gather(*tasks)
 
     say("stopping: the ingress answers what it holds, workers finish theirs")
     grace_s = env_float(env, "WORKER_GRACE_S", 30.0, minimum=0) + 15
     codes = await asyncio.gather(*(child.stop(grace_s) for child in children))
-    for close in closers:
-        result = close()
-        if asyncio.iscoroutine(result):
-            await result
+    await stack.close()
     say("stopped")
     return 0 if all(code == 0 for code in codes) else 1

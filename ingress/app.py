@@ -9,6 +9,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingress import metrics
+from ingress.checkout import CheckoutSettings
+from ingress.checkout import install as install_checkout
 from ingress.publisher import EventPublisher
 from ingress.settings import IngressSettings
 from ingress.signature import InvalidSignature, verify
@@ -55,6 +57,15 @@ async def read_body(request: web.Request, settings: IngressSettings) -> bytes:
             408,
             "read_timeout",
             f"body not received within {settings.read_timeout_s:g}s",
+            close=True,
+        ) from None
+    except web.RequestPayloadError:
+        # aiohttp found the body itself broken while we read it (a bad chunk size, a
+        # Content-Encoding it cannot decode): the client's fault, not an unhandled 500.
+        raise Rejected(
+            400,
+            "malformed_body",
+            "body could not be read (bad chunked or content encoding)",
             close=True,
         ) from None
     return b"".join(chunks)
@@ -134,8 +145,16 @@ async def json_errors(
         return response
 
 
-def create_app(settings: IngressSettings, *, connect_wait_s: float = 5.0) -> web.Application:
-    """The ingress application; the broker connection lives as long as the app."""
+def create_app(
+    settings: IngressSettings,
+    *,
+    connect_wait_s: float = 5.0,
+    checkout: CheckoutSettings | None = None,
+) -> web.Application:
+    """The ingress application; the broker connection lives as long as the app.
+
+    With ``checkout`` it also serves the optional Checkout pages (ingress/checkout.py).
+    """
     app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
 
@@ -151,4 +170,6 @@ def create_app(settings: IngressSettings, *, connect_wait_s: float = 5.0) -> web
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    if checkout is not None:
+        install_checkout(app, checkout)
     return app

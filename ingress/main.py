@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from ingress.app import create_app
+from ingress.checkout import CheckoutSettings
 from ingress.settings import IngressSettings
 from shared.logging import configure_logging, get_logger, register_secrets
+
+# How aiohttp's request handler treats bodies (also what the tests run the app with).
+SERVER_ARGS: dict[str, Any] = {
+    # Stripe signs the bytes it sends and never compresses them: verify and publish those
+    # bytes as they came, and spend no CPU inflating a body (1 MB of gzip inflates to 1 GB).
+    "auto_decompress": False,
+    # After a refusal that leaves the body unread (413, 408, no signature), aiohttp goes on
+    # reading and discarding it for this long before it closes (10 s by default): a stalled
+    # or endless upload would keep its connection that long after the read timeout.
+    "lingering_time": 1.0,
+}
 
 
 def run(settings: IngressSettings | None = None) -> None:
@@ -14,6 +28,9 @@ def run(settings: IngressSettings | None = None) -> None:
     configure_logging("ingress")
     settings = settings or IngressSettings.from_env()
     register_secrets(settings.webhook_secrets)
+    checkout = CheckoutSettings.from_env()
+    if checkout is not None:
+        register_secrets([checkout.stripe.api_key])
     log = get_logger(__name__)
     log.info(
         "ingress starting",
@@ -24,7 +41,7 @@ def run(settings: IngressSettings | None = None) -> None:
         tolerance_s=settings.tolerance_s,
     )
     web.run_app(
-        create_app(settings),
+        create_app(settings, checkout=checkout),
         host=settings.host,
         port=settings.port,
         access_log=None,
@@ -33,5 +50,6 @@ def run(settings: IngressSettings | None = None) -> None:
         # each ends within the publish timeout, so this is only a backstop.
         shutdown_timeout=settings.broker.publish_timeout_s + settings.read_timeout_s + 5,
         reuse_port=True,
+        **SERVER_ARGS,
     )
     log.info("ingress stopped")

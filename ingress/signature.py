@@ -51,6 +51,10 @@ def verify(payload: bytes, header: str | None, secrets: tuple[str, ...], toleran
 
 def _timestamp(header: str) -> int:
     # Same grammar stripe-python accepts: "t=<int>" and at least one "v1=<hex>".
+    if not header.isascii():
+        # stripe-python compares signatures with hmac.compare_digest, which raises TypeError
+        # (not a verification error) on non-ASCII strings: a real header is ASCII anyway.
+        raise InvalidSignature("malformed_signature", "Stripe-Signature header must be ASCII")
     timestamp: int | None = None
     has_v1 = False
     for item in header.split(","):

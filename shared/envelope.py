@@ -42,15 +42,39 @@ class EventEnvelope:
             raise MalformedEvent('event has no string "id"')
         if not isinstance(event_type, str) or not event_type:
             raise MalformedEvent('event has no string "type"')
-        if len(event_id) > 255 or len(event_type) > 255:
-            # AMQP short strings (routing keys, header values) hold at most 255 bytes
-            raise MalformedEvent('event "id" or "type" is longer than 255 characters')
+        for name, value in (("id", event_id), ("type", event_type)):
+            size = _utf8_size(value)
+            if size is None:
+                raise MalformedEvent(f'event "{name}" is not valid Unicode (a lone surrogate)')
+            if size > 255:
+                # AMQP short strings (routing key, type property) hold at most 255 bytes
+                raise MalformedEvent(f'event "{name}" is longer than 255 bytes')
+        # These become message headers: AMQP tables hold signed 64-bit integers and UTF-8.
         created = doc.get("created", 0)
+        if (
+            not isinstance(created, int)
+            or isinstance(created, bool)
+            or not _INT64_MIN <= created <= _INT64_MAX
+        ):
+            created = 0
         api_version = doc.get("api_version")
+        if not isinstance(api_version, str) or _utf8_size(api_version) is None:
+            api_version = None
         return cls(
             id=event_id,
             type=event_type,
             livemode=doc.get("livemode") is True,
-            created=created if isinstance(created, int) and not isinstance(created, bool) else 0,
-            api_version=api_version if isinstance(api_version, str) else None,
+            created=created,
+            api_version=api_version,
         )
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _utf8_size(value: str) -> int | None:
+    """Its size in UTF-8, or None when it has no UTF-8 form (a lone surrogate, from "\\ud800")."""
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None

@@ -18,8 +18,9 @@ from shared.settings import BrokerSettings
 
 KEPT_DELIVERY_LIMIT = 1_000_000_000
 
-# The event types workers handle; the work queue is bound to them.
-WORK_BINDING = "checkout.session.*"
+# What the work queue is bound to: Stripe's Checkout events, and the fulfillment requests
+# the ingress's success page publishes (ingress/checkout.py).
+WORK_BINDINGS = ("checkout.session.*", "fulfillment.requested")
 
 
 def _delay_label(delay_s: float) -> str:
@@ -144,7 +145,8 @@ class Topology:
                 **self._dead_lettering(self.dead_queue),
             ),
         )
-        await work.bind(events, routing_key=WORK_BINDING)
+        for binding in WORK_BINDINGS:
+            await work.bind(events, routing_key=binding)
         for name, delay_s in zip(self.retry_queues, self.retry_delays_s, strict=True):
             await channel.declare_queue(
                 name,
@@ -163,7 +165,7 @@ class Topology:
             f"exchange {self.events_exchange} (topic, alternate {self.unrouted_exchange})",
             f"exchange {self.unrouted_exchange} (fanout) -> queue {self.unrouted_queue}",
             f"exchange {self.out_exchange} (topic: order.fulfilled, payment.failed)",
-            f"queue {self.work_queue} (quorum, bound {WORK_BINDING}, "
+            f"queue {self.work_queue} (quorum, bound {', '.join(WORK_BINDINGS)}, "
             f"delivery limit {self.delivery_limit}, dead letters -> {self.dead_queue})",
             *(
                 f"queue {name} (delay {delay:g}s, then back to {self.work_queue})"

@@ -316,3 +316,41 @@ async def db_fetch(database_url: str, sql: str, *args: Any) -> list[Any]:
         return list(await conn.fetch(sql, *args))
     finally:
         await conn.close()
+
+
+# --- checkout: the stand-in's hosted checkout delivering webhooks to an in-process ingress ---
+
+
+@pytest.fixture
+async def checkout_stack(
+    standin: StripeStandIn,
+    stripe_base: str,
+    worker_settings: WorkerSettings,
+    topology: Topology,
+) -> AsyncIterator[dict[str, Any]]:
+    """An ingress with the Checkout routes, a customer and a price in the stand-in, and the
+    stand-in's hosted page delivering signed webhooks to that ingress."""
+    from aiohttp.test_utils import TestServer
+
+    from fulfillment.standin_checkout import HostedCheckout
+    from ingress.app import create_app
+    from ingress.checkout import CheckoutSettings
+    from ingress.settings import IngressSettings
+
+    secret = "whsec_" + uuid.uuid4().hex
+    port = free_port()
+    public = f"http://127.0.0.1:{port}"
+    hosted = HostedCheckout(standin, webhook_url=f"{public}/webhooks/stripe", webhook_secret=secret)
+    customer = standin.add_customer(email="grace@example.com", name="Grace Hopper")
+    price = hosted.add_price("Notebook", 1500)
+    checkout = CheckoutSettings(
+        stripe=worker_settings.stripe, price=price["id"], quantity=2, customer=customer["id"],
+        public_url=public,
+    )  # fmt: skip
+    settings = IngressSettings(webhook_secrets=(secret,), broker=worker_settings.broker)
+    server = TestServer(create_app(settings, checkout=checkout), host="127.0.0.1", port=port)
+    await server.start_server()
+    yield {"base": public, "hosted": hosted, "customer": customer, "price": price,
+           "checkout": checkout, "settings": settings}  # fmt: skip
+    await hosted.close()
+    await server.close()

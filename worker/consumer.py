@@ -62,6 +62,8 @@ log = get_logger(__name__)
 
 FULFILL = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
 PAYMENT_FAILED = ("checkout.session.async_payment_failed",)
+# published by the ingress's Checkout success page, not by Stripe (ingress/checkout.py)
+REQUESTED = ("fulfillment.requested",)
 
 _TRANSIENT_DB_ERRORS = (
     asyncpg.PostgresConnectionError,
@@ -104,7 +106,7 @@ def parse(message: AbstractIncomingMessage) -> Delivery:
     event = EventEnvelope.from_dict(doc)
     obj = (doc.get("data") or {}).get("object") if isinstance(doc.get("data"), dict) else None
     session_id = None
-    if event.type.startswith("checkout.session."):
+    if event.type.startswith("checkout.session.") or event.type in REQUESTED:
         if not isinstance(obj, dict) or obj.get("object") != "checkout.session":
             raise MalformedEvent(f"{event.type} event without a checkout.session in data.object")
         session_id = obj.get("id")
@@ -241,7 +243,7 @@ class Worker:
         assert fulfiller is not None and self._pool is not None
         event = delivery.event
         handler: Callable[[str, EventEnvelope], Awaitable[Outcome]] | None = None
-        if event.type in FULFILL:
+        if event.type in FULFILL or event.type in REQUESTED:
             handler = fulfiller.fulfill
         elif event.type in PAYMENT_FAILED:
             handler = fulfiller.payment_failed

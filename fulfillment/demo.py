@@ -1,0 +1,206 @@
+"""``fulfillment demo``: the whole stack with Stripe stood in, and a realistic mix of orders.
+
+Sample customers and sessions are shaped from Stripe's published fixtures; signed events
+go through the ingress exactly as Stripe would send them (paid at once, delayed then
+succeeded, failed, duplicates, one for a session Stripe does not know), and a table shows
+each session as the workers get to it, then a summary. The Checkout pages are on too:
+open the printed URL, click Checkout, pay on the stand-in's hosted page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from fulfillment.standin_checkout import HostedCheckout
+from fulfillment.stripe_standin import StripeStandIn, signature_header
+from fulfillment.up import say
+from shared.settings import BrokerSettings, env_int
+from shared.topology import Topology, connect
+from worker.settings import database_url_from_env
+
+CATALOG = [("T-shirt", 2000), ("Mug", 1250), ("Notebook", 1500), ("Sticker pack", 500)]
+PEOPLE = [("Ada Lovelace", "ada"), ("Grace Hopper", "grace"), ("Alan Turing", "alan"),
+          ("Katherine Johnson", "katherine")]  # fmt: skip
+# what each demo session should end as
+EXPECTED = {"paid": "fulfilled", "delayed": "fulfilled", "failed": "payment_failed"}
+
+
+class Demo:
+    def __init__(self, env: dict[str, str], standin: StripeStandIn) -> None:
+        self.env = env
+        self.standin = standin
+        port = env_int(env, "INGRESS_PORT", 8080, minimum=0)
+        self.base = f"http://127.0.0.1:{port}"
+        self.secret = env["STRIPE_WEBHOOK_SECRETS"].split(",")[0].strip()
+        self.hosted = HostedCheckout(
+            standin, webhook_url=f"{self.base}/webhooks/stripe", webhook_secret=self.secret
+        )
+        rng = random.Random(42)
+        self.customers = [
+            standin.add_customer(email=f"{handle}@example.com", name=name)
+            for name, handle in PEOPLE
+        ]
+        price = self.hosted.add_price("T-shirt", 2000)
+        env["CHECKOUT_PRICE"] = price["id"]
+        env["CHECKOUT_CUSTOMER"] = self.customers[0]["id"]
+        env.setdefault("PUBLIC_URL", f"http://localhost:{port}")
+        self.sessions: list[tuple[str, str]] = []  # (session id, kind)
+        kinds = ["paid"] * 6 + ["delayed"] * 3 + ["failed"] * 2
+        for i, kind in enumerate(kinds):
+            customer = self.customers[i % len(self.customers)]
+            items = [(name, rng.randint(1, 3), amount) for name, amount in rng.sample(CATALOG, 2)]
+            session = standin.add_session(
+                payment_status="paid" if kind == "paid" else "unpaid",
+                line_items=items,
+                customer_email=customer["email"],
+                customer=customer["id"],
+            )
+            self.sessions.append((session["id"], kind))
+
+    async def close(self) -> None:
+        await self.hosted.close()
+
+    async def _send(self, http: aiohttp.ClientSession, event: dict[str, Any]) -> int:
+        body = json.dumps(event, indent=2).encode()
+        headers = {"Stripe-Signature": signature_header(body, self.secret),
+                   "Content-Type": "application/json"}  # fmt: skip
+        for _ in range(20):  # like Stripe: again until 2xx
+            try:
+                async with http.post(
+                    f"{self.base}/webhooks/stripe", data=body, headers=headers
+                ) as r:
+                    if r.status == 200:
+                        return r.status
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.5)
+        return 0
+
+    async def run(self, stopping: asyncio.Event, *, keep_running: bool) -> None:
+        try:
+            await self._run()
+        finally:
+            if keep_running:
+                url = f"{self.env['PUBLIC_URL']}/"
+                say(f"demo done; buy with the saved card at {url} (Ctrl-C stops)")
+            else:
+                stopping.set()
+
+    async def _run(self) -> None:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.get(f"{self.base}/readyz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+            sent = 0
+            for sid, kind in self.sessions:
+                event = self.standin.add_session_event(sid)
+                sent += bool(await self._send(http, event))
+                if kind == "paid" and sent % 2:
+                    sent += bool(await self._send(http, event))  # Stripe redelivers
+            unknown = self.standin.add_session("cs_test_demo_unknown")
+            event = self.standin.add_session_event(unknown["id"])
+            del self.standin.sessions[unknown["id"]]  # Stripe does not know it: a dead letter
+            sent += bool(await self._send(http, event))
+            await asyncio.sleep(1.5)  # the delayed payments resolve a little later
+            for sid, kind in self.sessions:
+                if kind == "delayed":
+                    self.standin.set_payment_status(sid, "paid")
+                    event = self.standin.add_session_event(
+                        sid, "checkout.session.async_payment_succeeded"
+                    )
+                elif kind == "failed":
+                    event = self.standin.add_session_event(
+                        sid, "checkout.session.async_payment_failed"
+                    )
+                else:
+                    continue
+                sent += bool(await self._send(http, event))
+            say(f"demo: {sent} signed events sent through the ingress")
+        await self._watch()
+
+    async def _watch(self, timeout_s: float = 60) -> None:
+        ids = [sid for sid, _ in self.sessions]
+        conn = await asyncpg.connect(database_url_from_env(self.env))
+        try:
+            last = None
+            deadline = time.monotonic() + timeout_s
+            while True:
+                rows = {
+                    r["checkout_session_id"]: r
+                    for r in await conn.fetch(
+                        """SELECT s.checkout_session_id, s.state, array(
+                               SELECT step FROM fulfillment_steps f
+                               WHERE f.checkout_session_id = s.checkout_session_id) AS steps
+                           FROM checkout_sessions s WHERE s.checkout_session_id = ANY($1)""",
+                        ids,
+                    )
+                }
+                table = self._table(rows)
+                if table != last:
+                    for line in table:
+                        say(f"demo: {line}")
+                    last = table
+                done = all(
+                    rows.get(sid) is not None and rows[sid]["state"] == EXPECTED[kind]
+                    and len(rows[sid]["steps"]) == 2
+                    for sid, kind in self.sessions
+                )  # fmt: skip
+                if done or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+            await self._summary(conn, ids)
+        finally:
+            await conn.close()
+
+    def _table(self, rows: dict[str, Any]) -> list[str]:
+        lines = [f"{'SESSION':34} {'CUSTOMER':24} {'TOTAL':>10} {'EXPECTED':15} NOW"]
+        for sid, kind in self.sessions:
+            session = self.standin.sessions[sid]
+            total = f"{session['amount_total'] / 100:.2f} {session['currency'].upper()}"
+            row = rows.get(sid)
+            now = (
+                "-"
+                if row is None
+                else f"{row['state']} ({', '.join(sorted(row['steps'])) or 'no effects yet'})"
+            )
+            email = session["customer_details"]["email"]
+            lines.append(f"{sid[:34]:34} {email:24} {total:>10} {EXPECTED[kind]:15} {now}")
+        return lines
+
+    async def _summary(self, conn: asyncpg.Connection, ids: list[str]) -> None:
+        fulfilled = await conn.fetchval(
+            "SELECT count(*) FROM fulfillments WHERE checkout_session_id = ANY($1)", ids
+        )
+        emails = await conn.fetchval(
+            "SELECT count(*) FROM fulfillment_steps WHERE checkout_session_id = ANY($1) "
+            "AND step IN ('confirmation_email', 'payment_failed_email')",
+            ids,
+        )
+        failed = await conn.fetchval(
+            "SELECT count(*) FROM checkout_sessions WHERE checkout_session_id = ANY($1) "
+            "AND state = 'payment_failed'",
+            ids,
+        )
+        broker = BrokerSettings.from_env(self.env)
+        connection = await connect(broker)
+        async with connection:
+            underlay = await (await connection.channel()).get_underlay_channel()
+            dead = await underlay.queue_declare(
+                Topology.from_settings(broker).dead_queue, passive=True
+            )
+        say(
+            f"demo summary: fulfilled {fulfilled}, emails sent {emails}, "
+            f"failed payments {failed}, dead letters {dead.message_count or 0}"
+        )

@@ -1,0 +1,43 @@
+"""``fulfillment demo``: the stack with Stripe stood in fulfills a realistic mix, once each."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from tests.conftest import free_port
+from tests.processes import RoleProcess, worker_env
+from tests.smtp_sink import SmtpSink
+from worker.settings import WorkerSettings
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def test_the_demo_fulfills_paid_and_delayed_orders_notifies_failures_and_stops(
+    smtp: SmtpSink, worker_settings: WorkerSettings, database_url: str
+) -> None:
+    env = {
+        **worker_env(worker_settings),
+        "INGRESS_PORT": str(free_port()),
+        "INGRESS_HOST": "127.0.0.1",
+        "STANDIN_PORT": str(free_port()),
+        "WORKER_METRICS_PORT": str(free_port()),
+    }
+    env.pop("STRIPE_API_KEY")  # the demo brings its own Stripe
+    demo = RoleProcess(["demo", "--workers", "1"], env)
+    try:
+        await demo.start()
+        code = await demo.wait(100)
+    finally:
+        await demo.stop()
+
+    output = "\n".join(demo.lines)
+    assert code == 0, output[-3000:]
+    summary = re.search(r"demo summary: (.*)", output)
+    assert summary is not None, output[-3000:]
+    assert summary.group(1) == "fulfilled 9, emails sent 11, failed payments 2, dead letters 1"
+    mails = await asyncio.to_thread(smtp.wait, 11)
+    assert len({m["Message-ID"] for m in mails}) == 11
+    assert sum(m["Subject"] == "Your payment did not go through" for m in mails) == 2

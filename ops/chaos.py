@@ -602,8 +602,8 @@ async def check(
     for dedupe_id, count in sorted(outbound.items()):
         if count > 1:
             kind, _, sid = dedupe_id.partition(":")
-            cause = ("published, then not recorded (worker killed or database restarting), "
-                     "so published again"
+            cause = ("published, then not recorded (worker killed, database restarting, or the "
+                     "broker connection lost before its confirm), so published again"
                      if (sid, steps_of.get(kind)) in recorded else "unexplained")  # fmt: skip
             report.duplicates.append(f"{cause}: {dedupe_id} x{count} (same fulfillment-id header)")
     report.dead_lettered = len(dead)

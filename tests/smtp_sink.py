@@ -7,6 +7,7 @@ import email
 import email.policy
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from typing import Any
 
@@ -29,6 +30,9 @@ class _Handler:
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
         with self.sink.lock:
             self.sink.messages.append(message)  # type: ignore[arg-type]
+        hook, self.sink.after_data = self.sink.after_data, None
+        if hook is not None:
+            await hook()  # runs once, after the message is kept and before the 250
         return "250 Message accepted for delivery"
 
 
@@ -40,6 +44,7 @@ class SmtpSink:
         self.messages: list[EmailMessage] = []
         self.lock = threading.Lock()
         self.rcpt_delay_s = 0.0
+        self.after_data: Callable[[], Awaitable[None]] | None = None
         self._controller: Controller | None = None
 
     def start(self) -> None:

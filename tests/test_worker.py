@@ -447,3 +447,45 @@ def test_a_connection_broken_mid_protocol_counts_as_transient() -> None:
             "cannot switch to state 12; another operation (2) is in progress"
         )
     )
+
+
+async def test_a_database_blip_right_after_the_email_does_not_send_it_again(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """Regression (chaos run): when recording a sent email failed because PostgreSQL went
+    away, the message was retried and the email sent again; now recording insists."""
+    import asyncpg
+
+    sid = standin.add_session()["id"]
+
+    async def drop_every_database_connection() -> None:
+        conn = await asyncpg.connect(database_url)
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        await conn.close()
+
+    smtp.after_data = drop_every_database_connection
+    worker = await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    async def fulfilled() -> bool:
+        rows = await db_fetch(
+            database_url,
+            "SELECT step FROM fulfillment_steps WHERE checkout_session_id = $1",
+            sid,
+        )
+        return len(rows) == 2
+
+    await wait_for(fulfilled, timeout_s=20)
+    await settle(worker, topology, channel)
+    assert len(smtp.for_session(sid)) == 1

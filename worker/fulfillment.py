@@ -13,6 +13,7 @@ after crashes at any instant. Per session:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -27,6 +28,7 @@ import stripe
 from aio_pika.abc import AbstractExchange
 from asyncpg.pool import PoolConnectionProxy
 
+from shared.backoff import compute_backoff
 from shared.broker import JSON, publish_confirmed
 from shared.envelope import EventEnvelope
 from shared.errors import PermanentError
@@ -42,6 +44,10 @@ HEADER_DEDUPE_ID = "fulfillment-id"
 
 Effect = Callable[[Order], Awaitable[str]]
 Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
+
+# How long to keep trying to record an effect that was done before giving up (and
+# letting the message be retried, which repeats the effect).
+RECORD_RETRY_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -179,16 +185,37 @@ class Fulfiller:
             if step in already_done:
                 continue
             detail = await effect(order)
-            await conn.execute(
-                "INSERT INTO fulfillment_steps (checkout_session_id, step, detail) "
-                "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                order.session_id,
-                step,
-                detail,
-            )
+            await self._record_step(conn, order.session_id, step, detail)
             done.append(step)
             log.info("effect done", checkout_session_id=order.session_id, step=step, detail=detail)
         return tuple(done)
+
+    async def _record_step(self, conn: Conn, session_id: str, step: str, detail: str) -> None:
+        """Record a done effect, insisting through a database blip: failing here means the
+        message is retried and the effect done again (the chaos run counted those)."""
+        sql = (
+            "INSERT INTO fulfillment_steps (checkout_session_id, step, detail) "
+            "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+        )
+        try:
+            await conn.execute(sql, session_id, step, detail)
+            return
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            log.warning("recording an effect failed; retrying", step=step, error=str(exc))
+        deadline = time.monotonic() + RECORD_RETRY_S
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                # a fresh connection: the one holding the session lock may be gone, and
+                # the insert needs no lock (it is idempotent)
+                async with self._pool.acquire() as fresh:
+                    await fresh.execute(sql, session_id, step, detail)
+                return
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(compute_backoff(attempt, base_s=0.2, max_s=2.0))
 
     async def _send_confirmation(self, order: Order) -> str:
         return await self._send(order, mail.confirmation_email)

@@ -18,11 +18,22 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        if self.sink.refuse_sender:
+            return "553 5.7.1 Sender address rejected: not owned by the authenticated user"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
     ) -> str:
         if self.sink.rcpt_delay_s:
             await asyncio.sleep(self.sink.rcpt_delay_s)
+        if address in self.sink.unknown_recipients:
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -44,6 +55,8 @@ class SmtpSink:
         self.messages: list[EmailMessage] = []
         self.lock = threading.Lock()
         self.rcpt_delay_s = 0.0
+        self.unknown_recipients: set[str] = set()  # refused with 550 at RCPT
+        self.refuse_sender = False  # every MAIL FROM refused with 553 (a relay misconfigured)
         self.after_data: Callable[[], Awaitable[None]] | None = None
         self._controller: Controller | None = None
 

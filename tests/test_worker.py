@@ -6,6 +6,7 @@ import asyncio
 import json
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -23,6 +24,7 @@ from shared.topology import Topology
 from tests import stripe_helpers as sh
 from tests.conftest import db_fetch, drain, wait_for
 from tests.smtp_sink import SmtpSink
+from tests.tcp_proxy import TcpProxy
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(60)
@@ -383,6 +385,133 @@ async def test_smtp_down_is_retried_and_one_email_is_sent_once_it_is_back(
     assert len(smtp.for_session(sid)) == 1
     assert len(await fulfillment_rows(database_url, sid)) == 1
     assert await drain(channel, topology.dead_queue) == []
+
+
+async def fulfillment_steps(database_url: str, session_id: str) -> dict[str, str]:
+    rows = await db_fetch(
+        database_url,
+        "SELECT step, detail FROM fulfillment_steps WHERE checkout_session_id = $1",
+        session_id,
+    )
+    return {r["step"]: r["detail"] for r in rows}
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [("gone@example.com", "550"), ("not an address", "no usable customer email")],
+)
+async def test_an_undeliverable_email_is_recorded_as_failed_and_the_order_goes_on(
+    address: str,
+    why: str,
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """A customer's address the mail server refuses for good (or that is not an address)
+    must not dead-letter the event: the row is committed, so a replay could never send
+    the order.fulfilled message. The email is recorded as failed; the rest goes on."""
+    smtp.unknown_recipients.add("gone@example.com")
+    sid = standin.add_session(customer_email=address)["id"]
+    worker = await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    async def both_steps() -> dict[str, str] | None:
+        steps = await fulfillment_steps(database_url, sid)
+        return steps if len(steps) == 2 else None
+
+    steps = await wait_for(both_steps)
+    assert steps["confirmation_email"].startswith("failed:")
+    assert why in steps["confirmation_email"]
+    assert steps["order_fulfilled_message"] == f"published order.fulfilled:{sid}"
+    await settle(worker, topology, channel)
+    assert [m.routing_key for m in await drain(channel, outbound)] == ["order.fulfilled"]
+    assert await drain(channel, topology.dead_queue) == []
+    assert smtp.for_session(sid) == []
+    assert len(await fulfillment_rows(database_url, sid)) == 1
+
+
+async def test_a_relay_refusing_our_sender_is_retried_not_recorded_as_failed(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """A 5xx at MAIL FROM (or AUTH) is the relay's or our settings' fault, the same for
+    every order: retried until fixed, never written off as this customer's failure."""
+    smtp.refuse_sender = True
+    sid = standin.add_session()["id"]
+    worker = await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    await asyncio.sleep(1.0)  # at least one retry through a delay queue
+    assert "confirmation_email" not in await fulfillment_steps(database_url, sid)
+    smtp.refuse_sender = False
+
+    await asyncio.to_thread(smtp.wait, 1, 15)
+    await settle(worker, topology, channel)
+    assert len(smtp.for_session(sid)) == 1
+    assert (await fulfillment_steps(database_url, sid))["confirmation_email"].startswith("sent ")
+    assert await drain(channel, topology.dead_queue) == []
+
+
+async def test_a_broker_connection_drop_right_after_the_email_does_not_send_it_again(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+    rabbitmq_url: str,
+) -> None:
+    """Regression: aio-pika cancels a channel's consumer tasks when the connection drops;
+    a handler cancelled between sending the email and recording it sent it again on
+    redelivery. The work now finishes; only its ack is lost."""
+    target = urlsplit(rabbitmq_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    proxied = rabbitmq_url.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}")
+    settings = replace(worker_settings, broker=replace(worker_settings.broker, url=proxied))
+    loop = asyncio.get_running_loop()
+
+    async def drop_the_broker() -> None:  # runs in the SMTP server's thread, before its 250
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(proxy.cut(), loop))
+        await asyncio.sleep(0.5)  # the worker's channel notices while it awaits the 250
+
+    try:
+        sid = standin.add_session()["id"]
+        smtp.after_data = drop_the_broker
+        worker = await start_worker(settings)
+        await publish(session_event(standin, "checkout.session.completed", sid))
+
+        await asyncio.to_thread(smtp.wait, 1, 15)
+        await wait_for(lambda: fulfillment_steps(database_url, sid))  # the email is recorded
+        await proxy.restore()
+
+        async def both_steps() -> bool:
+            return len(await fulfillment_steps(database_url, sid)) == 2
+
+        await wait_for(both_steps, timeout_s=30)
+        await settle(worker, topology, channel)
+        assert len(smtp.for_session(sid)) == 1
+        assert [m.routing_key for m in await drain(channel, outbound)] == ["order.fulfilled"]
+        assert await drain(channel, topology.dead_queue) == []
+    finally:
+        await proxy.close()
 
 
 async def test_other_checkout_and_unhandled_types_are_acked_and_counted(

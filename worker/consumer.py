@@ -65,26 +65,12 @@ PAYMENT_FAILED = ("checkout.session.async_payment_failed",)
 # published by the ingress's Checkout success page, not by Stripe (ingress/checkout.py)
 REQUESTED = ("fulfillment.requested",)
 
-_TRANSIENT_DB_ERRORS = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.SerializationError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.AdminShutdownError,
-    asyncpg.QueryCanceledError,
-    # what asyncpg raises on a connection the server dropped mid-protocol (seen in the chaos
-    # run when PostgreSQL restarts): "cannot switch to state …; another operation in progress"
-    asyncpg.InternalClientError,
-)
-
 
 def is_transient(exc: BaseException) -> bool:
     """Whether trying again later may succeed (outage, overload), as opposed to never."""
     if isinstance(exc, PermanentError):
         return False
-    return isinstance(exc, (TransientError, OSError, TimeoutError, *_TRANSIENT_DB_ERRORS))
+    return isinstance(exc, (TransientError, *db.TRANSIENT_ERRORS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +160,8 @@ class Worker:
         """Stop taking messages, let in-flight ones finish within the grace period, close."""
         grace_s = self.settings.grace_s if grace_s is None else grace_s
         if self._queue is not None and self._consumer_tag is not None:
-            with contextlib.suppress(Exception):
-                await self._queue.cancel(self._consumer_tag)
+            with contextlib.suppress(Exception):  # bounded: the broker may be away
+                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout=5)
             self._consumer_tag = None
         if self._in_flight:
             log.info("worker draining", in_flight=len(self._in_flight), grace_s=grace_s)
@@ -189,22 +175,32 @@ class Worker:
                 await asyncio.wait(pending, timeout=5)
         for closer in (self._connection, self._pool):
             if closer is not None:
+                # bounded: a broker or database that is away must not keep us from exiting
                 with contextlib.suppress(Exception):
-                    await closer.close()
+                    await asyncio.wait_for(closer.close(), timeout=5)
         if self._http is not None:
             await self._http.close_async()  # type: ignore[no-untyped-call]
         log.info("worker stopped", worker_id=self.settings.worker_id)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._in_flight.add(task)
+        # The work runs in a task of the worker's own, not in the channel's: when the broker
+        # connection drops, aio-pika cancels the channel's tasks, and cancelling a handler
+        # between an effect and its record would repeat the effect on redelivery. So the
+        # work finishes (only its ack is lost: the redelivery is a no-op); only stop()
+        # cancels it, once the grace period is over.
+        work = asyncio.create_task(self._process(message))
+        self._in_flight.add(work)
         metrics.IN_FLIGHT.inc()
-        try:
-            await self._process(message)
-        finally:
+
+        def finished(task: asyncio.Task[None]) -> None:
             metrics.IN_FLIGHT.dec()
             self._in_flight.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("message handling crashed", exc_info=task.exception())
+
+        work.add_done_callback(finished)
+        with contextlib.suppress(Exception):  # logged by finished()
+            await asyncio.shield(work)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
@@ -286,8 +282,16 @@ class Worker:
                 timeout_s=self.settings.broker.publish_timeout_s,
             )
         except BrokerUnavailable as publish_error:
-            # Nothing was moved: leave the original to the broker (redelivered later).
-            bound.warning("failed message not moved; left for redelivery", error=str(publish_error))
+            # Nothing was moved: leave the original to the broker (redelivered later). Not at
+            # once: each redelivery counts against the delivery limit, and the broker that
+            # could not take the copy (an alarm, a slow disk) is unlikely to take it next.
+            pause_s = compute_backoff(attempt, base_s=1.0, max_s=10.0)
+            bound.warning(
+                "failed message not moved; left for redelivery",
+                error=str(publish_error),
+                requeue_in_s=round(pause_s, 1),
+            )
+            await asyncio.sleep(pause_s)
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
             return "requeued"

@@ -14,6 +14,29 @@ from shared.settings import redact_url
 
 log = get_logger(__name__)
 
+# What a database outage, restart or overload looks like to asyncpg: trying again later may
+# work. Used by the consumer's retry decision and by the fulfiller's own insistence.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,  # also asyncpg's command_timeout
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.AdminShutdownError,
+    asyncpg.QueryCanceledError,
+    asyncpg.LockNotAvailableError,
+    # what asyncpg raises on a connection the server dropped mid-protocol (seen in the chaos
+    # run when PostgreSQL restarts): "cannot switch to state …; another operation in progress"
+    asyncpg.InternalClientError,
+)
+
+# No statement waits longer than this (a lock held by a stuck worker, a half-open TCP
+# connection): the handler fails with a transient error and is retried instead of hanging.
+COMMAND_TIMEOUT_S = 30.0
+
 # Any constant shared by every process that migrates; pg_advisory_lock takes a bigint.
 MIGRATION_LOCK_ID = 0x66756C66  # "fulf"
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -103,7 +126,19 @@ async def migrate(url: str) -> list[str]:
 async def create_pool(url: str, *, max_size: int) -> asyncpg.Pool:
     """A connection pool sized for the worker's concurrency."""
     try:
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=max_size, timeout=10)
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            timeout=10,
+            command_timeout=COMMAND_TIMEOUT_S,
+            # the server notices a worker host that vanished and frees its session locks
+            server_settings={
+                "tcp_keepalives_idle": "30",
+                "tcp_keepalives_interval": "10",
+                "tcp_keepalives_count": "3",
+            },
+        )
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise TransientError(
             f"cannot reach PostgreSQL at {redact_url(url)} ({type(exc).__name__}: {exc})"

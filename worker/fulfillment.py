@@ -31,10 +31,10 @@ from asyncpg.pool import PoolConnectionProxy
 from shared.backoff import compute_backoff
 from shared.broker import JSON, publish_confirmed
 from shared.envelope import EventEnvelope
-from shared.errors import PermanentError
+from shared.errors import PermanentError, TransientError
 from shared.logging import get_logger
 from shared.stripe_client import classify
-from worker import mail
+from worker import db, mail, metrics
 from worker.order import Order
 from worker.settings import SmtpSettings
 
@@ -48,6 +48,10 @@ Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 # How long to keep trying to record an effect that was done before giving up (and
 # letting the message be retried, which repeats the effect).
 RECORD_RETRY_S = 20.0
+
+
+class SessionLockLost(TransientError):
+    """Raised when the connection holding a session's lock failed mid-way; retry the event."""
 
 
 @dataclass(frozen=True)
@@ -200,7 +204,7 @@ class Fulfiller:
         try:
             await conn.execute(sql, session_id, step, detail)
             return
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        except db.TRANSIENT_ERRORS as exc:
             log.warning("recording an effect failed; retrying", step=step, error=str(exc))
         deadline = time.monotonic() + RECORD_RETRY_S
         attempt = 0
@@ -211,11 +215,15 @@ class Fulfiller:
                 # the insert needs no lock (it is idempotent)
                 async with self._pool.acquire() as fresh:
                     await fresh.execute(sql, session_id, step, detail)
-                return
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                break
+            except db.TRANSIENT_ERRORS:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(compute_backoff(attempt, base_s=0.2, max_s=2.0))
+        # Recorded, but the session's lock may have gone with its connection: doing the next
+        # effect now could race another worker. Retry the event instead; it takes the lock
+        # again and resumes after this step.
+        raise SessionLockLost(f"the session lock's connection failed after {step} was done")
 
     async def _send_confirmation(self, order: Order) -> str:
         return await self._send(order, mail.confirmation_email)
@@ -226,8 +234,21 @@ class Fulfiller:
     async def _send(self, order: Order, build: Callable[[Order, str], Any]) -> str:
         if not order.customer_email:
             return "skipped: the session has no customer email"
-        message = build(order, self._smtp.sender)
-        await mail.send(message, self._smtp)
+        try:
+            message = build(order, self._smtp.sender)
+            await mail.send(message, self._smtp)
+        except mail.Undeliverable as exc:
+            # The order stands (the row is committed, the customer paid): record the email
+            # as failed and go on to the outbound message, rather than dead-lettering an
+            # event whose replay could never succeed. Counted, logged and kept in
+            # fulfillment_steps for support to follow up.
+            metrics.UNDELIVERABLE_EMAILS.labels(build.__name__).inc()
+            log.warning(
+                "email undeliverable; recorded as failed",
+                checkout_session_id=order.session_id,
+                error=str(exc),
+            )
+            return f"failed: {exc}"[:1000]
         return f"sent {message['Message-ID']}"
 
     async def _publish_fulfilled(self, order: Order) -> str:

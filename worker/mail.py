@@ -13,6 +13,11 @@ from shared.errors import PermanentError, TransientError
 from worker.order import Order, format_amount
 from worker.settings import SmtpSettings
 
+
+class Undeliverable(PermanentError):
+    """Raised when this email can never be delivered (bad address, refused recipient or content)."""
+
+
 # One address, no display name, no whitespace or control characters (no header injection).
 _ADDRESS = re.compile(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+")
 
@@ -60,7 +65,7 @@ def _message(order: Order, sender: str, subject: str, body: str, purpose: str) -
     # of a worker's CPU per fulfillment. So the values are checked here instead.
     address = order.customer_email or ""
     if not _ADDRESS.fullmatch(address):
-        raise PermanentError(f"session {order.session_id} has no usable customer email")
+        raise Undeliverable(f"session {order.session_id} has no usable customer email")
     message = MIMEText(body, "plain", "utf-8")
     message["From"] = sender
     message["To"] = address
@@ -89,11 +94,17 @@ async def send(message: MIMEText, settings: SmtpSettings) -> None:
     except aiosmtplib.SMTPRecipientsRefused as exc:
         codes = [r.code for r in exc.recipients]
         if all(500 <= c < 600 for c in codes):
-            raise PermanentError(f"SMTP refused the recipient: {exc}") from None
+            raise Undeliverable(f"SMTP refused the recipient: {exc}") from None
         raise TransientError(f"SMTP deferred the recipient: {exc}") from None
-    except aiosmtplib.SMTPResponseException as exc:
+    except aiosmtplib.SMTPDataError as exc:
+        # the server refused this message's content (size, policy): sending it again will not help
         if 500 <= exc.code < 600:
-            raise PermanentError(f"SMTP refused the message ({exc.code}): {exc.message}") from None
+            raise Undeliverable(f"SMTP refused the message ({exc.code}): {exc.message}") from None
+        raise TransientError(f"SMTP error ({exc.code}): {exc.message}") from None
+    except aiosmtplib.SMTPResponseException as exc:
+        # Greeting, HELO, AUTH, MAIL FROM refused: the relay or our settings are wrong, for
+        # every order alike. Retried (through the delay queues, then the DLQ to replay once
+        # fixed) rather than marking every customer's email as failed.
         raise TransientError(f"SMTP error ({exc.code}): {exc.message}") from None
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
         raise TransientError(f"SMTP unavailable: {type(exc).__name__}: {exc}") from None

@@ -21,6 +21,11 @@ RETRIES = Counter("worker_retries_total", "Messages sent to a delay queue.", ["e
 DEAD_LETTERS = Counter(
     "worker_dead_letters_total", "Messages dead-lettered by the worker.", ["event_type", "reason"]
 )
+UNDELIVERABLE_EMAILS = Counter(
+    "worker_emails_undeliverable_total",
+    "Customer emails the mail server refused for good (recorded as failed; the order goes on).",
+    ["purpose"],
+)
 IN_FLIGHT = Gauge("worker_messages_in_flight", "Messages being handled now.")
 
 

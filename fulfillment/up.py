@@ -224,5 +224,8 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     grace_s = env_float(env, "WORKER_GRACE_S", 30.0, minimum=0) + 15
     codes = await asyncio.gather(*(child.stop(grace_s) for child in children))
     await stack.close()
+    for child, code in zip(children, codes, strict=True):
+        if code != 0:
+            say(f"{child.name} exited with {code}")
     say("stopped")
     return 0 if all(code == 0 for code in codes) else 1

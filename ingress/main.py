@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from typing import Any
 
 from aiohttp import web
@@ -40,16 +42,30 @@ def run(settings: IngressSettings | None = None) -> None:
         secrets=len(settings.webhook_secrets),
         tolerance_s=settings.tolerance_s,
     )
-    web.run_app(
+    asyncio.run(_serve(settings, checkout))
+    log.info("ingress stopped")
+
+
+async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -> None:
+    """aiohttp's run_app, except that a second signal (Ctrl-C reaches every process of the
+    group, then `fulfillment up` sends SIGTERM) does not cut the drain short: run_app raises
+    GracefulExit again mid-shutdown, dropping requests in flight and exiting 1."""
+    runner = web.AppRunner(
         create_app(settings, checkout=checkout),
-        host=settings.host,
-        port=settings.port,
         access_log=None,
-        print=None,
         # aiohttp waits this long for in-flight handlers after it stops listening;
         # each ends within the publish timeout, so this is only a backstop.
         shutdown_timeout=settings.broker.publish_timeout_s + settings.read_timeout_s + 5,
-        reuse_port=True,
         **SERVER_ARGS,
     )
-    log.info("ingress stopped")
+    await runner.setup()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await web.TCPSite(runner, settings.host, settings.port, reuse_port=True).start()
+        await stopping.wait()
+        get_logger(__name__).info("ingress stopping")
+    finally:
+        await runner.cleanup()

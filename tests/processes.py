@@ -30,6 +30,7 @@ class RoleProcess:
             env=self.env,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a command typed in a terminal
         )
         self._reader = asyncio.create_task(self._read())
         if ready_event:
@@ -69,6 +70,11 @@ class RoleProcess:
     def signal(self, sig: signal.Signals) -> None:
         assert self.process is not None
         self.process.send_signal(sig)
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        """As a terminal's Ctrl-C does: the signal to every process of the group at once."""
+        assert self.process is not None
+        os.killpg(self.process.pid, sig)
 
     async def wait(self, timeout_s: float = 30) -> int:
         assert self.process is not None

@@ -305,7 +305,9 @@ async def test_backfill_enqueues_only_missing_events_across_pages_and_twice_is_o
     assert "enqueued 1" in with_all.stdout  # the delivered one, only with --all
 
 
-async def test_up_serves_a_signed_webhook_to_a_fulfilled_row_and_stops_cleanly_on_sigterm(
+@pytest.mark.parametrize("stop_with", ["sigterm", "ctrl-c"])
+async def test_up_serves_a_signed_webhook_to_a_fulfilled_row_and_stops_cleanly(
+    stop_with: str,
     standin: StripeStandIn,
     smtp: SmtpSink,
     worker_settings: WorkerSettings,
@@ -343,13 +345,19 @@ async def test_up_serves_a_signed_webhook_to_a_fulfilled_row_and_stops_cleanly_o
                 assert r.status == 200
         await wait_for(lambda: fulfillment_rows(database_url, sid), timeout_s=15)
         await asyncio.to_thread(smtp.wait, 1)
-        up.signal(signal.SIGTERM)
+        if stop_with == "sigterm":
+            up.signal(signal.SIGTERM)
+        else:
+            # every child gets SIGINT, then `up` sends each SIGTERM: the second signal must
+            # not cut a child's drain short (the ingress exited 1 when it did)
+            up.signal_group(signal.SIGINT)
         assert await up.wait(60) == 0
     finally:
         await up.stop()
     output = "\n".join(up.lines)
     assert "ingress  | " in output and "worker-1 | " in output and "worker-2 | " in output
     assert "up       | stopped" in output
+    assert "exited with" not in output
 
 
 def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_settings: Any) -> None:

@@ -84,8 +84,10 @@ class RoleProcess:
         return code
 
     async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
+        if self.process is not None:
+            # the whole group: `up`'s children too, even when `up` itself has exited
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             await self.process.wait()
         if self._reader is not None:
             with contextlib.suppress(Exception):

@@ -41,6 +41,7 @@ class _Handler:
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
         with self.sink.lock:
             self.sink.messages.append(message)  # type: ignore[arg-type]
+            self.sink.peers.append(session.peer)
         hook, self.sink.after_data = self.sink.after_data, None
         if hook is not None:
             await hook()  # runs once, after the message is kept and before the 250
@@ -53,6 +54,7 @@ class SmtpSink:
     def __init__(self, port: int) -> None:
         self.port = port
         self.messages: list[EmailMessage] = []
+        self.peers: list[Any] = []  # the client's (host, port) of each message: its connection
         self.lock = threading.Lock()
         self.rcpt_delay_s = 0.0
         self.unknown_recipients: set[str] = set()  # refused with 550 at RCPT

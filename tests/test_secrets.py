@@ -250,7 +250,8 @@ async def test_no_secret_appears_in_any_log_line_of_the_ingress_or_the_worker(
     assert not found, "\n".join(found[:10])
 
     # ... over lines that show every path ran (so the scan did not pass on silence)
-    assert all(auth_smtp.logins) and len(auth_smtp.logins) >= 2, "SMTP AUTH with the password"
+    # one login or more: the worker keeps its SMTP connection open between messages
+    assert auth_smtp.logins and all(auth_smtp.logins), "SMTP AUTH with the password"
     assert len(auth_smtp.for_session(paid_once)) == len(auth_smtp.for_session(paid_later)) == 1
     queued = {e["event_id"] for e in ingress.events("webhook queued")}
     assert {doc["id"], later["id"], ghost["id"]} <= queued

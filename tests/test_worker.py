@@ -387,6 +387,78 @@ async def test_smtp_down_is_retried_and_one_email_is_sent_once_it_is_back(
     assert await drain(channel, topology.dead_queue) == []
 
 
+async def test_a_session_with_more_line_items_than_one_page_is_fulfilled_with_all_of_them(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    database_url: str,
+) -> None:
+    """Stripe expands only the first 10 line items; the rest come from /line_items pages."""
+    items = [(f"Item {i:02}", 1, 100 + i) for i in range(23)]
+    sid = standin.add_session(line_items=items)["id"]
+    await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    [row] = await wait_for(lambda: fulfillment_rows(database_url, sid))
+    assert row["amount_total"] == sum(unit for _, _, unit in items)
+    stored = await db_fetch(
+        database_url,
+        "SELECT description FROM fulfillment_line_items WHERE checkout_session_id = $1 "
+        "ORDER BY description",
+        sid,
+    )
+    assert [r["description"] for r in stored] == [d for d, _, _ in items]
+    [mail] = await asyncio.to_thread(smtp.wait, 1)
+    assert all(f"1 x {d}" in mail.get_content() for d, _, _ in items)
+
+
+@pytest.mark.parametrize(
+    "session_id",
+    ["cs_../../v1/customers/cus_1", "cs_test_1?expand[]=customer", "cs_a/b", "cs_", "pi_123"],
+)
+def test_an_event_whose_session_id_could_reach_another_url_is_malformed(session_id: str) -> None:
+    """The id goes into a Stripe API path: only Stripe's id alphabet gets through."""
+    from types import SimpleNamespace
+
+    from shared.errors import MalformedEvent
+    from worker.consumer import parse
+
+    doc = sh.event("checkout.session.completed", sh.checkout_session(session_id))
+    with pytest.raises(MalformedEvent, match="not a Checkout Session id"):
+        parse(SimpleNamespace(headers={}, body=json.dumps(doc).encode()))  # type: ignore[arg-type]
+
+
+async def test_the_mailer_reuses_its_connection_and_survives_the_relay_dropping_it(
+    smtp: SmtpSink, worker_settings: WorkerSettings
+) -> None:
+    from email.mime.text import MIMEText
+
+    from worker.mail import Mailer
+
+    def message(n: int) -> MIMEText:
+        m = MIMEText(f"message {n}")
+        m["From"], m["To"], m["Subject"] = "orders@shop.test", "ada@example.com", f"n{n}"
+        return m
+
+    mailer = Mailer(worker_settings.smtp)
+    try:
+        for n in range(3):
+            await mailer.send(message(n))
+        assert len(smtp.messages) == 3
+        assert len(set(smtp.peers)) == 1  # one connection for all three
+
+        smtp.stop()  # the relay restarts: the idle connection is dead
+        smtp.start()
+        await mailer.send(message(3))  # sent on a new connection, no error
+        assert [m["Subject"] for m in smtp.messages] == ["n0", "n1", "n2", "n3"]
+        assert len(set(smtp.peers)) == 2
+    finally:
+        await mailer.close()
+
+
 async def fulfillment_steps(database_url: str, session_id: str) -> dict[str, str]:
     rows = await db_fetch(
         database_url,
@@ -542,23 +614,59 @@ async def test_a_connection_lost_inside_the_session_lock_surfaces_as_the_origina
     import asyncpg
 
     from shared.errors import TransientError
+    from worker import db
     from worker.fulfillment import Fulfiller
 
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    pool = await db.create_pool(database_url, max_size=2)  # the worker's own: no reset
     fulfiller = Fulfiller(pool, None, None, worker_settings.smtp, publish_timeout_s=1)  # type: ignore[arg-type]
     admin = await asyncpg.connect(database_url)
     original = TransientError("SMTP unavailable")
     try:
         with pytest.raises(TransientError) as caught:
-            async with fulfiller._locked("cs_test_lock_regression") as conn:
-                pid = await conn.fetchval("SELECT pg_backend_pid()")
+            async with fulfiller._locked("cs_test_lock_regression") as held:
+                pid = await held.conn.fetchval("SELECT pg_backend_pid()")
                 await admin.execute("SELECT pg_terminate_backend($1)", pid)
                 await asyncio.sleep(0.2)  # the database restarts while we talk to SMTP
                 raise original
         assert caught.value is original
         # and the lock is free again for the next worker
-        async with fulfiller._locked("cs_test_lock_regression") as conn:
-            assert await conn.fetchval("SELECT 1") == 1
+        async with fulfiller._locked("cs_test_lock_regression") as held:
+            assert await held.conn.fetchval("SELECT 1") == 1
+    finally:
+        await admin.close()
+        await pool.close()
+
+
+async def test_a_handler_cancelled_inside_the_session_lock_leaves_the_session_free(
+    worker_settings: WorkerSettings, database_url: str
+) -> None:
+    """The worker's pool does not reset connections on release, so the lock must be freed
+    by the fulfiller itself when a handler is cancelled (shutdown after the grace period)."""
+    import asyncpg
+
+    from worker import db
+    from worker.fulfillment import Fulfiller
+
+    sid = "cs_test_cancelled_inside_lock"
+    try_lock = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
+    pool = await db.create_pool(database_url, max_size=1)
+    fulfiller = Fulfiller(pool, None, None, worker_settings.smtp, publish_timeout_s=1)  # type: ignore[arg-type]
+    admin = await asyncpg.connect(database_url)
+    inside = asyncio.Event()
+
+    async def handler() -> None:
+        async with fulfiller._locked(sid):
+            inside.set()
+            await asyncio.sleep(30)  # an effect in progress
+
+    try:
+        task = asyncio.create_task(handler())
+        await asyncio.wait_for(inside.wait(), 5)
+        assert await admin.fetchval(try_lock, sid) is False  # held by the handler
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await admin.fetchval(try_lock, sid) is True  # free for the next worker
     finally:
         await admin.close()
         await pool.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -66,6 +67,10 @@ PAYMENT_FAILED = ("checkout.session.async_payment_failed",)
 REQUESTED = ("fulfillment.requested",)
 
 
+# Stripe's ids are a prefix and letters, digits and underscores; nothing else may reach a URL.
+_SESSION_ID = re.compile(r"cs_[A-Za-z0-9_]{1,250}")
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether trying again later may succeed (outage, overload), as opposed to never."""
     if isinstance(exc, PermanentError):
@@ -96,7 +101,7 @@ def parse(message: AbstractIncomingMessage) -> Delivery:
         if not isinstance(obj, dict) or obj.get("object") != "checkout.session":
             raise MalformedEvent(f"{event.type} event without a checkout.session in data.object")
         session_id = obj.get("id")
-        if not isinstance(session_id, str) or not session_id.startswith("cs_"):
+        if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
             raise MalformedEvent("data.object.id is not a Checkout Session id (cs_…)")
     return Delivery(event, session_id, attempt)
 
@@ -173,7 +178,7 @@ class Worker:
                     "grace period over; in-flight messages left for redelivery", count=len(pending)
                 )
                 await asyncio.wait(pending, timeout=5)
-        for closer in (self._connection, self._pool):
+        for closer in (self._fulfiller, self._connection, self._pool):
             if closer is not None:
                 # bounded: a broker or database that is away must not keep us from exiting
                 with contextlib.suppress(Exception):

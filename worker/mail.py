@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import ssl
+import time
 from email.mime.text import MIMEText
 from email.utils import formatdate, parseaddr
 
@@ -76,35 +79,105 @@ def _message(order: Order, sender: str, subject: str, body: str, purpose: str) -
     return message
 
 
-async def send(message: MIMEText, settings: SmtpSettings) -> None:
-    """Hand the message to the relay; TransientError if it may work later."""
-    try:
-        await aiosmtplib.send(
-            message,
-            hostname=settings.host,
-            port=settings.port,
-            username=settings.username,
-            password=settings.password,
-            use_tls=settings.use_tls,
+class Mailer:
+    """Hands messages to the relay over connections kept open between messages.
+
+    Setting a connection up (TCP, greeting, EHLO, STARTTLS, AUTH) costs more round trips
+    than the message itself; a busy worker reuses them. A connection is used by one
+    message at a time, closed after any error, and not kept idle longer than
+    ``max_idle_s`` (relays drop idle clients after a few minutes; Postfix after 300 s).
+    """
+
+    def __init__(self, settings: SmtpSettings, *, max_idle_s: float = 30.0) -> None:
+        self.settings = settings
+        self.max_idle_s = max_idle_s
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []  # (connection, idle since)
+        self._tls = ssl.create_default_context() if settings.use_tls else None
+
+    async def send(self, message: MIMEText) -> None:
+        """Hand the message over; TransientError if it may work later, Undeliverable if never."""
+        try:
+            client = self._reuse()
+            if client is not None:
+                try:
+                    await client.send_message(message)
+                except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                    # The relay closed the idle connection meanwhile: once more on a new one.
+                    # (Were it closed after taking the message, the repeat has the same
+                    # Message-ID, as any retry of an unanswered send.)
+                    _abort(client)
+                    client = None
+                except BaseException:
+                    _abort(client)
+                    raise
+            if client is None:
+                client = await self._connect()
+                try:
+                    await client.send_message(message)
+                except BaseException:
+                    _abort(client)
+                    raise
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            if all(500 <= c < 600 for c in codes):
+                raise Undeliverable(f"SMTP refused the recipient: {exc}") from None
+            raise TransientError(f"SMTP deferred the recipient: {exc}") from None
+        except aiosmtplib.SMTPDataError as exc:
+            # the server refused this message's content (size, policy): sending it again
+            # will not help
+            if 500 <= exc.code < 600:
+                raise Undeliverable(
+                    f"SMTP refused the message ({exc.code}): {exc.message}"
+                ) from None
+            raise TransientError(f"SMTP error ({exc.code}): {exc.message}") from None
+        except aiosmtplib.SMTPResponseException as exc:
+            # Greeting, HELO, AUTH, MAIL FROM refused: the relay or our settings are wrong,
+            # for every order alike. Retried (through the delay queues, then the DLQ to
+            # replay once fixed) rather than marking every customer's email as failed.
+            raise TransientError(f"SMTP error ({exc.code}): {exc.message}") from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise TransientError(f"SMTP unavailable: {type(exc).__name__}: {exc}") from None
+        self._idle.append((client, time.monotonic()))
+
+    async def close(self) -> None:
+        """Say goodbye on every idle connection (bounded: a relay may not answer)."""
+        idle, self._idle = self._idle, []
+        for client, _ in idle:
+            try:
+                await asyncio.wait_for(client.quit(), timeout=2)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                _abort(client)
+
+    def _reuse(self) -> aiosmtplib.SMTP | None:
+        now = time.monotonic()
+        while self._idle:
+            client, since = self._idle.pop()  # the most recently used: the least likely stale
+            if now - since < self.max_idle_s and client.is_connected:
+                return client
+            _abort(client)
+        return None
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        s = self.settings
+        client = aiosmtplib.SMTP(
+            hostname=s.host,
+            port=s.port,
+            username=s.username,
+            password=s.password,
+            use_tls=s.use_tls,
             start_tls=None,  # STARTTLS when the server offers it
-            timeout=settings.timeout_s,
-            local_hostname=settings.local_hostname,
-            tls_context=ssl.create_default_context() if settings.use_tls else None,
+            timeout=s.timeout_s,
+            local_hostname=s.local_hostname,
+            tls_context=self._tls,
         )
-    except aiosmtplib.SMTPRecipientsRefused as exc:
-        codes = [r.code for r in exc.recipients]
-        if all(500 <= c < 600 for c in codes):
-            raise Undeliverable(f"SMTP refused the recipient: {exc}") from None
-        raise TransientError(f"SMTP deferred the recipient: {exc}") from None
-    except aiosmtplib.SMTPDataError as exc:
-        # the server refused this message's content (size, policy): sending it again will not help
-        if 500 <= exc.code < 600:
-            raise Undeliverable(f"SMTP refused the message ({exc.code}): {exc.message}") from None
-        raise TransientError(f"SMTP error ({exc.code}): {exc.message}") from None
-    except aiosmtplib.SMTPResponseException as exc:
-        # Greeting, HELO, AUTH, MAIL FROM refused: the relay or our settings are wrong, for
-        # every order alike. Retried (through the delay queues, then the DLQ to replay once
-        # fixed) rather than marking every customer's email as failed.
-        raise TransientError(f"SMTP error ({exc.code}): {exc.message}") from None
-    except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-        raise TransientError(f"SMTP unavailable: {type(exc).__name__}: {exc}") from None
+        try:
+            await client.connect()
+        except BaseException:
+            _abort(client)
+            raise
+        return client
+
+
+def _abort(client: aiosmtplib.SMTP) -> None:
+    with contextlib.suppress(Exception):
+        client.close()

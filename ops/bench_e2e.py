@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -207,6 +208,16 @@ async def main() -> None:
                 if status != 200:
                     raise SystemExit(f"ingress answered {status}")
 
+        components = {
+            "workers (ours)": lambda: [w.pid for w in workers],
+            "ingress (ours)": lambda: [procs[2].pid],
+            "RabbitMQ": lambda: pids_named("beam.smp"),
+            "PostgreSQL": lambda: pids_named("postgres"),
+            "Stripe stand-in (test double)": lambda: [procs[0].pid],
+            "SMTP sink (test double)": lambda: [procs[1].pid],
+            "load generator (this script)": lambda: [os.getpid()],
+        }
+        cpu_before = cpu_snapshot(components)
         started = time.time()
         await asyncio.gather(*(sender() for _ in range(args.send_concurrency)))
         sent_done = time.time()
@@ -221,6 +232,7 @@ async def main() -> None:
             if done >= args.sessions or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.2)
+        cpu_after = cpu_snapshot(components)
         rows = await pool.fetch(
             "SELECT checkout_session_id, extract(epoch FROM done_at) AS t FROM fulfillment_steps "
             "WHERE step = 'order_fulfilled_message'"
@@ -284,6 +296,62 @@ async def main() -> None:
         f"| raw aio-pika consume-and-ack, same broker, prefetch {args.concurrency} | {raw_rate:,.0f}/s |"
     )
     print(f"| ratio fulfilled / raw consume | {rate / raw_rate:.3f} |")
+
+    print_cpu(cpu_before, cpu_after, len(rows), finished - started)
+
+
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) * TICK_S
+
+
+def pids_named(comm: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == comm:
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def print_cpu(
+    before: dict[str, float], after: dict[str, float], fulfilled: int, seconds: float
+) -> None:
+    """Where the machine's CPU went, per fulfilled session, over the run's window."""
+    spent = {k: after[k] - before[k] for k in before}
+    machine = spent.pop("machine")
+    spent["kernel and everything else"] = max(0.0, machine - sum(spent.values()))
+    n = max(1, fulfilled)
+    print("\n| CPU per fulfilled session | ms | share |")
+    print("|---|---|---|")
+    for name, used in spent.items():
+        print(f"| {name} | {used * 1000 / n:.2f} | {used / machine:.0%} |")
+    print(
+        f"| **all** ({machine / seconds:.2f} of {os.cpu_count()} cores busy) "
+        f"| **{machine * 1000 / n:.2f}** | 100% |"
+    )
+
+
+def cpu_snapshot(components: dict[str, Callable[[], list[int]]]) -> dict[str, float]:
+    """CPU seconds so far per component, and the machine's busy seconds (all cores)."""
+    snap = {name: sum(process_cpu_s(pid) for pid in pids()) for name, pids in components.items()}
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:9]]
+    # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
+    snap["machine"] = (sum(ticks) - ticks[3] - ticks[4]) * TICK_S
+    return snap
 
 
 if __name__ == "__main__":

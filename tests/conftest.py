@@ -163,10 +163,22 @@ async def wait_for(predicate, timeout_s: float = 10.0, interval_s: float = 0.05)
         await asyncio.sleep(interval_s)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(count: int = 1) -> int:
+    """A free port, or the first of ``count`` consecutive free ones (``up`` gives worker i
+    the metrics port base + i - 1; a neighbour taken by some client made a worker fail)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + count - 1 > 65535:
+            continue
+        try:
+            for port in range(base + 1, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
 
 
 @pytest.fixture(scope="session")

@@ -324,14 +324,17 @@ async def test_up_serves_a_signed_webhook_to_a_fulfilled_row_and_stops_cleanly(
             "STRIPE_WEBHOOK_SECRETS": secret,
             "INGRESS_PORT": str(port),
             "INGRESS_HOST": "127.0.0.1",
-            "WORKER_METRICS_PORT": str(free_port()),
+            "WORKER_METRICS_PORT": str(free_port(2)),
         },
     )
     try:
         await up.start()
-        await wait_for(
-            lambda: sum("worker consuming" in line for line in up.lines) == 2, timeout_s=30
-        )
+        try:
+            await wait_for(
+                lambda: sum("worker consuming" in line for line in up.lines) == 2, timeout_s=30
+            )
+        except AssertionError:
+            raise AssertionError("workers not consuming:\n" + "\n".join(up.lines[-60:])) from None
         await wait_for(lambda: any("broker connected" in line for line in up.lines), timeout_s=10)
         raw = sh.body(session_event(standin, "checkout.session.completed", sid))
         import aiohttp

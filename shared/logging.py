@@ -9,6 +9,7 @@ from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 from shared.settings import LogSettings
 
@@ -93,6 +94,7 @@ def configure_logging(component: str, settings: LogSettings | None = None) -> No
             foreign_pre_chain=[
                 *shared[:1],
                 structlog.stdlib.add_logger_name,
+                structlog.stdlib.ExtraAdder(allow=("remote", "error")),
                 *shared[1:],
                 _bind_component(component),
             ],
@@ -105,9 +107,30 @@ def configure_logging(component: str, settings: LogSettings | None = None) -> No
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _UnparseableRequests) for f in server_log.filters):
+        server_log.addFilter(_UnparseableRequests())
     # stripe-python logs every request at INFO; aiosmtpd (the dev mail sink) every command
     logging.getLogger("stripe").setLevel(logging.WARNING)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+class _UnparseableRequests(logging.Filter):
+    """A request aiohttp cannot parse (garbage, a bad header line, a broken chunk) is the
+    client's fault, but aiohttp logs it at ERROR with a traceback: under a flood of junk
+    that buries real errors and costs log volume. It becomes one WARNING line without the
+    traceback; a handler's own crash (also logged by aiohttp.server) stays an ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "malformed HTTP request refused", ()
+            record.exc_info, record.exc_text = None, None
+            error = f"{type(exc).__name__}: {exc.message}"[:300]
+            record.__dict__.update(remote=remote, error=error)
+        return True
 
 
 def _bind_component(component: str) -> Any:

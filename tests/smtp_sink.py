@@ -32,6 +32,8 @@ class _Handler:
     ) -> str:
         if self.sink.rcpt_delay_s:
             await asyncio.sleep(self.sink.rcpt_delay_s)
+        if self.sink.relay_denied:
+            return f"554 5.7.1 <{address}>: Relay access denied"
         if address in self.sink.unknown_recipients:
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         envelope.rcpt_tos.append(address)
@@ -59,6 +61,7 @@ class SmtpSink:
         self.rcpt_delay_s = 0.0
         self.unknown_recipients: set[str] = set()  # refused with 550 at RCPT
         self.refuse_sender = False  # every MAIL FROM refused with 553 (a relay misconfigured)
+        self.relay_denied = False  # every RCPT refused with 554 5.7.1 (we may not relay)
         self.after_data: Callable[[], Awaitable[None]] | None = None
         self._controller: Controller | None = None
 

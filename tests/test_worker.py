@@ -509,7 +509,9 @@ async def test_an_undeliverable_email_is_recorded_as_failed_and_the_order_goes_o
     assert len(await fulfillment_rows(database_url, sid)) == 1
 
 
-async def test_a_relay_refusing_our_sender_is_retried_not_recorded_as_failed(
+@pytest.mark.parametrize("refusal", ["refuse_sender", "relay_denied"])
+async def test_a_relay_refusing_us_is_retried_not_recorded_as_failed(
+    refusal: str,
     standin: StripeStandIn,
     smtp: SmtpSink,
     worker_settings: WorkerSettings,
@@ -519,9 +521,10 @@ async def test_a_relay_refusing_our_sender_is_retried_not_recorded_as_failed(
     database_url: str,
     topology: Topology,
 ) -> None:
-    """A 5xx at MAIL FROM (or AUTH) is the relay's or our settings' fault, the same for
-    every order: retried until fixed, never written off as this customer's failure."""
-    smtp.refuse_sender = True
+    """A 5xx at MAIL FROM (or AUTH), or a 5.7.x policy refusal at RCPT ("relay access
+    denied"), is the relay's or our settings' fault, the same for every order: retried
+    until fixed, never written off as this customer's failure."""
+    setattr(smtp, refusal, True)
     sid = standin.add_session()["id"]
     worker = await start_worker(worker_settings)
 
@@ -529,7 +532,7 @@ async def test_a_relay_refusing_our_sender_is_retried_not_recorded_as_failed(
     await wait_for(lambda: fulfillment_rows(database_url, sid))
     await asyncio.sleep(1.0)  # at least one retry through a delay queue
     assert "confirmation_email" not in await fulfillment_steps(database_url, sid)
-    smtp.refuse_sender = False
+    setattr(smtp, refusal, False)
 
     await asyncio.to_thread(smtp.wait, 1, 15)
     await settle(worker, topology, channel)

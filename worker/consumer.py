@@ -280,6 +280,13 @@ class Worker:
             target, outcome = self.topology.dead_queue, "dead_letter"
         assert self._channel is not None
         try:
+            message.channel  # noqa: B018 - raises if the channel it came on is gone
+        except aiormq.exceptions.ChannelInvalidStateError:
+            # The connection dropped while we worked: the broker redelivers the original,
+            # so a copy now would be a second one.
+            bound.warning("failed message left for redelivery; its channel is gone")
+            return "requeued"
+        try:
             await publish_confirmed(
                 self._channel.default_exchange,
                 copy_message(message, reason),

@@ -229,28 +229,31 @@ class Fulfiller:
             "INSERT INTO fulfillment_steps (checkout_session_id, step, detail) "
             "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
         )
-        try:
-            await conn.execute(sql, session_id, step, detail)
-            return
-        except db.TRANSIENT_ERRORS as exc:
-            log.warning("recording an effect failed; retrying", step=step, error=str(exc))
         deadline = time.monotonic() + RECORD_RETRY_S
         attempt = 0
         while True:
             attempt += 1
+            budget = max(0.5, deadline - time.monotonic())
             try:
-                # a fresh connection: the one holding the session lock may be gone, and
-                # the insert needs no lock (it is idempotent)
-                async with self._pool.acquire() as fresh:
-                    await fresh.execute(sql, session_id, step, detail)
+                if _alive(conn):
+                    # the lock is still held on it (a timeout or a cancelled statement
+                    # leaves the session alone): record there and carry on
+                    await conn.execute(sql, session_id, step, detail, timeout=budget)
+                    return
+                # The connection holding the lock is gone, and the lock with it. The insert
+                # needs no lock (it is idempotent): a fresh connection, bounded, since every
+                # other handler may be in here too.
+                async with self._pool.acquire(timeout=budget) as fresh:
+                    await fresh.execute(sql, session_id, step, detail, timeout=budget)
                 break
-            except db.TRANSIENT_ERRORS:
+            except db.TRANSIENT_ERRORS as exc:
                 if time.monotonic() > deadline:
                     raise
+                log.warning("recording an effect failed; retrying", step=step, error=str(exc)[:200])
                 await asyncio.sleep(compute_backoff(attempt, base_s=0.2, max_s=2.0))
-        # Recorded, but the session's lock may have gone with its connection: doing the next
-        # effect now could race another worker. Retry the event instead; it takes the lock
-        # again and resumes after this step.
+        # Recorded, but the session's lock went with its connection: doing the next effect
+        # now could race another worker. Retry the event instead; it takes the lock again
+        # and resumes after this step.
         raise SessionLockLost(f"the session lock's connection failed after {step} was done")
 
     async def _send_confirmation(self, order: Order) -> str:
@@ -344,10 +347,20 @@ async def _release_in_doubt(held: Held) -> None:
     try:
         await asyncio.wait_for(held.conn.execute(_UNLOCK, held.session_id), timeout=5)
         held.released = True
-    except BaseException:  # any doubt: close it
+    except BaseException as exc:  # any doubt: close it
         # (a connection the server dropped is already detached from its proxy)
         with contextlib.suppress(Exception):
             held.conn.terminate()
+        if isinstance(exc, asyncio.CancelledError):
+            raise  # a stop() meanwhile must not be lost
+
+
+def _alive(conn: Conn) -> bool:
+    """Whether the connection is still open (a dropped one is detached from its proxy)."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
 
 
 async def _read_state(conn: Conn, session_id: str) -> tuple[str | None, frozenset[str]]:

@@ -118,14 +118,11 @@ class Mailer:
                     _abort(client)
                     raise
         except aiosmtplib.SMTPRecipientsRefused as exc:
-            codes = [r.code for r in exc.recipients]
-            if all(500 <= c < 600 for c in codes):
+            if all(_never_for_this_message(r.code, r.message) for r in exc.recipients):
                 raise Undeliverable(f"SMTP refused the recipient: {exc}") from None
-            raise TransientError(f"SMTP deferred the recipient: {exc}") from None
+            raise TransientError(f"SMTP refused or deferred the recipient: {exc}") from None
         except aiosmtplib.SMTPDataError as exc:
-            # the server refused this message's content (size, policy): sending it again
-            # will not help
-            if 500 <= exc.code < 600:
+            if _never_for_this_message(exc.code, exc.message):
                 raise Undeliverable(
                     f"SMTP refused the message ({exc.code}): {exc.message}"
                 ) from None
@@ -140,21 +137,30 @@ class Mailer:
         self._idle.append((client, time.monotonic()))
 
     async def close(self) -> None:
-        """Say goodbye on every idle connection (bounded: a relay may not answer)."""
+        """Say goodbye on every idle connection, all at once and bounded (a relay may not
+        answer); whatever did not close cleanly, or is left when we are cancelled, is cut."""
         idle, self._idle = self._idle, []
-        for client, _ in idle:
+
+        async def goodbye(client: aiosmtplib.SMTP) -> None:
             try:
                 await asyncio.wait_for(client.quit(), timeout=2)
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            except BaseException:
                 _abort(client)
+                raise
+
+        await asyncio.gather(*(goodbye(c) for c, _ in idle), return_exceptions=True)
 
     def _reuse(self) -> aiosmtplib.SMTP | None:
         now = time.monotonic()
-        while self._idle:
-            client, since = self._idle.pop()  # the most recently used: the least likely stale
+        fresh = []
+        for client, since in self._idle:  # close every expired one, not only those on top
             if now - since < self.max_idle_s and client.is_connected:
-                return client
-            _abort(client)
+                fresh.append((client, since))
+            else:
+                _abort(client)
+        self._idle = fresh
+        if fresh:
+            return fresh.pop()[0]  # the most recently used: the least likely to be stale
         return None
 
     async def _connect(self) -> aiosmtplib.SMTP:
@@ -176,6 +182,24 @@ class Mailer:
             _abort(client)
             raise
         return client
+
+
+# RFC 3463 enhanced status: 5.1.x is a bad address, 5.2.x the mailbox, 5.3.x the message
+# (too big), 5.6.x its content; 5.7.x is policy (relaying denied, not authenticated,
+# sender not allowed), i.e. the relay or our settings, the same for every order.
+_ENHANCED = re.compile(r"^\s*5\.(\d{1,3})\.\d{1,3}\b")
+_ABOUT_THIS_MESSAGE = {"1", "2", "3", "6"}
+
+
+def _never_for_this_message(code: int, message: str) -> bool:
+    """Whether a refusal is about this recipient or message (give up on this email), not
+    about the relay or our settings (retry until someone fixes them)."""
+    if not 500 <= code < 600:
+        return False
+    enhanced = _ENHANCED.match(message or "")
+    if enhanced:
+        return enhanced.group(1) in _ABOUT_THIS_MESSAGE
+    return code in (550, 551, 552, 553)  # no enhanced code: mailbox unavailable / bad name
 
 
 def _abort(client: aiosmtplib.SMTP) -> None:

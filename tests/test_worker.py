@@ -148,6 +148,56 @@ async def test_duplicates_and_both_success_events_for_one_session_fulfill_it_onc
     assert len(await drain(channel, outbound)) == 1
 
 
+async def test_events_for_a_session_fulfilled_in_full_do_not_call_stripe_again(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """Stripe's rate limit is the scarce resource: once a session is fulfilled with every
+    effect recorded, its later events (async_payment_succeeded, the landing page's
+    fulfillment.requested, a stale failure) are recorded as handled without an API call.
+    (A repeated `completed` still asks Stripe: it is nearly always a session's first
+    event, and checking first would cost every order a database round trip.)"""
+    sid = standin.add_session()["id"]
+    worker = await start_worker(worker_settings)
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    async def both_steps() -> bool:
+        return len(await fulfillment_steps(database_url, sid)) == 2
+
+    await wait_for(both_steps)
+    await settle(worker, topology, channel)
+    calls = standin.request_count
+
+    later = [
+        session_event(standin, "fulfillment.requested", sid),
+        session_event(standin, "checkout.session.async_payment_succeeded", sid),
+        session_event(standin, "checkout.session.async_payment_failed", sid),
+    ]
+    for event in later:
+        await publish(event)
+    await settle(worker, topology, channel)
+
+    assert standin.request_count == calls
+    outcomes = await db_fetch(
+        database_url,
+        "SELECT event_id, outcome FROM processed_events WHERE checkout_session_id = $1",
+        sid,
+    )
+    by_id = {r["event_id"]: r["outcome"] for r in outcomes}
+    assert [by_id[e["id"]] for e in later] == [
+        "already_fulfilled",
+        "already_fulfilled",
+        "ignored_fulfilled",
+    ]
+    assert len(smtp.for_session(sid)) == 1
+
+
 async def test_an_unpaid_session_waits_and_is_fulfilled_once_when_the_delayed_payment_succeeds(
     standin: StripeStandIn,
     smtp: SmtpSink,

@@ -46,6 +46,11 @@ HEADER_DEDUPE_ID = "fulfillment-id"
 Effect = Callable[[Order], Awaitable[str]]
 Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
+SESSION_COMPLETED = "checkout.session.completed"
+
+# The effects of a fulfillment, in order; each is recorded under its name once done.
+FULFILLED_STEPS = ("confirmation_email", "order_fulfilled_message")
+
 # How long to keep trying to record an effect that was done before giving up (and
 # letting the message be retried, which repeats the effect).
 RECORD_RETRY_S = 20.0
@@ -128,6 +133,13 @@ class Fulfiller:
 
     async def fulfill(self, session_id: str, event: EventEnvelope) -> Outcome:
         """Fulfill a paid (or free) session once; record an unpaid one as awaiting payment."""
+        # `completed` is a session's first event nearly always (Stripe sends it once;
+        # duplicates are rare), so checking first would cost every order a round trip to
+        # save a rare API call. Every other event usually follows a fulfillment.
+        if event.type != SESSION_COMPLETED and await self._settled_before(
+            session_id, event, "already_fulfilled"
+        ):
+            return Outcome("already_fulfilled")
         order = await self.retrieve(session_id)
         if order.payment_status not in ("paid", "no_payment_required", "unpaid"):
             raise PermanentError(f"unexpected payment_status {order.payment_status!r}")
@@ -146,9 +158,12 @@ class Fulfiller:
                     conn,
                     order,
                     steps,
-                    (
-                        ("confirmation_email", self._send_confirmation),
-                        ("order_fulfilled_message", self._publish_fulfilled),
+                    tuple(
+                        zip(
+                            FULFILLED_STEPS,
+                            (self._send_confirmation, self._publish_fulfilled),
+                            strict=True,
+                        )
                     ),
                 )
                 outcome = Outcome("fulfilled" if created else "already_fulfilled", done)
@@ -157,6 +172,8 @@ class Fulfiller:
 
     async def payment_failed(self, session_id: str, event: EventEnvelope) -> Outcome:
         """Tell the customer once, record it; never for a session already fulfilled."""
+        if await self._settled_before(session_id, event, "ignored_fulfilled"):
+            return Outcome("ignored_fulfilled")
         order = await self.retrieve(session_id)
         if order.payment_status != "unpaid":
             # Stripe's current word wins over a stale event: a paid session is fulfilled.
@@ -181,6 +198,36 @@ class Fulfiller:
                 outcome = Outcome("payment_failed", done)
             await _finish(held, event, outcome.name)
         return outcome
+
+    async def _settled_before(self, session_id: str, event: EventEnvelope, outcome: str) -> bool:
+        """True (and the event recorded as handled) when the session is fulfilled with every
+        effect recorded: nothing Stripe could say now changes that, so the API call is
+        skipped. A session's later events (async_payment_succeeded, the landing page's
+        fulfillment.requested, a stale failure) would otherwise spend Stripe's rate limit
+        (100 reads/s in live mode by default). One round trip; no lock, as nothing is done."""
+        async with self._pool.acquire() as conn:
+            recorded = await conn.fetchval(
+                """WITH done AS (
+                       SELECT 1 FROM checkout_sessions s
+                       WHERE s.checkout_session_id = $3 AND s.state = 'fulfilled'
+                         AND array(SELECT f.step FROM fulfillment_steps f
+                                   WHERE f.checkout_session_id = $3) @> $5::text[]
+                   ), p AS (
+                       INSERT INTO processed_events
+                           (event_id, event_type, checkout_session_id, outcome)
+                       SELECT $1, $2, $3, $4 FROM done
+                       ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome,
+                           processed_at = now()
+                       RETURNING 1
+                   )
+                   SELECT count(*) FROM p""",
+                event.id,
+                event.type,
+                session_id,
+                outcome,
+                list(FULFILLED_STEPS),
+            )
+        return bool(recorded)
 
     @contextlib.asynccontextmanager
     async def _locked(self, session_id: str) -> AsyncIterator[Held]:

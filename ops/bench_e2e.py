@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -36,7 +35,14 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "ops")]
 
-from bench_ingress import HttpConnection, free_port, pct  # noqa: E402
+from bench_ingress import (  # noqa: E402
+    HttpConnection,
+    cpu_snapshot,
+    free_port,
+    pct,
+    pids_named,
+    print_cpu,
+)
 
 from tests import stripe_helpers as sh  # noqa: E402
 from worker.db import migrate  # noqa: E402
@@ -297,61 +303,7 @@ async def main() -> None:
     )
     print(f"| ratio fulfilled / raw consume | {rate / raw_rate:.3f} |")
 
-    print_cpu(cpu_before, cpu_after, len(rows), finished - started)
-
-
-TICK_S = 1 / os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) * TICK_S
-
-
-def pids_named(comm: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() == comm:
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
-def print_cpu(
-    before: dict[str, float], after: dict[str, float], fulfilled: int, seconds: float
-) -> None:
-    """Where the machine's CPU went, per fulfilled session, over the run's window."""
-    spent = {k: after[k] - before[k] for k in before}
-    machine = spent.pop("machine")
-    spent["kernel and everything else"] = max(0.0, machine - sum(spent.values()))
-    n = max(1, fulfilled)
-    print("\n| CPU per fulfilled session | ms | share |")
-    print("|---|---|---|")
-    for name, used in spent.items():
-        print(f"| {name} | {used * 1000 / n:.2f} | {used / machine:.0%} |")
-    print(
-        f"| **all** ({machine / seconds:.2f} of {os.cpu_count()} cores busy) "
-        f"| **{machine * 1000 / n:.2f}** | 100% |"
-    )
-
-
-def cpu_snapshot(components: dict[str, Callable[[], list[int]]]) -> dict[str, float]:
-    """CPU seconds so far per component, and the machine's busy seconds (all cores)."""
-    snap = {name: sum(process_cpu_s(pid) for pid in pids()) for name, pids in components.items()}
-    with open("/proc/stat") as f:
-        ticks = [int(t) for t in f.readline().split()[1:9]]
-    # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
-    snap["machine"] = (sum(ticks) - ticks[3] - ticks[4]) * TICK_S
-    return snap
+    print_cpu(cpu_before, cpu_after, len(rows), finished - started, "fulfilled session")
 
 
 if __name__ == "__main__":

@@ -240,6 +240,7 @@ async def main() -> None:
     ]
     base = f"http://127.0.0.1:{port}"
     results: dict[str, object] = {}
+    cpu: dict[str, tuple[dict[str, float], dict[str, float], int]] = {}
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -265,8 +266,15 @@ async def main() -> None:
                 j = i % len(bodies)
                 return await send(j, bad_headers[j]) == 400
 
+            components = {
+                "ingress (ours)": lambda: [p.pid for p in procs],
+                "RabbitMQ": lambda: pids_named("beam.smp"),
+                "load generator (this script)": lambda: [os.getpid()],
+            }
             await closed_loop(webhook, args.concurrency, 1.0, 10**9)  # warm-up
+            cpu_before = cpu_snapshot(components)
             rate, lat, errors = await closed_loop(webhook, args.concurrency, args.seconds, 10**7)
+            cpu["accepted"] = (cpu_before, cpu_snapshot(components), len(lat))
             results["ingress"] = (rate, pct(lat, 0.5), pct(lat, 0.99), errors)
             await purge(channel, topo)
 
@@ -274,9 +282,11 @@ async def main() -> None:
             results["open"] = (orate, pct(olat, 0.5), pct(olat, 0.99), oerrors)
             await purge(channel, topo)
 
+            cpu_before = cpu_snapshot(components)
             irate, ilat, ierrors = await closed_loop(
                 invalid, args.concurrency, args.seconds / 2, 10**7
             )
+            cpu["rejected"] = (cpu_before, cpu_snapshot(components), len(ilat))
             results["invalid"] = (irate, pct(ilat, 0.5), pct(ilat, 0.99), ierrors)
 
         # Raw aio-pika publish-with-confirm, same messages, same concurrency, same broker.
@@ -327,7 +337,65 @@ async def main() -> None:
     print(row(f"webhooks at {args.rate:,.0f} req/s offered (open loop)", "open"))
     print(row("invalid signatures rejected (closed loop)", "invalid"))
     print(f"\nratio ingress / raw publish: {ingress_rate / raw_rate:.2f}")
+    before, after, n = cpu["accepted"]
+    print_cpu(before, after, n, args.seconds, "confirmed webhook")
+    before, after, n = cpu["rejected"]
+    print_cpu(before, after, n, args.seconds / 2, "rejected webhook")
     print(json.dumps({k: list(v) for k, v in results.items()}))  # type: ignore[call-overload]
+
+
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) * TICK_S
+
+
+def pids_named(comm: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == comm:
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def print_cpu(
+    before: dict[str, float], after: dict[str, float], count: int, seconds: float, unit: str
+) -> None:
+    """Where the machine's CPU went, per ``unit`` (``count`` of them), over the window."""
+    spent = {k: after[k] - before[k] for k in before}
+    machine = spent.pop("machine")
+    spent["kernel and everything else"] = max(0.0, machine - sum(spent.values()))
+    n = max(1, count)
+    print(f"\n| CPU per {unit} | ms | share |")
+    print("|---|---|---|")
+    for name, used in spent.items():
+        print(f"| {name} | {used * 1000 / n:.2f} | {used / machine:.0%} |")
+    print(
+        f"| **all** ({machine / seconds:.2f} of {os.cpu_count()} cores busy) "
+        f"| **{machine * 1000 / n:.2f}** | 100% |"
+    )
+
+
+def cpu_snapshot(components: dict[str, Callable[[], list[int]]]) -> dict[str, float]:
+    """CPU seconds so far per component, and the machine's busy seconds (all cores)."""
+    snap = {name: sum(process_cpu_s(pid) for pid in pids()) for name, pids in components.items()}
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:9]]
+    # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
+    snap["machine"] = (sum(ticks) - ticks[3] - ticks[4]) * TICK_S
+    return snap
 
 
 if __name__ == "__main__":

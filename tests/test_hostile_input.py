@@ -1050,7 +1050,11 @@ async def test_a_real_ingress_process_keeps_its_memory_flat_under_ten_thousand_b
     assert refused and all(log["level"] == "warning" for log in refused)
     assert {log["error"].partition(":")[0] for log in refused} <= set(_AIOHTTP_REFUSALS)
     assert not any("exception" in log for log in refused)
-    assert process.events("webhook rejected")
+    # every rejection is counted in the metrics, but the log has one line per reason per
+    # second, saying how many similar ones it left out: a flood is not a flood of lines
+    rejected = process.events("webhook rejected")
+    assert rejected and len(rejected) < 300
+    assert sum(line.get("similar_not_logged") or 0 for line in rejected) > 1_000
     assert not [line for line in process.lines if "Internal Server Error" in line]
 
 

@@ -478,3 +478,24 @@ async def test_sigterm_while_the_broker_hangs_still_exits_promptly(
             await process.wait()
         proxy.thaw()
         await proxy.close()
+
+
+def test_the_rejection_log_admits_one_line_per_reason_per_interval_and_counts_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ingress import app
+
+    now = [100.0]
+    monkeypatch.setattr(app.time, "monotonic", lambda: now[0])
+    sampler = app.LogSampler(interval_s=1.0)
+
+    assert sampler.admit("no_matching_signature") == 0
+    assert sampler.admit("no_matching_signature") is None
+    assert sampler.admit("no_matching_signature") is None
+    assert sampler.admit("missing_signature") == 0  # another reason has its own allowance
+    now[0] += 0.5
+    assert sampler.admit("no_matching_signature") is None
+    now[0] += 0.6
+    assert sampler.admit("no_matching_signature") == 3  # the three left out since
+    assert sampler.admit("missing_signature") == 0
+    assert sampler.admit("missing_signature") is None

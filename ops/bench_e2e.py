@@ -139,7 +139,7 @@ async def main() -> None:
         "INGRESS_PORT": str(ingress_port),
         "WORKER_CONCURRENCY": str(args.concurrency),
         "WORKER_METRICS_PORT": "0",
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
         "LOG_FORMAT": "json",
     }
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": ROOT, "env": env}

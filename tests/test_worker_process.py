@@ -69,6 +69,13 @@ async def test_twenty_duplicates_over_two_worker_processes_fulfill_once(
     outcomes = [e["outcome"] for w in workers for e in w.events("event handled")]
     assert outcomes.count("fulfilled") == 1
     assert outcomes.count("already_fulfilled") == 20
+    # one line per outcome, carrying what each effect did
+    [fulfilled] = [e for w in workers for e in w.events("event handled") if e["effects"]]
+    assert fulfilled["outcome"] == "fulfilled" and fulfilled["checkout_session_id"] == sid
+    assert fulfilled["effects"] == {
+        "confirmation_email": f"sent <order.{sid}@shop.test>",
+        "order_fulfilled_message": f"published order.fulfilled:{sid}",
+    }
 
 
 async def test_a_worker_killed_between_the_row_and_the_email_is_finished_by_another_once(

@@ -233,7 +233,7 @@ class Worker:
             bound.info(
                 "event handled",
                 outcome=outcome_name,
-                effects=list(outcome.effects_done) or None,
+                effects=dict(outcome.effects_done) or None,
                 duration_ms=round((time.perf_counter() - started) * 1000, 1),
             )
         metrics.PROCESSED.labels(event_type, outcome_name).inc()

@@ -74,7 +74,7 @@ class Outcome:
     """What handling one event did, for the log line and metrics."""
 
     name: str  # fulfilled | already_fulfilled | awaiting_payment | payment_failed | ...
-    effects_done: tuple[str, ...] = ()
+    effects_done: tuple[tuple[str, str], ...] = ()  # (step, detail), in order
 
 
 class Fulfiller:
@@ -257,7 +257,7 @@ class Fulfiller:
         order: Order,
         already_done: frozenset[str],
         effects: tuple[tuple[str, Effect], ...],
-    ) -> tuple[str, ...]:
+    ) -> tuple[tuple[str, str], ...]:
         """Do each effect not yet recorded, recording it (committed) right after."""
         done = []
         for step, effect in effects:
@@ -265,8 +265,10 @@ class Fulfiller:
                 continue
             detail = await effect(order)
             await self._record_step(conn, order.session_id, step, detail)
-            done.append(step)
-            log.info("effect done", checkout_session_id=order.session_id, step=step, detail=detail)
+            done.append((step, detail))
+            # DEBUG: the outcome line lists every effect with its detail (one line per
+            # message); this one is for tracing a handler that died mid-way
+            log.debug("effect done", checkout_session_id=order.session_id, step=step, detail=detail)
         return tuple(done)
 
     async def _record_step(self, conn: Conn, session_id: str, step: str, detail: str) -> None:

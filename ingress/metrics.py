@@ -6,8 +6,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter(
     "ingress_webhook_requests_total",
-    "Webhook requests by outcome (accepted, invalid_signature, malformed_event, too_large, "
-    "unavailable, ...).",
+    "Webhook requests by outcome (accepted, invalid_signature, malformed_event, "
+    "body_too_large, broker_unavailable, ...).",
     ["outcome"],
 )
 CONFIRM_SECONDS = Histogram(

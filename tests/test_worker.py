@@ -769,12 +769,7 @@ async def test_a_database_blip_right_after_the_email_does_not_send_it_again(
     await publish(session_event(standin, "checkout.session.completed", sid))
 
     async def fulfilled() -> bool:
-        rows = await db_fetch(
-            database_url,
-            "SELECT step FROM fulfillment_steps WHERE checkout_session_id = $1",
-            sid,
-        )
-        return len(rows) == 2
+        return len(await fulfillment_steps(database_url, sid)) == 2
 
     await wait_for(fulfilled, timeout_s=20)
     await settle(worker, topology, channel)

@@ -207,20 +207,7 @@ class Fulfiller:
         (100 reads/s in live mode by default). One round trip; no lock, as nothing is done."""
         async with self._pool.acquire() as conn:
             recorded = await conn.fetchval(
-                """WITH done AS (
-                       SELECT 1 FROM checkout_sessions s
-                       WHERE s.checkout_session_id = $3 AND s.state = 'fulfilled'
-                         AND array(SELECT f.step FROM fulfillment_steps f
-                                   WHERE f.checkout_session_id = $3) @> $5::text[]
-                   ), p AS (
-                       INSERT INTO processed_events
-                           (event_id, event_type, checkout_session_id, outcome)
-                       SELECT $1, $2, $3, $4 FROM done
-                       ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome,
-                           processed_at = now()
-                       RETURNING 1
-                   )
-                   SELECT count(*) FROM p""",
+                _SETTLED_SQL,
                 event.id,
                 event.type,
                 session_id,
@@ -426,19 +413,19 @@ async def _read_state(conn: Conn, session_id: str) -> tuple[str | None, frozense
     return row["state"], frozenset(row["steps"])
 
 
+# The session's state: $1 session id, $2 state, $3 payment_status, $4 customer_email,
+# $5 the event that set it. Alone (_set_state) or as the first step of _record_fulfillment.
+_UPSERT_STATE = """INSERT INTO checkout_sessions
+           (checkout_session_id, state, payment_status, customer_email, last_event_id)
+       VALUES ($1, $2, $3, $4, $5)
+       ON CONFLICT (checkout_session_id) DO UPDATE SET state = EXCLUDED.state,
+           payment_status = EXCLUDED.payment_status, last_event_id = EXCLUDED.last_event_id,
+           updated_at = now()"""
+
+
 async def _set_state(conn: Conn, order: Order, event_id: str, state: str) -> None:
     await conn.execute(
-        """INSERT INTO checkout_sessions
-               (checkout_session_id, state, payment_status, customer_email, last_event_id)
-           VALUES ($1, $2, $3, $4, $5)
-           ON CONFLICT (checkout_session_id) DO UPDATE SET state = EXCLUDED.state,
-               payment_status = EXCLUDED.payment_status, last_event_id = EXCLUDED.last_event_id,
-               updated_at = now()""",
-        order.session_id,
-        state,
-        order.payment_status,
-        order.customer_email,
-        event_id,
+        _UPSERT_STATE, order.session_id, state, order.payment_status, order.customer_email, event_id
     )
 
 
@@ -447,34 +434,17 @@ async def _record_fulfillment(conn: Conn, order: Order, event_id: str) -> None:
     round trip and atomic (the foreign keys are checked at its end)."""
     items = order.items
     await conn.execute(
-        """WITH s AS (
-               INSERT INTO checkout_sessions
-                   (checkout_session_id, state, payment_status, customer_email, last_event_id)
-               VALUES ($1, 'fulfilled', $7, $3, $9)
-               ON CONFLICT (checkout_session_id) DO UPDATE SET state = EXCLUDED.state,
-                   payment_status = EXCLUDED.payment_status,
-                   last_event_id = EXCLUDED.last_event_id, updated_at = now()
-               RETURNING checkout_session_id
-           ), f AS (
-               INSERT INTO fulfillments (checkout_session_id, customer_id, customer_email,
-                   customer_name, amount_total, currency, payment_status, livemode, event_id)
-               SELECT checkout_session_id, $2, $3, $4, $5, $6, $7, $8, $9 FROM s
-               RETURNING checkout_session_id
-           )
-           INSERT INTO fulfillment_line_items (checkout_session_id, line_item_id, description,
-               price_id, quantity, unit_amount, amount_total, currency)
-           SELECT f.checkout_session_id, i.* FROM f,
-               unnest($10::text[], $11::text[], $12::text[], $13::bigint[], $14::bigint[],
-                      $15::bigint[], $16::text[]) AS i""",
+        _RECORD_FULFILLMENT_SQL,
         order.session_id,
-        order.customer_id,
+        "fulfilled",
+        order.payment_status,
         order.customer_email,
+        event_id,
+        order.customer_id,
         order.customer_name,
         order.amount_total,
         order.currency,
-        order.payment_status,
         order.livemode,
-        event_id,
         [i.id for i in items],
         [i.description for i in items],
         [i.price_id for i in items],
@@ -485,19 +455,46 @@ async def _record_fulfillment(conn: Conn, order: Order, event_id: str) -> None:
     )
 
 
+# An event handled: $1 event id, $2 type, $3 session id, $4 outcome; {source} says whether.
+_UPSERT_PROCESSED = """INSERT INTO processed_events
+               (event_id, event_type, checkout_session_id, outcome)
+           SELECT $1, $2, $3, $4 FROM {source}
+           ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome,
+               processed_at = now()
+           RETURNING 1"""
+
+_RECORD_FULFILLMENT_SQL = f"""WITH s AS ({_UPSERT_STATE} RETURNING checkout_session_id
+           ), f AS (
+               INSERT INTO fulfillments (checkout_session_id, customer_id, customer_email,
+                   customer_name, amount_total, currency, payment_status, livemode, event_id)
+               SELECT checkout_session_id, $6, $4, $7, $8, $9, $3, $10, $5 FROM s
+               RETURNING checkout_session_id
+           )
+           INSERT INTO fulfillment_line_items (checkout_session_id, line_item_id, description,
+               price_id, quantity, unit_amount, amount_total, currency)
+           SELECT f.checkout_session_id, i.* FROM f,
+               unnest($11::text[], $12::text[], $13::text[], $14::bigint[], $15::bigint[],
+                      $16::bigint[], $17::text[]) AS i"""
+
+# Only when the session is fulfilled with every effect recorded ($5): see _settled_before.
+_SETTLED_SQL = f"""WITH done AS (
+                       SELECT 1 FROM checkout_sessions s
+                       WHERE s.checkout_session_id = $3 AND s.state = 'fulfilled'
+                         AND array(SELECT f.step FROM fulfillment_steps f
+                                   WHERE f.checkout_session_id = $3) @> $5::text[]
+                   ), p AS ({_UPSERT_PROCESSED.format(source="done")})
+                   SELECT count(*) FROM p"""
+
+_FINISH_SQL = f"""WITH p AS ({_UPSERT_PROCESSED.format(source="(VALUES (1)) AS always")})
+           SELECT pg_advisory_unlock(hashtextextended($3, 0))
+           FROM (SELECT count(*) FROM p) AS done"""
+
+
 async def _finish(held: Held, event: EventEnvelope, outcome: str) -> None:
     """Remember that the event was handled (for backfill and audit) and release the
     session's lock, in one round trip; the insert runs first (the unlock reads its result)."""
     await held.conn.execute(
-        """WITH p AS (
-               INSERT INTO processed_events (event_id, event_type, checkout_session_id, outcome)
-               VALUES ($1, $2, $3, $4)
-               ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome,
-                   processed_at = now()
-               RETURNING 1
-           )
-           SELECT pg_advisory_unlock(hashtextextended($3, 0))
-           FROM (SELECT count(*) FROM p) AS done""",
+        _FINISH_SQL,
         event.id,
         event.type,
         held.session_id,

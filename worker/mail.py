@@ -100,23 +100,15 @@ class Mailer:
             client = self._reuse()
             if client is not None:
                 try:
-                    await client.send_message(message)
+                    await _send_on(client, message)
                 except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
                     # The relay closed the idle connection meanwhile: once more on a new one.
                     # (Were it closed after taking the message, the repeat has the same
                     # Message-ID, as any retry of an unanswered send.)
-                    _abort(client)
                     client = None
-                except BaseException:
-                    _abort(client)
-                    raise
             if client is None:
                 client = await self._connect()
-                try:
-                    await client.send_message(message)
-                except BaseException:
-                    _abort(client)
-                    raise
+                await _send_on(client, message)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             if all(_never_for_this_message(r.code, r.message) for r in exc.recipients):
                 raise Undeliverable(f"SMTP refused the recipient: {exc}") from None
@@ -200,6 +192,15 @@ def _never_for_this_message(code: int, message: str) -> bool:
     if enhanced:
         return enhanced.group(1) in _ABOUT_THIS_MESSAGE
     return code in (550, 551, 552, 553)  # no enhanced code: mailbox unavailable / bad name
+
+
+async def _send_on(client: aiosmtplib.SMTP, message: MIMEText) -> None:
+    """Send on one connection; a connection that failed is closed, never reused."""
+    try:
+        await client.send_message(message)
+    except BaseException:
+        _abort(client)
+        raise
 
 
 def _abort(client: aiosmtplib.SMTP) -> None:

@@ -65,11 +65,15 @@ def error_response(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"type": code, "message": message}}, status=status)
 
 
+def _too_large(limit: int) -> Rejected:
+    return Rejected(413, "body_too_large", f"body is over {limit} bytes", close=True)
+
+
 async def read_body(request: web.Request, settings: IngressSettings) -> bytes:
     """The raw body, refusing early (413) when it is over the limit and (408) when too slow."""
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise Rejected(413, "body_too_large", f"body is over {limit} bytes", close=True)
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     try:
@@ -78,13 +82,13 @@ async def read_body(request: web.Request, settings: IngressSettings) -> bytes:
             # wait for, so no timer (setting one up was ~5% of a request's CPU).
             body = request.content.read_nowait(-1)
             if len(body) > limit:
-                raise Rejected(413, "body_too_large", f"body is over {limit} bytes", close=True)
+                raise _too_large(limit)
             return body
         async with asyncio.timeout(settings.read_timeout_s):
             while chunk := await request.content.read(65536):
                 size += len(chunk)
                 if size > limit:
-                    raise Rejected(413, "body_too_large", f"body is over {limit} bytes", close=True)
+                    raise _too_large(limit)
                 chunks.append(chunk)
     except TimeoutError:
         raise Rejected(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -11,6 +10,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from shared import runtime
 from shared.errors import FulfillmentError
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def _up(args: argparse.Namespace) -> int:
     from fulfillment.up import up
 
     _setup("up")
-    return asyncio.run(up(args.workers, demo=args.demo, keep_running=args.keep_running))
+    return runtime.run(up(args.workers, demo=args.demo, keep_running=args.keep_running))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -73,7 +73,7 @@ def _migrate(args: argparse.Namespace) -> int:
     from worker.settings import database_url_from_env
 
     _setup("migrate")
-    applied = asyncio.run(migrate(database_url_from_env(os.environ)))
+    applied = runtime.run(migrate(database_url_from_env(os.environ)))
     print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}")
     return 0
 
@@ -82,7 +82,7 @@ def _topology(args: argparse.Namespace) -> int:
     from shared.topology import declare_on_broker
 
     _setup("topology")
-    print(asyncio.run(declare_on_broker(_broker())).describe())
+    print(runtime.run(declare_on_broker(_broker())).describe())
     return 0
 
 
@@ -91,7 +91,7 @@ def _status(args: argparse.Namespace) -> int:
     from worker.settings import database_url_from_env
 
     _setup("status")
-    report = asyncio.run(collect(_broker(), database_url_from_env(os.environ)))
+    report = runtime.run(collect(_broker(), database_url_from_env(os.environ)))
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0
 
@@ -100,7 +100,7 @@ def _dlq_list(args: argparse.Namespace) -> int:
     from fulfillment.dlq import list_dead_letters, print_table
 
     _setup("dlq")
-    letters = asyncio.run(list_dead_letters(_broker(), event_type=args.type, limit=args.limit))
+    letters = runtime.run(list_dead_letters(_broker(), event_type=args.type, limit=args.limit))
     if args.json:
         print(json.dumps([dl.summary() for dl in letters], indent=2))
     else:
@@ -112,7 +112,7 @@ def _dlq_show(args: argparse.Namespace) -> int:
     from fulfillment.dlq import show_dead_letter
 
     _setup("dlq")
-    dl = asyncio.run(show_dead_letter(_broker(), args.event_id))
+    dl = runtime.run(show_dead_letter(_broker(), args.event_id))
     print(json.dumps(dl.summary(), indent=2))
     print("\nheaders:")
     print(json.dumps(dl.headers, indent=2, default=str, sort_keys=True))
@@ -140,7 +140,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     _setup("dlq")
     if not (args.event_ids or args.type or args.all):
         raise FulfillmentError("say what to replay: EVENT_ID..., --type T or --all")
-    result = asyncio.run(
+    result = runtime.run(
         replay(
             _broker(),
             args.event_ids,
@@ -175,7 +175,7 @@ def _dlq_purge(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing purged")
             return 1
-    removed = asyncio.run(purge(_broker(), args.event_ids, everything=args.all))
+    removed = runtime.run(purge(_broker(), args.event_ids, everything=args.all))
     print(f"purged {len(removed)} dead letter(s)")
     for dl in removed:
         print(f"  {dl.event_id} {dl.event_type} ({dl.error_type})")
@@ -198,7 +198,7 @@ def _backfill(args: argparse.Namespace) -> int:
     from worker.settings import database_url_from_env
 
     _setup("backfill")
-    result = asyncio.run(
+    result = runtime.run(
         backfill(
             StripeSettings.from_env(),
             _broker(),

@@ -10,6 +10,8 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
+from shared import runtime
+
 
 class _Report:
     def __init__(self, report: Callable[[str], None]) -> None:
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         async with server:
             await server.serve_forever()
 
-    asyncio.run(serve())
+    runtime.run(serve())
 
 
 class _Record:

@@ -11,6 +11,7 @@ from aiohttp import web
 from ingress.app import create_app
 from ingress.checkout import CheckoutSettings
 from ingress.settings import IngressSettings
+from shared import runtime
 from shared.logging import configure_logging, get_logger, register_secrets
 
 # How aiohttp's request handler treats bodies (also what the tests run the app with).
@@ -33,6 +34,14 @@ def run(settings: IngressSettings | None = None) -> None:
     checkout = CheckoutSettings.from_env()
     if checkout is not None:
         register_secrets([checkout.stripe.api_key])
+    runtime.run(_serve(settings, checkout))
+    get_logger(__name__).info("ingress stopped")
+
+
+async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -> None:
+    """aiohttp's run_app, except that a second signal (Ctrl-C reaches every process of the
+    group, then `fulfillment up` sends SIGTERM) does not cut the drain short: run_app raises
+    GracefulExit again mid-shutdown, dropping requests in flight and exiting 1."""
     log = get_logger(__name__)
     log.info(
         "ingress starting",
@@ -41,15 +50,8 @@ def run(settings: IngressSettings | None = None) -> None:
         broker=settings.broker.display_url,
         secrets=len(settings.webhook_secrets),
         tolerance_s=settings.tolerance_s,
+        event_loop=runtime.loop_name(),
     )
-    asyncio.run(_serve(settings, checkout))
-    log.info("ingress stopped")
-
-
-async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -> None:
-    """aiohttp's run_app, except that a second signal (Ctrl-C reaches every process of the
-    group, then `fulfillment up` sends SIGTERM) does not cut the drain short: run_app raises
-    GracefulExit again mid-shutdown, dropping requests in flight and exiting 1."""
     runner = web.AppRunner(
         create_app(settings, checkout=checkout),
         access_log=None,

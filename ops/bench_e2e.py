@@ -44,6 +44,7 @@ from bench_ingress import (  # noqa: E402
     print_cpu,
 )
 
+from shared import runtime  # noqa: E402
 from tests import stripe_helpers as sh  # noqa: E402
 from worker.db import migrate  # noqa: E402
 
@@ -281,7 +282,8 @@ async def main() -> None:
     print(
         f"\nEnd-to-end benchmark: {args.sessions} sessions, {args.workers} worker process(es) x "
         f"concurrency {args.concurrency}, Stripe latency {args.stripe_latency_ms:g} ms, "
-        f"{os.cpu_count()} cores shared by everything\n"
+        f"{os.cpu_count()} cores shared by everything, event loop {runtime.loop_name()} "
+        "(all processes)\n"
     )
     print("| measure | value |")
     print("|---|---|")
@@ -307,4 +309,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    runtime.run(main())

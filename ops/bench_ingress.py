@@ -34,6 +34,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from shared import runtime  # noqa: E402
 from shared.broker import event_message  # noqa: E402
 from shared.envelope import EventEnvelope  # noqa: E402
 from shared.settings import BrokerSettings  # noqa: E402
@@ -328,7 +329,8 @@ async def main() -> None:
     print(
         f"\nIngress benchmark: {args.processes} ingress process(es), "
         f"concurrency {args.concurrency}, {size} B events, {args.seconds:g} s per run, "
-        f"{os.cpu_count()} cores, broker on this host\n"
+        f"{os.cpu_count()} cores, broker on this host, event loop {runtime.loop_name()} "
+        "(all processes)\n"
     )
     print("| run | rate | p50 | p99 | errors |")
     print("|---|---|---|---|---|")
@@ -399,4 +401,4 @@ def cpu_snapshot(components: dict[str, Callable[[], list[int]]]) -> dict[str, fl
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    runtime.run(main())

@@ -47,6 +47,7 @@ import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 from bench_ingress import HttpConnection, free_port  # noqa: E402
 
+from shared import runtime  # noqa: E402
 from shared.settings import BrokerSettings  # noqa: E402
 from shared.topology import Topology  # noqa: E402
 from tests import stripe_helpers as sh  # noqa: E402
@@ -626,7 +627,7 @@ def main() -> None:
     cfg = ChaosConfig(
         events=args.events, sessions=args.sessions, workers=args.workers, seed=args.seed
     )
-    report = asyncio.run(run_chaos(cfg, args.logs))
+    report = runtime.run(run_chaos(cfg, args.logs))
     print(f"\nChaos run: {cfg.events} events over {cfg.sessions} sessions, {cfg.workers} workers\n")
     print(report.table())
     for line in report.unhandled_exceptions[:20]:

@@ -24,6 +24,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from fulfillment.stripe_standin import StripeStandIn, serve
+from shared import runtime
 from shared.broker import event_message
 from shared.envelope import EventEnvelope
 from shared.settings import BrokerSettings
@@ -34,6 +35,12 @@ from worker.consumer import Worker
 from worker.settings import SmtpSettings, WorkerSettings
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    """In-process async tests run on the loop the project's processes run on (uvloop)."""
+    factory = runtime.loop_factory()
+    return {"asyncio": asyncio.new_event_loop} if factory is None else {"uvloop": factory}
 
 
 def _listening(url: str, default_port: int) -> bool:

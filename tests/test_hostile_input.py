@@ -1013,6 +1013,7 @@ async def test_a_real_ingress_process_keeps_its_memory_flat_under_ten_thousand_b
     )
     await process.start("broker connected")
     try:
+        assert process.events("ingress starting")[0]["event_loop"] == "uvloop"
         assert process.process is not None
         pid = process.process.pid
         hostile = Hostile(random.Random(SEED + 2))

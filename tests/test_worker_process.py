@@ -51,6 +51,7 @@ async def test_twenty_duplicates_over_two_worker_processes_fulfill_once(
 ) -> None:
     sid = standin.add_session()["id"]
     workers = [await spawn(), await spawn()]
+    assert [w.events("worker consuming")[0]["event_loop"] for w in workers] == ["uvloop"] * 2
     completed = session_event(standin, "checkout.session.completed", sid)
 
     await asyncio.gather(

@@ -37,6 +37,7 @@ from aio_pika.abc import (
 )
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
+from shared import runtime
 from shared.backoff import compute_backoff
 from shared.broker import (
     HEADER_ATTEMPT,
@@ -159,6 +160,7 @@ class Worker:
             queue=self.topology.work_queue,
             concurrency=s.concurrency,
             worker_id=s.worker_id,
+            event_loop=runtime.loop_name(),
         )
 
     async def stop(self, grace_s: float | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from shared import runtime
 from shared.logging import configure_logging, get_logger, register_secrets
 from worker import metrics
 from worker.consumer import Worker
@@ -36,4 +37,4 @@ def run(concurrency: int | None = None) -> None:
     register_secrets([settings.stripe.api_key])
     if settings.smtp.password:
         register_secrets([settings.smtp.password])
-    asyncio.run(serve(settings))
+    runtime.run(serve(settings))

@@ -1,0 +1,54 @@
+"""The event loop every process of the project runs on.
+
+uvloop (libuv) where it is installed, which is every Linux and macOS install of the
+project: the ingress and the workers spend most of their CPU in socket I/O and callbacks,
+which uvloop does for a fraction of the standard loop's cost. ``EVENT_LOOP=asyncio`` picks
+the standard library's loop instead (to rule uvloop out when chasing a problem).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from shared.errors import ConfigError
+from shared.settings import Env, env_str
+
+T = TypeVar("T")
+
+
+def loop_factory(env: Env | None = None) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop constructor ``EVENT_LOOP`` asks for; ``None`` means asyncio's default."""
+    env = os.environ if env is None else env
+    choice = env_str(env, "EVENT_LOOP", "auto").lower()
+    if choice not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError(f"EVENT_LOOP must be auto, uvloop or asyncio, got {choice!r}")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("EVENT_LOOP=uvloop, but uvloop is not installed") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run(main: Coroutine[Any, Any, T], *, env: Env | None = None) -> T:
+    """``asyncio.run`` on the loop ``EVENT_LOOP`` picks."""
+    try:
+        factory = loop_factory(env)
+    except ConfigError:
+        main.close()
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+def loop_name() -> str:
+    """The running loop's kind, for start-up logs and benchmark output."""
+    loop = asyncio.get_running_loop()
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"

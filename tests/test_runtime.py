@@ -1,0 +1,78 @@
+"""``EVENT_LOOP``: which event loop every process of the project runs on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from shared import runtime
+from shared.errors import ConfigError
+
+
+async def running_loop() -> tuple[str, str]:
+    loop = asyncio.get_running_loop()
+    return runtime.loop_name(), type(loop).__module__
+
+
+def test_by_default_every_process_runs_on_uvloop() -> None:
+    name, module = runtime.run(running_loop(), env={})
+    assert name == "uvloop"
+    assert module.startswith("uvloop")
+
+
+@pytest.mark.parametrize("value", ["asyncio", "ASYNCIO"])
+def test_event_loop_asyncio_picks_the_standard_library_loop(value: str) -> None:
+    name, module = runtime.run(running_loop(), env={"EVENT_LOOP": value})
+    assert name == "asyncio"
+    assert module.startswith("asyncio")
+
+
+def test_event_loop_uvloop_picks_uvloop() -> None:
+    assert runtime.run(running_loop(), env={"EVENT_LOOP": "uvloop"})[0] == "uvloop"
+
+
+def test_a_bad_event_loop_value_stops_with_an_error_naming_the_variable_and_runs_nothing() -> None:
+    ran = []
+
+    async def main() -> None:
+        ran.append(True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "coroutine was never awaited" would be a leak
+        with pytest.raises(ConfigError, match="EVENT_LOOP") as caught:
+            runtime.run(main(), env={"EVENT_LOOP": "trio"})
+    assert "'trio'" in str(caught.value)
+    assert ran == []
+
+
+def test_without_uvloop_installed_auto_falls_back_and_an_explicit_choice_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    assert runtime.run(running_loop(), env={})[0] == "asyncio"
+    with pytest.raises(ConfigError, match="EVENT_LOOP=uvloop, but uvloop is not installed"):
+        runtime.loop_factory({"EVENT_LOOP": "uvloop"})
+
+
+def test_the_cli_refuses_a_bad_event_loop_with_a_message_naming_the_variable() -> None:
+    env = {**os.environ, "EVENT_LOOP": "gevent"}
+    result = subprocess.run(
+        [sys.executable, "-m", "fulfillment", "topology"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "EVENT_LOOP must be auto, uvloop or asyncio, got 'gevent'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_in_process_tests_run_on_the_loop_the_processes_run_on() -> None:
+    expected = "asyncio" if os.environ.get("EVENT_LOOP", "").lower() == "asyncio" else "uvloop"
+    assert runtime.loop_name() == expected

@@ -7,8 +7,26 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 from typing import Any
+
+
+def run_fulfillment(
+    *args: str,
+    env: dict[str, str] | None = None,
+    input_: str | None = None,
+    timeout_s: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """``fulfillment ARGS`` to completion as a user would type it; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "fulfillment", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        input=input_,
+    )
 
 
 class RoleProcess:

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from typing import Any
 
@@ -19,7 +18,7 @@ from shared.broker import HEADER_EVENT_ID, HEADER_REPLAYED_FROM
 from shared.topology import Topology
 from tests import stripe_helpers as sh
 from tests.conftest import db_fetch, drain, free_port, wait_for
-from tests.processes import RoleProcess, broker_env, worker_env
+from tests.processes import RoleProcess, broker_env, run_fulfillment, worker_env
 from tests.smtp_sink import SmtpSink
 from tests.test_worker import fulfillment_rows, session_event
 from worker.settings import WorkerSettings
@@ -32,14 +31,7 @@ def cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``fulfillment ARGS`` as a user would, with the test's broker, database and Stripe."""
     env = {**os.environ, **worker_env(settings), "LOG_FORMAT": "json"}
-    return subprocess.run(
-        [sys.executable, "-m", "fulfillment", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        input=input_,
-    )
+    return run_fulfillment(*args, env=env, input_=input_)
 
 
 async def acli(settings: WorkerSettings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -372,13 +364,7 @@ def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_setting
         **broker_env(broker_settings),
         "RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "fulfillment", "up"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_fulfillment("up", env=env)
     assert result.returncode != 0
     assert "RabbitMQ is not reachable at amqp://guest:***@127.0.0.1:" in result.stderr
     assert "rabbitmq-server -detached" in result.stderr
@@ -388,13 +374,7 @@ def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_setting
         **broker_env(broker_settings),
         "DATABASE_URL": f"postgresql://127.0.0.1:{free_port()}/x",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "fulfillment", "up"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_fulfillment("up", env=env)
     assert result.returncode != 0
     assert "PostgreSQL" in result.stderr and "pg_ctlcluster" in result.stderr
 
@@ -416,11 +396,6 @@ def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_setting
     ],
 )
 def test_every_command_has_help_with_an_example(command: list[str]) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "fulfillment", *command, "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_fulfillment(*command, "--help", timeout_s=30)
     assert result.returncode == 0
     assert "example:" in result.stdout and "fulfillment " in result.stdout

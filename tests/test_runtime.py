@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import warnings
 
@@ -12,6 +11,7 @@ import pytest
 
 from shared import runtime
 from shared.errors import ConfigError
+from tests.processes import run_fulfillment
 
 
 async def running_loop() -> tuple[str, str]:
@@ -60,14 +60,7 @@ def test_without_uvloop_installed_auto_falls_back_and_an_explicit_choice_is_refu
 
 
 def test_the_cli_refuses_a_bad_event_loop_with_a_message_naming_the_variable() -> None:
-    env = {**os.environ, "EVENT_LOOP": "gevent"}
-    result = subprocess.run(
-        [sys.executable, "-m", "fulfillment", "topology"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_fulfillment("topology", env={**os.environ, "EVENT_LOOP": "gevent"})
     assert result.returncode == 2
     assert "EVENT_LOOP must be auto, uvloop or asyncio, got 'gevent'" in result.stderr
     assert "Traceback" not in result.stderr

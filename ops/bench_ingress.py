@@ -5,7 +5,8 @@ Prints, from one run on one broker:
   * the raw aio-pika publish-with-confirm rate for the same messages at the same concurrency,
     and the ratio between the two;
   * p50/p99 latency at a fixed offered rate (open loop, default 1,000 requests/s);
-  * rejections/s for invalid signatures.
+  * rejections/s for invalid signatures;
+  * where the machine's CPU went, per confirmed webhook, per raw publish and per rejection.
 
     .venv/bin/python ops/bench_ingress.py [--processes 2] [--concurrency 64] [--seconds 10]
 
@@ -305,8 +306,14 @@ async def main() -> None:
             )
             return True
 
+        raw_components = {
+            "aio-pika publisher (this script)": lambda: [os.getpid()],
+            "RabbitMQ": lambda: pids_named("beam.smp"),
+        }
         await closed_loop(raw_publish, args.concurrency, 1.0, 10**9)
+        cpu_before = cpu_snapshot(raw_components)
         prate, plat, perrors = await closed_loop(raw_publish, args.concurrency, args.seconds, 10**7)
+        cpu["raw"] = (cpu_before, cpu_snapshot(raw_components), len(plat))
         results["raw"] = (prate, pct(plat, 0.5), pct(plat, 0.99), perrors)
         await purge(channel, topo)
     finally:
@@ -341,6 +348,8 @@ async def main() -> None:
     print(f"\nratio ingress / raw publish: {ingress_rate / raw_rate:.2f}")
     before, after, n = cpu["accepted"]
     print_cpu(before, after, n, args.seconds, "confirmed webhook")
+    before, after, n = cpu["raw"]
+    print_cpu(before, after, n, args.seconds, "raw confirmed publish")
     before, after, n = cpu["rejected"]
     print_cpu(before, after, n, args.seconds / 2, "rejected webhook")
     print(json.dumps({k: list(v) for k, v in results.items()}))  # type: ignore[call-overload]

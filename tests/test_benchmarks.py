@@ -1,0 +1,100 @@
+"""The benchmark scripts in ops/ still run end to end and report what they measured.
+
+Tiny runs: these check that the scripts work (every request confirmed, every session
+fulfilled, the tables printed, the throwaway database dropped), not how fast
+anything is. The figures come from full runs, in the README.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+
+from tests.conftest import database_url_named
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(name: str, *args: str, env: dict[str, str], timeout_s: float) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "ops" / name), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_ingress_benchmark_reports_confirmed_webhooks_raw_publishes_and_rejections(
+    rabbitmq_url: str,
+) -> None:
+    env = {**os.environ, "RABBITMQ_URL": rabbitmq_url}
+    out = run_script(
+        "bench_ingress.py",
+        "--processes",
+        "1",
+        "--seconds",
+        "1",
+        "--concurrency",
+        "8",
+        "--rate",
+        "50",
+        "--events",
+        "20",
+        env=env,
+        timeout_s=120,
+    )
+    results = json.loads(out.strip().splitlines()[-1])
+    for run in ("ingress", "raw", "open", "invalid"):
+        rate, p50, p99, errors = results[run]
+        assert rate > 0 and 0 < p50 <= p99, (run, results[run])
+        assert errors == 0, (run, results[run])
+    assert re.search(r"ratio ingress / raw publish: \d+\.\d\d", out)
+    for unit in ("confirmed webhook", "raw confirmed publish", "rejected webhook"):
+        assert f"| CPU per {unit} | ms | share |" in out
+
+
+async def bench_databases(server_url: str) -> set[str]:
+    conn = await asyncpg.connect(server_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'fulfillment_bench_%'"
+        )
+    finally:
+        await conn.close()
+    return {r["datname"] for r in rows}
+
+
+def test_end_to_end_benchmark_fulfills_every_session_and_drops_its_database(
+    rabbitmq_url: str, postgres_url: str
+) -> None:
+    server = database_url_named(postgres_url, "postgres")
+    before = asyncio.run(bench_databases(server))
+    env = {**os.environ, "RABBITMQ_URL": rabbitmq_url, "DATABASE_URL": server}
+    out = run_script(
+        "bench_e2e.py",
+        "--sessions",
+        "40",
+        "--workers",
+        "1",
+        "--concurrency",
+        "8",
+        env=env,
+        timeout_s=180,
+    )
+    assert "| fulfilled sessions (rows / last effect recorded) | 40 / 40 of 40 |" in out
+    rate = re.search(r"\| fulfilled sessions/s \| ([\d,]+)/s \|", out)
+    assert rate is not None and int(rate.group(1).replace(",", "")) > 0, out
+    assert re.search(r"\| peak worker RSS \| \d+ MB \|", out)
+    assert "| CPU per fulfilled session | ms | share |" in out
+    assert asyncio.run(bench_databases(server)) <= before

@@ -21,7 +21,7 @@ import asyncpg
 from fulfillment.standin_checkout import HostedCheckout
 from fulfillment.stripe_standin import StripeStandIn, signature_header
 from fulfillment.up import say
-from shared.settings import BrokerSettings, env_int
+from shared.settings import BrokerSettings, env_port
 from shared.topology import Topology, connect
 from worker.settings import database_url_from_env
 
@@ -36,7 +36,7 @@ class Demo:
     def __init__(self, env: dict[str, str], standin: StripeStandIn) -> None:
         self.env = env
         self.standin = standin
-        port = env_int(env, "INGRESS_PORT", 8080, minimum=0)
+        port = env_port(env, "INGRESS_PORT", 8080)
         self.base = f"http://127.0.0.1:{port}"
         self.secret = env["STRIPE_WEBHOOK_SECRETS"].split(",")[0].strip()
         self.hosted = HostedCheckout(

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.backoff import compute_backoff
-from shared.errors import FulfillmentError
-from shared.settings import BrokerSettings, env_float, env_int
+from shared.errors import ConfigError, FulfillmentError
+from shared.settings import MAX_PORT, BrokerSettings, env_float, env_port
 from shared.topology import declare_on_broker
 from worker.db import migrate
 from worker.settings import database_url_from_env
@@ -129,7 +129,7 @@ async def _dev_stand_ins(env: dict[str, str], *, force_standin: bool = False) ->
 
         from fulfillment.stripe_standin import ADMIN, StripeStandIn
 
-        port = env_int(env, "STANDIN_PORT", 12111, minimum=0)
+        port = env_port(env, "STANDIN_PORT", 12111)
         stack.standin = StripeStandIn()
         runner = web.AppRunner(stack.standin.app(), access_log=None)
         await runner.setup()
@@ -172,10 +172,20 @@ async def _preflight(env: dict[str, str]) -> bool:
     return True
 
 
-def _children(env: dict[str, str], workers: int) -> list[Child]:
+def _ports(env: dict[str, str], workers: int) -> tuple[int, int]:
+    """The ingress's port and the first worker's metrics port (worker N: + N - 1)."""
+    port = env_port(env, "INGRESS_PORT", 8080)
+    metrics_port = env_port(env, "WORKER_METRICS_PORT", 9100)
+    if metrics_port and metrics_port + workers - 1 > MAX_PORT:
+        raise ConfigError(
+            f"WORKER_METRICS_PORT {metrics_port} leaves no room for {workers} workers "
+            f"(worker N listens on WORKER_METRICS_PORT + N - 1, at most {MAX_PORT})"
+        )
+    return port, metrics_port
+
+
+def _children(env: dict[str, str], workers: int, port: int, metrics_port: int) -> list[Child]:
     host = env.get("INGRESS_HOST", "0.0.0.0")
-    port = env_int(env, "INGRESS_PORT", 8080, minimum=0)
-    metrics_port = env_int(env, "WORKER_METRICS_PORT", 9100, minimum=0)
     children = [Child("ingress", ["ingress"], env)]
     say(f"ingress: POST http://{host}:{port}/webhooks/stripe (healthz, readyz, metrics)")
     for i in range(1, workers + 1):
@@ -197,6 +207,7 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     env = dict(os.environ)
     if sys.stdout.isatty():
         env.setdefault("LOG_FORMAT", "console")
+    port, metrics_port = _ports(env, workers)  # a bad value stops us before anything starts
     if not await _preflight(env):
         return 1
     stack = await _dev_stand_ins(env, force_standin=demo)
@@ -206,7 +217,7 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
 
         scenario = Demo(env, stack.standin)
         stack.closers.append(scenario.close)
-    children = _children(env, workers)
+    children = _children(env, workers, port, metrics_port)
     say("Ctrl-C stops everything")
 
     stopping = asyncio.Event()

@@ -60,14 +60,17 @@ async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -
         shutdown_timeout=settings.broker.publish_timeout_s + settings.read_timeout_s + 5,
         **SERVER_ARGS,
     )
-    await runner.setup()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
+    # Handlers first: setup waits up to 5 s for a first broker connection, and a signal
+    # then must still stop us cleanly (exit 0), not kill us with the default action.
+    await runner.setup()
     try:
-        await web.TCPSite(runner, settings.host, settings.port, reuse_port=True).start()
-        await stopping.wait()
+        if not stopping.is_set():
+            await web.TCPSite(runner, settings.host, settings.port, reuse_port=True).start()
+            await stopping.wait()
         get_logger(__name__).info("ingress stopping")
     finally:
         await runner.cleanup()

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from shared.errors import ConfigError
-from shared.settings import BrokerSettings, Env, env_float, env_int, env_list, env_str
+from shared.settings import BrokerSettings, Env, env_float, env_int, env_list, env_port, env_str
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class IngressSettings:
             webhook_secrets=secrets,
             broker=BrokerSettings.from_env(env),
             host=env_str(env, "INGRESS_HOST", "0.0.0.0"),
-            port=env_int(env, "INGRESS_PORT", 8080, minimum=0),
+            port=env_port(env, "INGRESS_PORT", 8080),
             tolerance_s=tolerance_s,
             max_body_bytes=env_int(env, "INGRESS_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
             retry_after_s=env_int(env, "INGRESS_RETRY_AFTER_S", 10, minimum=1),

@@ -31,8 +31,10 @@ def env_str(env: Env, name: str, default: str) -> str:
     return _raw(env, name) or default
 
 
-def env_int(env: Env, name: str, default: int, *, minimum: int | None = None) -> int:
-    """An integer setting, optionally bounded below."""
+def env_int(
+    env: Env, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    """An integer setting, optionally bounded."""
     raw = _raw(env, name)
     if raw is None:
         return default
@@ -42,7 +44,17 @@ def env_int(env: Env, name: str, default: int, *, minimum: int | None = None) ->
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {value}")
     return value
+
+
+MAX_PORT = 65535
+
+
+def env_port(env: Env, name: str, default: int) -> int:
+    """A TCP port to listen on: 0 (any free port) to 65535."""
+    return env_int(env, name, default, minimum=0, maximum=MAX_PORT)
 
 
 def env_float(env: Env, name: str, default: float, *, minimum: float | None = None) -> float:

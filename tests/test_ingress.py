@@ -25,7 +25,7 @@ from shared.settings import BrokerSettings
 from shared.topology import Topology
 from tests import stripe_helpers as sh
 from tests.conftest import depths, drain, free_port, wait_for
-from tests.processes import broker_env
+from tests.processes import RoleProcess, broker_env
 from tests.tcp_proxy import TcpProxy
 
 SECRET = sh.new_secret()
@@ -429,6 +429,26 @@ async def test_sigterm_with_requests_in_flight_finishes_each_of_them_and_loses_n
         raw for raw, (status, _, _) in zip(raws, results, strict=True) if status == 200
     }
     assert accepted_bodies <= {m.body for m in queued}
+
+
+async def test_sigterm_while_still_waiting_for_the_first_broker_connection_exits_0() -> None:
+    """Regression (outside-in trial): the signal handlers came after the wait for a first
+    broker connection, so a SIGTERM in those seconds killed the ingress with code 143."""
+    env = {
+        "RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/",  # nothing listens
+        "STRIPE_WEBHOOK_SECRETS": SECRET,
+        "INGRESS_PORT": str(free_port()),
+        "INGRESS_HOST": "127.0.0.1",
+    }
+    ingress = RoleProcess(["ingress"], env)
+    try:
+        await ingress.start(ready_event="ingress starting")
+        await ingress.wait_for_log("broker unavailable")  # inside the wait, not after it
+        ingress.signal(signal.SIGTERM)
+        assert await ingress.wait(timeout_s=15) == 0
+    finally:
+        await ingress.stop()
+    assert ingress.events("ingress stopped")
 
 
 async def test_sigterm_while_the_broker_hangs_still_exits_promptly(

@@ -380,6 +380,39 @@ def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_setting
 
 
 @pytest.mark.parametrize(
+    ("command", "setting", "message"),
+    [
+        (["ingress"], {"INGRESS_PORT": "99999"}, "INGRESS_PORT must be at most 65535, got 99999"),
+        (
+            ["worker"],
+            {"WORKER_METRICS_PORT": "70000"},
+            "WORKER_METRICS_PORT must be at most 65535, got 70000",
+        ),
+        (
+            ["up", "--workers", "2"],
+            {"WORKER_METRICS_PORT": "65535"},
+            "WORKER_METRICS_PORT 65535 leaves no room for 2 workers",
+        ),
+    ],
+)
+def test_a_port_out_of_range_stops_the_command_before_it_starts_anything(
+    command: list[str], setting: dict[str, str], message: str
+) -> None:
+    # No broker at this URL: a start-up that got as far as connecting would say so instead.
+    env = {
+        **os.environ,
+        "STRIPE_WEBHOOK_SECRETS": "whsec_test",
+        "STRIPE_API_KEY": "sk_test_x",
+        "RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+        **setting,
+    }
+    result = run_fulfillment(*command, env=env, timeout_s=30)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and "RabbitMQ" not in result.stderr
+
+
+@pytest.mark.parametrize(
     "command",
     [
         ["up"],

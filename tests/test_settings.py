@@ -12,6 +12,7 @@ from shared.settings import (
     BrokerSettings,
     LogSettings,
 )
+from worker.settings import WorkerSettings
 
 SECRET = "whsec_" + "a1b2c3d4" * 4
 OTHER_SECRET = "whsec_" + "e5f6a7b8" * 4
@@ -175,6 +176,8 @@ def test_a_bad_log_value_stops_with_a_config_error_naming_the_variable(
         pytest.param("STRIPE_WEBHOOK_TOLERANCE_S", "5m", id="tolerance-not-a-number"),
         pytest.param("INGRESS_PORT", "http", id="port-not-a-number"),
         pytest.param("INGRESS_PORT", "-1", id="port-negative"),
+        pytest.param("INGRESS_PORT", "65536", id="port-above-65535"),
+        pytest.param("INGRESS_PORT", "99999", id="port-far-above-65535"),
         pytest.param("INGRESS_MAX_BODY_BYTES", "100", id="body-limit-below-minimum"),
         pytest.param("INGRESS_RETRY_AFTER_S", "0", id="retry-after-zero"),
         pytest.param("INGRESS_READ_TIMEOUT_S", "nan", id="read-timeout-nan"),
@@ -187,6 +190,21 @@ def test_a_bad_ingress_value_stops_with_a_config_error_naming_the_variable(
 ) -> None:
     with pytest.raises(ConfigError, match=name):
         IngressSettings.from_env(ingress_env(**{name: value}))
+
+
+@pytest.mark.parametrize("value", ["0", "65535"])
+def test_every_port_from_0_to_65535_is_accepted(value: str) -> None:
+    assert IngressSettings.from_env(ingress_env(INGRESS_PORT=value)).port == int(value)
+    worker = WorkerSettings.from_env({"STRIPE_API_KEY": "sk_test_x", "WORKER_METRICS_PORT": value})
+    assert worker.metrics_port == int(value)
+
+
+@pytest.mark.parametrize("value", ["65536", "70000", "-1"])
+def test_a_worker_metrics_port_outside_0_to_65535_is_refused_naming_the_variable(
+    value: str,
+) -> None:
+    with pytest.raises(ConfigError, match="WORKER_METRICS_PORT"):
+        WorkerSettings.from_env({"STRIPE_API_KEY": "sk_test_x", "WORKER_METRICS_PORT": value})
 
 
 def test_a_zero_webhook_tolerance_is_refused_because_it_would_disable_the_replay_check() -> None:

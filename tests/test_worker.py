@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
+import aio_pika
 import pytest
 
 from fulfillment.stripe_standin import StripeStandIn
@@ -80,7 +81,8 @@ async def test_a_paid_completed_session_gives_one_row_one_email_and_one_order_fu
     sid = session["id"]
     await start_worker(worker_settings)
 
-    await publish(session_event(standin, "checkout.session.completed", sid))
+    completed = session_event(standin, "checkout.session.completed", sid)
+    await publish(completed)
 
     rows = await wait_for(lambda: fulfillment_rows(database_url, sid))
     assert len(rows) == 1
@@ -111,6 +113,9 @@ async def test_a_paid_completed_session_gives_one_row_one_email_and_one_order_fu
     [out] = await wait_for(outbound_messages)
     assert out.routing_key == "order.fulfilled"
     assert out.headers["fulfillment-id"] == f"order.fulfilled:{sid}"
+    assert out.headers["stripe-event-id"] == completed["id"]
+    assert out.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert out.content_type == "application/json" and out.message_id
     body = json.loads(out.body)
     assert (body["checkout_session_id"], body["amount_total"], body["currency"]) == (
         sid,
@@ -266,7 +271,10 @@ async def test_a_failed_delayed_payment_sends_one_notice_and_fulfills_nothing(
         database_url, "SELECT state FROM checkout_sessions WHERE checkout_session_id = $1", sid
     )
     assert rows[0]["state"] == "payment_failed"
-    assert [m.routing_key for m in await drain(channel, outbound)] == ["payment.failed"]
+    [out] = await drain(channel, outbound)
+    assert out.routing_key == "payment.failed"
+    assert out.headers["fulfillment-id"] == f"payment.failed:{sid}"
+    assert out.headers["stripe-event-id"] == failed["id"]
 
 
 async def test_a_payment_failure_after_fulfillment_changes_nothing(

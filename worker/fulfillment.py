@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeAlias
 from urllib.parse import quote
 
@@ -30,7 +31,7 @@ from aio_pika.abc import AbstractExchange
 from asyncpg.pool import PoolConnectionProxy
 
 from shared.backoff import compute_backoff
-from shared.broker import JSON, publish_confirmed
+from shared.broker import HEADER_EVENT_ID, JSON, publish_confirmed
 from shared.envelope import EventEnvelope
 from shared.errors import PermanentError, TransientError
 from shared.logging import get_logger
@@ -161,7 +162,7 @@ class Fulfiller:
                     tuple(
                         zip(
                             FULFILLED_STEPS,
-                            (self._send_confirmation, self._publish_fulfilled),
+                            (self._send_confirmation, partial(self._publish_fulfilled, event)),
                             strict=True,
                         )
                     ),
@@ -192,7 +193,7 @@ class Fulfiller:
                     steps,
                     (
                         ("payment_failed_email", self._send_failure),
-                        ("payment_failed_message", self._publish_failed),
+                        ("payment_failed_message", partial(self._publish_failed, event)),
                     ),
                 )
                 outcome = Outcome("payment_failed", done)
@@ -318,7 +319,7 @@ class Fulfiller:
             return f"failed: {exc}"[:1000]
         return f"sent {message['Message-ID']}"
 
-    async def _publish_fulfilled(self, order: Order) -> str:
+    async def _publish_fulfilled(self, event: EventEnvelope, order: Order) -> str:
         body = {
             "items": [
                 {
@@ -334,14 +335,19 @@ class Fulfiller:
             "customer": order.customer_id,
             "customer_email": order.customer_email,
         }
-        return await self._publish("order.fulfilled", order, body)
+        return await self._publish("order.fulfilled", event, order, body)
 
-    async def _publish_failed(self, order: Order) -> str:
+    async def _publish_failed(self, event: EventEnvelope, order: Order) -> str:
         return await self._publish(
-            "payment.failed", order, {"customer_email": order.customer_email}
+            "payment.failed", event, order, {"customer_email": order.customer_email}
         )
 
-    async def _publish(self, kind: str, order: Order, extra: dict[str, Any]) -> str:
+    async def _publish(
+        self, kind: str, event: EventEnvelope, order: Order, extra: dict[str, Any]
+    ) -> str:
+        """One outbound message, confirmed. ``fulfillment-id`` is the same on every copy
+        (receivers deduplicate on it); ``stripe-event-id`` names the event being handled
+        when it was published (after a crash, the event that resumed the fulfillment)."""
         dedupe_id = f"{kind}:{order.session_id}"
         body = {
             "id": dedupe_id,
@@ -360,7 +366,11 @@ class Fulfiller:
             message_id=uuid.uuid4().hex,
             type=kind,
             app_id="fulfillment-worker",
-            headers={HEADER_DEDUPE_ID: dedupe_id, "checkout-session-id": order.session_id},
+            headers={
+                HEADER_DEDUPE_ID: dedupe_id,
+                HEADER_EVENT_ID: event.id,
+                "checkout-session-id": order.session_id,
+            },
         )
         # Subscribers bind their own queues; with none bound the broker drops it (pub/sub).
         await publish_confirmed(

@@ -10,7 +10,7 @@ from email.utils import parseaddr
 from urllib.parse import unquote, urlsplit
 
 from shared.errors import ConfigError
-from shared.settings import BrokerSettings, Env, env_float, env_int, env_str, env_url
+from shared.settings import BrokerSettings, Env, env_float, env_int, env_port, env_str, env_url
 from shared.stripe_client import StripeSettings
 
 DEFAULT_DATABASE_URL = "postgresql://localhost/fulfillment"
@@ -77,7 +77,7 @@ class WorkerSettings:
             database_url=database_url_from_env(env),
             smtp=SmtpSettings.from_env(env),
             concurrency=concurrency or env_int(env, "WORKER_CONCURRENCY", 32, minimum=1),
-            metrics_port=env_int(env, "WORKER_METRICS_PORT", 9100, minimum=0),
+            metrics_port=env_port(env, "WORKER_METRICS_PORT", 9100),
             metrics_host=env_str(env, "WORKER_METRICS_HOST", "0.0.0.0"),
             grace_s=env_float(env, "WORKER_GRACE_S", 30.0, minimum=0),
             quick_retries=env_int(env, "WORKER_QUICK_RETRIES", 3, minimum=1),

@@ -61,8 +61,18 @@ async def list_events(
         raise FulfillmentError(str(classify(exc))) from None
     finally:
         await http.close_async()  # type: ignore[no-untyped-call]
+    # Stripe filters on its side; checked here too, so an API (or a stand-in) that ignored
+    # a filter could not make us enqueue other types or events outside the window.
+    events = [e for e in events if e.get("type") in HANDLED_TYPES and _in_window(e, created)]
     events.sort(key=lambda e: (e.get("created", 0), e["id"]))
     return events
+
+
+def _in_window(event: dict[str, Any], created: dict[str, int]) -> bool:
+    at = event.get("created")
+    if not isinstance(at, int):
+        return False
+    return at >= created["gte"] and ("lt" not in created or at < created["lt"])
 
 
 async def backfill(

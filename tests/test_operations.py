@@ -300,6 +300,32 @@ async def test_backfill_enqueues_only_missing_events_across_pages_and_twice_is_o
     assert "enqueued 1" in with_all.stdout  # the delivered one, only with --all
 
 
+async def test_backfill_enqueues_only_handled_types_in_the_window_even_if_stripe_ignores_filters(
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    channel: Any,
+    topology: Topology,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = int(time.time())
+    wanted = standin.add_session_event(standin.add_session()["id"], created=now - 3600)
+    too_old = standin.add_session_event(standin.add_session()["id"], created=now - 10 * 86400)
+    other = standin.add_event(
+        sh.event("customer.created", sh.fixture_object("customer"), created=now - 3600)
+    )
+    # an API that answers every event, whatever the query asked for
+    every = sorted(standin.events.values(), key=lambda e: e["created"], reverse=True)
+    monkeypatch.setattr(standin, "_matching_events", lambda query: every)
+    since = time.strftime("%Y-%m-%d", time.gmtime(now - 2 * 86400))
+
+    result = await acli(worker_settings, "backfill", "--since", since)
+
+    assert result.returncode == 0, result.stderr
+    queued = {m.headers[HEADER_EVENT_ID] for m in await drain(channel, topology.work_queue)}
+    assert queued == {wanted["id"]}
+    assert too_old["id"] not in queued and other["id"] not in queued
+
+
 @pytest.mark.parametrize("stop_with", ["sigterm", "ctrl-c"])
 async def test_up_serves_a_signed_webhook_to_a_fulfilled_row_and_stops_cleanly(
     stop_with: str,

@@ -34,7 +34,7 @@ def run(settings: IngressSettings | None = None) -> None:
     checkout = CheckoutSettings.from_env()
     if checkout is not None:
         register_secrets([checkout.stripe.api_key])
-    runtime.run(_serve(settings, checkout))
+    runtime.run_service(_serve(settings, checkout))
     get_logger(__name__).info("ingress stopped")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -46,6 +47,21 @@ def run(main: Coroutine[Any, Any, T], *, env: Env | None = None) -> T:
         raise
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
+
+
+def run_service(main: Coroutine[Any, Any, T], *, env: Env | None = None) -> T:
+    """:func:`run` for a process that stops on SIGTERM/SIGINT with its own handlers.
+
+    Once its graceful stop is done and the loop is closed, a further SIGTERM or SIGINT is
+    ignored while the process exits: closing the loop puts the default actions back, and a
+    supervisor's follow-up signal (``fulfillment up`` sends SIGTERM after a Ctrl-C reached
+    the whole group) would otherwise turn a clean exit 0 into death by signal.
+    """
+    try:
+        return run(main, env=env)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def loop_name() -> str:

@@ -375,7 +375,8 @@ async def test_up_serves_a_signed_webhook_to_a_fulfilled_row_and_stops_cleanly(
             # every child gets SIGINT, then `up` sends each SIGTERM: the second signal must
             # not cut a child's drain short (the ingress exited 1 when it did)
             up.signal_group(signal.SIGINT)
-        assert await up.wait(60) == 0
+        code = await up.wait(60)
+        assert code == 0, "\n".join(up.lines[-60:])
     finally:
         await up.stop()
     output = "\n".join(up.lines)

@@ -37,4 +37,4 @@ def run(concurrency: int | None = None) -> None:
     register_secrets([settings.stripe.api_key])
     if settings.smtp.password:
         register_secrets([settings.smtp.password])
-    runtime.run(serve(settings))
+    runtime.run_service(serve(settings))

@@ -46,7 +46,7 @@ def _up(args: argparse.Namespace) -> int:
     from fulfillment.up import up
 
     _setup("up")
-    return runtime.run_service(up(args.workers, demo=args.demo, keep_running=args.keep_running))
+    return runtime.run(up(args.workers, demo=args.demo, keep_running=args.keep_running))
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared import runtime
 from shared.backoff import compute_backoff
 from shared.errors import ConfigError, FulfillmentError
 from shared.settings import MAX_PORT, BrokerSettings, env_float, env_port
@@ -220,10 +221,7 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     children = _children(env, workers, port, metrics_port)
     say("Ctrl-C stops everything")
 
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
+    stopping = runtime.stop_requested()
     for child in children:
         await child.start()
     tasks = [asyncio.ensure_future(child.supervise(stopping)) for child in children]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from typing import Any
 
 from aiohttp import web
@@ -60,10 +58,7 @@ async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -
         shutdown_timeout=settings.broker.publish_timeout_s + settings.read_timeout_s + 5,
         **SERVER_ARGS,
     )
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
+    stopping = runtime.stop_requested()
     # Handlers first: setup waits up to 5 s for a first broker connection, and a signal
     # then must still stop us cleanly (exit 0), not kill us with the default action.
     await runner.setup()

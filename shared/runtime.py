@@ -9,6 +9,7 @@ the standard library's loop instead (to rule uvloop out when chasing a problem).
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import os
 import signal
 from collections.abc import Callable, Coroutine
@@ -49,19 +50,38 @@ def run(main: Coroutine[Any, Any, T], *, env: Env | None = None) -> T:
         return runner.run(main)
 
 
-def run_service(main: Coroutine[Any, Any, T], *, env: Env | None = None) -> T:
-    """:func:`run` for a process that stops on SIGTERM/SIGINT with its own handlers.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    Once its graceful stop is done and the loop is closed, a further SIGTERM or SIGINT is
-    ignored while the process exits: closing the loop puts the default actions back, and a
-    supervisor's follow-up signal (``fulfillment up`` sends SIGTERM after a Ctrl-C reached
-    the whole group) would otherwise turn a clean exit 0 into death by signal.
+# How long a service may take to exit once its loop is closed before it is ended for good
+# (tracebacks of every thread on stderr, exit 1): ignoring stop signals must not turn a
+# stuck exit into one only SIGKILL ends. A normal exit takes milliseconds.
+EXIT_WATCHDOG_S = 10
+
+
+def stop_requested() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT, through the running loop's signal handlers."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def run_service(main: Coroutine[Any, Any, T], *, env: Env | None = None) -> T:
+    """:func:`run` for a service that stops gracefully on :func:`stop_requested`.
+
+    Once its stop is done and the loop is closed, a further SIGTERM or SIGINT is ignored
+    while the process exits: closing an asyncio loop, or finalizing the interpreter after
+    a uvloop one, puts the default actions back, and a supervisor's follow-up signal
+    (``fulfillment up`` sends SIGTERM to its children after a Ctrl-C reached the whole
+    group) would otherwise turn a clean exit 0 into death by signal. A watchdog bounds
+    that last stretch.
     """
-    try:
-        return run(main, env=env)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
+    result = run(main, env=env)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    faulthandler.dump_traceback_later(EXIT_WATCHDOG_S, exit=True)
+    return result
 
 
 def loop_name() -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -74,31 +74,64 @@ async def test_in_process_tests_run_on_the_loop_the_processes_run_on() -> None:
 
 
 FOLLOW_UP_SIGNAL = """
-import os, signal, sys
+import os, signal, sys, time
 from shared import runtime
 
 async def main() -> int:
+    runtime.stop_requested()  # the loop's handlers, as every service installs them
     return 0
 
+class FollowUp:
+    # A supervisor's follow-up signal, arriving while the interpreter finalizes: CPython
+    # then puts the default action back for handlers set from Python (the loop's are).
+    # (Everything it needs is bound now: module globals are gone by then.)
+    def __init__(self, sig: int) -> None:
+        self.sig, self.pid, self.kill, self.write = sig, os.getpid(), os.kill, os.write
+
+    def __del__(self) -> None:
+        self.kill(self.pid, self.sig)
+        self.write(1, b"exited on our own\\n")
+
+runtime.EXIT_WATCHDOG_S = 1
 getattr(runtime, sys.argv[1])(main())
-os.kill(os.getpid(), signal.SIGTERM)  # a supervisor's follow-up, arriving while we exit
-print("exited on our own")
+if len(sys.argv) > 3:
+    time.sleep(float(sys.argv[3]))  # an exit that hangs
+follow_up = FollowUp(getattr(signal, sys.argv[2]))
 """
 
 
-def test_a_stop_signal_after_a_service_finished_its_stop_does_not_kill_it() -> None:
+def run_snippet(*args: str) -> subprocess.CompletedProcess[str]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(
+        [sys.executable, "-c", FOLLOW_UP_SIGNAL, *args],
+        cwd=root, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_after_a_service_finished_its_stop_does_not_kill_it(
+    sig: str, loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Regression (``up`` test, flaky): the ingress logged "ingress stopped", then the
     SIGTERM ``up`` sends after a Ctrl-C arrived and killed it (exit -15, not 0)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    service = subprocess.run(
-        [sys.executable, "-c", FOLLOW_UP_SIGNAL, "run_service"],
-        cwd=root, capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    monkeypatch.setenv("EVENT_LOOP", loop)
+    service = run_snippet("run_service", sig)
     assert service.returncode == 0, service.stderr
     assert "exited on our own" in service.stdout
-    # the same with plain run(): the default action kills it (what the test guards against)
-    plain = subprocess.run(
-        [sys.executable, "-c", FOLLOW_UP_SIGNAL, "run"],
-        cwd=root, capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert plain.returncode == -signal.SIGTERM
+    # the same with plain run(): the default action is back, and the signal kills it
+    plain = run_snippet("run", sig)
+    assert plain.returncode != 0
+    assert "exited on our own" not in plain.stdout
+
+
+def test_a_service_whose_exit_hangs_is_ended_by_the_watchdog_with_its_tracebacks() -> None:
+    started = time.monotonic()
+    service = run_snippet("run_service", "SIGTERM", "20")
+    assert time.monotonic() - started < 15
+    assert service.returncode != 0
+    assert "Timeout (0:00:01)!" in service.stderr
+    hang = FOLLOW_UP_SIGNAL.splitlines().index(
+        "    time.sleep(float(sys.argv[3]))  # an exit that hangs"
+    )
+    assert f"line {hang + 1} in <module>" in service.stderr  # where it hung: the sleep

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
-
 from shared import runtime
 from shared.logging import configure_logging, get_logger, register_secrets
 from worker import metrics
@@ -14,11 +11,7 @@ from worker.settings import WorkerSettings
 
 async def serve(settings: WorkerSettings) -> None:
     log = get_logger(__name__)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
+    stop = runtime.stop_requested()
     runner = await metrics.start_server(settings.metrics_host, settings.metrics_port)
     worker = Worker(settings)
     try:

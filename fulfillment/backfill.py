@@ -63,7 +63,13 @@ async def list_events(
         await http.close_async()  # type: ignore[no-untyped-call]
     # Stripe filters on its side; checked here too, so an API (or a stand-in) that ignored
     # a filter could not make us enqueue other types or events outside the window.
-    events = [e for e in events if e.get("type") in HANDLED_TYPES and _in_window(e, created)]
+    kept = [e for e in events if e.get("type") in HANDLED_TYPES and _in_window(e, created)]
+    if len(kept) < len(events):
+        log.warning(
+            "the events API answered events outside the filter; left out",
+            count=len(events) - len(kept),
+        )
+    events = kept
     events.sort(key=lambda e: (e.get("created", 0), e["id"]))
     return events
 

@@ -182,6 +182,11 @@ def _ports(env: dict[str, str], workers: int) -> tuple[int, int]:
             f"WORKER_METRICS_PORT {metrics_port} leaves no room for {workers} workers "
             f"(worker N listens on WORKER_METRICS_PORT + N - 1, at most {MAX_PORT})"
         )
+    if metrics_port and port and metrics_port <= port < metrics_port + workers:
+        raise ConfigError(
+            f"INGRESS_PORT {port} is one of the workers' metrics ports "
+            f"(WORKER_METRICS_PORT {metrics_port} to {metrics_port + workers - 1})"
+        )
     return port, metrics_port
 
 

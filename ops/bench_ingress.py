@@ -386,7 +386,7 @@ def print_cpu(
 ) -> None:
     """Where the machine's CPU went, per ``unit`` (``count`` of them), over the window."""
     spent = {k: after[k] - before[k] for k in before}
-    machine = spent.pop("machine")
+    machine = max(spent.pop("machine"), TICK_S)  # a run too short to register a tick
     spent["kernel and everything else"] = max(0.0, machine - sum(spent.values()))
     n = max(1, count)
     print(f"\n| CPU per {unit} | ms | share |")

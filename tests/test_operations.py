@@ -307,23 +307,29 @@ async def test_backfill_enqueues_only_handled_types_in_the_window_even_if_stripe
     topology: Topology,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    now = int(time.time())
-    wanted = standin.add_session_event(standin.add_session()["id"], created=now - 3600)
-    too_old = standin.add_session_event(standin.add_session()["id"], created=now - 10 * 86400)
-    other = standin.add_event(
-        sh.event("customer.created", sh.fixture_object("customer"), created=now - 3600)
+    day = 86400
+    today = int(time.time()) // day * day
+    wanted = standin.add_session_event(standin.add_session()["id"], created=today - day - 60)
+    too_old = standin.add_session_event(standin.add_session()["id"], created=today - 3 * day)
+    too_new = standin.add_session_event(standin.add_session()["id"], created=today + 60)
+    # a type the work queue is bound for (checkout.session.*), but not one backfill handles
+    expired = standin.add_event(
+        sh.event("checkout.session.expired", sh.checkout_session(), created=today - day - 60)
     )
     # an API that answers every event, whatever the query asked for
     every = sorted(standin.events.values(), key=lambda e: e["created"], reverse=True)
     monkeypatch.setattr(standin, "_matching_events", lambda query: every)
-    since = time.strftime("%Y-%m-%d", time.gmtime(now - 2 * 86400))
+    since = time.strftime("%Y-%m-%d", time.gmtime(today - 2 * day))
+    until = time.strftime("%Y-%m-%d", time.gmtime(today))
 
-    result = await acli(worker_settings, "backfill", "--since", since)
+    result = await acli(worker_settings, "backfill", "--since", since, "--until", until)
 
     assert result.returncode == 0, result.stderr
+    assert "enqueued 1" in result.stdout
     queued = {m.headers[HEADER_EVENT_ID] for m in await drain(channel, topology.work_queue)}
     assert queued == {wanted["id"]}
-    assert too_old["id"] not in queued and other["id"] not in queued
+    for left_out in (too_old, too_new, expired):
+        assert left_out["id"] not in queued
 
 
 @pytest.mark.parametrize("stop_with", ["sigterm", "ctrl-c"])
@@ -420,9 +426,15 @@ def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_setting
             {"WORKER_METRICS_PORT": "65535"},
             "WORKER_METRICS_PORT 65535 leaves no room for 2 workers",
         ),
+        (
+            ["up", "--workers", "3"],
+            {"INGRESS_PORT": "9102", "WORKER_METRICS_PORT": "9100"},
+            "INGRESS_PORT 9102 is one of the workers' metrics ports "
+            "(WORKER_METRICS_PORT 9100 to 9102)",
+        ),
     ],
 )
-def test_a_port_out_of_range_stops_the_command_before_it_starts_anything(
+def test_a_bad_port_stops_the_command_before_it_starts_anything(
     command: list[str], setting: dict[str, str], message: str
 ) -> None:
     # No broker at this URL: a start-up that got as far as connecting would say so instead.

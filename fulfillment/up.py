@@ -90,16 +90,19 @@ class Child:
                 return
             await self.start()
 
-    async def stop(self, timeout_s: float) -> int:
-        """SIGTERM, wait for a clean exit, kill after ``timeout_s``; the exit code."""
+    async def stop(self, timeout_s: float, now: asyncio.Event) -> int:
+        """SIGTERM, wait for a clean exit, kill after ``timeout_s`` or once ``now`` is set;
+        the exit code."""
         assert self.process is not None
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
-        try:
-            code = await asyncio.wait_for(self.process.wait(), timeout_s)
-        except TimeoutError:
+        exited = asyncio.ensure_future(self.process.wait())
+        forced = asyncio.ensure_future(now.wait())
+        await asyncio.wait({exited, forced}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if not exited.done():
             self.process.kill()
-            code = await self.process.wait()
+        code = await exited
         if self._pump_task is not None:
             await self._pump_task
         return code
@@ -235,8 +238,10 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     await asyncio.gather(*tasks)
 
     say("stopping: the ingress answers what it holds, workers finish theirs")
+    say("(Ctrl-C again kills them now: the broker redelivers what a worker had not finished)")
+    kill_now = runtime.stop_requested()  # a second signal: no more waiting
     grace_s = env_float(env, "WORKER_GRACE_S", 30.0, minimum=0) + 15
-    codes = await asyncio.gather(*(child.stop(grace_s) for child in children))
+    codes = await asyncio.gather(*(child.stop(grace_s, kill_now) for child in children))
     await stack.close()
     for child, code in zip(children, codes, strict=True):
         if code != 0:

@@ -391,6 +391,66 @@ async def test_up_serves_a_signed_webhook_to_a_fulfilled_row_and_stops_cleanly(
     assert "exited with" not in output
 
 
+async def test_a_second_ctrl_c_kills_what_up_is_still_waiting_for(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    topology: Topology,
+    channel: Any,
+) -> None:
+    sid = standin.add_session()["id"]
+    secret = sh.new_secret()
+    port = free_port()
+    up = RoleProcess(
+        ["up", "--workers", "1"],
+        {
+            **worker_env(worker_settings),
+            "STRIPE_WEBHOOK_SECRETS": secret,
+            "INGRESS_PORT": str(port),
+            "INGRESS_HOST": "127.0.0.1",
+            "WORKER_METRICS_PORT": str(free_port()),
+            "WORKER_GRACE_S": "60",
+        },
+    )
+    try:
+        await up.start()
+        await wait_for(lambda: any("worker consuming" in line for line in up.lines), timeout_s=30)
+        await wait_for(lambda: any("broker connected" in line for line in up.lines), timeout_s=10)
+        standin.latency_s = 120.0  # the worker's Stripe call hangs: a message stays in flight
+        raw = sh.body(session_event(standin, "checkout.session.completed", sid))
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"http://127.0.0.1:{port}/webhooks/stripe",
+                data=raw,
+                headers={"Stripe-Signature": sh.signature_header(raw, secret)},
+            ) as r:
+                assert r.status == 200
+        await wait_for(lambda: ("GET", f"/v1/checkout/sessions/{sid}") in standin.requests)
+
+        up.signal_group(signal.SIGINT)  # Ctrl-C: the worker drains, up waits for it
+        await wait_for(lambda: any("Ctrl-C again" in line for line in up.lines))
+        await asyncio.sleep(0.5)
+        assert up.process is not None and up.process.returncode is None  # still waiting
+        started = time.monotonic()
+        up.signal(signal.SIGINT)  # Ctrl-C again
+        code = await up.wait(20)
+        assert time.monotonic() - started < 10
+    finally:
+        standin.latency_s = 0.0
+        await up.stop()
+    assert code == 1
+    assert any("worker-1 exited with -9" in line for line in up.lines)
+    # nothing lost: the unfinished message is back in the queue for the next worker
+    await wait_for(lambda: depth_is(channel, topology.work_queue, 1), timeout_s=10)
+
+
+async def depth_is(channel: Any, queue: str, count: int) -> bool:
+    declared = await channel.declare_queue(queue, passive=True)
+    return bool(declared.declaration_result.message_count == count)
+
+
 def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_settings: Any) -> None:
     env = {
         **os.environ,

@@ -79,7 +79,8 @@ class DeadLetter:
     body: bytes = field(repr=False)
 
     @classmethod
-    def from_message(cls, message: AbstractIncomingMessage) -> DeadLetter:
+    def from_message(cls, message: AbstractIncomingMessage, *, delivery_limit: int) -> DeadLetter:
+        """``delivery_limit``: the work queue's, for dead letters the broker moved itself."""
         headers: dict[str, Any] = dict(message.headers or {})
         deaths = headers.get("x-death") or []
         death = deaths[0] if deaths and isinstance(deaths[0], dict) else {}
@@ -100,7 +101,10 @@ class DeadLetter:
                 if reason == "delivery_limit"
                 else f"dead-lettered by the broker ({reason})"
             )
-            attempts = _int(headers.get("x-delivery-count"), 0) + 1
+            # Not x-delivery-count: on a message in the DLQ that is the DLQ's own count, and
+            # every `dlq list` or `show` (a get, then a requeue) adds one. The work queue
+            # dead-letters a message once it was delivered more often than its limit.
+            attempts = delivery_limit + 1 if reason == "delivery_limit" else 1
             first = last = _iso(death.get("time"))
         return cls(
             event_id=event_id,
@@ -164,7 +168,9 @@ async def dead_letters(
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
-            held.append((DeadLetter.from_message(message), message))
+            held.append(
+                (DeadLetter.from_message(message, delivery_limit=topology.delivery_limit), message)
+            )
         try:
             yield channel, topology, held
         finally:

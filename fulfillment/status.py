@@ -33,7 +33,9 @@ async def collect(broker: BrokerSettings, database_url: str) -> dict[str, Any]:
             queue = await peek.get_queue(topology.dead_queue, ensure=False)
             message = await queue.get(no_ack=False, fail=False)
             if message is not None:
-                oldest = age_s(DeadLetter.from_message(message))
+                oldest = age_s(
+                    DeadLetter.from_message(message, delivery_limit=topology.delivery_limit)
+                )
             await peek.close()
         report["oldest_dead_letter_age_s"] = round(oldest, 1) if oldest is not None else None
     report["consumers"] = report["queues"][topology.work_queue]["consumers"]

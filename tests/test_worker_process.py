@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from fulfillment.dlq import list_dead_letters
 from fulfillment.stripe_standin import StripeStandIn
 from shared.topology import Topology
 from tests.conftest import db_fetch, drain, wait_for
@@ -150,6 +151,7 @@ async def test_a_message_that_kills_its_worker_every_time_is_dead_lettered_by_th
     channel: Any,
     database_url: str,
     topology: Topology,
+    worker_settings: WorkerSettings,
 ) -> None:
     sid = standin.add_session()["id"]
     standin.latency_s = 30.0  # the worker is always mid-message when it dies
@@ -171,8 +173,15 @@ async def test_a_message_that_kills_its_worker_every_time_is_dead_lettered_by_th
         await worker.wait()
         await asyncio.sleep(0.3)
 
-    [dead] = await wait_for(lambda: drain(channel, topology.dead_queue), timeout_s=10)
     assert deliveries == topology.delivery_limit + 1
+    await wait_for(lambda: _depth(channel, topology.dead_queue), timeout_s=10)
+    # Looking at it changes nothing: the DLQ's own x-delivery-count grows with every look
+    # (a get, then a requeue), so it must not be read as the attempts (outside-in trial).
+    for _ in range(3):
+        [letter] = await list_dead_letters(worker_settings.broker)
+        assert letter.attempts == topology.delivery_limit + 1
+        assert letter.error_type == "broker:delivery_limit"
+    [dead] = await wait_for(lambda: drain(channel, topology.dead_queue), timeout_s=10)
     deaths = dead.headers["x-death"]
     assert deaths[0]["reason"] == "delivery_limit"
     assert await fulfillment_rows(database_url, sid) == []

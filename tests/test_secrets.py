@@ -268,6 +268,13 @@ async def test_no_secret_appears_in_any_log_line_of_the_ingress_or_the_worker(
     assert retried and "500" in retried[0]["error"]
     [dead] = worker.events("dead-lettered")
     assert (dead["event_id"], dead["reason"]) == (ghost["id"], "permanent")
+    # every outcome line, whatever the outcome, carries the same fields
+    outcome_lines = [*worker.events("event handled"), *retried, dead]
+    fields = ("event_id", "event_type", "checkout_session_id", "attempt", "outcome")
+    for line in outcome_lines:
+        assert all(line.get(f) is not None for f in fields), line
+        assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0, line
+        assert isinstance(line["redelivered"], bool), line
     assert worker.events("effect done")
     assert any(log.get("level") == "debug" for log in ingress.logs), "DEBUG lines were on"
 

@@ -432,7 +432,8 @@ async def test_smtp_down_is_retried_and_one_email_is_sent_once_it_is_back(
     smtp.stop()
     worker = await start_worker(worker_settings)
 
-    await publish(session_event(standin, "checkout.session.completed", sid))
+    completed = session_event(standin, "checkout.session.completed", sid)
+    await publish(completed)
     await wait_for(lambda: fulfillment_rows(database_url, sid))  # the row does not wait for mail
     await asyncio.sleep(1.0)  # at least one retry through a delay queue
     assert smtp.for_session(sid) == []
@@ -443,6 +444,12 @@ async def test_smtp_down_is_retried_and_one_email_is_sent_once_it_is_back(
     assert len(smtp.for_session(sid)) == 1
     assert len(await fulfillment_rows(database_url, sid)) == 1
     assert await drain(channel, topology.dead_queue) == []
+    # the attempt that sent the email finished the fulfillment: counted as fulfilled, not
+    # as a no-op (its row was written by the first attempt)
+    [processed] = await db_fetch(
+        database_url, "SELECT outcome FROM processed_events WHERE event_id = $1", completed["id"]
+    )
+    assert processed["outcome"] == "fulfilled"
 
 
 async def test_a_session_with_more_line_items_than_one_page_is_fulfilled_with_all_of_them(

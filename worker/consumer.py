@@ -216,7 +216,7 @@ class Worker:
         bound = log.bind(
             event_id=headers.get(HEADER_EVENT_ID),
             event_type=event_type,
-            redelivered=message.redelivered or None,
+            redelivered=bool(message.redelivered),
         )
         try:
             delivery = parse(message)
@@ -227,7 +227,7 @@ class Worker:
         except Exception as exc:
             attempt = _attempt(headers)
             outcome_name = await asyncio.shield(
-                self._fail(message, exc, attempt, event_type, bound)
+                self._fail(message, exc, attempt, event_type, bound, started)
             )
         else:
             await asyncio.shield(_settle(message.ack(), bound))
@@ -236,7 +236,7 @@ class Worker:
                 "event handled",
                 outcome=outcome_name,
                 effects=dict(outcome.effects_done) or None,
-                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                duration_ms=_ms_since(started),
             )
         metrics.PROCESSED.labels(event_type, outcome_name).inc()
         metrics.DURATION.labels(event_type).observe(time.perf_counter() - started)
@@ -261,8 +261,11 @@ class Worker:
         attempt: int,
         event_type: str,
         bound: structlog.typing.FilteringBoundLogger,
+        started: float,
     ) -> str:
-        """Send the message on to a delay queue or the DLQ, confirmed, then ack the original."""
+        """Send the message on to a delay queue or the DLQ, confirmed, then ack the original.
+
+        ``started``: when handling began (perf_counter), for the outcome line's duration."""
         transient = is_transient(exc)
         retries = len(self.topology.retry_delays_s)
         now = utc_now_iso()
@@ -304,6 +307,7 @@ class Worker:
                 "failed message not moved; left for redelivery",
                 error=str(publish_error),
                 requeue_in_s=round(pause_s, 1),
+                duration_ms=_ms_since(started),
             )
             await asyncio.sleep(pause_s)
             with contextlib.suppress(Exception):
@@ -319,6 +323,7 @@ class Worker:
                 retry_in_s=delay_s,
                 error_type=type(exc).__name__,
                 error=str(exc),
+                duration_ms=_ms_since(started),
             )
         else:
             kind = "retries_exhausted" if transient else "permanent"
@@ -330,9 +335,14 @@ class Worker:
                 reason=kind,
                 error_type=type(exc).__name__,
                 error=str(exc),
+                duration_ms=_ms_since(started),
                 exc_info=exc if not isinstance(exc, TransientError | PermanentError) else None,
             )
         return outcome
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
 
 
 async def _settle(ack: Awaitable[Any], bound: structlog.typing.FilteringBoundLogger) -> None:

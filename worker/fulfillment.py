@@ -167,7 +167,9 @@ class Fulfiller:
                         )
                     ),
                 )
-                outcome = Outcome("fulfilled" if created else "already_fulfilled", done)
+                # "fulfilled" when this event finished it: the row, or the effects a failed
+                # earlier attempt left undone (SMTP was down, the worker was killed)
+                outcome = Outcome("fulfilled" if created or done else "already_fulfilled", done)
             await _finish(held, event, outcome.name)
         return outcome
 

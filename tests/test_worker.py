@@ -452,6 +452,42 @@ async def test_smtp_down_is_retried_and_one_email_is_sent_once_it_is_back(
     assert processed["outcome"] == "fulfilled"
 
 
+async def test_a_session_answered_without_its_line_items_expanded_is_fulfilled_with_them(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by an outside-in trial: a Stripe stand-in that ignored ``expand[]`` got a paid
+    order recorded and mailed with no items at all."""
+    from fulfillment import stripe_standin
+
+    read_list = stripe_standin._list_param
+    monkeypatch.setattr(
+        stripe_standin,
+        "_list_param",
+        lambda query, name: [] if name == "expand" else read_list(query, name),
+    )
+    sid = standin.add_session(line_items=[("T-shirt", 2, 2000), ("Mug", 1, 1250)])["id"]
+    await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    items = await db_fetch(
+        database_url,
+        "SELECT description, quantity FROM fulfillment_line_items "
+        "WHERE checkout_session_id = $1 ORDER BY description",
+        sid,
+    )
+    assert [tuple(i) for i in items] == [("Mug", 1), ("T-shirt", 2)]
+    [mail] = await asyncio.to_thread(smtp.wait, 1)
+    assert "2 x T-shirt" in mail.get_content()
+
+
 async def test_a_session_with_more_line_items_than_one_page_is_fulfilled_with_all_of_them(
     standin: StripeStandIn,
     smtp: SmtpSink,

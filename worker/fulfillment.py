@@ -110,7 +110,11 @@ class Fulfiller:
         path = f"/v1/checkout/sessions/{quote(session_id, safe='')}"
         try:
             doc = await self._get(path, {"expand": ["line_items"]})
-            line_items = doc.get("line_items") or {}
+            line_items = doc.get("line_items")
+            if not isinstance(line_items, dict):
+                # not expanded (an API, or a stand-in, that ignored expand[]): an order
+                # must not go out without its items, so ask for them directly
+                line_items = await self._get(f"{path}/line_items", {"limit": 100})
             items = list(line_items.get("data") or [])
             has_more = bool(line_items.get("has_more"))
             while has_more and items:

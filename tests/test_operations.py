@@ -332,6 +332,45 @@ async def test_backfill_enqueues_only_handled_types_in_the_window_even_if_stripe
         assert left_out["id"] not in queued
 
 
+async def start_up(
+    worker_settings: WorkerSettings, workers: int, secret: str, port: int, **env: str
+) -> RoleProcess:
+    """``fulfillment up`` on ``port``, once its workers consume and its ingress is connected."""
+    up = RoleProcess(
+        ["up", "--workers", str(workers)],
+        {
+            **worker_env(worker_settings),
+            "STRIPE_WEBHOOK_SECRETS": secret,
+            "INGRESS_PORT": str(port),
+            "INGRESS_HOST": "127.0.0.1",
+            "WORKER_METRICS_PORT": str(free_port(workers)),
+            **env,
+        },
+    )
+    await up.start()
+    try:
+        await wait_for(
+            lambda: sum("worker consuming" in line for line in up.lines) == workers, timeout_s=30
+        )
+        await wait_for(lambda: any("broker connected" in line for line in up.lines), timeout_s=10)
+    except AssertionError:
+        await up.stop()
+        raise AssertionError("up not ready:\n" + "\n".join(up.lines[-60:])) from None
+    return up
+
+
+async def post_signed(port: int, raw: bytes, secret: str) -> int:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"http://127.0.0.1:{port}/webhooks/stripe",
+            data=raw,
+            headers={"Stripe-Signature": sh.signature_header(raw, secret)},
+        ) as response:
+            return response.status
+
+
 @pytest.mark.parametrize("stop_with", ["sigterm", "ctrl-c"])
 async def test_up_serves_a_signed_webhook_to_a_fulfilled_row_and_stops_cleanly(
     stop_with: str,
@@ -344,35 +383,10 @@ async def test_up_serves_a_signed_webhook_to_a_fulfilled_row_and_stops_cleanly(
     sid = standin.add_session()["id"]
     secret = sh.new_secret()
     port = free_port()
-    up = RoleProcess(
-        ["up", "--workers", "2"],
-        {
-            **worker_env(worker_settings),
-            "STRIPE_WEBHOOK_SECRETS": secret,
-            "INGRESS_PORT": str(port),
-            "INGRESS_HOST": "127.0.0.1",
-            "WORKER_METRICS_PORT": str(free_port(2)),
-        },
-    )
+    up = await start_up(worker_settings, 2, secret, port)
     try:
-        await up.start()
-        try:
-            await wait_for(
-                lambda: sum("worker consuming" in line for line in up.lines) == 2, timeout_s=30
-            )
-        except AssertionError:
-            raise AssertionError("workers not consuming:\n" + "\n".join(up.lines[-60:])) from None
-        await wait_for(lambda: any("broker connected" in line for line in up.lines), timeout_s=10)
         raw = sh.body(session_event(standin, "checkout.session.completed", sid))
-        import aiohttp
-
-        async with aiohttp.ClientSession() as http:
-            async with http.post(
-                f"http://127.0.0.1:{port}/webhooks/stripe",
-                data=raw,
-                headers={"Stripe-Signature": sh.signature_header(raw, secret)},
-            ) as r:
-                assert r.status == 200
+        assert await post_signed(port, raw, secret) == 200
         await wait_for(lambda: fulfillment_rows(database_url, sid), timeout_s=15)
         await asyncio.to_thread(smtp.wait, 1)
         if stop_with == "sigterm":
@@ -401,32 +415,11 @@ async def test_a_second_ctrl_c_kills_what_up_is_still_waiting_for(
     sid = standin.add_session()["id"]
     secret = sh.new_secret()
     port = free_port()
-    up = RoleProcess(
-        ["up", "--workers", "1"],
-        {
-            **worker_env(worker_settings),
-            "STRIPE_WEBHOOK_SECRETS": secret,
-            "INGRESS_PORT": str(port),
-            "INGRESS_HOST": "127.0.0.1",
-            "WORKER_METRICS_PORT": str(free_port()),
-            "WORKER_GRACE_S": "60",
-        },
-    )
+    up = await start_up(worker_settings, 1, secret, port, WORKER_GRACE_S="60")
     try:
-        await up.start()
-        await wait_for(lambda: any("worker consuming" in line for line in up.lines), timeout_s=30)
-        await wait_for(lambda: any("broker connected" in line for line in up.lines), timeout_s=10)
         standin.latency_s = 120.0  # the worker's Stripe call hangs: a message stays in flight
         raw = sh.body(session_event(standin, "checkout.session.completed", sid))
-        import aiohttp
-
-        async with aiohttp.ClientSession() as http:
-            async with http.post(
-                f"http://127.0.0.1:{port}/webhooks/stripe",
-                data=raw,
-                headers={"Stripe-Signature": sh.signature_header(raw, secret)},
-            ) as r:
-                assert r.status == 200
+        assert await post_signed(port, raw, secret) == 200
         await wait_for(lambda: ("GET", f"/v1/checkout/sessions/{sid}") in standin.requests)
 
         up.signal_group(signal.SIGINT)  # Ctrl-C: the worker drains, up waits for it

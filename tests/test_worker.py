@@ -39,6 +39,17 @@ def session_event(
     return sh.event(event_type, session, **kw)
 
 
+async def stored_items(database_url: str, session_id: str) -> list[tuple[Any, ...]]:
+    """The session's line items as recorded: (description, quantity, amount_total), by name."""
+    rows = await db_fetch(
+        database_url,
+        "SELECT description, quantity, amount_total FROM fulfillment_line_items "
+        "WHERE checkout_session_id = $1 ORDER BY description",
+        session_id,
+    )
+    return [tuple(r) for r in rows]
+
+
 async def fulfillment_rows(database_url: str, session_id: str) -> list[Any]:
     return await db_fetch(
         database_url, "SELECT * FROM fulfillments WHERE checkout_session_id = $1", session_id
@@ -92,13 +103,7 @@ async def test_a_paid_completed_session_gives_one_row_one_email_and_one_order_fu
         "usd",
         "ada@example.com",
     )
-    items = await db_fetch(
-        database_url,
-        "SELECT description, quantity, amount_total FROM fulfillment_line_items "
-        "WHERE checkout_session_id = $1 ORDER BY description",
-        sid,
-    )
-    assert [tuple(i) for i in items] == [("Mug", 1, 1250), ("T-shirt", 2, 4000)]
+    assert await stored_items(database_url, sid) == [("Mug", 1, 1250), ("T-shirt", 2, 4000)]
 
     [mail] = await asyncio.to_thread(smtp.wait, 1)
     assert mail["To"] == "ada@example.com"
@@ -477,13 +482,7 @@ async def test_a_session_answered_without_its_line_items_expanded_is_fulfilled_w
     await publish(session_event(standin, "checkout.session.completed", sid))
 
     await wait_for(lambda: fulfillment_rows(database_url, sid))
-    items = await db_fetch(
-        database_url,
-        "SELECT description, quantity FROM fulfillment_line_items "
-        "WHERE checkout_session_id = $1 ORDER BY description",
-        sid,
-    )
-    assert [tuple(i) for i in items] == [("Mug", 1), ("T-shirt", 2)]
+    assert await stored_items(database_url, sid) == [("Mug", 1, 1250), ("T-shirt", 2, 4000)]
     [mail] = await asyncio.to_thread(smtp.wait, 1)
     assert "2 x T-shirt" in mail.get_content()
 
@@ -505,13 +504,8 @@ async def test_a_session_with_more_line_items_than_one_page_is_fulfilled_with_al
 
     [row] = await wait_for(lambda: fulfillment_rows(database_url, sid))
     assert row["amount_total"] == sum(unit for _, _, unit in items)
-    stored = await db_fetch(
-        database_url,
-        "SELECT description FROM fulfillment_line_items WHERE checkout_session_id = $1 "
-        "ORDER BY description",
-        sid,
-    )
-    assert [r["description"] for r in stored] == [d for d, _, _ in items]
+    stored = await stored_items(database_url, sid)
+    assert [description for description, _, _ in stored] == [d for d, _, _ in items]
     [mail] = await asyncio.to_thread(smtp.wait, 1)
     assert all(f"1 x {d}" in mail.get_content() for d, _, _ in items)
 

@@ -110,20 +110,21 @@ class Fulfiller:
         path = f"/v1/checkout/sessions/{quote(session_id, safe='')}"
         try:
             doc = await self._get(path, {"expand": ["line_items"]})
-            line_items = doc.get("line_items")
-            if not isinstance(line_items, dict):
+            expanded = doc.get("line_items")
+            if isinstance(expanded, dict):
+                # the expansion holds the first page only; the rest come from /line_items
+                items = list(expanded.get("data") or [])
+                has_more = bool(expanded.get("has_more"))
+            else:
                 # not expanded (an API, or a stand-in, that ignored expand[]): an order
-                # must not go out without its items, so ask for them directly
-                line_items = await self._get(f"{path}/line_items", {"limit": 100})
-            items = list(line_items.get("data") or [])
-            has_more = bool(line_items.get("has_more"))
-            while has_more and items:
-                # the expansion holds the first page only; fetch the rest
-                page = await self._get(
-                    f"{path}/line_items", {"limit": 100, "starting_after": items[-1]["id"]}
-                )
-                items += page.get("data") or []
-                has_more = bool(page.get("has_more"))
+                # must not go out without its items, so every page comes from /line_items
+                items, has_more = [], True
+            while has_more:
+                after = {"starting_after": items[-1]["id"]} if items else {}
+                page = await self._get(f"{path}/line_items", {"limit": 100, **after})
+                data = page.get("data") or []
+                items += data
+                has_more = bool(page.get("has_more")) and bool(data)
             doc["line_items"] = {"object": "list", "data": items, "has_more": False}
         except stripe.StripeError as exc:
             raise classify(exc) from exc

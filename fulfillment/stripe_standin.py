@@ -215,6 +215,7 @@ class StripeStandIn:
     def __init__(self, *, seed: int | None = None, latency_s: float = 0.0) -> None:
         self.sessions: dict[str, dict[str, Any]] = {}
         self.line_items: dict[str, list[dict[str, Any]]] = {}
+        self.session_accounts: dict[str, str] = {}  # session id -> its connected account
         self.customers: dict[str, dict[str, Any]] = {}
         self.products: dict[str, dict[str, Any]] = {}
         self.events: dict[str, dict[str, Any]] = {}
@@ -298,10 +299,13 @@ class StripeStandIn:
         customer_email: str = "jenny@example.com",
         customer: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        account: str | None = None,
     ) -> dict[str, Any]:
         """Seed a completed checkout.session; totals are the sum of ``line_items``.
 
         ``line_items`` are ``(description, quantity, unit_amount)``, default one 2000 T-shirt.
+        With ``account`` (Stripe Connect) the session lives on that connected account and,
+        as on Stripe, is found only by requests with ``Stripe-Account: <account>``.
         Returns the stored session (without ``line_items``, which appear only when expanded).
         """
         items = [
@@ -334,6 +338,8 @@ class StripeStandIn:
         session["customer_details"]["email"] = customer_email
         self.sessions[sid] = session
         self.line_items[sid] = items
+        if account is not None:
+            self.session_accounts[sid] = account
         return session
 
     def set_payment_status(self, session_id: str, status: str) -> None:
@@ -363,6 +369,8 @@ class StripeStandIn:
             api_version=API_VERSION,
             data={"object": copy.deepcopy(self.sessions[session_id])},
         )
+        if session_id in self.session_accounts:
+            event["account"] = self.session_accounts[session_id]  # a Connect event
         return self.add_event(event, delivery_success=delivery_success)
 
     # --- faults --------------------------------------------------------------------------
@@ -472,6 +480,7 @@ class StripeStandIn:
             currency=body.get("currency", "usd"),
             customer_email=body.get("customer_email", "jenny@example.com"),
             customer=body.get("customer"),
+            account=body.get("account"),
         )
         return web.json_response(session, status=201)
 
@@ -529,10 +538,16 @@ class StripeStandIn:
             _expand(page, path.split("."), self._lookup)
         return page
 
-    async def _get_session(self, request: web.Request) -> web.Response:
+    def _session_id(self, request: web.Request) -> str:
+        """The path's session id, if it exists for the account asked on behalf of."""
         sid = request.match_info["id"]
-        if sid not in self.sessions:
+        account = request.headers.get("Stripe-Account")
+        if sid not in self.sessions or self.session_accounts.get(sid) != account:
             raise StripeError.missing("checkout.session", sid, "session")
+        return sid
+
+    async def _get_session(self, request: web.Request) -> web.Response:
+        sid = self._session_id(request)
         session = copy.deepcopy(self.sessions[sid])
         expand = _list_param(request.query, "expand")
         if any(path.split(".")[0] == "line_items" for path in expand):
@@ -545,13 +560,13 @@ class StripeStandIn:
         return web.json_response(session)
 
     async def _get_line_items(self, request: web.Request) -> web.Response:
-        sid = request.match_info["id"]
-        if sid not in self.sessions:
-            raise StripeError.missing("checkout.session", sid, "session")
+        sid = self._session_id(request)
         expand = _list_param(request.query, "expand")
         return web.json_response(self._line_item_list(sid, request.query, expand))
 
-    def _matching_events(self, query: Mapping[str, str]) -> list[dict[str, Any]]:
+    def _matching_events(
+        self, query: Mapping[str, str], account: str | None = None
+    ) -> list[dict[str, Any]]:
         types = _list_param(query, "types") + _list_param(query, "type")
         created_exact = _int_param(query, "created")
         bounds = {op: _int_param(query, f"created[{op}]") for op in ("gt", "gte", "lt", "lte")}
@@ -567,6 +582,9 @@ class StripeStandIn:
                 bounds["lt"] is None or created < bounds["lt"],
                 bounds["lte"] is None or created <= bounds["lte"],
                 delivered is None or self.delivery_success[event["id"]] == delivered,
+                # like Stripe: an account's own events only (a connected account's with
+                # Stripe-Account, the platform's without)
+                event.get("account") == account,
             )
             return all(checks)
 
@@ -575,12 +593,13 @@ class StripeStandIn:
         return events
 
     async def _list_events(self, request: web.Request) -> web.Response:
-        events = self._matching_events(request.query)
+        events = self._matching_events(request.query, request.headers.get("Stripe-Account"))
         return web.json_response(_paginate(events, request.query, "/v1/events", "event"))
 
     async def _get_event(self, request: web.Request) -> web.Response:
         event_id = request.match_info["id"]
-        if event_id not in self.events:
+        event = self.events.get(event_id)
+        if event is None or event.get("account") != request.headers.get("Stripe-Account"):
             raise StripeError.missing("event", event_id)
         return web.json_response(self.events[event_id])
 

@@ -18,6 +18,7 @@ HEADER_EVENT_TYPE = "stripe-event-type"
 HEADER_LIVEMODE = "stripe-livemode"
 HEADER_CREATED = "stripe-created"
 HEADER_API_VERSION = "stripe-api-version"
+HEADER_ACCOUNT = "stripe-account"
 HEADER_RECEIVED_AT = "received-at"
 
 JSON = "application/json"
@@ -44,6 +45,8 @@ def event_message(
     }
     if event.api_version is not None:
         all_headers[HEADER_API_VERSION] = event.api_version
+    if event.account is not None:
+        all_headers[HEADER_ACCOUNT] = event.account
     if headers:
         all_headers.update(headers)  # type: ignore[arg-type]
     return aio_pika.Message(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,9 @@ class EventEnvelope:
     livemode: bool
     created: int
     api_version: str | None
+    # The connected account (Stripe Connect) the event happened on; None for the
+    # platform's own. Its objects are read from Stripe on behalf of that account.
+    account: str | None = None
 
     @classmethod
     def parse(cls, raw: bytes | str) -> EventEnvelope:
@@ -60,16 +64,25 @@ class EventEnvelope:
         api_version = doc.get("api_version")
         if not isinstance(api_version, str) or _utf8_size(api_version) is None:
             api_version = None
+        account = doc.get("account")
+        if account is not None and not (
+            isinstance(account, str) and _ACCOUNT_ID.fullmatch(account)
+        ):
+            # Dropping it would read the session from the platform (not found, or worse,
+            # another object): refuse the event instead.
+            raise MalformedEvent('event "account" is not a Stripe account id (acct_…)')
         return cls(
             id=event_id,
             type=event_type,
             livemode=doc.get("livemode") is True,
             created=created,
             api_version=api_version,
+            account=account,
         )
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_ACCOUNT_ID = re.compile(r"acct_[A-Za-z0-9]{1,250}")
 
 
 def _utf8_size(value: str) -> int | None:

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from ingress.app import create_app
 from ingress.settings import IngressSettings
-from shared.broker import HEADER_EVENT_ID
+from shared.broker import HEADER_ACCOUNT, HEADER_EVENT_ID
 from shared.settings import BrokerSettings
 from shared.topology import Topology
 from tests import stripe_helpers as sh
@@ -98,6 +98,23 @@ async def test_a_valid_event_is_answered_200_after_exactly_one_persistent_messag
     assert message.routing_key == "checkout.session.completed"
     assert message.message_id
     assert (await depths(channel, topology)) == dict.fromkeys(topology.all_queues, 0)
+
+
+async def test_a_connect_event_carries_its_connected_account_in_a_header(
+    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
+) -> None:
+    session, base = await start_ingress(ingress_settings)
+    platform, connected = sh.event(), {**sh.event(), "account": "acct_1Connected0001"}
+
+    for doc in (platform, connected):
+        raw = sh.body(doc)
+        status, _, _ = await post(session, base, raw, sh.signature_header(raw, SECRET))
+        assert status == 200
+
+    messages = await drain(channel, topology.work_queue)
+    headers = {m.headers[HEADER_EVENT_ID]: m.headers for m in messages}
+    assert headers[connected["id"]][HEADER_ACCOUNT] == "acct_1Connected0001"
+    assert HEADER_ACCOUNT not in headers[platform["id"]]
 
 
 def _bad_requests() -> list[
@@ -178,6 +195,12 @@ def _bad_requests() -> list[
             "malformed_event",
         ),
         ("over the limit", lambda: signed(b" " * (64 * 1024 + 1)), 413, "body_too_large"),
+        (
+            "account not an account id",
+            lambda: signed(sh.body({**sh.event(), "account": {"id": "acct_1"}})),
+            400,
+            "malformed_event",
+        ),
     ]
 
 

@@ -418,6 +418,42 @@ async def test_an_unknown_session_or_malformed_body_is_dead_lettered_at_once_wit
     assert by_type["MalformedEvent"].body == b"{not json"
 
 
+async def test_a_connected_accounts_session_is_read_on_its_behalf_and_recorded_with_it(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """Stripe Connect: a session created on a connected account exists only there, so its
+    event (with "account") is fulfilled by reading it with Stripe-Account; the same
+    session asked for on the platform is not found."""
+    account = "acct_1Connected0001"
+    sid = standin.add_session(line_items=[("Lamp", 1, 4500)], account=account)["id"]
+    connected = session_event(standin, "checkout.session.completed", sid)
+    connected["account"] = account
+    platform = session_event(standin, "checkout.session.completed", sid)
+    await start_worker(worker_settings)
+
+    await publish(connected)
+    [row] = await wait_for(lambda: fulfillment_rows(database_url, sid))
+    assert (row["stripe_account"], row["amount_total"]) == (account, 4500)
+    assert await stored_items(database_url, sid) == [("Lamp", 1, 4500)]
+    [mail] = await asyncio.to_thread(smtp.wait, 1)
+    assert "1 x Lamp" in mail.get_content()
+    [out] = await wait_for(lambda: drain(channel, outbound))
+    assert json.loads(out.body)["account"] == account
+
+    await publish(platform)
+    [letter] = await wait_for(lambda: drain(channel, topology.dead_queue))
+    assert letter.headers[HEADER_EVENT_ID] == platform["id"]
+    assert letter.headers[HEADER_ERROR_TYPE] == "StripeNotFound"
+
+
 async def _depth(channel: Any, queue: str) -> int:
     q = await (await channel.get_underlay_channel()).queue_declare(queue, passive=True)
     return int(q.message_count or 0)

@@ -42,10 +42,13 @@ class Order:
     customer_name: str | None
     livemode: bool
     items: tuple[LineItem, ...]
+    account: str | None = None  # the connected account it was sold on (Stripe Connect)
 
     @classmethod
-    def from_session(cls, session: dict[str, Any]) -> Order:
-        """Read a retrieved session (``expand=["line_items"]``); PermanentError if it is not one."""
+    def from_session(cls, session: dict[str, Any], *, account: str | None = None) -> Order:
+        """Read a retrieved session (``expand=["line_items"]``); PermanentError if it is not one.
+
+        ``account``: the connected account it was retrieved from, None for the platform."""
         if session.get("object") != "checkout.session" or not session.get("id"):
             raise PermanentError("Stripe returned something that is not a checkout.session")
         details = session.get("customer_details") or {}
@@ -75,6 +78,7 @@ class Order:
             customer_name=details.get("name"),
             livemode=bool(session.get("livemode")),
             items=tuple(items),
+            account=account,
         )
 
     @property

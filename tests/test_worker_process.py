@@ -6,6 +6,7 @@ import asyncio
 import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -15,6 +16,7 @@ from shared.topology import Topology
 from tests.conftest import db_fetch, drain, wait_for
 from tests.processes import RoleProcess, worker_env
 from tests.smtp_sink import SmtpSink
+from tests.tcp_proxy import TcpProxy
 from tests.test_worker import fulfillment_rows, session_event
 from worker.settings import WorkerSettings
 
@@ -78,6 +80,56 @@ async def test_twenty_duplicates_over_two_worker_processes_fulfill_once(
         "confirmation_email": f"sent <order.{sid}@shop.test>",
         "order_fulfilled_message": f"published order.fulfilled:{sid}",
     }
+
+
+async def test_every_effect_done_is_on_an_outcome_line_even_when_its_attempt_failed_after(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    spawn: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    rabbitmq_url: str,
+) -> None:
+    """The broker goes away while the email is sent: the email is done and recorded, then
+    the order.fulfilled publish fails (the redelivery may do it first). Each effect is
+    named on exactly one message's outcome line; the email was on none before."""
+    target = urlsplit(rabbitmq_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    proxied = rabbitmq_url.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}")
+    loop = asyncio.get_running_loop()
+
+    async def drop_the_broker() -> None:  # in the SMTP server's thread, before its 250
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(proxy.cut(), loop))
+        await asyncio.sleep(0.5)
+
+    try:
+        sid = standin.add_session()["id"]
+        smtp.after_data = drop_the_broker
+        worker = await spawn(RABBITMQ_URL=proxied, WORKER_QUICK_RETRIES="10")
+        await publish(session_event(standin, "checkout.session.completed", sid))
+        await asyncio.to_thread(smtp.wait, 1, 15)
+        await proxy.restore()
+
+        def effects_logged() -> list[str]:
+            return [
+                step
+                for line in worker.events("event handled")
+                for step in (line.get("effects") or {})
+            ]
+
+        async def both_logged() -> bool:
+            return len(effects_logged()) >= 2
+
+        await wait_for(both_logged, timeout_s=30)
+        await asyncio.sleep(0.5)
+        assert sorted(effects_logged()) == ["confirmation_email", "order_fulfilled_message"]
+        assert len(smtp.for_session(sid)) == 1
+        [out] = await drain(channel, outbound)
+        assert out.headers["fulfillment-id"] == f"order.fulfilled:{sid}"
+    finally:
+        await proxy.close()
 
 
 async def test_a_worker_killed_between_the_row_and_the_email_is_finished_by_another_once(

@@ -57,7 +57,7 @@ from shared.logging import get_logger
 from shared.stripe_client import make_client
 from shared.topology import Topology
 from worker import db, metrics
-from worker.fulfillment import Fulfiller, Outcome
+from worker.fulfillment import EffectsLog, Fulfiller, Outcome
 from worker.settings import WorkerSettings
 
 log = get_logger(__name__)
@@ -218,14 +218,17 @@ class Worker:
             event_type=event_type,
             redelivered=bool(message.redelivered),
         )
+        effects: EffectsLog = []  # across the in-process retries below
         try:
             delivery = parse(message)
             bound = bound.bind(checkout_session_id=delivery.session_id, attempt=delivery.attempt)
-            outcome: Outcome = await self._retrying(self._dispatch, delivery)
+            outcome: Outcome = await self._retrying(self._dispatch, delivery, effects)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             attempt = _attempt(headers)
+            if effects:
+                bound = bound.bind(effects=dict(effects))
             outcome_name = await asyncio.shield(
                 self._fail(message, exc, attempt, event_type, bound, started)
             )
@@ -235,24 +238,24 @@ class Worker:
             bound.info(
                 "event handled",
                 outcome=outcome_name,
-                effects=dict(outcome.effects_done) or None,
+                effects=dict(effects) or None,
                 duration_ms=_ms_since(started),
             )
         metrics.PROCESSED.labels(event_type, outcome_name).inc()
         metrics.DURATION.labels(event_type).observe(time.perf_counter() - started)
 
-    async def _dispatch(self, delivery: Delivery) -> Outcome:
+    async def _dispatch(self, delivery: Delivery, effects: EffectsLog) -> Outcome:
         fulfiller = self._fulfiller
         assert fulfiller is not None and self._pool is not None
         event = delivery.event
-        handler: Callable[[str, EventEnvelope], Awaitable[Outcome]] | None = None
+        handler: Callable[[str, EventEnvelope, EffectsLog], Awaitable[Outcome]] | None = None
         if event.type in FULFILL or event.type in REQUESTED:
             handler = fulfiller.fulfill
         elif event.type in PAYMENT_FAILED:
             handler = fulfiller.payment_failed
         if handler is None or delivery.session_id is None:
             return Outcome("ignored")
-        return await handler(delivery.session_id, event)
+        return await handler(delivery.session_id, event, effects)
 
     async def _fail(
         self,

@@ -75,7 +75,12 @@ class Outcome:
     """What handling one event did, for the log line and metrics."""
 
     name: str  # fulfilled | already_fulfilled | awaiting_payment | payment_failed | ...
-    effects_done: tuple[tuple[str, str], ...] = ()  # (step, detail), in order
+
+
+# The external effects done while handling one message, as (step, detail) in order, kept
+# by the caller across its in-process retries: the outcome line lists them all, also those
+# of an attempt that failed afterwards.
+EffectsLog: TypeAlias = list[tuple[str, str]]
 
 
 class Fulfiller:
@@ -139,8 +144,12 @@ class Fulfiller:
             raise PermanentError(f"Stripe answered {path} with something not an object")
         return data
 
-    async def fulfill(self, session_id: str, event: EventEnvelope) -> Outcome:
-        """Fulfill a paid (or free) session once; record an unpaid one as awaiting payment."""
+    async def fulfill(
+        self, session_id: str, event: EventEnvelope, effects_log: EffectsLog | None = None
+    ) -> Outcome:
+        """Fulfill a paid (or free) session once; record an unpaid one as awaiting payment.
+
+        Each external effect done is appended to ``effects_log`` as soon as it is done."""
         # `completed` is a session's first event nearly always (Stripe sends it once;
         # duplicates are rare), so checking first would cost every order a round trip to
         # save a rare API call. Every other event usually follows a fulfillment.
@@ -166,6 +175,7 @@ class Fulfiller:
                     conn,
                     order,
                     steps,
+                    effects_log,
                     tuple(
                         zip(
                             FULFILLED_STEPS,
@@ -176,18 +186,20 @@ class Fulfiller:
                 )
                 # "fulfilled" when this event finished it: the row, or the effects a failed
                 # earlier attempt left undone (SMTP was down, the worker was killed)
-                outcome = Outcome("fulfilled" if created or done else "already_fulfilled", done)
+                outcome = Outcome("fulfilled" if created or done else "already_fulfilled")
             await _finish(held, event, outcome.name)
         return outcome
 
-    async def payment_failed(self, session_id: str, event: EventEnvelope) -> Outcome:
+    async def payment_failed(
+        self, session_id: str, event: EventEnvelope, effects_log: EffectsLog | None = None
+    ) -> Outcome:
         """Tell the customer once, record it; never for a session already fulfilled."""
         if await self._settled_before(session_id, event, "ignored_fulfilled"):
             return Outcome("ignored_fulfilled")
         order = await self.retrieve(session_id, event.account)
         if order.payment_status != "unpaid":
             # Stripe's current word wins over a stale event: a paid session is fulfilled.
-            return await self.fulfill(session_id, event)
+            return await self.fulfill(session_id, event, effects_log)
         async with self._locked(session_id) as held:
             conn = held.conn
             state, steps = await _read_state(conn, session_id)
@@ -196,16 +208,17 @@ class Fulfiller:
             else:
                 if state != "payment_failed":
                     await _set_state(conn, order, event.id, "payment_failed")
-                done = await self._run_effects(
+                await self._run_effects(
                     conn,
                     order,
                     steps,
+                    effects_log,
                     (
                         ("payment_failed_email", self._send_failure),
                         ("payment_failed_message", partial(self._publish_failed, event)),
                     ),
                 )
-                outcome = Outcome("payment_failed", done)
+                outcome = Outcome("payment_failed")
             await _finish(held, event, outcome.name)
         return outcome
 
@@ -253,20 +266,24 @@ class Fulfiller:
         conn: Conn,
         order: Order,
         already_done: frozenset[str],
+        effects_log: EffectsLog | None,
         effects: tuple[tuple[str, Effect], ...],
-    ) -> tuple[tuple[str, str], ...]:
-        """Do each effect not yet recorded, recording it (committed) right after."""
-        done = []
+    ) -> bool:
+        """Do each effect not yet recorded, recording it (committed) right after; whether
+        any was done."""
+        done = False
         for step, effect in effects:
             if step in already_done:
                 continue
             detail = await effect(order)
+            if effects_log is not None:
+                effects_log.append((step, detail))  # done, even if recording it fails
             await self._record_step(conn, order.session_id, step, detail)
-            done.append((step, detail))
+            done = True
             # DEBUG: the outcome line lists every effect with its detail (one line per
             # message); this one is for tracing a handler that died mid-way
             log.debug("effect done", checkout_session_id=order.session_id, step=step, detail=detail)
-        return tuple(done)
+        return done
 
     async def _record_step(self, conn: Conn, session_id: str, step: str, detail: str) -> None:
         """Record a done effect, insisting through a database blip: failing here means the

@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq = add(sub, "dlq", None, "Inspect, replay or purge dead-lettered events.",
               "fulfillment dlq list")  # fmt: skip
     dsub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
-    p = add(dsub, "list", _dlq_list, "List dead letters (nothing is removed or reordered).",
+    p = add(dsub, "list", _dlq_list, "List dead letters, oldest failure first (none removed).",
             "fulfillment dlq list --type checkout.session.completed --limit 20")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.add_argument("--type", help="only this event type")

@@ -1,8 +1,13 @@
-"""Dead letters: list, show, replay and purge, without ever losing or reordering one.
+"""Dead letters: list, show, replay and purge, without ever losing one.
 
 Reading uses basic.get without ack on a channel of its own; whatever is not acked (moved
-or purged) goes back when the channel closes, in its original order. A replayed copy is
-confirmed by the broker before the dead one is acked.
+or purged) goes back when the channel closes. A replayed copy is confirmed by the broker
+before the dead one is acked.
+
+Nothing here relies on a dead letter's place in the queue: a quorum queue does not keep
+returned messages in their places (RabbitMQ 3.10 moved each letter that a peek returned
+behind others), so letters are shown and replayed oldest failure first, and the oldest is
+found by reading them all.
 """
 
 from __future__ import annotations
@@ -150,11 +155,17 @@ def _body_field(body: bytes, key: str) -> Any:
 Held = list[tuple[DeadLetter, AbstractIncomingMessage]]
 
 
+def failed_at(dl: DeadLetter) -> float:
+    """When it last failed (Unix time); letters that do not say sort first."""
+    return datetime.fromisoformat(dl.last_failed_at).timestamp() if dl.last_failed_at else 0.0
+
+
 @contextlib.asynccontextmanager
 async def dead_letters(
-    settings: BrokerSettings,
+    settings: BrokerSettings, *, at_most: int | None = None
 ) -> AsyncIterator[tuple[AbstractChannel, Topology, Held]]:
-    """Every dead letter now in the DLQ, held unacked; unacked ones go back on exit, in order."""
+    """The dead letters now in the DLQ (``at_most`` of them), held unacked, oldest failure
+    first; unacked ones go back on exit."""
     topology = Topology.from_settings(settings)
     connection = await connect(settings)
     async with connection:
@@ -163,6 +174,8 @@ async def dead_letters(
         underlay = await channel.get_underlay_channel()
         declared = await underlay.queue_declare(topology.dead_queue, passive=True)
         count = declared.message_count or 0
+        if at_most is not None:
+            count = min(count, at_most)
         held: Held = []
         for _ in range(count):  # only what was there when we looked: newcomers wait
             message = await queue.get(no_ack=False, fail=False)
@@ -171,10 +184,11 @@ async def dead_letters(
             held.append(
                 (DeadLetter.from_message(message, delivery_limit=topology.delivery_limit), message)
             )
+        held.sort(key=lambda pair: failed_at(pair[0]))  # stable: ties keep the queue's order
         try:
             yield channel, topology, held
         finally:
-            await channel.close()  # returns every message not acked, in its original order
+            await channel.close()  # returns every message not acked
 
 
 def _matcher(
@@ -280,8 +294,7 @@ def age_s(dl: DeadLetter, now: float | None = None) -> float | None:
     """Seconds since the dead letter's last failure."""
     if dl.last_failed_at is None:
         return None
-    then = datetime.fromisoformat(dl.last_failed_at).timestamp()
-    return (now or time.time()) - then
+    return (now or time.time()) - failed_at(dl)
 
 
 def print_table(letters: Sequence[DeadLetter], out: Any = sys.stdout) -> None:

@@ -7,9 +7,12 @@ from typing import Any
 
 import asyncpg
 
-from fulfillment.dlq import DeadLetter, age_s
+from fulfillment.dlq import age_s, dead_letters
 from shared.settings import BrokerSettings, redact_url
 from shared.topology import Topology, connect
+
+# status reads at most this many dead letters to find the oldest.
+STATUS_SCAN_LIMIT = 10_000
 
 
 async def collect(broker: BrokerSettings, database_url: str) -> dict[str, Any]:
@@ -27,17 +30,18 @@ async def collect(broker: BrokerSettings, database_url: str) -> dict[str, Any]:
                 "consumers": declared.consumer_count or 0,
             }
         oldest = None
+        scanned = 0
         if report["queues"][topology.dead_queue]["messages"]:
-            # peek at the head: get without ack, then the channel's close puts it back
-            peek = await connection.channel()
-            queue = await peek.get_queue(topology.dead_queue, ensure=False)
-            message = await queue.get(no_ack=False, fail=False)
-            if message is not None:
-                oldest = age_s(
-                    DeadLetter.from_message(message, delivery_limit=topology.delivery_limit)
-                )
-            await peek.close()
+            # read them all: a queue's head is not its oldest letter (see fulfillment/dlq.py)
+            async with dead_letters(broker, at_most=STATUS_SCAN_LIMIT) as (_, _, held):
+                ages = [age for dl, _ in held if (age := age_s(dl)) is not None]
+                scanned = len(held)
+            oldest = max(ages, default=None)
         report["oldest_dead_letter_age_s"] = round(oldest, 1) if oldest is not None else None
+        # more dead letters than status reads: the age is the oldest among those read
+        report["oldest_dead_letter_partial"] = (
+            scanned < report["queues"][topology.dead_queue]["messages"] and oldest is not None
+        )
     report["consumers"] = report["queues"][topology.work_queue]["consumers"]
     report["database"] = redact_url(database_url)
     try:
@@ -67,9 +71,11 @@ def render(report: dict[str, Any]) -> str:
     for name, q in report["queues"].items():
         lines.append(f"{name:48} {q['messages']:>9} {q['consumers']:>9}")
     age = report["oldest_dead_letter_age_s"]
+    partial = f" (at least: read {STATUS_SCAN_LIMIT:,} of them)"
     lines += [
         "",
-        f"oldest dead letter: {_duration(age) + ' old' if age is not None else 'none'}",
+        f"oldest dead letter: {_duration(age) + ' old' if age is not None else 'none'}"
+        + (partial if report.get("oldest_dead_letter_partial") else ""),
         f"fulfillments in the last hour: {report.get('fulfillments_last_hour', '?')}"
         + (f"  ({report['database_error']})" if report.get("database_error") else ""),
     ]

@@ -14,7 +14,14 @@ import aio_pika
 import pytest
 
 from fulfillment.stripe_standin import StripeStandIn
-from shared.broker import HEADER_EVENT_ID, HEADER_REPLAYED_FROM
+from shared.broker import (
+    HEADER_ERROR_MESSAGE,
+    HEADER_ERROR_TYPE,
+    HEADER_EVENT_ID,
+    HEADER_FIRST_FAILED_AT,
+    HEADER_LAST_FAILED_AT,
+    HEADER_REPLAYED_FROM,
+)
 from shared.topology import Topology
 from tests import stripe_helpers as sh
 from tests.conftest import db_fetch, drain, free_port, wait_for
@@ -70,7 +77,7 @@ async def dead_letter_unknown_sessions(
     return events
 
 
-async def test_dlq_list_shows_why_and_leaves_every_dead_letter_in_place_and_in_order(
+async def test_dlq_list_shows_why_oldest_failure_first_and_leaves_every_dead_letter(
     standin: StripeStandIn,
     worker_settings: WorkerSettings,
     start_worker: Any,
@@ -89,15 +96,50 @@ async def test_dlq_list_shows_why_and_leaves_every_dead_letter_in_place_and_in_o
     assert first.returncode == 0, first.stderr
     letters = json.loads(first.stdout)
     listed = [d["event_id"] for d in letters]
-    # the worker handles the three concurrently, so they die in any order: the DLQ's own
-    # order is what the listing shows, and what is still there afterwards
+    # the worker handles the three concurrently, so they die in any order
     assert sorted(listed) == sorted(e["id"] for e in events)
+    failed = [d["last_failed_at"] for d in letters]
+    assert failed == sorted(failed)
     assert {d["error_type"] for d in letters} == {"StripeNotFound"}
     assert all(d["attempts"] == 1 and d["first_failed_at"] and d["worker_id"] for d in letters)
     assert [d["event_id"] for d in json.loads(second.stdout)] == listed[:2]
     assert listed[0] in table.stdout and "StripeNotFound" in table.stdout
     remaining = await drain(channel, topology.dead_queue)
-    assert [m.headers[HEADER_EVENT_ID] for m in remaining] == listed
+    assert sorted(m.headers[HEADER_EVENT_ID] for m in remaining) == sorted(listed)
+
+
+async def test_status_and_list_find_the_oldest_dead_letter_however_often_they_read(
+    worker_settings: WorkerSettings, channel: Any, topology: Topology
+) -> None:
+    """Regression: status peeked at the queue's head, and RabbitMQ 3.10 put each peeked
+    letter back behind the others, so the "oldest" age changed with every run (12m, 7m,
+    12m) and the listing's order rotated. The oldest is now found by reading them all."""
+    now = time.time()
+    ages_s = {"evt_7m": 420, "evt_12m": 720, "evt_1m": 60}  # queue order is not age order
+    for event_id, age in ages_s.items():
+        at = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - age))
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                sh.body(sh.event(event_id=event_id)),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                headers={
+                    HEADER_EVENT_ID: event_id,
+                    HEADER_ERROR_TYPE: "StripeNotFound",
+                    HEADER_ERROR_MESSAGE: "No such checkout.session",
+                    HEADER_FIRST_FAILED_AT: at,
+                    HEADER_LAST_FAILED_AT: at,
+                },
+            ),
+            topology.dead_queue,
+        )
+
+    for _ in range(3):
+        status = json.loads((await acli(worker_settings, "status", "--json")).stdout)
+        assert 715 <= status["oldest_dead_letter_age_s"] < 780
+        assert status["oldest_dead_letter_partial"] is False
+        listed = json.loads((await acli(worker_settings, "dlq", "list", "--json")).stdout)
+        assert [d["event_id"] for d in listed] == ["evt_12m", "evt_7m", "evt_1m"]
+    assert len(await drain(channel, topology.dead_queue)) == 3
 
 
 async def test_dlq_show_prints_the_headers_and_the_pretty_body(

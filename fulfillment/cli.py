@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from shared import runtime
 from shared.errors import FulfillmentError
@@ -28,6 +28,49 @@ EPILOG = """examples:
 """
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is one line on stderr (then exit 2), as every
+    other error of this command is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _above_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _one_selection(given: dict[str, object]) -> None:
+    """Refuse a command told to select dead letters in more than one way at once."""
+    chosen = [name for name, value in given.items() if value]
+    if len(chosen) > 1:
+        raise FulfillmentError(f"give one of {', '.join(given)}, not {' and '.join(chosen)}")
+
+
+def _not_found(asked: Sequence[str], found: Sequence[str]) -> int:
+    """Say which of the event ids asked for are not dead letters; the exit code."""
+    missing = [event_id for event_id in asked if event_id not in set(found)]
+    if missing:
+        print(f"not in the DLQ: {' '.join(missing)}", file=sys.stderr)
+    return 1 if missing else 0
 
 
 def _setup(component: str) -> None:
@@ -140,6 +183,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     _setup("dlq")
     if not (args.event_ids or args.type or args.all):
         raise FulfillmentError("say what to replay: EVENT_ID..., --type T or --all")
+    _one_selection({"EVENT_ID...": args.event_ids, "--type": args.type, "--all": args.all})
     result = runtime.run(
         replay(
             _broker(),
@@ -155,10 +199,11 @@ def _dlq_replay(args: argparse.Namespace) -> int:
         print(f"dry run: {result.matched} dead letter(s) would be replayed")
         for event_id in result.event_ids:
             print(f"  {event_id}")
-        return 0
+        return _not_found(args.event_ids, result.event_ids)
     print(f"replayed {result.replayed} of {result.matched} matching dead letter(s)", end="")
     print(f"; {result.failed} failed and stayed in the DLQ" if result.failed else "")
-    return 1 if result.failed else 0
+    missing = _not_found(args.event_ids, result.event_ids)
+    return 1 if result.failed or missing else 0
 
 
 def _dlq_purge(args: argparse.Namespace) -> int:
@@ -167,6 +212,7 @@ def _dlq_purge(args: argparse.Namespace) -> int:
     _setup("dlq")
     if not (args.event_ids or args.all):
         raise FulfillmentError("say what to purge: EVENT_ID... or --all")
+    _one_selection({"EVENT_ID...": args.event_ids, "--all": args.all})
     what = "ALL dead letters" if args.all else f"{len(args.event_ids)} dead letter(s)"
     if not args.yes:
         if not sys.stdin.isatty():
@@ -179,7 +225,7 @@ def _dlq_purge(args: argparse.Namespace) -> int:
     print(f"purged {len(removed)} dead letter(s)")
     for dl in removed:
         print(f"  {dl.event_id} {dl.event_type} ({dl.error_type})")
-    return 0
+    return _not_found(args.event_ids, [dl.event_id for dl in removed])
 
 
 def _date(text: str) -> datetime:
@@ -222,8 +268,8 @@ def _backfill(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    parser = Parser(
         prog="fulfillment",
         description="Stripe Checkout fulfillment over RabbitMQ.",
         epilog=EPILOG,
@@ -232,12 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
-        parent: argparse._SubParsersAction[argparse.ArgumentParser],
+        parent: argparse._SubParsersAction[Parser],
         name: str,
         handler: Handler | None,
         help_: str,
         example: str,
-    ) -> argparse.ArgumentParser:
+    ) -> Parser:
         p = parent.add_parser(
             name,
             help=help_,
@@ -251,20 +297,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(sub, "up", _up, "Migrate, declare the topology, run the ingress and N workers.",
             "fulfillment up --workers 2")  # fmt: skip
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="worker processes (2)")
+    p.add_argument("--workers", type=_at_least_one, default=2, metavar="N",
+                   help="worker processes (2)")  # fmt: skip
     p.add_argument("--demo", action="store_true", help="the same as `fulfillment demo`")
     p.add_argument("--keep-running", action="store_true", help="with --demo: stay up after it")
     p = add(sub, "demo", _demo,
             "Run the stack with a local Stripe stand-in and a realistic mix of orders.",
             "fulfillment demo --keep-running")  # fmt: skip
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="worker processes (2)")
+    p.add_argument("--workers", type=_at_least_one, default=2, metavar="N",
+                   help="worker processes (2)")  # fmt: skip
     p.add_argument("--keep-running", action="store_true",
                    help="stay up after the demo (try the Checkout pages)")  # fmt: skip
     add(sub, "ingress", _ingress, "Run the Stripe webhook HTTP ingress.",
         "STRIPE_WEBHOOK_SECRETS=whsec_... fulfillment ingress")  # fmt: skip
     p = add(sub, "worker", _worker, "Run a fulfillment worker (competing consumer).",
             "STRIPE_API_KEY=sk_test_... fulfillment worker --concurrency 64")  # fmt: skip
-    p.add_argument("--concurrency", type=int, default=None, metavar="N",
+    p.add_argument("--concurrency", type=_at_least_one, default=None, metavar="N",
                    help="messages in flight (prefetch); $WORKER_CONCURRENCY or 32")  # fmt: skip
     add(sub, "migrate", _migrate, "Create or upgrade the database schema (safe concurrently).",
         "DATABASE_URL=postgresql://localhost/fulfillment fulfillment migrate")  # fmt: skip
@@ -281,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
             "fulfillment dlq list --type checkout.session.completed --limit 20")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.add_argument("--type", help="only this event type")
-    p.add_argument("--limit", type=int, help="at most N")
+    p.add_argument("--limit", type=_at_least_one, metavar="N", help="at most N")
     p = add(dsub, "show", _dlq_show, "Show one dead letter's headers and body.",
             "fulfillment dlq show evt_1PgcB2B7WZ01zgkW")  # fmt: skip
     p.add_argument("event_id", metavar="EVENT_ID")
@@ -292,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", help="every dead letter of this event type")
     p.add_argument("--all", action="store_true", help="every dead letter")
     p.add_argument("--dry-run", action="store_true", help="say what would be replayed")
-    p.add_argument("--rate", type=float, help="at most N replays per second")
+    p.add_argument("--rate", type=_above_zero, metavar="N", help="at most N replays per second")
     p = add(dsub, "purge", _dlq_purge, "Delete dead letters for good (asks unless --yes).",
             "fulfillment dlq purge evt_1PgcB2B7WZ01zgkW --yes")  # fmt: skip
     p.add_argument("event_ids", nargs="*", metavar="EVENT_ID")
@@ -315,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(args)
     except FulfillmentError as exc:
-        print(f"fulfillment {args.command}: {exc}", file=sys.stderr)
+        # one line, whatever the message holds (Stripe's own messages span several)
+        print(f"fulfillment {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from shared.broker import (
@@ -155,6 +156,20 @@ def _body_field(body: bytes, key: str) -> Any:
 Held = list[tuple[DeadLetter, AbstractIncomingMessage]]
 
 
+async def existing_queue(
+    channel: AbstractChannel, name: str, settings: BrokerSettings
+) -> aiormq.spec.Queue.DeclareOk:
+    """The queue's depth and consumers; a clear error if it was never declared."""
+    underlay = await channel.get_underlay_channel()
+    try:
+        return await underlay.queue_declare(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise FulfillmentError(
+            f"queue {name} does not exist on {settings.display_url}: "
+            "run `fulfillment topology`, or check BROKER_PREFIX"
+        ) from None
+
+
 def failed_at(dl: DeadLetter) -> float:
     """When it last failed (Unix time); letters that do not say sort first."""
     return datetime.fromisoformat(dl.last_failed_at).timestamp() if dl.last_failed_at else 0.0
@@ -170,9 +185,8 @@ async def dead_letters(
     connection = await connect(settings)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        queue = await channel.get_queue(topology.dead_queue, ensure=True)
-        underlay = await channel.get_underlay_channel()
-        declared = await underlay.queue_declare(topology.dead_queue, passive=True)
+        declared = await existing_queue(channel, topology.dead_queue, settings)
+        queue = await channel.get_queue(topology.dead_queue, ensure=False)
         count = declared.message_count or 0
         if at_most is not None:
             count = min(count, at_most)

@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from fulfillment.dlq import age_s, dead_letters
+from fulfillment.dlq import age_s, dead_letters, existing_queue
 from shared.settings import BrokerSettings, redact_url
 from shared.topology import Topology, connect
 
@@ -22,9 +22,8 @@ async def collect(broker: BrokerSettings, database_url: str) -> dict[str, Any]:
     connection = await connect(broker)
     async with connection:
         channel = await connection.channel()
-        underlay = await channel.get_underlay_channel()
         for name in topology.all_queues:
-            declared = await underlay.queue_declare(name, passive=True)
+            declared = await existing_queue(channel, name, broker)
             report["queues"][name] = {
                 "messages": declared.message_count or 0,
                 "consumers": declared.consumer_count or 0,

@@ -11,6 +11,7 @@ from ingress.checkout import CheckoutSettings
 from ingress.settings import IngressSettings
 from shared import runtime
 from shared.logging import configure_logging, get_logger, register_secrets
+from shared.settings import listen_error
 
 # How aiohttp's request handler treats bodies (also what the tests run the app with).
 SERVER_ARGS: dict[str, Any] = {
@@ -64,7 +65,11 @@ async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -
     await runner.setup()
     try:
         if not stopping.is_set():
-            await web.TCPSite(runner, settings.host, settings.port, reuse_port=True).start()
+            site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True)
+            try:
+                await site.start()
+            except OSError as exc:  # taken by another program (not an ingress: reuse_port)
+                raise listen_error("INGRESS_PORT", settings.host, settings.port, exc) from None
             await stopping.wait()
         get_logger(__name__).info("ingress stopping")
     finally:

@@ -57,6 +57,12 @@ def env_port(env: Env, name: str, default: int) -> int:
     return env_int(env, name, default, minimum=0, maximum=MAX_PORT)
 
 
+def listen_error(name: str, host: str, port: int, exc: OSError) -> ConfigError:
+    """A port setting we cannot listen on, as the one-line reason a bad setting gets."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's text repeats us
+    return ConfigError(f"{name}: cannot listen on {host}:{port}: {reason}")
+
+
 def env_float(env: Env, name: str, default: float, *, minimum: float | None = None) -> float:
     """A number setting (seconds, usually), optionally bounded below (exclusive of 0 if 0)."""
     raw = _raw(env, name)

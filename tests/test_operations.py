@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from typing import Any
@@ -257,6 +258,92 @@ async def test_purge_refuses_without_yes_and_removes_only_what_it_is_told_with_y
     )
     remaining = await drain(channel, topology.dead_queue)
     assert [m.headers[HEADER_EVENT_ID] for m in remaining] == [events[1]["id"]]
+
+
+async def test_replay_and_purge_of_event_ids_not_in_the_dlq_say_so_and_exit_1(
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    topology: Topology,
+) -> None:
+    [event] = await dead_letter_unknown_sessions(
+        1, standin, worker_settings, start_worker, publish, channel, topology
+    )
+
+    dry = await acli(worker_settings, "dlq", "replay", event["id"], "evt_typo", "--dry-run")
+    purge_typo = await acli(worker_settings, "dlq", "purge", "evt_typo", "--yes")
+    replay_typo = await acli(worker_settings, "dlq", "replay", "evt_typo")
+
+    for result in (dry, purge_typo, replay_typo):
+        assert result.returncode == 1, result
+        assert "not in the DLQ: evt_typo" in result.stderr
+    assert "1 dead letter(s) would be replayed" in dry.stdout and event["id"] in dry.stdout
+    assert "purged 0" in purge_typo.stdout and "replayed 0 of 0" in replay_typo.stdout
+    assert [m.headers[HEADER_EVENT_ID] for m in await drain(channel, topology.dead_queue)] == [
+        event["id"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["worker", "--concurrency", "0"], "argument --concurrency: must be at least 1, got 0"),
+        (["up", "--workers", "0"], "argument --workers: must be at least 1, got 0"),
+        (["demo", "--workers", "-1"], "argument --workers: must be at least 1, got -1"),
+        (["dlq", "list", "--limit", "-1"], "argument --limit: must be at least 1, got -1"),
+        (["dlq", "replay", "--all", "--rate", "0"], "argument --rate: must be above 0, got 0"),
+        (["dlq", "replay", "evt_1", "--type", "x"], "not EVENT_ID... and --type"),
+        (["dlq", "replay", "--type", "x", "--all"], "not --type and --all"),
+        (["dlq", "purge", "evt_1", "--all", "--yes"], "not EVENT_ID... and --all"),
+    ],
+)
+def test_a_bad_argument_is_refused_in_one_line_before_anything_starts(
+    args: list[str], message: str
+) -> None:
+    env = {**os.environ, "RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/"}
+    result = run_fulfillment(*args, env=env, timeout_s=30)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["dlq", "list"], ["dlq", "replay", "--all"]])
+def test_tools_on_a_broker_without_the_topology_say_to_declare_it(
+    worker_settings: WorkerSettings, command: list[str]
+) -> None:
+    env = {**os.environ, **worker_env(worker_settings), "BROKER_PREFIX": "never.declared"}
+    result = run_fulfillment(*command, env=env, timeout_s=30)
+    assert result.returncode == 2
+    assert "queue never.declared." in result.stderr and "fulfillment topology" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "setting"), [(["ingress"], "INGRESS_PORT"), (["worker"], "WORKER_METRICS_PORT")]
+)
+def test_a_port_another_program_holds_is_one_line_naming_the_setting(
+    worker_settings: WorkerSettings, command: list[str], setting: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            **worker_env(worker_settings),
+            "STRIPE_WEBHOOK_SECRETS": "whsec_test",
+            "INGRESS_HOST": "127.0.0.1",
+            "WORKER_METRICS_HOST": "127.0.0.1",
+            setting: str(port),
+        }
+        result = run_fulfillment(*command, env=env, timeout_s=30)
+    assert result.returncode == 2
+    assert f"{setting}: cannot listen on 127.0.0.1:{port}: Address already in use" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
 
 
 async def test_status_reports_queue_depths_consumers_dead_letters_and_recent_fulfillments(

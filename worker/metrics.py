@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
+from shared.settings import listen_error
+
 PROCESSED = Counter(
     "worker_messages_total",
     "Messages handled, by event type and outcome (fulfilled, already_fulfilled, "
@@ -43,5 +45,9 @@ async def start_server(host: str, port: int) -> web.AppRunner:
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:  # taken by another process, or not an address of ours
+        await runner.cleanup()
+        raise listen_error("WORKER_METRICS_PORT", host, port, exc) from None
     return runner

@@ -26,7 +26,7 @@ from typing import Any
 from shared import runtime
 from shared.backoff import compute_backoff
 from shared.errors import ConfigError, FulfillmentError
-from shared.settings import MAX_PORT, BrokerSettings, env_float, env_port
+from shared.settings import MAX_PORT, BrokerSettings, env_float, env_port, listen_error
 from shared.topology import declare_on_broker
 from worker.db import migrate
 from worker.settings import database_url_from_env
@@ -122,36 +122,92 @@ class LocalStack:
                 await result
 
 
-async def _dev_stand_ins(env: dict[str, str], *, force_standin: bool = False) -> LocalStack:
-    """Local stand-ins for Stripe's API and a mail relay where none is configured."""
-    stack = LocalStack()
-    if not env.get("STRIPE_WEBHOOK_SECRETS"):
+@dataclass
+class LocalPlan:
+    """What ``up`` stands in for, decided (and written into the children's environment)
+    before anything starts, so that every setting can be checked first."""
+
+    standin_port: int | None = None  # the Stripe API stand-in's, when Stripe is stood in for
+    mail_sink: bool = False
+    notes: list[str] = field(default_factory=list)  # said once things start
+
+
+def _plan_local(env: dict[str, str], *, force_standin: bool = False) -> LocalPlan:
+    """Fill in local stand-ins for Stripe and a mail relay where none is configured."""
+    plan = LocalPlan()
+    has_secret, has_key = bool(env.get("STRIPE_WEBHOOK_SECRETS")), bool(env.get("STRIPE_API_KEY"))
+    if has_key and not has_secret and not force_standin:
+        # real Stripe would get a 400 for every webhook (signed with a secret we lack)
+        raise ConfigError(
+            "STRIPE_API_KEY is set but STRIPE_WEBHOOK_SECRETS is not: set the endpoint's "
+            "signing secret too, or neither for a local run"
+        )
+    if has_secret and not has_key and not force_standin:
+        # real events name sessions the local stand-in never heard of
+        raise ConfigError(
+            "STRIPE_WEBHOOK_SECRETS is set but STRIPE_API_KEY is not: set a key too, or "
+            "neither for a local run"
+        )
+    if not has_secret:
         env["STRIPE_WEBHOOK_SECRETS"] = "whsec_local" + secrets.token_hex(16)
-        say(f"no STRIPE_WEBHOOK_SECRETS: sign test events with {env['STRIPE_WEBHOOK_SECRETS']}")
-    if force_standin or not env.get("STRIPE_API_KEY"):
-        from aiohttp import web
+        plan.notes.append(
+            f"no STRIPE_WEBHOOK_SECRETS: sign test events with {env['STRIPE_WEBHOOK_SECRETS']}"
+        )
+    if force_standin or not has_key:
+        from fulfillment.stripe_standin import ADMIN
 
-        from fulfillment.stripe_standin import ADMIN, StripeStandIn
-
-        port = env_port(env, "STANDIN_PORT", 12111)
-        stack.standin = StripeStandIn()
-        runner = web.AppRunner(stack.standin.app(), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        stack.closers.append(runner.cleanup)
+        plan.standin_port = env_port(env, "STANDIN_PORT", 12111)
         env["STRIPE_API_KEY"] = "sk_test_local_standin"
-        env["STRIPE_API_BASE"] = f"http://127.0.0.1:{port}"
-        say(
+        env["STRIPE_API_BASE"] = f"http://127.0.0.1:{plan.standin_port}"
+        plan.notes.append(
             f"Stripe: the local stand-in at {env['STRIPE_API_BASE']} answers the API"
             f" (seed sessions with POST {ADMIN}/sessions)"
         )
     if not env.get("SMTP_URL") and not _listening("127.0.0.1", 1025):
+        plan.mail_sink = True
+        env["SMTP_URL"] = "smtp://127.0.0.1:1025"
+        plan.notes.append(
+            "no SMTP_URL and nothing on localhost:1025: a local mail sink prints each email"
+        )
+    return plan
+
+
+def _check_settings(env: dict[str, str], metrics_port: int) -> None:
+    """Every child's settings, read as the child will: a bad value stops ``up`` before
+    anything starts, instead of a child that exits at once and is restarted forever."""
+    from ingress.checkout import CheckoutSettings
+    from ingress.settings import IngressSettings
+    from worker.settings import WorkerSettings
+
+    IngressSettings.from_env(env)
+    CheckoutSettings.from_env(env)
+    WorkerSettings.from_env({**env, "WORKER_METRICS_PORT": str(metrics_port)})
+
+
+async def _start_local(plan: LocalPlan) -> LocalStack:
+    """Start what the plan stands in for."""
+    stack = LocalStack()
+    if plan.standin_port is not None:
+        from aiohttp import web
+
+        from fulfillment.stripe_standin import StripeStandIn
+
+        stack.standin = StripeStandIn()
+        runner = web.AppRunner(stack.standin.app(), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", plan.standin_port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise listen_error("STANDIN_PORT", "127.0.0.1", plan.standin_port, exc) from None
+        stack.closers.append(runner.cleanup)
+    if plan.mail_sink:
         from fulfillment.mailsink import start_mail_sink
 
         server = await start_mail_sink("127.0.0.1", 1025, lambda line: print(f"mail     | {line}"))
         stack.closers.append(server.close)
-        env["SMTP_URL"] = "smtp://127.0.0.1:1025"
-        say("no SMTP_URL and nothing on localhost:1025: a local mail sink prints each email")
+    for note in plan.notes:
+        say(note)
     return stack
 
 
@@ -216,10 +272,13 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     env = dict(os.environ)
     if sys.stdout.isatty():
         env.setdefault("LOG_FORMAT", "console")
-    port, metrics_port = _ports(env, workers)  # a bad value stops us before anything starts
+    # a bad value stops us before anything starts
+    port, metrics_port = _ports(env, workers)
+    plan = _plan_local(env, force_standin=demo)
+    _check_settings(env, metrics_port)
     if not await _preflight(env):
         return 1
-    stack = await _dev_stand_ins(env, force_standin=demo)
+    stack = await _start_local(plan)
     scenario = None
     if demo:
         from fulfillment.demo import Demo

@@ -203,7 +203,8 @@ async def test_replay_after_a_fix_fulfills_and_replaying_a_fulfilled_session_is_
     await wait_for(
         lambda: db_fetch(
             database_url,
-            "SELECT 1 FROM processed_events WHERE event_id = $1 AND outcome = 'already_fulfilled'",
+            "SELECT 1 FROM processed_events WHERE event_id = $1 "
+            "AND last_outcome = 'already_fulfilled' AND outcome = 'fulfilled'",
             event["id"],
         )
     )
@@ -614,9 +615,21 @@ def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_setting
             "INGRESS_PORT 9102 is one of the workers' metrics ports "
             "(WORKER_METRICS_PORT 9100 to 9102)",
         ),
+        # up checks its children's settings itself: a child refusing one at its start would
+        # be restarted forever while the ingress queued events no worker took
+        (["up"], {"STRIPE_API_KEY": "pk_test_x"}, "STRIPE_API_KEY must start with sk_ or rk_"),
+        (["up"], {"INGRESS_MAX_BODY_BYTES": "abc"}, "INGRESS_MAX_BODY_BYTES"),
+        (["up"], {"SMTP_URL": "http://mail"}, "SMTP_URL"),
+        (["up"], {"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY"),
+        (
+            ["up"],
+            {"STRIPE_WEBHOOK_SECRETS": ""},
+            "STRIPE_API_KEY is set but STRIPE_WEBHOOK_SECRETS is not",
+        ),
+        (["up"], {"STRIPE_API_KEY": ""}, "STRIPE_WEBHOOK_SECRETS is set but STRIPE_API_KEY is not"),
     ],
 )
-def test_a_bad_port_stops_the_command_before_it_starts_anything(
+def test_a_bad_setting_stops_the_command_before_it_starts_anything(
     command: list[str], setting: dict[str, str], message: str
 ) -> None:
     # No broker at this URL: a start-up that got as far as connecting would say so instead.

@@ -156,6 +156,16 @@ async def test_duplicates_and_both_success_events_for_one_session_fulfill_it_onc
     assert len(await fulfillment_rows(database_url, sid)) == 1
     assert len(smtp.for_session(sid)) == 1
     assert len(await drain(channel, outbound)) == 1
+    # one row per event; each handling counted, the first one's outcome kept
+    handled = await db_fetch(
+        database_url,
+        "SELECT event_id, outcome, times_handled FROM processed_events "
+        "WHERE checkout_session_id = $1",
+        sid,
+    )
+    by_event = {r["event_id"]: r for r in handled}
+    assert len(by_event) == 2 and by_event[completed["id"]]["times_handled"] == 20
+    assert sorted(r["outcome"] for r in handled) == ["already_fulfilled", "fulfilled"]
 
 
 async def test_events_for_a_session_fulfilled_in_full_do_not_call_stripe_again(

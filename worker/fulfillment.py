@@ -494,11 +494,13 @@ async def _record_fulfillment(conn: Conn, order: Order, event_id: str) -> None:
 
 
 # An event handled: $1 event id, $2 type, $3 session id, $4 outcome; {source} says whether.
+# The first handling's outcome stays (a duplicate's "already_fulfilled" must not hide the
+# event that fulfilled); the latest is kept beside it, with a count.
 _UPSERT_PROCESSED = """INSERT INTO processed_events
-               (event_id, event_type, checkout_session_id, outcome)
-           SELECT $1, $2, $3, $4 FROM {source}
-           ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome,
-               processed_at = now()
+               (event_id, event_type, checkout_session_id, outcome, last_outcome)
+           SELECT $1, $2, $3, $4, $4 FROM {source}
+           ON CONFLICT (event_id) DO UPDATE SET last_outcome = EXCLUDED.outcome,
+               last_processed_at = now(), times_handled = processed_events.times_handled + 1
            RETURNING 1"""
 
 _RECORD_FULFILLMENT_SQL = f"""WITH s AS ({_UPSERT_STATE} RETURNING checkout_session_id

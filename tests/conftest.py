@@ -99,14 +99,21 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def broker_settings(rabbitmq_url: str, prefix: str) -> BrokerSettings:
-    return BrokerSettings(
+async def broker_settings(rabbitmq_url: str, prefix: str) -> AsyncIterator[BrokerSettings]:
+    """This test's broker settings; whatever was declared under them is deleted afterwards
+    (by the fixtures, or by the processes the test ran)."""
+    settings = BrokerSettings(
         url=rabbitmq_url,
         prefix=prefix,
         publish_timeout_s=2.0,
         retry_delays_s=(0.5, 1.0),
         delivery_limit=3,
     )
+    yield settings
+    connection = await aio_pika.connect(rabbitmq_url)
+    async with connection:
+        # deleting what does not exist is a no-op for RabbitMQ
+        await Topology.from_settings(settings).delete(await connection.channel())
 
 
 @pytest.fixture
@@ -131,10 +138,7 @@ async def topology(broker_settings: BrokerSettings, rabbitmq_url: str) -> AsyncI
     connection = await aio_pika.connect(rabbitmq_url)
     async with connection:
         await topo.declare(await connection.channel())
-    yield topo
-    connection = await aio_pika.connect(rabbitmq_url)
-    async with connection:
-        await topo.delete(await connection.channel())
+    yield topo  # deleted by broker_settings
 
 
 async def drain(channel: AbstractChannel, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
@@ -295,11 +299,16 @@ async def start_worker(topology: Topology) -> AsyncIterator[Any]:
 
 
 @pytest.fixture
-async def outbound(topology: Topology, channel: AbstractChannel) -> str:
+async def outbound(
+    topology: Topology, channel: AbstractChannel, rabbitmq_url: str
+) -> AsyncIterator[str]:
     """A queue bound to every outbound message (order.fulfilled, payment.failed)."""
     queue = await channel.declare_queue(f"{topology.prefix}.outbound-capture", auto_delete=False)
     await queue.bind(topology.out_exchange, routing_key="#")
-    return queue.name
+    yield queue.name
+    connection = await aio_pika.connect(rabbitmq_url)  # the test's channel may be gone
+    async with connection:
+        await (await connection.channel()).queue_delete(queue.name)
 
 
 @pytest.fixture

@@ -535,7 +535,8 @@ async def run_chaos(cfg: ChaosConfig, log_dir: Path | None = None) -> Report:
             ch = await connection.channel()
             await ch.queue_delete(f"{prefix}.outbound-capture")
             await topo.delete(ch)
-        admin = await asyncpg.connect(cfg.server_url)
+        # the server's maintenance database: DATABASE_URL may name one that is not there
+        admin = await asyncpg.connect(urlsplit(cfg.server_url)._replace(path="/postgres").geturl())
         await admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
         await admin.close()
     return report

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 
 class TcpProxy:
@@ -18,6 +20,23 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._target_url = f"tcp://{target_host}:{target_port}"
+
+    @classmethod
+    def in_front_of(cls, url: str, port: int = 0) -> TcpProxy:
+        """A proxy for the service at ``url`` (``amqp://…``, ``smtp://…``); :meth:`url` is
+        the same URL through the proxy."""
+        target = urlsplit(url)
+        proxy = cls(target.hostname or "127.0.0.1", target.port or 5672, port=port)
+        proxy._target_url = url
+        return proxy
+
+    def url(self) -> str:
+        """The target's URL with this proxy's address (once started, or on a fixed port)."""
+        parts = urlsplit(self._target_url)
+        credentials = parts.netloc.rpartition("@")[0]
+        netloc = f"{credentials}@" if credentials else ""
+        return urlunsplit(parts._replace(netloc=f"{netloc}127.0.0.1:{self.port}"))
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -36,6 +55,17 @@ class TcpProxy:
         for task in list(self._tasks):
             task.cancel()
         self._writers.clear()
+
+    def cutter(self, pause_s: float = 0.5) -> Callable[[], Awaitable[None]]:
+        """For another thread's loop (an SMTP sink's hook): cut this proxy on the loop that
+        calls this, then wait ``pause_s`` (so the client notices before that hook returns)."""
+        loop = asyncio.get_running_loop()
+
+        async def cut_from_another_thread() -> None:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.cut(), loop))
+            await asyncio.sleep(pause_s)
+
+        return cut_from_another_thread
 
     async def restore(self) -> None:
         await self.start()

@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import aiohttp
@@ -319,10 +318,9 @@ async def test_broker_gone_gives_a_prompt_503_and_back_gives_200_without_a_resta
     rabbitmq_url: str,
     channel: Any,
 ) -> None:
-    target = urlsplit(rabbitmq_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy = TcpProxy.in_front_of(rabbitmq_url)
     await proxy.start()
-    proxied = rabbitmq_url.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}")
+    proxied = proxy.url()
     settings = replace(ingress_settings, broker=replace(ingress_settings.broker, url=proxied))
     session, base = await start_ingress(settings)
     raw = sh.body(sh.event())
@@ -361,17 +359,14 @@ async def test_the_ingress_starts_while_the_broker_is_down_and_serves_once_it_is
     rabbitmq_url: str,
     channel: Any,
 ) -> None:
-    target = urlsplit(rabbitmq_url)
-    port = free_port()
-    proxied = rabbitmq_url.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{port}")
-    settings = replace(ingress_settings, broker=replace(ingress_settings.broker, url=proxied))
+    proxy = TcpProxy.in_front_of(rabbitmq_url, port=free_port())  # not started: no broker
+    settings = replace(ingress_settings, broker=replace(ingress_settings.broker, url=proxy.url()))
     session, base = await start_ingress(settings, connect_wait_s=0.5)
     raw = sh.body(sh.event())
 
     status, _, headers = await post(session, base, raw, sh.signature_header(raw, SECRET))
     assert status == 503 and "Retry-After" in headers
 
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672, port=port)
     await proxy.start()
     try:
 
@@ -389,16 +384,13 @@ async def test_the_ingress_starts_while_the_broker_is_down_and_serves_once_it_is
 async def test_sigterm_with_requests_in_flight_finishes_each_of_them_and_loses_none(
     topology: Topology, broker_settings: BrokerSettings, rabbitmq_url: str, channel: Any
 ) -> None:
-    target = urlsplit(rabbitmq_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy = TcpProxy.in_front_of(rabbitmq_url)
     await proxy.start()
     port = free_port()
     env = {
         **os.environ,
         **broker_env(broker_settings),
-        "RABBITMQ_URL": rabbitmq_url.replace(
-            f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}"
-        ),
+        "RABBITMQ_URL": proxy.url(),
         "STRIPE_WEBHOOK_SECRETS": SECRET,
         "INGRESS_PORT": str(port),
         "INGRESS_HOST": "127.0.0.1",
@@ -479,16 +471,13 @@ async def test_sigterm_while_the_broker_hangs_still_exits_promptly(
 ) -> None:
     """Regression (chaos run): closing the connection to a broker that stopped answering
     waited forever for Close-Ok, so the ingress never exited after SIGTERM."""
-    target = urlsplit(rabbitmq_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy = TcpProxy.in_front_of(rabbitmq_url)
     await proxy.start()
     port = free_port()
     env = {
         **os.environ,
         **broker_env(broker_settings),
-        "RABBITMQ_URL": rabbitmq_url.replace(
-            f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}"
-        ),
+        "RABBITMQ_URL": proxy.url(),
         "STRIPE_WEBHOOK_SECRETS": SECRET,
         "INGRESS_PORT": str(port),
         "INGRESS_HOST": "127.0.0.1",

@@ -6,7 +6,6 @@ import asyncio
 import json
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -697,20 +696,13 @@ async def test_a_broker_connection_drop_right_after_the_email_does_not_send_it_a
     """Regression: aio-pika cancels a channel's consumer tasks when the connection drops;
     a handler cancelled between sending the email and recording it sent it again on
     redelivery. The work now finishes; only its ack is lost."""
-    target = urlsplit(rabbitmq_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy = TcpProxy.in_front_of(rabbitmq_url)
     await proxy.start()
-    proxied = rabbitmq_url.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}")
+    proxied = proxy.url()
     settings = replace(worker_settings, broker=replace(worker_settings.broker, url=proxied))
-    loop = asyncio.get_running_loop()
-
-    async def drop_the_broker() -> None:  # runs in the SMTP server's thread, before its 250
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(proxy.cut(), loop))
-        await asyncio.sleep(0.5)  # the worker's channel notices while it awaits the 250
-
     try:
         sid = standin.add_session()["id"]
-        smtp.after_data = drop_the_broker
+        smtp.after_data = proxy.cutter()  # before the server's 250 to the email
         worker = await start_worker(settings)
         await publish(session_event(standin, "checkout.session.completed", sid))
 

@@ -6,7 +6,6 @@ import asyncio
 import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -94,19 +93,12 @@ async def test_every_effect_done_is_on_an_outcome_line_even_when_its_attempt_fai
     """The broker goes away while the email is sent: the email is done and recorded, then
     the order.fulfilled publish fails (the redelivery may do it first). Each effect is
     named on exactly one message's outcome line; the email was on none before."""
-    target = urlsplit(rabbitmq_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy = TcpProxy.in_front_of(rabbitmq_url)
     await proxy.start()
-    proxied = rabbitmq_url.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}")
-    loop = asyncio.get_running_loop()
-
-    async def drop_the_broker() -> None:  # in the SMTP server's thread, before its 250
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(proxy.cut(), loop))
-        await asyncio.sleep(0.5)
-
+    proxied = proxy.url()
     try:
         sid = standin.add_session()["id"]
-        smtp.after_data = drop_the_broker
+        smtp.after_data = proxy.cutter()  # before the server's 250 to the email
         worker = await spawn(RABBITMQ_URL=proxied, WORKER_QUICK_RETRIES="10")
         await publish(session_event(standin, "checkout.session.completed", sid))
         await asyncio.to_thread(smtp.wait, 1, 15)

@@ -229,3 +229,26 @@ async def test_a_message_that_kills_its_worker_every_time_is_dead_lettered_by_th
     deaths = dead.headers["x-death"]
     assert deaths[0]["reason"] == "delivery_limit"
     assert await fulfillment_rows(database_url, sid) == []
+
+
+async def test_sigterm_while_the_broker_does_not_answer_the_start_exits_0_at_once(
+    worker_settings: WorkerSettings, rabbitmq_url: str
+) -> None:
+    """A worker still starting (here: a broker that accepts the connection and then says
+    nothing) stops on SIGTERM at once and cleanly; it waited out the 10 s connect timeout
+    and exited with the start's error."""
+    proxy = TcpProxy.in_front_of(rabbitmq_url)
+    await proxy.start()
+    proxy.freeze()
+    worker = RoleProcess(["worker"], {**worker_env(worker_settings), "RABBITMQ_URL": proxy.url()})
+    try:
+        await worker.start()
+        await asyncio.sleep(1.5)  # metrics up, migrations checked, now in the AMQP handshake
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(timeout_s=5) == 0
+    finally:
+        await worker.stop()
+        proxy.thaw()
+        await proxy.close()
+    assert worker.events("worker stopping before it started consuming")
+    assert not worker.events("worker consuming")

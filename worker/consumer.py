@@ -35,6 +35,7 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from aio_pika.connection import make_url
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from shared import runtime
@@ -139,8 +140,12 @@ class Worker:
         self._pool = await db.create_pool(s.database_url, max_size=min(s.concurrency, 32))
         self._http = stripe.AIOHTTPClient(timeout=s.stripe.timeout_s)
         client = make_client(s.stripe, http_client=self._http)
+        # What connect_robust does, keeping the connection from the start: cancelling a
+        # first connect (a SIGTERM while the broker does not answer) leaves aio-pika's
+        # reconnect loop running until the connection is closed, which stop() does.
+        self._connection = aio_pika.RobustConnection(make_url(s.broker.url))
         try:
-            self._connection = await aio_pika.connect_robust(s.broker.url, timeout=10)
+            await self._connection.connect(timeout=10)
         except Exception as exc:
             raise BrokerUnavailable(
                 f"cannot reach RabbitMQ at {s.broker.display_url} ({type(exc).__name__})"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from shared import runtime
 from shared.logging import configure_logging, get_logger, register_secrets
 from worker import metrics
@@ -15,7 +17,18 @@ async def serve(settings: WorkerSettings) -> None:
     runner = await metrics.start_server(settings.metrics_host, settings.metrics_port)
     worker = Worker(settings)
     try:
-        await worker.start()
+        # A signal while starting (a broker or database slow to answer) stops the start:
+        # nothing is consumed yet, so there is nothing to finish, and the exit is clean.
+        starting = asyncio.ensure_future(worker.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.wait({starting})
+            log.info("worker stopping before it started consuming")
+            return
+        stopped.cancel()
+        starting.result()  # a failed start: its error, and a non-zero exit
         log.info("worker metrics listening", port=settings.metrics_port)
         await stop.wait()
         log.info("worker stopping", in_flight=worker.in_flight)

@@ -501,7 +501,7 @@ async def post_signed(port: int, raw: bytes, secret: str) -> int:
             return response.status
 
 
-@pytest.mark.parametrize("stop_with", ["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("stop_with", ["sigterm", "ctrl-c", "timeout"])
 async def test_up_serves_a_signed_webhook_to_a_fulfilled_row_and_stops_cleanly(
     stop_with: str,
     standin: StripeStandIn,
@@ -521,6 +521,13 @@ async def test_up_serves_a_signed_webhook_to_a_fulfilled_row_and_stops_cleanly(
         await asyncio.to_thread(smtp.wait, 1)
         if stop_with == "sigterm":
             up.signal(signal.SIGTERM)
+        elif stop_with == "timeout":
+            # GNU timeout signals the command, then its whole group: two signals close
+            # together are one request to stop. The second came after up had begun to stop
+            # in 2 of 7 runs of an outside trial, and killed the children; here it always does.
+            up.signal(signal.SIGTERM)
+            await wait_for(lambda: any("Ctrl-C again" in line for line in up.lines))
+            up.signal_group(signal.SIGTERM)
         else:
             # every child gets SIGINT, then `up` sends each SIGTERM: the second signal must
             # not cut a child's drain short (the ingress exited 1 when it did)

@@ -16,6 +16,23 @@ CONFIRM_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 IN_FLIGHT = Gauge("ingress_webhook_requests_in_flight", "Webhook requests being handled now.")
+
+# Every outcome starts at 0 instead of appearing at its first request: rate() needs two
+# samples, so an alert on a series born with its first 503 would miss that 503.
+OUTCOMES = (
+    "accepted",
+    "missing_signature",
+    "malformed_signature",
+    "invalid_signature",
+    "timestamp_out_of_tolerance",
+    "malformed_event",
+    "body_too_large",
+    "read_timeout",
+    "malformed_body",
+    "broker_unavailable",
+)
+for _outcome in OUTCOMES:
+    REQUESTS.labels(_outcome)
 BROKER_UP = Gauge(
     "ingress_broker_connected", "1 while the broker connection and channel are usable."
 )

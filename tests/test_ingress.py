@@ -531,3 +531,29 @@ def test_the_rejection_log_admits_one_line_per_reason_per_interval_and_counts_th
     assert sampler.admit("no_matching_signature") == 3  # the three left out since
     assert sampler.admit("missing_signature") == 0
     assert sampler.admit("missing_signature") is None
+
+
+async def test_a_fresh_ingress_exports_every_request_outcome_at_zero(
+    topology: Topology, broker_settings: BrokerSettings
+) -> None:
+    """IngressHigh5xxRate divides rates of these series: one born with its first 503 would
+    leave that 503 out (rate() needs two samples)."""
+    port = free_port()
+    env = {
+        **broker_env(broker_settings),
+        "STRIPE_WEBHOOK_SECRETS": SECRET,
+        "INGRESS_PORT": str(port),
+        "INGRESS_HOST": "127.0.0.1",
+    }
+    ingress = RoleProcess(["ingress"], env)
+    try:
+        await ingress.start("broker connected")
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as response,
+        ):
+            text = await response.text()
+    finally:
+        await ingress.stop()
+    for outcome in ("accepted", "broker_unavailable", "invalid_signature", "body_too_large"):
+        assert f'ingress_webhook_requests_total{{outcome="{outcome}"}} 0.0' in text

@@ -7,12 +7,13 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 
 from fulfillment.dlq import list_dead_letters
 from fulfillment.stripe_standin import StripeStandIn
 from shared.topology import Topology
-from tests.conftest import db_fetch, drain, wait_for
+from tests.conftest import db_fetch, drain, free_port, wait_for
 from tests.processes import RoleProcess, worker_env
 from tests.smtp_sink import SmtpSink
 from tests.tcp_proxy import TcpProxy
@@ -252,3 +253,29 @@ async def test_sigterm_while_the_broker_does_not_answer_the_start_exits_0_at_onc
         await proxy.close()
     assert worker.events("worker stopping before it started consuming")
     assert not worker.events("worker consuming")
+
+
+async def test_a_fresh_worker_exports_the_series_its_alerts_watch_at_zero(
+    worker_settings: WorkerSettings, topology: Topology
+) -> None:
+    """rate() needs two samples: a dead-letter series created by the first dead letter
+    never fired WorkerDeadLetterRate for it (outside-in review with Prometheus)."""
+    port = free_port()
+    worker = RoleProcess(
+        ["worker"],
+        {**worker_env(worker_settings), "WORKER_METRICS_PORT": str(port)},
+    )
+    try:
+        await worker.start("worker consuming")
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as response,
+        ):
+            text = await response.text()
+    finally:
+        await worker.stop()
+    for event_type in ("checkout.session.completed", "checkout.session.async_payment_failed"):
+        for reason in ("permanent", "retries_exhausted"):
+            series = f'worker_dead_letters_total{{event_type="{event_type}",reason="{reason}"}}'
+            assert f"{series} 0.0" in text
+    assert 'worker_emails_undeliverable_total{purpose="confirmation_email"} 0.0' in text

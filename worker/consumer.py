@@ -57,7 +57,7 @@ from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError, Tra
 from shared.logging import get_logger
 from shared.stripe_client import make_client
 from shared.topology import Topology
-from worker import db, metrics
+from worker import db, mail, metrics
 from worker.fulfillment import EffectsLog, Fulfiller, Outcome
 from worker.settings import WorkerSettings
 
@@ -136,6 +136,10 @@ class Worker:
     async def start(self) -> None:
         """Migrate, connect, declare, and start consuming."""
         s = self.settings
+        metrics.start_at_zero(
+            FULFILL + PAYMENT_FAILED + REQUESTED,
+            (mail.confirmation_email.__name__, mail.payment_failed_email.__name__),
+        )
         await db.migrate(s.database_url)
         self._pool = await db.create_pool(s.database_url, max_size=min(s.concurrency, 32))
         self._http = stripe.AIOHTTPClient(timeout=s.stripe.timeout_s)

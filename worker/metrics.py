@@ -31,6 +31,17 @@ UNDELIVERABLE_EMAILS = Counter(
 IN_FLIGHT = Gauge("worker_messages_in_flight", "Messages being handled now.")
 
 
+def start_at_zero(event_types: tuple[str, ...], email_purposes: tuple[str, ...]) -> None:
+    """Create the series alerts watch, at 0, before their first event: rate() needs two
+    samples, so a series born with its first dead letter would not fire an alert on it."""
+    for event_type in event_types:
+        RETRIES.labels(event_type)
+        for reason in ("permanent", "retries_exhausted"):
+            DEAD_LETTERS.labels(event_type, reason)
+    for purpose in email_purposes:
+        UNDELIVERABLE_EMAILS.labels(purpose)
+
+
 async def start_server(host: str, port: int) -> web.AppRunner:
     """Serve /metrics and /healthz; port 0 picks a free one."""
 

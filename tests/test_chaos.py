@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ops"))
 
 from chaos import ChaosConfig, run_chaos
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.disruptive]
 
 
 async def test_under_kills_outages_and_restarts_every_acknowledged_webhook_is_fulfilled_once(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from dataclasses import replace
 from typing import Any
 
@@ -164,7 +165,31 @@ async def test_duplicates_and_both_success_events_for_one_session_fulfill_it_onc
     )
     by_event = {r["event_id"]: r for r in handled}
     assert len(by_event) == 2 and by_event[completed["id"]]["times_handled"] == 20
+    [row] = await fulfillment_rows(database_url, sid)
+    assert by_event[row["event_id"]]["outcome"] == "fulfilled"  # the event that fulfilled
     assert sorted(r["outcome"] for r in handled) == ["already_fulfilled", "fulfilled"]
+
+
+async def test_workers_on_the_code_before_migration_0004_can_still_record_events(
+    database_url: str,
+) -> None:
+    """During a rollout the migration runs first: the previous code's insert (without the
+    columns 0004 added) must keep working, or every event it handles is dead-lettered."""
+    event_id = f"evt_rollout_{uuid.uuid4().hex}"
+    previous_code_sql = """INSERT INTO processed_events
+               (event_id, event_type, checkout_session_id, outcome)
+           SELECT $1, $2, $3, $4 FROM (VALUES (1)) AS always
+           ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome,
+               processed_at = now()
+           RETURNING 1"""
+    for outcome in ("fulfilled", "already_fulfilled"):
+        await db_fetch(
+            database_url, previous_code_sql, event_id, "checkout.session.completed", None, outcome
+        )
+    [row] = await db_fetch(
+        database_url, "SELECT * FROM processed_events WHERE event_id = $1", event_id
+    )
+    assert row["outcome"] == "already_fulfilled" and row["last_outcome"] is None
 
 
 async def test_events_for_a_session_fulfilled_in_full_do_not_call_stripe_again(

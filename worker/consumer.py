@@ -237,7 +237,7 @@ class Worker:
         except Exception as exc:
             attempt = _attempt(headers)
             if effects:
-                bound = bound.bind(effects=dict(effects))
+                bound = bound.bind(effects=_effects_for_log(effects))
             outcome_name = await asyncio.shield(
                 self._fail(message, exc, attempt, event_type, bound, started)
             )
@@ -247,7 +247,7 @@ class Worker:
             bound.info(
                 "event handled",
                 outcome=outcome_name,
-                effects=dict(effects) or None,
+                effects=_effects_for_log(effects) or None,
                 duration_ms=_ms_since(started),
             )
         metrics.PROCESSED.labels(event_type, outcome_name).inc()
@@ -351,6 +351,15 @@ class Worker:
                 exc_info=exc if not isinstance(exc, TransientError | PermanentError) else None,
             )
         return outcome
+
+
+def _effects_for_log(effects: EffectsLog) -> dict[str, str]:
+    """{step: detail}; a step done twice for one message (its record failed, so a retry
+    did it again) shows both details, in order, rather than hiding the repeat."""
+    shown: dict[str, str] = {}
+    for step, detail in effects:
+        shown[step] = f"{shown[step]}; again: {detail}" if step in shown else detail
+    return shown
 
 
 def _ms_since(started: float) -> float:

@@ -184,9 +184,11 @@ class Fulfiller:
                         )
                     ),
                 )
-                # "fulfilled" when this event finished it: the row, or the effects a failed
-                # earlier attempt left undone (SMTP was down, the worker was killed)
-                outcome = Outcome("fulfilled" if created or done else "already_fulfilled")
+                # "fulfilled" when this message did any of it: the row, the effects an
+                # earlier delivery left undone (SMTP was down, the worker was killed), or
+                # all of it in an attempt that failed only afterwards (its record or lock)
+                did = created or done or bool(effects_log)
+                outcome = Outcome("fulfilled" if did else "already_fulfilled")
             await _finish(held, event, outcome.name)
         return outcome
 

@@ -1,11 +1,10 @@
 -- A redelivered or replayed event no longer overwrites what its first handling did:
 -- outcome and processed_at stay the first handling's; the latest is kept beside them.
+-- Metadata-only changes (no rewrite, no long lock), and nullable, so that workers still on
+-- the previous code, which insert without these columns, keep working during a rollout:
+-- a NULL last_outcome / last_processed_at means the same as outcome / processed_at.
 ALTER TABLE processed_events
     ADD COLUMN times_handled     integer NOT NULL DEFAULT 1,
     ADD COLUMN last_outcome      text,
     ADD COLUMN last_processed_at timestamptz;
-UPDATE processed_events SET last_outcome = outcome, last_processed_at = processed_at;
-ALTER TABLE processed_events
-    ALTER COLUMN last_outcome SET NOT NULL,
-    ALTER COLUMN last_processed_at SET NOT NULL,
-    ALTER COLUMN last_processed_at SET DEFAULT now();
+ALTER TABLE processed_events ALTER COLUMN last_processed_at SET DEFAULT now();

@@ -69,7 +69,11 @@ def _not_found(asked: Sequence[str], found: Sequence[str]) -> int:
     """Say which of the event ids asked for are not dead letters; the exit code."""
     missing = [event_id for event_id in asked if event_id not in set(found)]
     if missing:
-        print(f"not in the DLQ: {' '.join(missing)}", file=sys.stderr)
+        print(
+            f"not in the DLQ: {' '.join(missing)} (a `status` or `dlq` command running at the "
+            "same time holds the letters it reads until it ends: if one was, try again)",
+            file=sys.stderr,
+        )
     return 1 if missing else 0
 
 

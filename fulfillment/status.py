@@ -37,7 +37,8 @@ async def collect(broker: BrokerSettings, database_url: str) -> dict[str, Any]:
                 scanned = len(held)
             oldest = max(ages, default=None)
         report["oldest_dead_letter_age_s"] = round(oldest, 1) if oldest is not None else None
-        # more dead letters than status reads: the age is the oldest among those read
+        # not all read (over the limit, or held by another reader): the oldest of those read
+        report["dead_letters_scanned"] = scanned
         report["oldest_dead_letter_partial"] = (
             scanned < report["queues"][topology.dead_queue]["messages"] and oldest is not None
         )
@@ -70,7 +71,7 @@ def render(report: dict[str, Any]) -> str:
     for name, q in report["queues"].items():
         lines.append(f"{name:48} {q['messages']:>9} {q['consumers']:>9}")
     age = report["oldest_dead_letter_age_s"]
-    partial = f" (at least: read {STATUS_SCAN_LIMIT:,} of them)"
+    partial = f" (at least: {report.get('dead_letters_scanned', 0):,} of them read)"
     lines += [
         "",
         f"oldest dead letter: {_duration(age) + ' old' if age is not None else 'none'}"

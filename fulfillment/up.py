@@ -249,6 +249,24 @@ def _ports(env: dict[str, str], workers: int) -> tuple[int, int]:
     return port, metrics_port
 
 
+def _check_ports_free(env: dict[str, str], workers: int, port: int, metrics_port: int) -> None:
+    """Each port a child will listen on can be bound now: a child that cannot listen exits
+    at once, and restarting it would go on forever while the others look healthy."""
+    wanted = [("INGRESS_PORT", env.get("INGRESS_HOST", "0.0.0.0"), port)]
+    if metrics_port:
+        host = env.get("WORKER_METRICS_HOST", "0.0.0.0")
+        wanted += [("WORKER_METRICS_PORT", host, metrics_port + i) for i in range(workers)]
+    for name, host, number in wanted:
+        if not number:
+            continue  # 0: any free port
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the children do
+            try:
+                probe.bind((host, number))
+            except OSError as exc:
+                raise listen_error(name, host, number, exc) from None
+
+
 def _children(env: dict[str, str], workers: int, port: int, metrics_port: int) -> list[Child]:
     host = env.get("INGRESS_HOST", "0.0.0.0")
     children = [Child("ingress", ["ingress"], env)]
@@ -296,6 +314,7 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     port, metrics_port = _ports(env, workers)
     plan = _plan_local(env, force_standin=demo)
     _check_settings(env, metrics_port)
+    _check_ports_free(env, workers, port, metrics_port)
     if not await _preflight(env):
         return 1
     stack = await _start_local(plan)

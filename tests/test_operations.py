@@ -97,10 +97,9 @@ async def test_dlq_list_shows_why_oldest_failure_first_and_leaves_every_dead_let
     assert first.returncode == 0, first.stderr
     letters = json.loads(first.stdout)
     listed = [d["event_id"] for d in letters]
-    # the worker handles the three concurrently, so they die in any order
+    # the worker handles the three concurrently, so they die in any order (and within
+    # one second: the order by failure time is tested with letters minutes apart, below)
     assert sorted(listed) == sorted(e["id"] for e in events)
-    failed = [d["last_failed_at"] for d in letters]
-    assert failed == sorted(failed)
     assert {d["error_type"] for d in letters} == {"StripeNotFound"}
     assert all(d["attempts"] == 1 and d["first_failed_at"] and d["worker_id"] for d in letters)
     assert [d["event_id"] for d in json.loads(second.stdout)] == listed[:2]
@@ -280,6 +279,7 @@ async def test_replay_and_purge_of_event_ids_not_in_the_dlq_say_so_and_exit_1(
     for result in (dry, purge_typo, replay_typo):
         assert result.returncode == 1, result
         assert "not in the DLQ: evt_typo" in result.stderr
+        assert "running at the same time" in result.stderr  # letters it holds look missing
     assert "1 dead letter(s) would be replayed" in dry.stdout and event["id"] in dry.stdout
     assert "purged 0" in purge_typo.stdout and "replayed 0 of 0" in replay_typo.stdout
     assert [m.headers[HEADER_EVENT_ID] for m in await drain(channel, topology.dead_queue)] == [
@@ -322,7 +322,14 @@ def test_tools_on_a_broker_without_the_topology_say_to_declare_it(
 
 
 @pytest.mark.parametrize(
-    ("command", "setting"), [(["ingress"], "INGRESS_PORT"), (["worker"], "WORKER_METRICS_PORT")]
+    ("command", "setting"),
+    [
+        (["ingress"], "INGRESS_PORT"),
+        (["worker"], "WORKER_METRICS_PORT"),
+        # up checks before it starts them: a child that cannot listen was restarted forever
+        (["up"], "INGRESS_PORT"),
+        (["up"], "WORKER_METRICS_PORT"),
+    ],
 )
 def test_a_port_another_program_holds_is_one_line_naming_the_setting(
     worker_settings: WorkerSettings, command: list[str], setting: str
@@ -337,6 +344,8 @@ def test_a_port_another_program_holds_is_one_line_naming_the_setting(
             "STRIPE_WEBHOOK_SECRETS": "whsec_test",
             "INGRESS_HOST": "127.0.0.1",
             "WORKER_METRICS_HOST": "127.0.0.1",
+            "INGRESS_PORT": str(free_port()),
+            "WORKER_METRICS_PORT": str(free_port()),
             setting: str(port),
         }
         result = run_fulfillment(*command, env=env, timeout_s=30)

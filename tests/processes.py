@@ -137,3 +137,20 @@ def worker_env(settings: Any) -> dict[str, str]:
         "WORKER_GRACE_S": str(settings.grace_s),
         "WORKER_QUICK_RETRIES": str(settings.quick_retries),
     }
+
+
+async def fresh_metrics(args: list[str], env: dict[str, str], ready_event: str, port: int) -> str:
+    """What ``fulfillment ARGS`` serves on /metrics (on ``port``) once ``ready_event`` is
+    logged, before it handled anything."""
+    import aiohttp
+
+    process = RoleProcess(args, env)
+    try:
+        await process.start(ready_event)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as response,
+        ):
+            return await response.text()
+    finally:
+        await process.stop()

@@ -24,7 +24,7 @@ from shared.settings import BrokerSettings
 from shared.topology import Topology
 from tests import stripe_helpers as sh
 from tests.conftest import depths, drain, free_port, wait_for
-from tests.processes import RoleProcess, broker_env
+from tests.processes import RoleProcess, broker_env, fresh_metrics
 from tests.tcp_proxy import TcpProxy
 
 SECRET = sh.new_secret()
@@ -545,15 +545,6 @@ async def test_a_fresh_ingress_exports_every_request_outcome_at_zero(
         "INGRESS_PORT": str(port),
         "INGRESS_HOST": "127.0.0.1",
     }
-    ingress = RoleProcess(["ingress"], env)
-    try:
-        await ingress.start("broker connected")
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{port}/metrics") as response,
-        ):
-            text = await response.text()
-    finally:
-        await ingress.stop()
+    text = await fresh_metrics(["ingress"], env, "broker connected", port)
     for outcome in ("accepted", "broker_unavailable", "invalid_signature", "body_too_large"):
         assert f'ingress_webhook_requests_total{{outcome="{outcome}"}} 0.0' in text

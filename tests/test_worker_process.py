@@ -7,14 +7,13 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 import pytest
 
 from fulfillment.dlq import list_dead_letters
 from fulfillment.stripe_standin import StripeStandIn
 from shared.topology import Topology
 from tests.conftest import db_fetch, drain, free_port, wait_for
-from tests.processes import RoleProcess, worker_env
+from tests.processes import RoleProcess, fresh_metrics, worker_env
 from tests.smtp_sink import SmtpSink
 from tests.tcp_proxy import TcpProxy
 from tests.test_worker import fulfillment_rows, session_event
@@ -261,19 +260,8 @@ async def test_a_fresh_worker_exports_the_series_its_alerts_watch_at_zero(
     """rate() needs two samples: a dead-letter series created by the first dead letter
     never fired WorkerDeadLetterRate for it (outside-in review with Prometheus)."""
     port = free_port()
-    worker = RoleProcess(
-        ["worker"],
-        {**worker_env(worker_settings), "WORKER_METRICS_PORT": str(port)},
-    )
-    try:
-        await worker.start("worker consuming")
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{port}/metrics") as response,
-        ):
-            text = await response.text()
-    finally:
-        await worker.stop()
+    env = {**worker_env(worker_settings), "WORKER_METRICS_PORT": str(port)}
+    text = await fresh_metrics(["worker"], env, "worker consuming", port)
     for event_type in ("checkout.session.completed", "checkout.session.async_payment_failed"):
         for reason in ("permanent", "retries_exhausted"):
             series = f'worker_dead_letters_total{{event_type="{event_type}",reason="{reason}"}}'

@@ -198,14 +198,6 @@ async def dead_letters(
             held.append(
                 (DeadLetter.from_message(message, delivery_limit=topology.delivery_limit), message)
             )
-        if len(held) < count:
-            # basic.get skips messages another channel holds unacked (a `status` or a `dlq
-            # list` running now), and the count above leaves out those already held
-            log.warning(
-                "some dead letters are being read by another command and were left out; "
-                "run this again when it is done",
-                left_out=count - len(held),
-            )
         held.sort(key=lambda pair: failed_at(pair[0]))  # stable: ties keep the queue's order
         try:
             yield channel, topology, held

@@ -172,16 +172,18 @@ def _plan_local(env: dict[str, str], *, force_standin: bool = False) -> LocalPla
     return plan
 
 
-def _check_settings(env: dict[str, str], metrics_port: int) -> None:
+def _check_settings(env: dict[str, str], metrics_port: int) -> tuple[str, str]:
     """Every child's settings, read as the child will: a bad value stops ``up`` before
-    anything starts, instead of a child that exits at once and is restarted forever."""
+    anything starts, instead of a child that exits at once and is restarted forever.
+    Returns the hosts the ingress and the workers' metrics listen on."""
     from ingress.checkout import CheckoutSettings
     from ingress.settings import IngressSettings
     from worker.settings import WorkerSettings
 
-    IngressSettings.from_env(env)
+    ingress = IngressSettings.from_env(env)
     CheckoutSettings.from_env(env)
-    WorkerSettings.from_env({**env, "WORKER_METRICS_PORT": str(metrics_port)})
+    worker = WorkerSettings.from_env({**env, "WORKER_METRICS_PORT": str(metrics_port)})
+    return ingress.host, worker.metrics_host
 
 
 async def _start_local(plan: LocalPlan) -> LocalStack:
@@ -249,22 +251,63 @@ def _ports(env: dict[str, str], workers: int) -> tuple[int, int]:
     return port, metrics_port
 
 
-def _check_ports_free(env: dict[str, str], workers: int, port: int, metrics_port: int) -> None:
-    """Each port a child will listen on can be bound now: a child that cannot listen exits
-    at once, and restarting it would go on forever while the others look healthy."""
-    wanted = [("INGRESS_PORT", env.get("INGRESS_HOST", "0.0.0.0"), port)]
+@dataclass(frozen=True)
+class Listener:
+    """A port something started by ``up`` listens on."""
+
+    setting: str
+    host: str
+    port: int
+    reuse_port: bool = False  # the ingress: several may share a port
+
+
+def _listeners(
+    hosts: tuple[str, str], workers: int, port: int, metrics_port: int, plan: LocalPlan
+) -> list[Listener]:
+    ingress_host, metrics_host = hosts
+    wanted = [Listener("INGRESS_PORT", ingress_host, port, reuse_port=True)]
     if metrics_port:
-        host = env.get("WORKER_METRICS_HOST", "0.0.0.0")
-        wanted += [("WORKER_METRICS_PORT", host, metrics_port + i) for i in range(workers)]
-    for name, host, number in wanted:
-        if not number:
-            continue  # 0: any free port
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the children do
+        wanted += [Listener("WORKER_METRICS_PORT", metrics_host, metrics_port + i)
+                   for i in range(workers)]  # fmt: skip
+    if plan.standin_port:
+        wanted.append(Listener("STANDIN_PORT", "127.0.0.1", plan.standin_port))
+    if plan.mail_sink:
+        wanted.append(Listener("the local mail sink's port", "127.0.0.1", 1025))
+    return [listener for listener in wanted if listener.port]  # 0: any free port
+
+
+def _check_ports_free(listeners: list[Listener]) -> None:
+    """No two listeners on one port, and each port can be bound now: a child that cannot
+    listen exits at once, and restarting it would go on forever while the rest look fine."""
+    seen: dict[int, str] = {}
+    for listener in listeners:
+        if listener.port in seen:
+            raise ConfigError(
+                f"{listener.setting} {listener.port} is also {seen[listener.port]}'s port"
+            )
+        seen[listener.port] = listener.setting
+        _probe(listener)
+
+
+def _probe(listener: Listener) -> None:
+    """Bind every address the host resolves to, as asyncio's create_server does."""
+    try:
+        addresses = socket.getaddrinfo(
+            listener.host, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise listen_error(listener.setting, listener.host, listener.port, exc) from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if listener.reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
-                probe.bind((host, number))
+                probe.bind(address)
             except OSError as exc:
-                raise listen_error(name, host, number, exc) from None
+                raise listen_error(listener.setting, listener.host, listener.port, exc) from None
 
 
 def _children(env: dict[str, str], workers: int, port: int, metrics_port: int) -> list[Child]:
@@ -313,8 +356,8 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     # a bad value stops us before anything starts
     port, metrics_port = _ports(env, workers)
     plan = _plan_local(env, force_standin=demo)
-    _check_settings(env, metrics_port)
-    _check_ports_free(env, workers, port, metrics_port)
+    hosts = _check_settings(env, metrics_port)
+    _check_ports_free(_listeners(hosts, workers, port, metrics_port, plan))
     if not await _preflight(env):
         return 1
     stack = await _start_local(plan)

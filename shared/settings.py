@@ -59,7 +59,8 @@ def env_port(env: Env, name: str, default: int) -> int:
 
 def listen_error(name: str, host: str, port: int, exc: OSError) -> ConfigError:
     """A port setting we cannot listen on, as the one-line reason a bad setting gets."""
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's text repeats us
+    # an errno's own text (asyncio's repeats the address); a name lookup's (errno < 0) as is
+    reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
     return ConfigError(f"{name}: cannot listen on {host}:{port}: {reason}")
 
 

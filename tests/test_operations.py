@@ -643,6 +643,18 @@ def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_setting
             "STRIPE_API_KEY is set but STRIPE_WEBHOOK_SECRETS is not",
         ),
         (["up"], {"STRIPE_API_KEY": ""}, "STRIPE_WEBHOOK_SECRETS is set but STRIPE_API_KEY is not"),
+        (
+            ["up", "--workers", "2"],
+            # the stand-in (no Stripe key: local run) on worker-2's metrics port
+            {
+                "STRIPE_API_KEY": "",
+                "STRIPE_WEBHOOK_SECRETS": "",
+                "INGRESS_PORT": "19099",
+                "WORKER_METRICS_PORT": "19100",
+                "STANDIN_PORT": "19101",
+            },
+            "STANDIN_PORT 19101 is also WORKER_METRICS_PORT's port",
+        ),
     ],
 )
 def test_a_bad_setting_stops_the_command_before_it_starts_anything(

@@ -117,6 +117,10 @@ async def test_every_effect_done_is_on_an_outcome_line_even_when_its_attempt_fai
         await wait_for(both_logged, timeout_s=30)
         await asyncio.sleep(0.5)
         assert sorted(effects_logged()) == ["confirmation_email", "order_fulfilled_message"]
+        # a message that did part of the fulfillment is "fulfilled", even when its last
+        # attempt found the rest done (it said "already_fulfilled")
+        lines = [e for e in worker.events("event handled") if e.get("effects")]
+        assert {line["outcome"] for line in lines} == {"fulfilled"}
         assert len(smtp.for_session(sid)) == 1
         [out] = await drain(channel, outbound)
         assert out.headers["fulfillment-id"] == f"order.fulfilled:{sid}"
@@ -267,3 +271,19 @@ async def test_a_fresh_worker_exports_the_series_its_alerts_watch_at_zero(
             series = f'worker_dead_letters_total{{event_type="{event_type}",reason="{reason}"}}'
             assert f"{series} 0.0" in text
     assert 'worker_emails_undeliverable_total{purpose="confirmation_email"} 0.0' in text
+
+
+def test_a_step_done_twice_for_one_message_shows_both_on_its_outcome_line() -> None:
+    from worker.consumer import _effects_for_log
+
+    shown = _effects_for_log(
+        [
+            ("confirmation_email", "sent <order.cs_1@shop.test>"),
+            ("confirmation_email", "sent <order.cs_1@shop.test>"),
+            ("order_fulfilled_message", "published order.fulfilled:cs_1"),
+        ]
+    )
+    assert shown == {
+        "confirmation_email": "sent <order.cs_1@shop.test>; again: sent <order.cs_1@shop.test>",
+        "order_fulfilled_message": "published order.fulfilled:cs_1",
+    }

@@ -187,7 +187,7 @@ class Fulfiller:
                 # "fulfilled" when this message did any of it: the row, the effects an
                 # earlier delivery left undone (SMTP was down, the worker was killed), or
                 # all of it in an attempt that failed only afterwards (its record or lock)
-                did = created or done or bool(effects_log)
+                did = created or done or any(s in FULFILLED_STEPS for s, _ in effects_log or ())
                 outcome = Outcome("fulfilled" if did else "already_fulfilled")
             await _finish(held, event, outcome.name)
         return outcome

@@ -287,3 +287,35 @@ def test_a_step_done_twice_for_one_message_shows_both_on_its_outcome_line() -> N
         "confirmation_email": "sent <order.cs_1@shop.test>; again: sent <order.cs_1@shop.test>",
         "order_fulfilled_message": "published order.fulfilled:cs_1",
     }
+
+
+async def test_a_message_still_in_flight_when_the_grace_period_ends_is_named_and_redelivered(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    spawn: Any,
+    publish: Any,
+    channel: Any,
+    topology: Topology,
+) -> None:
+    sid = standin.add_session()["id"]
+    standin.latency_s = 30.0  # Stripe does not answer within the grace period
+    worker = await spawn(WORKER_GRACE_S="1")
+    event = session_event(standin, "checkout.session.completed", sid)
+    await publish(event)
+    await wait_for(lambda: standin.request_count >= 1)
+
+    worker.signal(signal.SIGTERM)
+
+    assert await worker.wait(20) == 0
+    [line] = worker.events("event left for redelivery")
+    assert (line["event_id"], line["checkout_session_id"], line["outcome"]) == (
+        event["id"],
+        sid,
+        "abandoned",
+    )
+    assert line["attempt"] == 1 and line["duration_ms"] >= 1000
+    assert await wait_for(lambda: depth_is(channel, topology.work_queue, 1))
+
+
+async def depth_is(channel: Any, queue: str, count: int) -> bool:
+    return await _depth(channel, queue) == count

@@ -233,6 +233,15 @@ class Worker:
             bound = bound.bind(checkout_session_id=delivery.session_id, attempt=delivery.attempt)
             outcome: Outcome = await self._retrying(self._dispatch, delivery, effects)
         except asyncio.CancelledError:
+            # only stop() cancels, once the grace period is over: unacked, so the broker
+            # gives it to another worker. Its outcome line says so, naming the event.
+            metrics.PROCESSED.labels(event_type, "abandoned").inc()
+            bound.warning(
+                "event left for redelivery",
+                outcome="abandoned",
+                effects=_effects_for_log(effects) or None,
+                duration_ms=_ms_since(started),
+            )
             raise
         except Exception as exc:
             attempt = _attempt(headers)

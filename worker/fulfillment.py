@@ -145,11 +145,12 @@ class Fulfiller:
         return data
 
     async def fulfill(
-        self, session_id: str, event: EventEnvelope, effects_log: EffectsLog | None = None
+        self, session_id: str, event: EventEnvelope, effects_log: EffectsLog
     ) -> Outcome:
         """Fulfill a paid (or free) session once; record an unpaid one as awaiting payment.
 
-        Each external effect done is appended to ``effects_log`` as soon as it is done."""
+        Each external effect done is appended to ``effects_log`` as soon as it is done: the
+        caller keeps one across its in-process retries of the message."""
         # `completed` is a session's first event nearly always (Stripe sends it once;
         # duplicates are rare), so checking first would cost every order a round trip to
         # save a rare API call. Every other event usually follows a fulfillment.
@@ -171,7 +172,7 @@ class Fulfiller:
                 created = state != "fulfilled"
                 if created:
                     await _record_fulfillment(conn, order, event.id)
-                done = await self._run_effects(
+                await self._run_effects(
                     conn,
                     order,
                     steps,
@@ -186,14 +187,15 @@ class Fulfiller:
                 )
                 # "fulfilled" when this message did any of it: the row, the effects an
                 # earlier delivery left undone (SMTP was down, the worker was killed), or
-                # all of it in an attempt that failed only afterwards (its record or lock)
-                did = created or done or any(s in FULFILLED_STEPS for s, _ in effects_log or ())
+                # all of it in an attempt that failed only afterwards (its record or lock);
+                # the log may also hold a failed-payment attempt's steps, hence the filter
+                did = created or any(step in FULFILLED_STEPS for step, _ in effects_log)
                 outcome = Outcome("fulfilled" if did else "already_fulfilled")
             await _finish(held, event, outcome.name)
         return outcome
 
     async def payment_failed(
-        self, session_id: str, event: EventEnvelope, effects_log: EffectsLog | None = None
+        self, session_id: str, event: EventEnvelope, effects_log: EffectsLog
     ) -> Outcome:
         """Tell the customer once, record it; never for a session already fulfilled."""
         if await self._settled_before(session_id, event, "ignored_fulfilled"):
@@ -268,24 +270,20 @@ class Fulfiller:
         conn: Conn,
         order: Order,
         already_done: frozenset[str],
-        effects_log: EffectsLog | None,
+        effects_log: EffectsLog,
         effects: tuple[tuple[str, Effect], ...],
-    ) -> bool:
-        """Do each effect not yet recorded, recording it (committed) right after; whether
-        any was done."""
-        done = False
+    ) -> None:
+        """Do each effect not yet recorded, recording it (committed) right after; each done
+        one goes into ``effects_log`` at once."""
         for step, effect in effects:
             if step in already_done:
                 continue
             detail = await effect(order)
-            if effects_log is not None:
-                effects_log.append((step, detail))  # done, even if recording it fails
+            effects_log.append((step, detail))  # done, even if recording it fails
             await self._record_step(conn, order.session_id, step, detail)
-            done = True
             # DEBUG: the outcome line lists every effect with its detail (one line per
             # message); this one is for tracing a handler that died mid-way
             log.debug("effect done", checkout_session_id=order.session_id, step=step, detail=detail)
-        return done
 
     async def _record_step(self, conn: Conn, session_id: str, step: str, detail: str) -> None:
         """Record a done effect, insisting through a database blip: failing here means the

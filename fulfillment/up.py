@@ -328,21 +328,6 @@ def _children(env: dict[str, str], workers: int, port: int, metrics_port: int) -
 SAME_REQUEST_S = 0.5
 
 
-def _second_request() -> asyncio.Event:
-    """Set by a further SIGTERM or SIGINT, once SAME_REQUEST_S have passed since now."""
-    loop = asyncio.get_running_loop()
-    first = loop.time()
-    again = asyncio.Event()
-
-    def on_signal() -> None:
-        if loop.time() - first >= SAME_REQUEST_S:
-            again.set()
-
-    for sig in runtime.STOP_SIGNALS:
-        loop.add_signal_handler(sig, on_signal)
-    return again
-
-
 async def up(workers: int, *, demo: bool = False, keep_running: bool = False) -> int:
     """Run the pipeline until a signal; 0 when everything stopped cleanly.
 
@@ -380,7 +365,7 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
 
     say("stopping: the ingress answers what it holds, workers finish theirs")
     say("(Ctrl-C again kills them now: the broker redelivers what a worker had not finished)")
-    kill_now = _second_request()
+    kill_now = runtime.stop_requested(ignore_for_s=SAME_REQUEST_S)  # a second request
     grace_s = env_float(env, "WORKER_GRACE_S", 30.0, minimum=0) + 15
     codes = await asyncio.gather(*(child.stop(grace_s, kill_now) for child in children))
     await stack.close()

@@ -58,12 +58,19 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 EXIT_WATCHDOG_S = 10
 
 
-def stop_requested() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT, through the running loop's signal handlers."""
+def stop_requested(*, ignore_for_s: float = 0.0) -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT, through the running loop's signal handlers
+    (replacing earlier ones); a signal within ``ignore_for_s`` from now does not count."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    counts_from = loop.time() + ignore_for_s
+
+    def on_signal() -> None:
+        if loop.time() >= counts_from:
+            stop.set()
+
     for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     return stop
 
 

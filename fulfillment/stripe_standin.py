@@ -601,7 +601,7 @@ class StripeStandIn:
         event = self.events.get(event_id)
         if event is None or event.get("account") != request.headers.get("Stripe-Account"):
             raise StripeError.missing("event", event_id)
-        return web.json_response(self.events[event_id])
+        return web.json_response(event)
 
     async def _get_customer(self, request: web.Request) -> web.Response:
         customer_id = request.match_info["id"]

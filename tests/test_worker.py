@@ -596,6 +596,31 @@ def test_an_event_whose_session_id_could_reach_another_url_is_malformed(session_
         parse(SimpleNamespace(headers={}, body=json.dumps(doc).encode()))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("currency", "line_total", "order_total"),
+    [
+        ("usd", "25.00 USD", "52.50 USD"),
+        ("jpy", "2,500 JPY", "5,250 JPY"),  # zero-decimal: whole yen
+        ("kwd", "2.500 KWD", "5.250 KWD"),  # three-decimal: thousandths (fils)
+    ],
+)
+def test_the_confirmation_email_shows_amounts_in_the_currencys_own_minor_unit(
+    currency: str, line_total: str, order_total: str
+) -> None:
+    from worker.mail import confirmation_email
+    from worker.order import Order
+
+    standin = StripeStandIn()
+    sid = standin.add_session(line_items=[("Tea", 2, 1250), ("Cup", 1, 2750)], currency=currency)[
+        "id"
+    ]
+    session = dict(standin.sessions[sid], line_items={"data": standin.line_items[sid]})
+    mail = confirmation_email(Order.from_session(session), "shop@shop.test")
+    text = mail.get_payload(decode=True).decode()
+    assert f"2 x Tea  {line_total}" in text
+    assert f"Total: {order_total}" in text
+
+
 async def test_the_mailer_reuses_its_connection_and_survives_the_relay_dropping_it(
     smtp: SmtpSink, worker_settings: WorkerSettings
 ) -> None:

@@ -1,12 +1,15 @@
 # Two commands do everything from nothing: `make run` and `make test`.
 VENV ?= .venv
+# The interpreter the venv is made from. Its build matters for speed: e.g.
+# `make bench PYTHON=/usr/bin/python3.11 VENV=.venv-system` (README, Benchmarks).
+PYTHON ?= python3
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 
 .PHONY: run test setup lint bench clean
 
 $(VENV)/.synced: pyproject.toml uv.lock
-	test -x $(BIN)/python || python3 -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/pip install --quiet "uv==$(UV_VERSION)"
 	UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv sync --frozen --inexact --quiet
 	touch $@

@@ -283,7 +283,7 @@ async def main() -> None:
         f"\nEnd-to-end benchmark: {args.sessions} sessions, {args.workers} worker process(es) x "
         f"concurrency {args.concurrency}, Stripe latency {args.stripe_latency_ms:g} ms, "
         f"{os.cpu_count()} cores shared by everything, event loop {runtime.loop_name()} "
-        "(all processes)\n"
+        f"(all processes), {runtime.interpreter()}\n"
     )
     print("| measure | value |")
     print("|---|---|")

@@ -337,7 +337,7 @@ async def main() -> None:
         f"\nIngress benchmark: {args.processes} ingress process(es), "
         f"concurrency {args.concurrency}, {size} B events, {args.seconds:g} s per run, "
         f"{os.cpu_count()} cores, broker on this host, event loop {runtime.loop_name()} "
-        "(all processes)\n"
+        f"(all processes), {runtime.interpreter()}\n"
     )
     print("| run | rate | p50 | p99 | errors |")
     print("|---|---|---|---|---|")

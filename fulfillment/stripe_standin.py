@@ -300,19 +300,26 @@ class StripeStandIn:
         customer: str | None = None,
         metadata: Mapping[str, str] | None = None,
         account: str | None = None,
+        mode: str = "payment",
     ) -> dict[str, Any]:
         """Seed a completed checkout.session; totals are the sum of ``line_items``.
 
         ``line_items`` are ``(description, quantity, unit_amount)``, default one 2000 T-shirt.
         With ``account`` (Stripe Connect) the session lives on that connected account and,
         as on Stripe, is found only by requests with ``Stripe-Account: <account>``.
+        ``mode="setup"``: a session that only saved a payment method, as Stripe has it: no
+        items, no amounts, no currency, ``no_payment_required`` and a SetupIntent.
         Returns the stored session (without ``line_items``, which appear only when expanded).
         """
+        setup = mode == "setup"
         items = [
             self._line_item(description, quantity, unit_amount, currency)
             for description, quantity, unit_amount in (line_items or [("T-shirt", 1, 2000)])
+            if not setup
         ]
-        total = sum(item["amount_total"] for item in items)
+        total: int | None = None if setup else sum(item["amount_total"] for item in items)
+        if setup:
+            payment_status = "no_payment_required"
         session = fixture("checkout.session")
         sid = session_id or _new_id("cs")
         now = int(time.time())
@@ -320,8 +327,9 @@ class StripeStandIn:
             id=sid,
             url=None,
             status="complete",
+            mode=mode,
             payment_status=payment_status,
-            currency=currency,
+            currency=None if setup else currency,
             amount_subtotal=total,
             amount_total=total,
             created=now,
@@ -329,6 +337,7 @@ class StripeStandIn:
             customer=customer,
             metadata=dict(metadata or {}),
             payment_intent=None if payment_status == "no_payment_required" else _new_id("pi"),
+            setup_intent=_new_id("seti") if setup else None,
             currency_conversion=None,
             shipping_cost=None,
             shipping_address_collection=None,
@@ -481,6 +490,7 @@ class StripeStandIn:
             customer_email=body.get("customer_email", "jenny@example.com"),
             customer=body.get("customer"),
             account=body.get("account"),
+            mode=body.get("mode", "payment"),
         )
         return web.json_response(session, status=201)
 

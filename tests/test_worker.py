@@ -316,6 +316,47 @@ async def test_a_failed_delayed_payment_sends_one_notice_and_fulfills_nothing(
     assert out.headers["stripe-event-id"] == failed["id"]
 
 
+async def test_a_setup_mode_session_is_not_an_order_and_sends_nothing(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """Checkout in setup mode only saves a card: no_payment_required, like a free order,
+    but nothing was sold. No order, no "order confirmed" email, no order.fulfilled."""
+    setup = standin.add_session(mode="setup", customer_email="sam@example.com")
+    assert (setup["payment_status"], setup["amount_total"], standin.line_items[setup["id"]]) == (
+        "no_payment_required",
+        None,
+        [],
+    )
+    free = standin.add_session(line_items=[("Sample", 1, 0)], payment_status="no_payment_required")
+    worker = await start_worker(worker_settings)
+
+    completed = session_event(standin, "checkout.session.completed", setup["id"])
+    await publish(completed)
+    await publish(session_event(standin, "checkout.session.completed", free["id"]))
+
+    await wait_for(lambda: fulfillment_rows(database_url, free["id"]))  # a free order is one
+    await settle(worker, topology, channel)
+    assert await fulfillment_rows(database_url, setup["id"]) == []
+    assert smtp.for_session(setup["id"]) == [] and len(smtp.for_session(free["id"])) == 1
+    assert [m.headers["checkout-session-id"] for m in await drain(channel, outbound)] == [
+        free["id"]
+    ]
+    rows = await db_fetch(
+        database_url,
+        "SELECT event_id, outcome FROM processed_events WHERE checkout_session_id = $1",
+        setup["id"],
+    )
+    assert [tuple(r) for r in rows] == [(completed["id"], "not_an_order")]
+
+
 async def test_a_payment_failure_after_fulfillment_changes_nothing(
     standin: StripeStandIn,
     smtp: SmtpSink,

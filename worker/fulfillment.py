@@ -161,6 +161,15 @@ class Fulfiller:
         order = await self.retrieve(session_id, event.account)
         if order.payment_status not in ("paid", "no_payment_required", "unpaid"):
             raise PermanentError(f"unexpected payment_status {order.payment_status!r}")
+        if order.mode == "setup":
+            # A setup-mode Checkout only saved a payment method for later: nothing was sold,
+            # so there is no order to record, confirm or announce, though its payment_status
+            # (no_payment_required) reads like a free order's. Recorded as handled.
+            async with self._pool.acquire() as conn:
+                await conn.execute(
+                    _RECORD_EVENT_SQL, event.id, event.type, session_id, "not_an_order"
+                )
+            return Outcome("not_an_order")
         async with self._locked(session_id) as held:
             conn = held.conn
             state, steps = await _read_state(conn, session_id)
@@ -526,7 +535,9 @@ _SETTLED_SQL = f"""WITH done AS (
                    ), p AS ({_UPSERT_PROCESSED.format(source="done")})
                    SELECT count(*) FROM p"""
 
-_FINISH_SQL = f"""WITH p AS ({_UPSERT_PROCESSED.format(source="(VALUES (1)) AS always")})
+_RECORD_EVENT_SQL = _UPSERT_PROCESSED.format(source="(VALUES (1)) AS always")
+
+_FINISH_SQL = f"""WITH p AS ({_RECORD_EVENT_SQL})
            SELECT pg_advisory_unlock(hashtextextended($3, 0))
            FROM (SELECT count(*) FROM p) AS done"""
 

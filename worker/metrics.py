@@ -10,7 +10,8 @@ from shared.settings import listen_error
 PROCESSED = Counter(
     "worker_messages_total",
     "Messages handled, by event type and outcome (fulfilled, already_fulfilled, "
-    "awaiting_payment, payment_failed, ignored, retry, dead_letter, requeued, abandoned).",
+    "awaiting_payment, payment_failed, not_an_order, ignored, retry, dead_letter, requeued, "
+    "abandoned).",
     ["event_type", "outcome"],
 )
 DURATION = Histogram(

@@ -47,6 +47,7 @@ class Order:
     livemode: bool
     items: tuple[LineItem, ...]
     account: str | None = None  # the connected account it was sold on (Stripe Connect)
+    mode: str = "payment"  # payment | subscription | setup (only saved a payment method)
 
     @classmethod
     def from_session(cls, session: dict[str, Any], *, account: str | None = None) -> Order:
@@ -83,6 +84,7 @@ class Order:
             livemode=bool(session.get("livemode")),
             items=tuple(items),
             account=account,
+            mode=session.get("mode") or "payment",
         )
 
     @property

@@ -3,7 +3,7 @@
 Starts, all on 127.0.0.1: the Stripe stand-in (its latency configurable), an SMTP sink,
 one ingress and N worker processes on a throwaway broker prefix and database. Seeds K paid
 sessions, sends one signed ``checkout.session.completed`` per session through the ingress,
-and waits until every session's last effect (the ``order.fulfilled`` message) is recorded.
+and waits until every session's last effect (the confirmation email) is recorded.
 
 Prints fulfilled sessions/s, p50/p99 end-to-end latency (webhook sent → last effect
 recorded), peak worker RSS, and the raw aio-pika consume-and-ack rate on the same broker
@@ -47,6 +47,9 @@ from bench_ingress import (  # noqa: E402
 from shared import runtime  # noqa: E402
 from tests import stripe_helpers as sh  # noqa: E402
 from worker.db import migrate  # noqa: E402
+from worker.fulfillment import FULFILLED_STEPS  # noqa: E402
+
+LAST_STEP = FULFILLED_STEPS[-1]  # a session is done when its last effect is recorded
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -234,7 +237,7 @@ async def main() -> None:
         deadline = time.monotonic() + args.timeout_s
         while True:
             done = await pool.fetchval(
-                "SELECT count(*) FROM fulfillment_steps WHERE step = 'order_fulfilled_message'"
+                "SELECT count(*) FROM fulfillment_steps WHERE step = $1", LAST_STEP
             )
             if done >= args.sessions or time.monotonic() > deadline:
                 break
@@ -242,7 +245,8 @@ async def main() -> None:
         cpu_after = cpu_snapshot(components)
         rows = await pool.fetch(
             "SELECT checkout_session_id, extract(epoch FROM done_at) AS t FROM fulfillment_steps "
-            "WHERE step = 'order_fulfilled_message'"
+            "WHERE step = $1",
+            LAST_STEP,
         )
         fulfillments = await pool.fetchval("SELECT count(*) FROM fulfillments")
         await pool.close()

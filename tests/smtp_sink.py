@@ -34,13 +34,18 @@ class _Handler:
             await asyncio.sleep(self.sink.rcpt_delay_s)
         if self.sink.relay_denied:
             return f"554 5.7.1 <{address}>: Relay access denied"
+        if address in self.sink.deferred_recipients:
+            return f"450 4.2.1 <{address}>: Mailbox temporarily unavailable, try later"
         if address in self.sink.unknown_recipients:
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        # UTF-8 (not ASCII) for the bytes: with SMTPUTF8, headers may be UTF-8 (RFC 6532)
+        message = email.message_from_string(
+            envelope.content.decode("utf-8"), policy=email.policy.default
+        )
         with self.sink.lock:
             self.sink.messages.append(message)  # type: ignore[arg-type]
             self.sink.peers.append(session.peer)
@@ -60,13 +65,17 @@ class SmtpSink:
         self.lock = threading.Lock()
         self.rcpt_delay_s = 0.0
         self.unknown_recipients: set[str] = set()  # refused with 550 at RCPT
+        self.deferred_recipients: set[str] = set()  # deferred with 450 at RCPT
+        self.smtputf8 = False  # offer SMTPUTF8 (RFC 6531); takes effect at the next start()
         self.refuse_sender = False  # every MAIL FROM refused with 553 (a relay misconfigured)
         self.relay_denied = False  # every RCPT refused with 554 5.7.1 (we may not relay)
         self.after_data: Callable[[], Awaitable[None]] | None = None
         self._controller: Controller | None = None
 
     def start(self) -> None:
-        self._controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port)
+        self._controller = Controller(
+            _Handler(self), hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=self.smtputf8
+        )
         self._controller.start()
 
     def stop(self) -> None:

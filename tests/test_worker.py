@@ -740,6 +740,94 @@ async def test_an_undeliverable_email_is_recorded_as_failed_and_the_order_goes_o
     assert len(await fulfillment_rows(database_url, sid)) == 1
 
 
+@pytest.mark.parametrize(
+    ("address", "smtputf8", "delivered_to", "step"),
+    [
+        # an internationalized domain goes out in its ASCII form: every relay routes that
+        ("zoe@bücher.example", False, "zoe@xn--bcher-kva.example", "sent"),
+        # a non-ASCII mailbox name needs SMTPUTF8; To: is then UTF-8, not an encoded-word
+        ("zoë@example.com", True, "zoë@example.com", "sent"),
+        # a relay without SMTPUTF8 can never take it: written off, the order goes on
+        ("zoë@example.com", False, None, "failed: the mail relay does not offer SMTPUTF8"),
+    ],
+)
+async def test_internationalized_customer_addresses_are_sent_or_written_off_never_retried(
+    address: str,
+    smtputf8: bool,
+    delivered_to: str | None,
+    step: str,
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    smtp.stop()
+    smtp.smtputf8 = smtputf8
+    smtp.start()
+    sid = standin.add_session(customer_email=address)["id"]
+    worker = await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    async def both_steps() -> dict[str, str] | None:
+        steps = await fulfillment_steps(database_url, sid)
+        return steps if len(steps) == 2 else None
+
+    steps = await wait_for(both_steps)
+    assert steps["confirmation_email"].startswith(step), steps
+    await settle(worker, topology, channel)
+    assert [m.routing_key for m in await drain(channel, outbound)] == ["order.fulfilled"]
+    assert await drain(channel, topology.dead_queue) == []
+    mails = smtp.for_session(sid)
+    if delivered_to is None:
+        assert mails == []
+    else:
+        [mail] = mails
+        assert mail["To"] == delivered_to
+        assert [a.addr_spec for a in mail["To"].addresses] == [delivered_to]
+
+
+async def test_a_deferred_email_does_not_hold_up_the_order_fulfilled_message(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """The message the business ships on goes first: a recipient's mailbox deferring
+    (450), or an SMTP outage, delays only the email, which is retried and sent once."""
+    smtp.deferred_recipients.add("later@example.com")
+    sid = standin.add_session(customer_email="later@example.com")["id"]
+    worker = await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    async def outbound_messages() -> list[Any]:
+        return await drain(channel, outbound)
+
+    [out] = await wait_for(outbound_messages)
+    assert out.headers["fulfillment-id"] == f"order.fulfilled:{sid}"
+    await asyncio.sleep(1.0)  # retried meanwhile, through a delay queue too
+    assert list(await fulfillment_steps(database_url, sid)) == ["order_fulfilled_message"]
+    assert smtp.for_session(sid) == []
+
+    smtp.deferred_recipients.clear()
+    await asyncio.to_thread(smtp.wait, 1, 15)
+    await settle(worker, topology, channel)
+    assert len(smtp.for_session(sid)) == 1
+    assert (await fulfillment_steps(database_url, sid))["confirmation_email"].startswith("sent ")
+    assert await drain(channel, outbound) == [] and await drain(channel, topology.dead_queue) == []
+
+
 @pytest.mark.parametrize("refusal", ["refuse_sender", "relay_denied"])
 async def test_a_relay_refusing_us_is_retried_not_recorded_as_failed(
     refusal: str,

@@ -90,9 +90,10 @@ async def test_every_effect_done_is_on_an_outcome_line_even_when_its_attempt_fai
     channel: Any,
     rabbitmq_url: str,
 ) -> None:
-    """The broker goes away while the email is sent: the email is done and recorded, then
-    the order.fulfilled publish fails (the redelivery may do it first). Each effect is
-    named on exactly one message's outcome line; the email was on none before."""
+    """The broker goes away while the email (the last effect, after order.fulfilled) is
+    sent: both effects are done and recorded, but the message's ack is lost and the
+    redelivery finds nothing to do. Each effect is named on exactly one outcome line, with
+    outcome fulfilled; the email was on none before."""
     proxy = TcpProxy.in_front_of(rabbitmq_url)
     await proxy.start()
     proxied = proxy.url()

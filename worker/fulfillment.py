@@ -49,8 +49,10 @@ Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
 SESSION_COMPLETED = "checkout.session.completed"
 
-# The effects of a fulfillment, in order; each is recorded under its name once done.
-FULFILLED_STEPS = ("confirmation_email", "order_fulfilled_message")
+# The effects of a fulfillment, in order; each is recorded under its name once done. The
+# message the rest of the business acts on (shipping, access) goes first: a courtesy email
+# held up by an SMTP outage or a recipient's deferral must not hold it up for hours.
+FULFILLED_STEPS = ("order_fulfilled_message", "confirmation_email")
 
 # How long to keep trying to record an effect that was done before giving up (and
 # letting the message be retried, which repeats the effect).
@@ -189,7 +191,7 @@ class Fulfiller:
                     tuple(
                         zip(
                             FULFILLED_STEPS,
-                            (self._send_confirmation, partial(self._publish_fulfilled, event)),
+                            (partial(self._publish_fulfilled, event), self._send_confirmation),
                             strict=True,
                         )
                     ),
@@ -226,9 +228,9 @@ class Fulfiller:
                     order,
                     steps,
                     effects_log,
-                    (
-                        ("payment_failed_email", self._send_failure),
+                    (  # the message first, as for a fulfillment
                         ("payment_failed_message", partial(self._publish_failed, event)),
+                        ("payment_failed_email", self._send_failure),
                     ),
                 )
                 outcome = Outcome("payment_failed")

@@ -7,6 +7,7 @@ import contextlib
 import re
 import ssl
 import time
+from email.message import EmailMessage, Message
 from email.mime.text import MIMEText
 from email.utils import formatdate, parseaddr
 
@@ -31,7 +32,7 @@ def message_id(purpose: str, session_id: str, sender: str) -> str:
     return f"<{purpose}.{session_id}@{domain}>"
 
 
-def confirmation_email(order: Order, sender: str) -> MIMEText:
+def confirmation_email(order: Order, sender: str) -> Message:
     lines = [
         f"Hello{' ' + order.customer_name if order.customer_name else ''},",
         "",
@@ -49,7 +50,7 @@ def confirmation_email(order: Order, sender: str) -> MIMEText:
     )
 
 
-def payment_failed_email(order: Order, sender: str) -> MIMEText:
+def payment_failed_email(order: Order, sender: str) -> Message:
     body = "\n".join(
         [
             f"Hello{' ' + order.customer_name if order.customer_name else ''},",
@@ -63,13 +64,19 @@ def payment_failed_email(order: Order, sender: str) -> MIMEText:
     return _message(order, sender, "Your payment did not go through", body, "payment-failed")
 
 
-def _message(order: Order, sender: str, subject: str, body: str, purpose: str) -> MIMEText:
-    # MIMEText (compat32) rather than EmailMessage: the latter's header parsing was a fifth
-    # of a worker's CPU per fulfillment. So the values are checked here instead.
-    address = order.customer_email or ""
-    if not _ADDRESS.fullmatch(address):
-        raise Undeliverable(f"session {order.session_id} has no usable customer email")
-    message = MIMEText(body, "plain", "utf-8")
+def _message(order: Order, sender: str, subject: str, body: str, purpose: str) -> Message:
+    address = _recipient(order)
+    message: Message
+    if address.isascii():
+        # MIMEText (compat32) rather than EmailMessage: the latter's header parsing was a
+        # fifth of a worker's CPU per fulfillment. So the values are checked here instead.
+        message = MIMEText(body, "plain", "utf-8")
+    else:
+        # A non-ASCII mailbox name (RFC 6531): only EmailMessage writes it into To: as
+        # UTF-8 (RFC 6532) when the relay speaks SMTPUTF8; compat32 would make it an
+        # encoded-word, which is no address at all. Rare, so its cost does not matter.
+        message = EmailMessage()
+        message.set_content(body, charset="utf-8")
     message["From"] = sender
     message["To"] = address
     message["Subject"] = subject
@@ -77,6 +84,24 @@ def _message(order: Order, sender: str, subject: str, body: str, purpose: str) -
     message["Message-ID"] = message_id(purpose, order.session_id, sender)
     message["X-Checkout-Session-Id"] = order.session_id
     return message
+
+
+def _recipient(order: Order) -> str:
+    """The customer's address as it can be sent to: one address, with an internationalized
+    domain in its ASCII form (IDNA), which every relay can route; Undeliverable if none."""
+    address = order.customer_email or ""
+    if not _ADDRESS.fullmatch(address):
+        raise Undeliverable(f"session {order.session_id} has no usable customer email")
+    mailbox, _, domain = address.rpartition("@")
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise Undeliverable(
+                f"session {order.session_id}: the customer email's domain is not a valid "
+                "internationalized domain name"
+            ) from None
+    return f"{mailbox}@{domain}"
 
 
 class Mailer:
@@ -94,7 +119,7 @@ class Mailer:
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []  # (connection, idle since)
         self._tls = ssl.create_default_context() if settings.use_tls else None
 
-    async def send(self, message: MIMEText) -> None:
+    async def send(self, message: Message) -> None:
         """Hand the message over; TransientError if it may work later, Undeliverable if never."""
         try:
             client = self._reuse()
@@ -119,6 +144,14 @@ class Mailer:
                     f"SMTP refused the message ({exc.code}): {exc.message}"
                 ) from None
             raise TransientError(f"SMTP error ({exc.code}): {exc.message}") from None
+        except aiosmtplib.SMTPNotSupported as exc:
+            if not str(message["To"]).isascii():
+                # the relay cannot take a non-ASCII mailbox name (no SMTPUTF8), for this
+                # customer every time: written off like any other undeliverable address
+                raise Undeliverable(
+                    "the mail relay does not offer SMTPUTF8, which this customer's address needs"
+                ) from None
+            raise TransientError(f"SMTP: {exc}") from None
         except aiosmtplib.SMTPResponseException as exc:
             # Greeting, HELO, AUTH, MAIL FROM refused: the relay or our settings are wrong,
             # for every order alike. Retried (through the delay queues, then the DLQ to
@@ -194,7 +227,7 @@ def _never_for_this_message(code: int, message: str) -> bool:
     return code in (550, 551, 552, 553)  # no enhanced code: mailbox unavailable / bad name
 
 
-async def _send_on(client: aiosmtplib.SMTP, message: MIMEText) -> None:
+async def _send_on(client: aiosmtplib.SMTP, message: Message) -> None:
     """Send on one connection; a connection that failed is closed, never reused."""
     try:
         await client.send_message(message)

@@ -87,6 +87,7 @@ class StripeError(Exception):
         code: str | None = None,
         param: str | None = None,
         should_retry: bool | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -97,6 +98,7 @@ class StripeError(Exception):
         self.code = code
         self.param = param
         self.should_retry = should_retry
+        self.retry_after = retry_after
 
     def response(self) -> web.Response:
         error: dict[str, Any] = {"message": self.message, "type": self.type}
@@ -108,16 +110,17 @@ class StripeError(Exception):
         headers = {}
         if self.should_retry is not None:
             headers["Stripe-Should-Retry"] = "true" if self.should_retry else "false"
+        if self.retry_after is not None:
+            headers["Retry-After"] = f"{self.retry_after:g}"
         return web.json_response({"error": error}, status=self.status, headers=headers)
 
     @classmethod
-    def injected(cls, status: int, should_retry: bool | None = None) -> StripeError:
-        if status == 429:
-            return cls(429, _ERROR_MESSAGES[429], code="rate_limit", should_retry=should_retry)
-        if status == 409:
-            return cls(409, _ERROR_MESSAGES[409], code="lock_timeout", should_retry=should_retry)
+    def injected(
+        cls, status: int, should_retry: bool | None = None, retry_after: float | None = None
+    ) -> StripeError:
+        code = {429: "rate_limit", 409: "lock_timeout"}.get(status)
         message = _ERROR_MESSAGES.get(status, "An unknown error occurred")
-        return cls(status, message, should_retry=should_retry)
+        return cls(status, message, code=code, should_retry=should_retry, retry_after=retry_after)
 
     @classmethod
     def missing(cls, kind: str, object_id: str, param: str = "id") -> StripeError:
@@ -225,7 +228,7 @@ class StripeStandIn:
         self.latency_s = latency_s
         self.requests: list[tuple[str, str]] = []
         self._rng = random.Random(seed)
-        self._fail_queue: deque[tuple[int, bool | None]] = deque()
+        self._fail_queue: deque[Callable[[], web.Response]] = deque()
         self._fail_fraction = 0.0
         self._fail_statuses: tuple[int, ...] = (429, 500)
         self._drops = 0
@@ -384,11 +387,30 @@ class StripeStandIn:
 
     # --- faults --------------------------------------------------------------------------
 
-    def fail_next(self, n: int, status: int = 500, *, should_retry: bool | None = None) -> None:
+    def fail_next(
+        self,
+        n: int,
+        status: int = 500,
+        *,
+        should_retry: bool | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         """The next ``n`` requests answer ``status`` with Stripe's error JSON (queued after
         earlier calls). ``should_retry`` sets ``Stripe-Should-Retry``, which stripe-python's
-        retry loop obeys (without it, it retries 409 and 5xx but never 429)."""
-        self._fail_queue.extend([(status, should_retry)] * n)
+        retry loop obeys (without it, it retries 409 and 5xx but never 429). ``retry_after``
+        sets ``Retry-After`` (Stripe sends none; a gateway in front of it may)."""
+        error = StripeError.injected(status, should_retry, retry_after)
+        self._fail_queue.extend([error.response] * n)
+
+    def answer_next(
+        self, n: int, body: bytes, *, status: int = 200, content_type: str = "text/html"
+    ) -> None:
+        """The next ``n`` requests get this answer instead of Stripe's (queued with
+        ``fail_next``): what a proxy or gateway in front of Stripe may send, such as an
+        HTML error page or a body that is not a JSON object."""
+        self._fail_queue.extend(
+            [lambda: web.Response(body=body, status=status, content_type=content_type)] * n
+        )
 
     def fail_rate(self, fraction: float, statuses: Sequence[int] = (429, 500)) -> None:
         """Fail each request with probability ``fraction``, status drawn from ``statuses``
@@ -462,21 +484,24 @@ class StripeStandIn:
                 request.transport.abort()
             return web.Response(status=204)  # never sent: the connection is gone
         request_id = "req_" + secrets.token_hex(7)
-        try:
-            self._inject_failure()
-            self._authenticate(request)
-            response = await handler(request)
-        except StripeError as exc:
-            response = exc.response()
+        response: web.StreamResponse | None = self._injected()
+        if response is None:
+            try:
+                self._authenticate(request)
+                response = await handler(request)
+            except StripeError as exc:
+                response = exc.response()
         response.headers["Request-Id"] = request_id
         response.headers["Stripe-Version"] = request.headers.get("Stripe-Version", API_VERSION)
         return response
 
-    def _inject_failure(self) -> None:
+    def _injected(self) -> web.Response | None:
+        """The fault's answer for this request, if one is due."""
         if self._fail_queue:
-            raise StripeError.injected(*self._fail_queue.popleft())
+            return self._fail_queue.popleft()()
         if self._fail_fraction > 0 and self._rng.random() < self._fail_fraction:
-            raise StripeError.injected(self._rng.choice(self._fail_statuses))
+            return StripeError.injected(self._rng.choice(self._fail_statuses)).response()
+        return None
 
     async def _admin_add_session(self, request: web.Request) -> web.Response:
         """POST {id?, payment_status?, line_items?: [[description, quantity, unit_amount]], ...}."""
@@ -502,7 +527,8 @@ class StripeStandIn:
         return web.json_response(self.sessions[session_id])
 
     async def _admin_faults(self, request: web.Request) -> web.Response:
-        """POST {latency_s?, fail_rate?, statuses?, fail_next?: n, status?, drop_next?, clear?}."""
+        """POST {latency_s?, fail_rate?, statuses?, fail_next?: n, status?, retry_after?,
+        drop_next?, clear?}."""
         body = await request.json()
         if body.get("clear"):
             self.clear_faults()
@@ -512,7 +538,12 @@ class StripeStandIn:
         if "fail_rate" in body:
             self.fail_rate(float(body["fail_rate"]), tuple(body.get("statuses", (429, 500))))
         if body.get("fail_next"):
-            self.fail_next(int(body["fail_next"]), int(body.get("status", 500)))
+            retry_after = body.get("retry_after")
+            self.fail_next(
+                int(body["fail_next"]),
+                int(body.get("status", 500)),
+                retry_after=None if retry_after is None else float(retry_after),
+            )
         if body.get("drop_next"):
             self.drop_next(int(body["drop_next"]))
         return web.json_response({"latency_s": self.latency_s})

@@ -12,7 +12,14 @@ class ConfigError(FulfillmentError):
 
 
 class TransientError(FulfillmentError):
-    """Raised when an operation may succeed if tried again later (network, 429/5xx, outage)."""
+    """Raised when an operation may succeed if tried again later (network, 429/5xx, outage).
+
+    ``retry_after_s``: how long the other side asked us to wait (a ``Retry-After``), if it did.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class PermanentError(FulfillmentError):

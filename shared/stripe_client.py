@@ -59,14 +59,35 @@ class StripeNotFound(PermanentError):
 
 
 def classify(exc: stripe.StripeError) -> TransientError | PermanentError:
-    """Our error for a Stripe error: retry 429, 5xx, network and auth trouble; not the rest."""
+    """Our error for a Stripe error: retry 429, 5xx, network and auth trouble, and answers
+    that are not Stripe's JSON (APIError: a proxy's error page, a cut-off body); not the rest.
+    """
     status = exc.http_status or 0
     message = f"Stripe {type(exc).__name__} ({status or 'no response'}): {exc.user_message or exc}"
-    if isinstance(exc, stripe.APIConnectionError | stripe.RateLimitError) or status >= 500:
-        return TransientError(message)
+    if (
+        isinstance(exc, stripe.APIConnectionError | stripe.RateLimitError | stripe.APIError)
+        or status >= 500
+    ):
+        return TransientError(message, retry_after_s=retry_after(exc.headers))
     if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
         # a revoked or wrong key is fixed by an operator; keep the work until then
         return TransientError(message)
     if status == 404:
         return StripeNotFound(message)
     return PermanentError(message)
+
+
+def retry_after(headers: object) -> float | None:
+    """The seconds a ``Retry-After`` header asks for (Stripe does not send one; a proxy or
+    gateway in front of it may), or None. The HTTP-date form is not used by either."""
+    items = getattr(headers, "items", None)
+    if items is None:
+        return None
+    for name, value in items():
+        if str(name).lower() == "retry-after":
+            try:
+                seconds = float(value)
+            except (TypeError, ValueError):
+                return None
+            return seconds if 0 <= seconds < float("inf") else None
+    return None

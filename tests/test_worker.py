@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -424,6 +425,78 @@ async def test_stripe_errors_at_first_are_retried_in_process_then_fulfilled(
     await wait_for(lambda: fulfillment_rows(database_url, sid))
     assert len(await drain(channel, topology.dead_queue)) == 0
     assert standin.request_count >= 2
+
+
+@pytest.mark.parametrize(("retry_after", "through_delay_queue"), [(1.5, False), (30.0, True)])
+async def test_a_retry_after_is_waited_in_process_when_short_and_in_a_delay_queue_when_long(
+    retry_after: float,
+    through_delay_queue: bool,
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """Stripe sends no Retry-After, but a gateway in front of it may: a short one is waited
+    before the quick retry (not 0.1 s later), a long one in a delay queue, where the
+    message waits without holding a worker's slot."""
+    from prometheus_client import REGISTRY
+
+    def sent_to_delay_queues() -> float:
+        labels = {"event_type": "checkout.session.completed"}
+        return REGISTRY.get_sample_value("worker_retries_total", labels) or 0.0
+
+    sid = standin.add_session()["id"]
+    standin.fail_next(1, 429, retry_after=retry_after)
+    before = sent_to_delay_queues()
+    await start_worker(worker_settings)
+    started = time.monotonic()
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    await wait_for(lambda: fulfillment_rows(database_url, sid), timeout_s=20)
+    assert sent_to_delay_queues() - before == (1 if through_delay_queue else 0)
+    if not through_delay_queue:
+        assert time.monotonic() - started >= retry_after
+    assert await drain(channel, topology.dead_queue) == []
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type"),
+    [
+        (502, b"<html><body>502 Bad Gateway</body></html>", "text/html"),
+        (200, b"<html><body>Please log in to the proxy</body></html>", "text/html"),
+        (200, b"[1, 2, 3]", "application/json"),  # JSON, but not an object
+    ],
+)
+async def test_an_answer_not_from_stripe_is_retried_not_dead_lettered(
+    status: int,
+    body: bytes,
+    content_type: str,
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """A proxy's or gateway's page, or a body cut short, is no verdict on the session:
+    Stripe answers every GET with a JSON object. Retried; the next answer fulfills."""
+    sid = standin.add_session()["id"]
+    standin.answer_next(1, body, status=status, content_type=content_type)
+    worker = await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    await settle(worker, topology, channel)
+    assert await drain(channel, topology.dead_queue) == []
+    assert len(smtp.for_session(sid)) == 1
 
 
 async def test_stripe_away_for_longer_goes_through_a_delay_queue_and_then_fulfills(

@@ -36,7 +36,8 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.connection import make_url
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity.stop import stop_base
 
 from shared import runtime
 from shared.backoff import compute_backoff
@@ -71,6 +72,24 @@ REQUESTED = ("fulfillment.requested",)
 
 # Stripe's ids are a prefix and letters, digits and underscores; nothing else may reach a URL.
 _SESSION_ID = re.compile(r"cs_[A-Za-z0-9_]{1,250}")
+
+
+# The longest Retry-After honoured by waiting in process (with the message held); a longer
+# one sends the message to its delay queue.
+QUICK_RETRY_AFTER_MAX_S = 5.0
+
+
+def _retry_after(state: RetryCallState) -> float:
+    """The Retry-After of the last attempt's error, or 0."""
+    exc = state.outcome.exception() if state.outcome is not None else None
+    return getattr(exc, "retry_after_s", None) or 0.0
+
+
+class _LongRetryAfter(stop_base):
+    """Stop retrying in process when the other side asked for a longer wait than that."""
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return _retry_after(retry_state) > QUICK_RETRY_AFTER_MAX_S
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -123,8 +142,11 @@ class Worker:
         self._http: stripe.AIOHTTPClient | None = None
         self._fulfiller: Fulfiller | None = None
         self._retrying = AsyncRetrying(
-            stop=stop_after_attempt(settings.quick_retries),
-            wait=lambda state: compute_backoff(state.attempt_number, base_s=0.2, max_s=2.0),
+            # a Retry-After longer than a quick retry's wait is waited in a delay queue
+            stop=stop_after_attempt(settings.quick_retries) | _LongRetryAfter(),
+            wait=lambda state: max(
+                compute_backoff(state.attempt_number, base_s=0.2, max_s=2.0), _retry_after(state)
+            ),
             retry=retry_if_exception(is_transient),
             reraise=True,
         )

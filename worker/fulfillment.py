@@ -143,7 +143,9 @@ class Fulfiller:
         response = await self._stripe.raw_request_async("get", path, **params)
         data = response.data
         if not isinstance(data, dict):
-            raise PermanentError(f"Stripe answered {path} with something not an object")
+            # Stripe answers every GET with an object: this came from something in between
+            # (a proxy, a gateway) or was cut short, so it may well be right next time.
+            raise TransientError(f"Stripe answered {path} with something not an object")
         return data
 
     async def fulfill(

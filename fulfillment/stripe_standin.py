@@ -45,7 +45,8 @@ from fulfillment.fixtures import fixture
 __all__ = ["StripeStandIn", "main", "serve"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-LineItem = tuple[str, int, int]  # (description, quantity, unit_amount)
+# (description, quantity, unit_amount); quantity None: a metered (usage-based) price
+LineItem = tuple[str, int | None, int]
 
 API_VERSION = "2026-10-28.endive"
 _MAX_LIMIT = 100
@@ -255,7 +256,13 @@ class StripeStandIn:
         return customer
 
     def _line_item(
-        self, description: str, quantity: int, unit_amount: int, currency: str
+        self,
+        description: str,
+        quantity: int | None,
+        unit_amount: int,
+        currency: str,
+        *,
+        recurring: bool = False,
     ) -> dict[str, Any]:
         product = fixture("product")
         product.update(
@@ -267,8 +274,16 @@ class StripeStandIn:
             id=_new_id("price"),
             currency=currency,
             product=product["id"],
-            type="one_time",
-            recurring=None,
+            type="recurring" if recurring or quantity is None else "one_time",
+            recurring={
+                "interval": "month",
+                "interval_count": 1,
+                "meter": None,
+                "trial_period_days": None,
+                "usage_type": "metered" if quantity is None else "licensed",
+            }
+            if recurring or quantity is None
+            else None,
             transform_quantity=None,
             unit_amount=unit_amount,
             unit_amount_decimal=str(unit_amount),
@@ -277,7 +292,7 @@ class StripeStandIn:
         product["default_price"] = price["id"]
         self.products[product["id"]] = product
         item = fixture("item")
-        amount = quantity * unit_amount
+        amount = 0 if quantity is None else quantity * unit_amount  # metered: billed later
         item.update(
             id=_new_id("li"),
             description=description,
@@ -304,6 +319,9 @@ class StripeStandIn:
         metadata: Mapping[str, str] | None = None,
         account: str | None = None,
         mode: str = "payment",
+        discount: int = 0,
+        shipping: int = 0,
+        tax: int = 0,
     ) -> dict[str, Any]:
         """Seed a completed checkout.session; totals are the sum of ``line_items``.
 
@@ -312,15 +330,20 @@ class StripeStandIn:
         as on Stripe, is found only by requests with ``Stripe-Account: <account>``.
         ``mode="setup"``: a session that only saved a payment method, as Stripe has it: no
         items, no amounts, no currency, ``no_payment_required`` and a SetupIntent.
+        ``mode="subscription"``: monthly prices and a Subscription id. ``discount``,
+        ``shipping`` and ``tax`` go into ``total_details`` and the total.
         Returns the stored session (without ``line_items``, which appear only when expanded).
         """
         setup = mode == "setup"
         items = [
-            self._line_item(description, quantity, unit_amount, currency)
+            self._line_item(
+                description, quantity, unit_amount, currency, recurring=mode == "subscription"
+            )
             for description, quantity, unit_amount in (line_items or [("T-shirt", 1, 2000)])
             if not setup
         ]
-        total: int | None = None if setup else sum(item["amount_total"] for item in items)
+        subtotal: int | None = None if setup else sum(item["amount_total"] for item in items)
+        total = None if subtotal is None else subtotal - discount + shipping + tax
         if setup:
             payment_status = "no_payment_required"
         session = fixture("checkout.session")
@@ -333,7 +356,7 @@ class StripeStandIn:
             mode=mode,
             payment_status=payment_status,
             currency=None if setup else currency,
-            amount_subtotal=total,
+            amount_subtotal=subtotal,
             amount_total=total,
             created=now,
             expires_at=now + 24 * 3600,
@@ -341,11 +364,14 @@ class StripeStandIn:
             metadata=dict(metadata or {}),
             payment_intent=None if payment_status == "no_payment_required" else _new_id("pi"),
             setup_intent=_new_id("seti") if setup else None,
+            subscription=_new_id("sub") if mode == "subscription" else None,
             currency_conversion=None,
             shipping_cost=None,
             shipping_address_collection=None,
             collected_information=None,
-            total_details={"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
+            total_details=None
+            if setup
+            else {"amount_discount": discount, "amount_shipping": shipping, "amount_tax": tax},
         )
         session["customer_details"]["email"] = customer_email
         self.sessions[sid] = session
@@ -516,6 +542,9 @@ class StripeStandIn:
             customer=body.get("customer"),
             account=body.get("account"),
             mode=body.get("mode", "payment"),
+            discount=int(body.get("discount", 0)),
+            shipping=int(body.get("shipping", 0)),
+            tax=int(body.get("tax", 0)),
         )
         return web.json_response(session, status=201)
 

@@ -131,6 +131,58 @@ async def test_a_paid_completed_session_gives_one_row_one_email_and_one_order_fu
     assert [i["quantity"] for i in body["items"]] == [2, 1]
 
 
+async def test_a_subscription_with_a_metered_price_discount_shipping_and_tax_is_told_right(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """A metered price has no quantity (Stripe sends null): stored as NULL and shown
+    without one, not as 1. The email's lines add up to the total (subtotal, discount,
+    shipping, tax), and order.fulfilled says it started a subscription."""
+    session = standin.add_session(
+        mode="subscription",
+        line_items=[("Pro plan", 1, 2900), ("API calls", None, 2)],
+        discount=500,
+        shipping=499,
+        tax=120,
+    )
+    sid = session["id"]
+    assert session["amount_total"] == 2900 - 500 + 499 + 120
+    await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    assert await stored_items(database_url, sid) == [("API calls", None, 0), ("Pro plan", 1, 2900)]
+    [mail] = await asyncio.to_thread(smtp.wait, 1)
+    text = mail.get_content()
+    assert "  1 x Pro plan  29.00 USD" in text and "  API calls  0.00 USD" in text
+    for line in ("Subtotal: 29.00 USD", "Discount: -5.00 USD", "Shipping: 4.99 USD"):
+        assert line in text
+    assert "Tax: 1.20 USD" in text and "Total: 30.19 USD" in text
+
+    async def outbound_messages() -> list[Any]:
+        return await drain(channel, outbound)
+
+    [out] = await wait_for(outbound_messages)
+    body = json.loads(out.body)
+    assert (body["mode"], body["subscription"]) == ("subscription", session["subscription"])
+    assert body["subscription"].startswith("sub_")
+    assert [i["quantity"] for i in body["items"]] == [1, None]
+    assert (body["amount_subtotal"], body["amount_total"]) == (2900, 3019)
+    assert body["total_details"] == {
+        "amount_discount": 500,
+        "amount_shipping": 499,
+        "amount_tax": 120,
+    }
+
+
 async def test_duplicates_and_both_success_events_for_one_session_fulfill_it_once(
     standin: StripeStandIn,
     smtp: SmtpSink,

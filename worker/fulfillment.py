@@ -373,6 +373,14 @@ class Fulfiller:
             ],
             "customer": order.customer_id,
             "customer_email": order.customer_email,
+            "mode": order.mode,
+            "subscription": order.subscription,
+            "amount_subtotal": order.amount_subtotal,
+            "total_details": {
+                "amount_discount": order.amount_discount,
+                "amount_shipping": order.amount_shipping,
+                "amount_tax": order.amount_tax,
+            },
         }
         return await self._publish("order.fulfilled", event, order, body)
 

@@ -40,10 +40,24 @@ def confirmation_email(order: Order, sender: str) -> Message:
         "",
     ]
     for item in order.items:
+        count = "" if item.quantity is None else f"{item.quantity} x "  # None: metered price
         lines.append(
-            f"  {item.quantity} x {item.description}  "
-            f"{format_amount(item.amount_total, item.currency)}"
+            f"  {count}{item.description}  {format_amount(item.amount_total, item.currency)}"
         )
+    adjustments = [
+        (name, amount)
+        for name, amount in (
+            ("Discount", -order.amount_discount),
+            ("Shipping", order.amount_shipping),
+            ("Tax", order.amount_tax),
+        )
+        if amount
+    ]
+    if adjustments:  # so that the lines above add up to the total
+        lines += ["", f"Subtotal: {format_amount(order.amount_subtotal, order.currency)}"]
+        lines += [
+            f"{name}: {format_amount(amount, order.currency)}" for name, amount in adjustments
+        ]
     lines += ["", f"Total: {order.total}", "", f"Order reference: {order.session_id}"]
     return _message(
         order, sender, f"Your order is confirmed ({order.total})", "\n".join(lines), "order"

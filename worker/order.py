@@ -27,7 +27,7 @@ class LineItem:
     id: str
     description: str
     price_id: str | None
-    quantity: int
+    quantity: int | None  # None for a metered price (usage-based: no quantity at checkout)
     unit_amount: int | None
     amount_total: int
     currency: str
@@ -48,6 +48,12 @@ class Order:
     items: tuple[LineItem, ...]
     account: str | None = None  # the connected account it was sold on (Stripe Connect)
     mode: str = "payment"  # payment | subscription | setup (only saved a payment method)
+    subscription: str | None = None  # the subscription a subscription-mode session started
+    # amount_total = amount_subtotal - amount_discount + amount_shipping + amount_tax
+    amount_subtotal: int = 0
+    amount_discount: int = 0
+    amount_shipping: int = 0
+    amount_tax: int = 0
 
     @classmethod
     def from_session(cls, session: dict[str, Any], *, account: str | None = None) -> Order:
@@ -59,6 +65,8 @@ class Order:
         details = session.get("customer_details") or {}
         currency = session.get("currency") or "usd"
         customer = session.get("customer")
+        subscription = session.get("subscription")
+        details_of_total = session.get("total_details") or {}
         items = []
         for item in (session.get("line_items") or {}).get("data") or []:
             price = item.get("price") or {}
@@ -67,7 +75,7 @@ class Order:
                     id=item["id"],
                     description=item.get("description") or price.get("nickname") or "Item",
                     price_id=price.get("id"),
-                    quantity=int(item.get("quantity") or 1),
+                    quantity=None if item.get("quantity") is None else int(item["quantity"]),
                     unit_amount=price.get("unit_amount"),
                     amount_total=int(item.get("amount_total") or 0),
                     currency=item.get("currency") or currency,
@@ -85,6 +93,13 @@ class Order:
             items=tuple(items),
             account=account,
             mode=session.get("mode") or "payment",
+            subscription=subscription
+            if isinstance(subscription, str)
+            else (subscription or {}).get("id"),
+            amount_subtotal=int(session.get("amount_subtotal") or 0),
+            amount_discount=int(details_of_total.get("amount_discount") or 0),
+            amount_shipping=int(details_of_total.get("amount_shipping") or 0),
+            amount_tax=int(details_of_total.get("amount_tax") or 0),
         )
 
     @property

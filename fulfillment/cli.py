@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, NoReturn
 
 from shared import runtime
@@ -232,6 +232,10 @@ def _dlq_purge(args: argparse.Namespace) -> int:
     return _not_found(args.event_ids, [dl.event_id for dl in removed])
 
 
+# Stripe's /v1/events returns the last 30 days of events only.
+STRIPE_EVENT_RETENTION = timedelta(days=30)
+
+
 def _date(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
@@ -248,6 +252,13 @@ def _backfill(args: argparse.Namespace) -> int:
     from worker.settings import database_url_from_env
 
     _setup("backfill")
+    if args.since < datetime.now(UTC) - STRIPE_EVENT_RETENTION:
+        print(
+            f"note: Stripe lists events of the last {STRIPE_EVENT_RETENTION.days} days only; "
+            "older ones cannot be backfilled (replay them from the DLQ, or recover from your "
+            "own records)",
+            file=sys.stderr,
+        )
     result = runtime.run(
         backfill(
             StripeSettings.from_env(),

@@ -437,6 +437,12 @@ async def test_backfill_enqueues_only_missing_events_across_pages_and_twice_is_o
         assert skipped not in {m.headers[HEADER_EVENT_ID] for m in queued}
     with_all = await acli(worker_settings, "backfill", "--since", since, "--all")
     assert "enqueued 1" in with_all.stdout  # the delivered one, only with --all
+    # a window Stripe no longer lists: said, not silently empty
+    assert "30 days" not in dry.stderr
+    long_ago = time.strftime("%Y-%m-%d", time.gmtime(now - 40 * 86400))
+    old = await acli(worker_settings, "backfill", "--since", long_ago, "--dry-run")
+    assert old.returncode == 0, old.stderr
+    assert "Stripe lists events of the last 30 days only" in old.stderr
 
 
 async def test_backfill_enqueues_only_handled_types_in_the_window_even_if_stripe_ignores_filters(

@@ -870,6 +870,10 @@ async def test_an_undeliverable_email_is_recorded_as_failed_and_the_order_goes_o
     [
         # an internationalized domain goes out in its ASCII form: every relay routes that
         ("zoe@bücher.example", False, "zoe@xn--bcher-kva.example", "sent"),
+        # by IDNA 2008, as registries: IDNA 2003 would send this to strasse.de, a stranger
+        ("jenny@straße.de", False, "jenny@xn--strae-oqa.de", "sent"),
+        # no such domain can exist (a snowman is not allowed): never retried
+        ("sam@☃.example", False, None, "failed: session"),
         # a non-ASCII mailbox name needs SMTPUTF8; To: is then UTF-8, not an encoded-word
         ("zoë@example.com", True, "zoë@example.com", "sent"),
         # a relay without SMTPUTF8 can never take it: written off, the order goes on

@@ -12,6 +12,7 @@ from email.mime.text import MIMEText
 from email.utils import formatdate, parseaddr
 
 import aiosmtplib
+import idna
 
 from shared.errors import PermanentError, TransientError
 from worker.order import Order, format_amount
@@ -109,8 +110,10 @@ def _recipient(order: Order) -> str:
     mailbox, _, domain = address.rpartition("@")
     if not domain.isascii():
         try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
+            # IDNA 2008 (non-transitional UTS #46, as browsers and registries): the stdlib's
+            # IDNA 2003 codec maps straße.de to strasse.de, someone else's domain
+            domain = idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
             raise Undeliverable(
                 f"session {order.session_id}: the customer email's domain is not a valid "
                 "internationalized domain name"

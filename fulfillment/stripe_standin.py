@@ -322,6 +322,7 @@ class StripeStandIn:
         discount: int = 0,
         shipping: int = 0,
         tax: int = 0,
+        tax_included: bool = False,
     ) -> dict[str, Any]:
         """Seed a completed checkout.session; totals are the sum of ``line_items``.
 
@@ -331,7 +332,10 @@ class StripeStandIn:
         ``mode="setup"``: a session that only saved a payment method, as Stripe has it: no
         items, no amounts, no currency, ``no_payment_required`` and a SetupIntent.
         ``mode="subscription"``: monthly prices and a Subscription id. ``discount``,
-        ``shipping`` and ``tax`` go into ``total_details`` and the total.
+        ``shipping`` and ``tax`` go into ``total_details`` and, as on Stripe, into the line
+        items' ``amount_total`` (after discounts and taxes; here all on the first item),
+        while ``amount_subtotal`` stays before them. ``tax_included``: the prices include
+        the tax (VAT-style), so it does not add to the total.
         Returns the stored session (without ``line_items``, which appear only when expanded).
         """
         setup = mode == "setup"
@@ -342,8 +346,13 @@ class StripeStandIn:
             for description, quantity, unit_amount in (line_items or [("T-shirt", 1, 2000)])
             if not setup
         ]
-        subtotal: int | None = None if setup else sum(item["amount_total"] for item in items)
-        total = None if subtotal is None else subtotal - discount + shipping + tax
+        subtotal: int | None = None if setup else sum(item["amount_subtotal"] for item in items)
+        added_tax = 0 if tax_included else tax
+        total = None if subtotal is None else subtotal - discount + shipping + added_tax
+        if items and (discount or tax):
+            first = items[0]
+            first.update(amount_discount=discount, amount_tax=tax)
+            first["amount_total"] = first["amount_subtotal"] - discount + added_tax
         if setup:
             payment_status = "no_payment_required"
         session = fixture("checkout.session")
@@ -545,6 +554,7 @@ class StripeStandIn:
             discount=int(body.get("discount", 0)),
             shipping=int(body.get("shipping", 0)),
             tax=int(body.get("tax", 0)),
+            tax_included=bool(body.get("tax_included", False)),
         )
         return web.json_response(session, status=201)
 

@@ -131,7 +131,9 @@ async def test_a_paid_completed_session_gives_one_row_one_email_and_one_order_fu
     assert [i["quantity"] for i in body["items"]] == [2, 1]
 
 
+@pytest.mark.parametrize("tax_included", [False, True])
 async def test_a_subscription_with_a_metered_price_discount_shipping_and_tax_is_told_right(
+    tax_included: bool,
     standin: StripeStandIn,
     smtp: SmtpSink,
     worker_settings: WorkerSettings,
@@ -143,29 +145,38 @@ async def test_a_subscription_with_a_metered_price_discount_shipping_and_tax_is_
     topology: Topology,
 ) -> None:
     """A metered price has no quantity (Stripe sends null): stored as NULL and shown
-    without one, not as 1. The email's lines add up to the total (subtotal, discount,
-    shipping, tax), and order.fulfilled says it started a subscription."""
+    without one, not as 1. The email's lines add up to the total, with Stripe's figures:
+    items before discounts and taxes (an item's amount_total is after them), then
+    subtotal, discount, shipping and tax, added or included. order.fulfilled says it
+    started a subscription."""
     session = standin.add_session(
         mode="subscription",
         line_items=[("Pro plan", 1, 2900), ("API calls", None, 2)],
         discount=500,
         shipping=499,
         tax=120,
+        tax_included=tax_included,
     )
     sid = session["id"]
-    assert session["amount_total"] == 2900 - 500 + 499 + 120
+    total = 2900 - 500 + 499 + (0 if tax_included else 120)
+    assert session["amount_total"] == total
     await start_worker(worker_settings)
 
     await publish(session_event(standin, "checkout.session.completed", sid))
 
     await wait_for(lambda: fulfillment_rows(database_url, sid))
-    assert await stored_items(database_url, sid) == [("API calls", None, 0), ("Pro plan", 1, 2900)]
+    plan_after = 2900 - 500 + (0 if tax_included else 120)  # Stripe's item amount_total
+    assert await stored_items(database_url, sid) == [
+        ("API calls", None, 0),
+        ("Pro plan", 1, plan_after),
+    ]
     [mail] = await asyncio.to_thread(smtp.wait, 1)
     text = mail.get_content()
     assert "  1 x Pro plan  29.00 USD" in text and "  API calls  0.00 USD" in text
     for line in ("Subtotal: 29.00 USD", "Discount: -5.00 USD", "Shipping: 4.99 USD"):
         assert line in text
-    assert "Tax: 1.20 USD" in text and "Total: 30.19 USD" in text
+    tax_line = "Tax included: 1.20 USD" if tax_included else "Tax: 1.20 USD"
+    assert tax_line in text and f"Total: {total / 100:.2f} USD" in text
 
     async def outbound_messages() -> list[Any]:
         return await drain(channel, outbound)
@@ -175,7 +186,11 @@ async def test_a_subscription_with_a_metered_price_discount_shipping_and_tax_is_
     assert (body["mode"], body["subscription"]) == ("subscription", session["subscription"])
     assert body["subscription"].startswith("sub_")
     assert [i["quantity"] for i in body["items"]] == [1, None]
-    assert (body["amount_subtotal"], body["amount_total"]) == (2900, 3019)
+    assert [(i["amount_subtotal"], i["amount_total"]) for i in body["items"]] == [
+        (2900, plan_after),
+        (0, 0),
+    ]
+    assert (body["amount_subtotal"], body["amount_total"]) == (2900, total)
     assert body["total_details"] == {
         "amount_discount": 500,
         "amount_shipping": 499,

@@ -366,6 +366,7 @@ class Fulfiller:
                     "description": i.description,
                     "price": i.price_id,
                     "quantity": i.quantity,
+                    "amount_subtotal": i.amount_subtotal,
                     "amount_total": i.amount_total,
                     "currency": i.currency,
                 }

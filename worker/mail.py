@@ -42,27 +42,37 @@ def confirmation_email(order: Order, sender: str) -> Message:
     ]
     for item in order.items:
         count = "" if item.quantity is None else f"{item.quantity} x "  # None: metered price
-        lines.append(
-            f"  {count}{item.description}  {format_amount(item.amount_total, item.currency)}"
-        )
-    adjustments = [
-        (name, amount)
-        for name, amount in (
-            ("Discount", -order.amount_discount),
-            ("Shipping", order.amount_shipping),
-            ("Tax", order.amount_tax),
-        )
-        if amount
-    ]
-    if adjustments:  # so that the lines above add up to the total
-        lines += ["", f"Subtotal: {format_amount(order.amount_subtotal, order.currency)}"]
-        lines += [
-            f"{name}: {format_amount(amount, order.currency)}" for name, amount in adjustments
-        ]
+        price = format_amount(item.amount_subtotal, item.currency)  # before discounts, taxes
+        lines.append(f"  {count}{item.description}  {price}")
+    lines += _adjustments(order)
     lines += ["", f"Total: {order.total}", "", f"Order reference: {order.session_id}"]
     return _message(
         order, sender, f"Your order is confirmed ({order.total})", "\n".join(lines), "order"
     )
+
+
+def _adjustments(order: Order) -> list[str]:
+    """Subtotal, discount, shipping and tax, so that the email's lines add up to the total;
+    none when there are none, or when Stripe's figures do not add up either way."""
+    discount, shipping, tax = order.amount_discount, order.amount_shipping, order.amount_tax
+    if not (discount or shipping or tax):
+        return []
+    before_tax = order.amount_subtotal - discount + shipping
+    if before_tax + tax == order.amount_total:
+        tax_line = "Tax"  # added to the prices
+    elif before_tax == order.amount_total:
+        tax_line = "Tax included"  # the prices include it (VAT-style)
+    else:
+        return []  # an adjustment we do not know: the items and the total only
+
+    def money(amount: int) -> str:
+        return format_amount(amount, order.currency)
+
+    lines = ["", f"Subtotal: {money(order.amount_subtotal)}"]
+    lines += [f"Discount: {money(-discount)}"] if discount else []
+    lines += [f"Shipping: {money(shipping)}"] if shipping else []
+    lines += [f"{tax_line}: {money(tax)}"] if tax else []
+    return lines
 
 
 def payment_failed_email(order: Order, sender: str) -> Message:

@@ -29,8 +29,9 @@ class LineItem:
     price_id: str | None
     quantity: int | None  # None for a metered price (usage-based: no quantity at checkout)
     unit_amount: int | None
-    amount_total: int
+    amount_total: int  # after discounts and taxes, as Stripe has it
     currency: str
+    amount_subtotal: int = 0  # before discounts and taxes (quantity x unit amount)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +50,8 @@ class Order:
     account: str | None = None  # the connected account it was sold on (Stripe Connect)
     mode: str = "payment"  # payment | subscription | setup (only saved a payment method)
     subscription: str | None = None  # the subscription a subscription-mode session started
-    # amount_total = amount_subtotal - amount_discount + amount_shipping + amount_tax
+    # amount_total = amount_subtotal - amount_discount + amount_shipping (+ amount_tax, unless
+    # the prices include it)
     amount_subtotal: int = 0
     amount_discount: int = 0
     amount_shipping: int = 0
@@ -79,6 +81,11 @@ class Order:
                     unit_amount=price.get("unit_amount"),
                     amount_total=int(item.get("amount_total") or 0),
                     currency=item.get("currency") or currency,
+                    amount_subtotal=int(
+                        item.get("amount_subtotal")
+                        if item.get("amount_subtotal") is not None
+                        else item.get("amount_total") or 0
+                    ),
                 )
             )
         return cls(

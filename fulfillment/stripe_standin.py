@@ -229,7 +229,8 @@ class StripeStandIn:
         self.latency_s = latency_s
         self.requests: list[tuple[str, str]] = []
         self._rng = random.Random(seed)
-        self._fail_queue: deque[Callable[[], web.Response]] = deque()
+        # (path glob or None for any request, the answer to give instead of Stripe's)
+        self._fail_queue: deque[tuple[str | None, Callable[[], web.Response]]] = deque()
         self._fail_fraction = 0.0
         self._fail_statuses: tuple[int, ...] = (429, 500)
         self._drops = 0
@@ -435,17 +436,29 @@ class StripeStandIn:
         retry loop obeys (without it, it retries 409 and 5xx but never 429). ``retry_after``
         sets ``Retry-After`` (Stripe sends none; a gateway in front of it may)."""
         error = StripeError.injected(status, should_retry, retry_after)
-        self._fail_queue.extend([error.response] * n)
+        self._fail_queue.extend([(None, error.response)] * n)
 
     def answer_next(
-        self, n: int, body: bytes, *, status: int = 200, content_type: str = "text/html"
+        self,
+        n: int,
+        body: bytes,
+        *,
+        status: int = 200,
+        content_type: str = "text/html",
+        headers: Mapping[str, str] | None = None,
+        path: str | None = None,
     ) -> None:
         """The next ``n`` requests get this answer instead of Stripe's (queued with
         ``fail_next``): what a proxy or gateway in front of Stripe may send, such as an
-        HTML error page or a body that is not a JSON object."""
-        self._fail_queue.extend(
-            [lambda: web.Response(body=body, status=status, content_type=content_type)] * n
-        )
+        HTML error page (with a ``Retry-After``) or a body that is not a JSON object.
+        ``path`` (a glob, e.g. ``*/line_items``): only requests to it; others pass."""
+
+        def answer() -> web.Response:
+            return web.Response(
+                body=body, status=status, content_type=content_type, headers=headers
+            )
+
+        self._fail_queue.extend([(path, answer)] * n)
 
     def fail_rate(self, fraction: float, statuses: Sequence[int] = (429, 500)) -> None:
         """Fail each request with probability ``fraction``, status drawn from ``statuses``
@@ -519,7 +532,7 @@ class StripeStandIn:
                 request.transport.abort()
             return web.Response(status=204)  # never sent: the connection is gone
         request_id = "req_" + secrets.token_hex(7)
-        response: web.StreamResponse | None = self._injected()
+        response: web.StreamResponse | None = self._injected(request.path)
         if response is None:
             try:
                 self._authenticate(request)
@@ -530,10 +543,13 @@ class StripeStandIn:
         response.headers["Stripe-Version"] = request.headers.get("Stripe-Version", API_VERSION)
         return response
 
-    def _injected(self) -> web.Response | None:
+    def _injected(self, path: str) -> web.Response | None:
         """The fault's answer for this request, if one is due."""
         if self._fail_queue:
-            return self._fail_queue.popleft()()
+            only, answer = self._fail_queue[0]
+            if only is None or fnmatch.fnmatchcase(path, only):
+                self._fail_queue.popleft()
+                return answer()
         if self._fail_fraction > 0 and self._rng.random() < self._fail_fraction:
             return StripeError.injected(self._rng.choice(self._fail_statuses)).response()
         return None

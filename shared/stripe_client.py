@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import stripe
 
@@ -40,10 +43,30 @@ class StripeSettings:
         )
 
 
+# The headers of the last answer in this task that was an error: stripe-python keeps them on
+# its exception only when the body is Stripe's error JSON, and a Retry-After comes from a
+# gateway in front of Stripe, whose body is not.
+_ERROR_HEADERS: ContextVar[Mapping[str, str] | None] = ContextVar("error_headers", default=None)
+
+
+class AIOHTTPClient(stripe.AIOHTTPClient):
+    """stripe-python's aiohttp transport, remembering an error answer's headers for
+    ``classify`` (in the task that made the request)."""
+
+    async def request_async(
+        self, method: str, url: str, headers: Mapping[str, str], post_data: Any = None
+    ) -> tuple[bytes, int, Mapping[str, str]]:
+        content, status, response_headers = await super().request_async(
+            method, url, headers, post_data
+        )
+        _ERROR_HEADERS.set(response_headers if status >= 400 else None)
+        return content, status, response_headers
+
+
 def make_client(settings: StripeSettings, *, http_client: stripe.HTTPClient) -> stripe.StripeClient:
     """A StripeClient on the given transport (the caller closes it); retries are ours.
 
-    Pass ``stripe.AIOHTTPClient(timeout=…)`` for async calls and ``await
+    Pass ``AIOHTTPClient(timeout=…)`` (this module's) for async calls and ``await
     http_client.close_async()`` when done: StripeClient has no close of its own.
     """
     return stripe.StripeClient(
@@ -59,22 +82,32 @@ class StripeNotFound(PermanentError):
 
 
 def classify(exc: stripe.StripeError) -> TransientError | PermanentError:
-    """Our error for a Stripe error: retry 429, 5xx, network and auth trouble, and answers
-    that are not Stripe's JSON (APIError: a proxy's error page, a cut-off body); not the rest.
+    """Our error for a Stripe error: retry 429, 409, 5xx, network and auth trouble, and
+    answers that are not Stripe's error JSON (a proxy's error page, a cut-off body: an
+    APIError without Stripe's body); not the rest (Stripe's own 4xx verdicts).
     """
     status = exc.http_status or 0
     message = f"Stripe {type(exc).__name__} ({status or 'no response'}): {exc.user_message or exc}"
     if (
-        isinstance(exc, stripe.APIConnectionError | stripe.RateLimitError | stripe.APIError)
+        isinstance(exc, stripe.APIConnectionError | stripe.RateLimitError)
         or status >= 500
+        or status == 409  # Stripe's lock_timeout: another request holds the object
+        or (isinstance(exc, stripe.APIError) and not _stripe_error_body(exc))
     ):
-        return TransientError(message, retry_after_s=retry_after(exc.headers))
+        headers = exc.headers or _ERROR_HEADERS.get() or {}
+        return TransientError(message, retry_after_s=retry_after(headers))
     if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
         # a revoked or wrong key is fixed by an operator; keep the work until then
         return TransientError(message)
     if status == 404:
         return StripeNotFound(message)
     return PermanentError(message)
+
+
+def _stripe_error_body(exc: stripe.StripeError) -> bool:
+    """Whether the answer was Stripe's own error JSON, i.e. Stripe's verdict."""
+    body = exc.json_body
+    return isinstance(body, dict) and isinstance(body.get("error"), dict)
 
 
 def retry_after(headers: object) -> float | None:

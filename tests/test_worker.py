@@ -494,10 +494,14 @@ async def test_stripe_errors_at_first_are_retried_in_process_then_fulfilled(
     assert standin.request_count >= 2
 
 
-@pytest.mark.parametrize(("retry_after", "through_delay_queue"), [(1.5, False), (30.0, True)])
+@pytest.mark.parametrize(
+    ("retry_after", "through_delay_queue", "from_gateway"),
+    [(1.5, False, False), (30.0, True, False), (1.5, False, True), (30.0, True, True)],
+)
 async def test_a_retry_after_is_waited_in_process_when_short_and_in_a_delay_queue_when_long(
     retry_after: float,
     through_delay_queue: bool,
+    from_gateway: bool,
     standin: StripeStandIn,
     smtp: SmtpSink,
     worker_settings: WorkerSettings,
@@ -509,7 +513,8 @@ async def test_a_retry_after_is_waited_in_process_when_short_and_in_a_delay_queu
 ) -> None:
     """Stripe sends no Retry-After, but a gateway in front of it may: a short one is waited
     before the quick retry (not 0.1 s later), a long one in a delay queue, where the
-    message waits without holding a worker's slot."""
+    message waits without holding a worker's slot. Read also from an answer that is not
+    Stripe's error JSON (a gateway's page), whose headers stripe-python's error drops."""
     from prometheus_client import REGISTRY
 
     def sent_to_delay_queues() -> float:
@@ -517,7 +522,11 @@ async def test_a_retry_after_is_waited_in_process_when_short_and_in_a_delay_queu
         return REGISTRY.get_sample_value("worker_retries_total", labels) or 0.0
 
     sid = standin.add_session()["id"]
-    standin.fail_next(1, 429, retry_after=retry_after)
+    if from_gateway:
+        page = b"<html><body>503 Service Temporarily Unavailable</body></html>"
+        standin.answer_next(1, page, status=503, headers={"Retry-After": f"{retry_after:g}"})
+    else:
+        standin.fail_next(1, 429, retry_after=retry_after)
     before = sent_to_delay_queues()
     await start_worker(worker_settings)
     started = time.monotonic()
@@ -537,6 +546,7 @@ async def test_a_retry_after_is_waited_in_process_when_short_and_in_a_delay_queu
         (502, b"<html><body>502 Bad Gateway</body></html>", "text/html"),
         (200, b"<html><body>Please log in to the proxy</body></html>", "text/html"),
         (200, b"[1, 2, 3]", "application/json"),  # JSON, but not an object
+        (200, b'{"status": "ok"}', "application/json"),  # an object, but not the session
     ],
 )
 async def test_an_answer_not_from_stripe_is_retried_not_dead_lettered(
@@ -564,6 +574,67 @@ async def test_an_answer_not_from_stripe_is_retried_not_dead_lettered(
     await settle(worker, topology, channel)
     assert await drain(channel, topology.dead_queue) == []
     assert len(smtp.for_session(sid)) == 1
+
+
+_STRIPE_BODY = {"error": {"type": "invalid_request_error", "message": "as Stripe says"}}
+
+
+@pytest.mark.parametrize(
+    ("error", "expected", "retry_after_s"),
+    [
+        (lambda s: s.APIConnectionError("connection reset"), "transient", None),
+        (lambda s: s.RateLimitError("slow down", http_status=429), "transient", None),
+        (
+            lambda s: s.RateLimitError("slow down", http_status=429, headers={"retry-after": "2"}),
+            "transient",
+            2.0,
+        ),
+        (lambda s: s.APIError("oops", http_status=500, json_body=_STRIPE_BODY), "transient", None),
+        (
+            lambda s: s.APIError("locked", http_status=409, json_body=_STRIPE_BODY),
+            "transient",
+            None,
+        ),
+        # not Stripe's JSON (a proxy's page, a body cut short): no verdict from Stripe
+        (lambda s: s.APIError("Invalid response body", http_status=200), "transient", None),
+        (lambda s: s.APIError("Invalid response body", http_status=403), "transient", None),
+        # Stripe's own 4xx verdicts: retrying cannot help
+        (lambda s: s.APIError("gone", http_status=410, json_body=_STRIPE_BODY), "permanent", None),
+        (
+            lambda s: s.InvalidRequestError(
+                "No such checkout.session", "id", http_status=404, json_body=_STRIPE_BODY
+            ),
+            "not found",
+            None,
+        ),
+        (
+            lambda s: s.InvalidRequestError(
+                "bad", "expand", http_status=400, json_body=_STRIPE_BODY
+            ),
+            "permanent",
+            None,
+        ),
+        (lambda s: s.AuthenticationError("revoked key", http_status=401), "transient", None),
+    ],
+)
+def test_stripe_errors_are_retried_unless_stripe_itself_refused(
+    error: Any, expected: str, retry_after_s: float | None
+) -> None:
+    import stripe
+
+    from shared.errors import TransientError
+    from shared.stripe_client import StripeNotFound, classify
+
+    ours = classify(error(stripe))
+    kind = (
+        "not found"
+        if isinstance(ours, StripeNotFound)
+        else "transient"
+        if isinstance(ours, TransientError)
+        else "permanent"
+    )
+    assert kind == expected, ours
+    assert getattr(ours, "retry_after_s", None) == retry_after_s
 
 
 async def test_stripe_away_for_longer_goes_through_a_delay_queue_and_then_fulfills(
@@ -759,6 +830,37 @@ async def test_a_session_with_more_line_items_than_one_page_is_fulfilled_with_al
     assert [description for description, _, _ in stored] == [d for d, _, _ in items]
     [mail] = await asyncio.to_thread(smtp.wait, 1)
     assert all(f"1 x {d}" in mail.get_content() for d, _, _ in items)
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        b"{}",  # no list at all
+        b'{"object": "list", "data": [], "has_more": true, "url": "/v1/x"}',  # more, yet empty
+    ],
+)
+async def test_a_line_items_page_that_is_not_stripes_is_retried_never_ends_the_order_short(
+    page: bytes,
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    database_url: str,
+) -> None:
+    """Review: a /line_items answer without a list (a gateway's 200) ended the paging, and
+    the order was recorded and announced with items missing."""
+    items = [(f"Item {i:02}", 1, 100 + i) for i in range(13)]  # 10 inline, 3 on a page
+    sid = standin.add_session(line_items=items)["id"]
+    standin.answer_next(1, page, content_type="application/json", path="*/line_items")
+    await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    assert len(await stored_items(database_url, sid)) == 13
+    [mail] = await asyncio.to_thread(smtp.wait, 1)
+    assert "Item 12" in mail.get_content()
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,6 @@ from typing import Any
 import aio_pika
 import aiormq
 import asyncpg
-import stripe
 import structlog
 from aio_pika.abc import (
     AbstractIncomingMessage,
@@ -56,7 +55,7 @@ from shared.broker import (
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError, TransientError
 from shared.logging import get_logger
-from shared.stripe_client import make_client
+from shared.stripe_client import AIOHTTPClient, make_client
 from shared.topology import Topology
 from worker import db, mail, metrics
 from worker.fulfillment import EffectsLog, Fulfiller, Outcome
@@ -139,7 +138,7 @@ class Worker:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._pool: asyncpg.Pool | None = None
-        self._http: stripe.AIOHTTPClient | None = None
+        self._http: AIOHTTPClient | None = None
         self._fulfiller: Fulfiller | None = None
         self._retrying = AsyncRetrying(
             # a Retry-After longer than a quick retry's wait is waited in a delay queue
@@ -164,7 +163,7 @@ class Worker:
         )
         await db.migrate(s.database_url)
         self._pool = await db.create_pool(s.database_url, max_size=min(s.concurrency, 32))
-        self._http = stripe.AIOHTTPClient(timeout=s.stripe.timeout_s)
+        self._http = AIOHTTPClient(timeout=s.stripe.timeout_s)
         client = make_client(s.stripe, http_client=self._http)
         # What connect_robust does, keeping the connection from the start: cancelling a
         # first connect (a SIGTERM while the broker does not answer) leaves aio-pika's

@@ -120,9 +120,9 @@ class Fulfiller:
             options = {"stripe_account": account} if account else {}
             doc = await self._get(path, {"expand": ["line_items"], **options})
             expanded = doc.get("line_items")
-            if isinstance(expanded, dict):
+            if isinstance(expanded, dict) and isinstance(expanded.get("data"), list):
                 # the expansion holds the first page only; the rest come from /line_items
-                items = list(expanded.get("data") or [])
+                items = list(expanded["data"])
                 has_more = bool(expanded.get("has_more"))
             else:
                 # not expanded (an API, or a stand-in, that ignored expand[]): an order
@@ -131,9 +131,15 @@ class Fulfiller:
             while has_more:
                 after = {"starting_after": items[-1]["id"]} if items else {}
                 page = await self._get(f"{path}/line_items", {"limit": 100, **after, **options})
-                data = page.get("data") or []
+                data = page.get("data")
+                if page.get("object") != "list" or not isinstance(data, list):
+                    # not Stripe's answer (it always sends a list here): an order must not
+                    # go out with items missing, so try again rather than stop paging
+                    raise TransientError(f"Stripe answered {path}/line_items with no list")
+                if page.get("has_more") and not data:
+                    raise TransientError(f"Stripe answered {path}/line_items with an empty page")
                 items += data
-                has_more = bool(page.get("has_more")) and bool(data)
+                has_more = bool(page.get("has_more"))
             doc["line_items"] = {"object": "list", "data": items, "has_more": False}
         except stripe.StripeError as exc:
             raise classify(exc) from exc

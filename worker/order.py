@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import PermanentError
+from shared.errors import TransientError
 
 # Stripe's amounts are in the currency's minor unit: whole units for its zero-decimal
 # currencies, thousandths for its three-decimal ones, hundredths for all others.
@@ -59,11 +59,13 @@ class Order:
 
     @classmethod
     def from_session(cls, session: dict[str, Any], *, account: str | None = None) -> Order:
-        """Read a retrieved session (``expand=["line_items"]``); PermanentError if it is not one.
+        """Read a retrieved session (``expand=["line_items"]``); TransientError if it is not one.
 
         ``account``: the connected account it was retrieved from, None for the platform."""
         if session.get("object") != "checkout.session" or not session.get("id"):
-            raise PermanentError("Stripe returned something that is not a checkout.session")
+            # Stripe answers a session's URL with the session, so this came from something in
+            # between (a gateway, a cut-off body): retried, not a verdict on the event
+            raise TransientError("Stripe returned something that is not a checkout.session")
         details = session.get("customer_details") or {}
         currency = session.get("currency") or "usd"
         customer = session.get("customer")

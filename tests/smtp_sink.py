@@ -18,6 +18,14 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        if self.sink.refuse_ehlo:
+            return ["502 5.5.1 EHLO not available, say HELO"]  # the client falls back to HELO
+        session.host_name = hostname
+        return responses
+
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
     ) -> str:
@@ -67,6 +75,7 @@ class SmtpSink:
         self.unknown_recipients: set[str] = set()  # refused with 550 at RCPT
         self.deferred_recipients: set[str] = set()  # deferred with 450 at RCPT
         self.smtputf8 = False  # offer SMTPUTF8 (RFC 6531); takes effect at the next start()
+        self.refuse_ehlo = False  # EHLO answered 502: the client says HELO (no extensions)
         self.refuse_sender = False  # every MAIL FROM refused with 553 (a relay misconfigured)
         self.relay_denied = False  # every RCPT refused with 554 5.7.1 (we may not relay)
         self.after_data: Callable[[], Awaitable[None]] | None = None

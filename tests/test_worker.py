@@ -1038,6 +1038,39 @@ async def test_internationalized_customer_addresses_are_sent_or_written_off_neve
         assert [a.addr_spec for a in mail["To"].addresses] == [delivered_to]
 
 
+async def test_a_non_ascii_address_is_retried_not_written_off_when_the_relays_ehlo_failed(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """Review: a relay whose EHLO fails is spoken to with HELO, which lists no extensions,
+    so SMTPUTF8 looks missing. That says nothing about the relay (a hiccup, a failover):
+    retried, and sent once EHLO works, not written off for good."""
+    smtp.stop()
+    smtp.smtputf8, smtp.refuse_ehlo = True, True
+    smtp.start()
+    sid = standin.add_session(customer_email="zoë@example.com")["id"]
+    worker = await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    await wait_for(lambda: fulfillment_steps(database_url, sid))
+    await asyncio.sleep(1.0)  # tried meanwhile, in process and through a delay queue
+    assert list(await fulfillment_steps(database_url, sid)) == ["order_fulfilled_message"]
+    smtp.refuse_ehlo = False
+
+    [mail] = await asyncio.to_thread(smtp.wait, 1, 15)
+    assert mail["To"] == "zoë@example.com"
+    await settle(worker, topology, channel)
+    assert (await fulfillment_steps(database_url, sid))["confirmation_email"].startswith("sent ")
+    assert await drain(channel, topology.dead_queue) == []
+
+
 async def test_a_deferred_email_does_not_hold_up_the_order_fulfilled_message(
     standin: StripeStandIn,
     smtp: SmtpSink,

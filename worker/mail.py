@@ -171,14 +171,6 @@ class Mailer:
                     f"SMTP refused the message ({exc.code}): {exc.message}"
                 ) from None
             raise TransientError(f"SMTP error ({exc.code}): {exc.message}") from None
-        except aiosmtplib.SMTPNotSupported as exc:
-            if not str(message["To"]).isascii():
-                # the relay cannot take a non-ASCII mailbox name (no SMTPUTF8), for this
-                # customer every time: written off like any other undeliverable address
-                raise Undeliverable(
-                    "the mail relay does not offer SMTPUTF8, which this customer's address needs"
-                ) from None
-            raise TransientError(f"SMTP: {exc}") from None
         except aiosmtplib.SMTPResponseException as exc:
             # Greeting, HELO, AUTH, MAIL FROM refused: the relay or our settings are wrong,
             # for every order alike. Retried (through the delay queues, then the DLQ to
@@ -258,6 +250,17 @@ async def _send_on(client: aiosmtplib.SMTP, message: Message) -> None:
     """Send on one connection; a connection that failed is closed, never reused."""
     try:
         await client.send_message(message)
+    except aiosmtplib.SMTPNotSupported as exc:
+        # Said only before anything is sent, and (aiosmtplib 3+) only for SMTPUTF8. Written
+        # off only when the relay answered EHLO without it: a relay whose EHLO failed (a
+        # fallback to HELO lists no extensions at all) may yet take it, so retry that.
+        answered_ehlo = client.last_ehlo_response is not None
+        _abort(client)
+        if answered_ehlo and not str(message["To"]).isascii():
+            raise Undeliverable(
+                "the mail relay does not offer SMTPUTF8, which this customer's address needs"
+            ) from None
+        raise TransientError(f"SMTP: {exc}") from None
     except BaseException:
         _abort(client)
         raise

@@ -23,6 +23,7 @@ from fulfillment.standin_checkout import HostedCheckout
 from fulfillment.stripe_standin import StripeStandIn, signature_header
 from fulfillment.up import say
 from shared.settings import BrokerSettings, env_port
+from worker.order import format_amount
 from worker.settings import database_url_from_env
 
 CATALOG = [("T-shirt", 2000), ("Mug", 1250), ("Notebook", 1500), ("Sticker pack", 500)]
@@ -170,7 +171,7 @@ class Demo:
         lines = [f"{'SESSION':34} {'CUSTOMER':24} {'TOTAL':>10} {'EXPECTED':15} NOW"]
         for sid, kind in self.sessions:
             session = self.standin.sessions[sid]
-            total = f"{session['amount_total'] / 100:.2f} {session['currency'].upper()}"
+            total = format_amount(session["amount_total"], session["currency"])
             row = rows.get(sid)
             now = (
                 "-"

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from fulfillment.fixtures import fixture
 from fulfillment.stripe_standin import StripeError, StripeStandIn, _new_id, signature_header
+from worker.order import format_amount
 
 SESSION_ID_TEMPLATE = "{CHECKOUT_SESSION_ID}"
 
@@ -142,7 +143,7 @@ class HostedCheckout:
         session = self._open_session(request.match_info["id"])
         items = "".join(
             f"<li>{item['quantity']} x {html.escape(item['description'])}"
-            f" — {item['amount_total'] / 100:.2f} {item['currency'].upper()}</li>"
+            f" — {format_amount(item['amount_total'], item['currency'])}</li>"
             for item in self.standin.line_items[session["id"]]
         )
         customer = self.standin.customers.get(session.get("customer") or "") or {}
@@ -153,7 +154,7 @@ class HostedCheckout:
         )  # fmt: skip
         body = f"""<!doctype html><html><head><title>Checkout (Stripe stand-in)</title></head>
 <body><h1>Checkout</h1><ul>{items}</ul>
-<p>Total: <strong>{session["amount_total"] / 100:.2f} {session["currency"].upper()}</strong></p>
+<p>Total: <strong>{format_amount(session["amount_total"], session["currency"])}</strong></p>
 {card}
 <form method=post action="/pay/{session["id"]}"><button id=pay type=submit>Pay</button></form>
 <p><a href="{html.escape(session.get("cancel_url") or "#")}">Cancel</a></p></body></html>"""

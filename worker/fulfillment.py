@@ -6,7 +6,7 @@ after crashes at any instant. Per session:
 1. Retrieve the session from Stripe with its line items (the event may be stale).
 2. Take the session's advisory lock in PostgreSQL: one worker at a time per session.
 3. In one transaction: the ``fulfillments`` row and its line items, if not there yet.
-4. Each external effect in turn (confirmation email, ``order.fulfilled`` message): skip it
+4. Each external effect in turn (``order.fulfilled`` message, confirmation email): skip it
    if recorded, else do it and record it (committed at once). A crash between doing and
    recording repeats only that effect, with the same deterministic id for receivers.
 """

@@ -127,6 +127,13 @@ async def success(request: web.Request) -> web.Response:
         if exc.http_status == 404:
             return page("Unknown order", "<p>No such Checkout Session.</p>", status=404)
         return page("Try again shortly", "<p>We could not reach Stripe.</p>", status=502)
+    if session.mode == "setup":
+        # a Checkout that only saved a card (another flow sharing this page): no order
+        return page(
+            "Saved",
+            "<p>Your payment method was saved. Nothing was ordered or charged.</p>"
+            f"<p>Reference: <code>{html.escape(session_id)}</code></p>",
+        )
     requested = await _request_fulfillment(request, session_id, bool(session.livemode))
     paid = session.payment_status in ("paid", "no_payment_required")
     status = (

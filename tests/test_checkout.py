@@ -183,3 +183,19 @@ async def test_the_success_page_queues_a_fulfillment_request_for_the_session(
     [message] = await drain(channel, topology.work_queue)
     assert message.headers[HEADER_EVENT_TYPE] == "fulfillment.requested"
     assert json.loads(message.body)["data"]["object"]["id"] == session_id
+
+
+async def test_the_success_page_of_a_setup_mode_session_promises_no_order(
+    checkout_stack: dict[str, Any], standin: StripeStandIn, channel: Any, topology: Topology
+) -> None:
+    """A Checkout that only saved a card (another flow sharing this page) is not an order:
+    no "confirmation email on its way", nothing queued."""
+    session_id = standin.add_session(mode="setup")["id"]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(
+            f"{checkout_stack['base']}/checkout/success", params={"session_id": session_id}
+        ) as r:
+            text = await r.text()
+    assert r.status == 200 and "payment method was saved" in text
+    assert "confirmation email" not in text
+    assert await drain(channel, topology.work_queue) == []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -17,7 +16,7 @@ from ingress.settings import IngressSettings
 from ingress.signature import InvalidSignature, verify
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, MalformedEvent
-from shared.logging import get_logger
+from shared.logging import LogSampler, get_logger
 
 log = get_logger(__name__)
 
@@ -25,26 +24,6 @@ SETTINGS = web.AppKey("settings", IngressSettings)
 PUBLISHER = web.AppKey("publisher", EventPublisher)
 
 _ACCEPTED = b'{"received":true}'
-
-
-class LogSampler:
-    """At most one line per key per interval; the next admitted line says how many similar
-    ones were left out. The metrics count every event; the log shows what and how many."""
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._left_out: dict[str, int] = {}
-
-    def admit(self, key: str) -> int | None:
-        """None to leave this one out, else how many were left out since the last line."""
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval_s:
-            self._left_out[key] = self._left_out.get(key, 0) + 1
-            return None
-        self._last[key] = now
-        return self._left_out.pop(key, 0)
 
 
 # A flood of bad requests (a wrong secret after a rotation, a scanner) must not become a

@@ -13,6 +13,8 @@ from shared import runtime
 from shared.logging import configure_logging, get_logger, register_secrets
 from shared.settings import listen_error
 
+KEEPALIVE_S = 30.0
+
 # How aiohttp's request handler treats bodies (also what the tests run the app with).
 SERVER_ARGS: dict[str, Any] = {
     # Stripe signs the bytes it sends and never compresses them: verify and publish those
@@ -22,6 +24,10 @@ SERVER_ARGS: dict[str, Any] = {
     # reading and discarding it for this long before it closes (10 s by default): a stalled
     # or endless upload would keep its connection that long after the read timeout.
     "lingering_time": 1.0,
+    # aiohttp keeps a connection that sends nothing, even before its first request, for an
+    # hour by default: a few thousand idle sockets would use up the process's descriptors.
+    # Stripe opens a connection per delivery or reuses it at once; 30 s idle is plenty.
+    "keepalive_timeout": KEEPALIVE_S,
 }
 
 

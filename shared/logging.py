@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
@@ -94,7 +95,7 @@ def configure_logging(component: str, settings: LogSettings | None = None) -> No
             foreign_pre_chain=[
                 *shared[:1],
                 structlog.stdlib.add_logger_name,
-                structlog.stdlib.ExtraAdder(allow=("remote", "error")),
+                structlog.stdlib.ExtraAdder(allow=("remote", "error", "similar_not_logged")),
                 *shared[1:],
                 _bind_component(component),
             ],
@@ -115,6 +116,30 @@ def configure_logging(component: str, settings: LogSettings | None = None) -> No
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
+class LogSampler:
+    """At most one line per key per interval; the next admitted line says how many similar
+    ones were left out. The metrics count every event; the log shows what and how many."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def admit(self, key: str) -> int | None:
+        """None to leave this one out, else how many were left out since the last line."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._left_out[key] = self._left_out.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._left_out.pop(key, 0)
+
+
+# One line per second per kind of unparseable request (a scanner's flood), like rejections.
+_UNPARSEABLE_LOGGED = LogSampler(interval_s=1.0)
+
+
 class _UnparseableRequests(logging.Filter):
     """A request aiohttp cannot parse (garbage, a bad header line, a broken chunk) is the
     client's fault, but aiohttp logs it at ERROR with a traceback: under a flood of junk
@@ -124,12 +149,15 @@ class _UnparseableRequests(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
+            left_out = _UNPARSEABLE_LOGGED.admit(type(exc).__name__)
+            if left_out is None:
+                return False
             remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg, record.args = "malformed HTTP request refused", ()
             record.exc_info, record.exc_text = None, None
             error = f"{type(exc).__name__}: {exc.message}"[:300]
-            record.__dict__.update(remote=remote, error=error)
+            record.__dict__.update(remote=remote, error=error, similar_not_logged=left_out or None)
         return True
 
 

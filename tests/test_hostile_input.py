@@ -1051,6 +1051,8 @@ async def test_a_real_ingress_process_keeps_its_memory_flat_under_ten_thousand_b
     assert refused and all(log["level"] == "warning" for log in refused)
     assert {log["error"].partition(":")[0] for log in refused} <= set(_AIOHTTP_REFUSALS)
     assert not any("exception" in log for log in refused)
+    # ... and sampled like rejections (a scanner's flood of junk was a line per request)
+    assert sum(line.get("similar_not_logged") or 0 for line in refused) > 10 * len(refused)
     # every rejection is counted in the metrics, but the log has one line per reason per
     # second, saying how many similar ones it left out: a flood is not a flood of lines
     rejected = process.events("webhook rejected")

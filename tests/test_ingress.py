@@ -116,6 +116,49 @@ async def test_a_connect_event_carries_its_connected_account_in_a_header(
     assert HEADER_ACCOUNT not in headers[platform["id"]]
 
 
+async def test_an_oversized_api_version_is_left_out_not_allowed_to_cut_the_connection(
+    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
+) -> None:
+    """Adversarial trial: the api_version went into a header unbounded; a signed event with
+    a 140 KB one outgrew the broker's frame and cut the shared connection (503 for others
+    too). It is informational: too long, it is left out and the event is queued."""
+    from shared.broker import HEADER_API_VERSION
+
+    session, base = await start_ingress(replace(ingress_settings, max_body_bytes=1 << 20))
+    huge = {**sh.event(), "api_version": "2025-09-30." + "x" * 200_000}
+    normal = sh.event()
+
+    for doc in (huge, normal):
+        raw = sh.body(doc)
+        status, _, _ = await post(session, base, raw, sh.signature_header(raw, SECRET))
+        assert status == 200
+
+    messages = await drain(channel, topology.work_queue)
+    headers = {m.headers[HEADER_EVENT_ID]: m.headers for m in messages}
+    assert HEADER_API_VERSION not in headers[huge["id"]]
+    assert headers[normal["id"]][HEADER_API_VERSION] == normal["api_version"]
+
+
+async def test_an_idle_connection_is_closed_by_the_server_not_kept_for_an_hour(
+    ingress_settings: IngressSettings,
+) -> None:
+    """Adversarial trial: aiohttp keeps a connection that sends nothing for an hour by
+    default, so a few thousand idle sockets used up the descriptors. The ingress runs
+    with a short keep-alive (shortened further here to keep the test quick)."""
+    from ingress.main import SERVER_ARGS
+
+    assert SERVER_ARGS["keepalive_timeout"] <= 60
+    server = TestServer(create_app(ingress_settings), port=0)
+    await server.start_server(**{**SERVER_ARGS, "keepalive_timeout": 0.5})
+    try:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        closed = await asyncio.wait_for(reader.read(), timeout=5)  # EOF: the server closed it
+        assert closed == b""
+        writer.close()
+    finally:
+        await server.close()
+
+
 def _bad_requests() -> list[
     tuple[str, Callable[[], tuple[bytes, str | None, dict[str, str]]], int, str]
 ]:
@@ -515,11 +558,11 @@ async def test_sigterm_while_the_broker_hangs_still_exits_promptly(
 def test_the_rejection_log_admits_one_line_per_reason_per_interval_and_counts_the_rest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from ingress import app
+    from shared import logging as shared_logging
 
     now = [100.0]
-    monkeypatch.setattr(app.time, "monotonic", lambda: now[0])
-    sampler = app.LogSampler(interval_s=1.0)
+    monkeypatch.setattr(shared_logging.time, "monotonic", lambda: now[0])
+    sampler = shared_logging.LogSampler(interval_s=1.0)
 
     assert sampler.admit("no_matching_signature") == 0
     assert sampler.admit("no_matching_signature") is None

@@ -55,7 +55,8 @@ async def start_server(host: str, port: int) -> web.AppRunner:
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(app, access_log=None)
+    # idle connections closed after 30 s (aiohttp's default is an hour: a descriptor each)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=30.0)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

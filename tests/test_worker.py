@@ -547,11 +547,15 @@ async def test_a_retry_after_is_waited_in_process_when_short_and_in_a_delay_queu
         (200, b"<html><body>Please log in to the proxy</body></html>", "text/html"),
         (200, b"[1, 2, 3]", "application/json"),  # JSON, but not an object
         (200, b'{"status": "ok"}', "application/json"),  # an object, but not the session
+        # adversarial trial: another session (a cache mixing answers up) was fulfilled in
+        # this one's place; a currency that is not one reached the email's subject line
+        (200, "another session", "application/json"),
+        (200, "a currency with a line break", "application/json"),
     ],
 )
 async def test_an_answer_not_from_stripe_is_retried_not_dead_lettered(
     status: int,
-    body: bytes,
+    body: bytes | str,
     content_type: str,
     standin: StripeStandIn,
     smtp: SmtpSink,
@@ -565,6 +569,14 @@ async def test_an_answer_not_from_stripe_is_retried_not_dead_lettered(
     """A proxy's or gateway's page, or a body cut short, is no verdict on the session:
     Stripe answers every GET with a JSON object. Retried; the next answer fulfills."""
     sid = standin.add_session()["id"]
+    other = standin.add_session()["id"]
+    if isinstance(body, str):  # a session-shaped answer that is not this session's
+        doc = dict(standin.sessions[sid], line_items={"object": "list", "data": []})
+        if body == "another session":
+            doc = dict(standin.sessions[other], line_items={"object": "list", "data": []})
+        else:
+            doc["currency"] = "us\r\nd"
+        body = json.dumps(doc).encode()
     standin.answer_next(1, body, status=status, content_type=content_type)
     worker = await start_worker(worker_settings)
 
@@ -574,6 +586,8 @@ async def test_an_answer_not_from_stripe_is_retried_not_dead_lettered(
     await settle(worker, topology, channel)
     assert await drain(channel, topology.dead_queue) == []
     assert len(smtp.for_session(sid)) == 1
+    assert await fulfillment_rows(database_url, other) == [] and smtp.for_session(other) == []
+    assert len(await stored_items(database_url, sid)) == 1  # its own T-shirt
 
 
 _STRIPE_BODY = {"error": {"type": "invalid_request_error", "message": "as Stripe says"}}
@@ -843,6 +857,76 @@ async def test_a_session_with_more_line_items_than_one_page_is_fulfilled_with_al
     assert [description for description, _, _ in stored] == [d for d, _, _ in items]
     [mail] = await asyncio.to_thread(smtp.wait, 1)
     assert all(f"1 x {d}" in mail.get_content() for d, _, _ in items)
+
+
+async def test_a_list_of_line_items_that_never_ends_is_dead_lettered_not_fetched_forever(
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Adversarial trial: an answer that kept saying has_more was paged through forever
+    (13,567 calls in 20 s, memory growing). Bounded far above Checkout's 100 items; the
+    bound is lowered here so that a 23-item session crosses it."""
+    from worker import fulfillment
+
+    monkeypatch.setattr(fulfillment, "MAX_LINE_ITEMS", 15)
+    sid = standin.add_session(line_items=[(f"Item {i:02}", 1, 100) for i in range(23)])["id"]
+    await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    async def dead_letters() -> list[Any]:
+        return await drain(channel, topology.dead_queue)
+
+    [letter] = await wait_for(dead_letters)
+    assert "more than 15 line items" in letter.headers[HEADER_ERROR_MESSAGE]
+    assert await fulfillment_rows(database_url, sid) == []
+
+
+async def test_a_secret_in_an_error_is_masked_in_the_dead_letter_as_in_the_log(
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    topology: Topology,
+) -> None:
+    """Adversarial trial: an API error echoing the key was masked in the log line but
+    stored whole in the dead letter's error header, which `dlq list/show` print."""
+    key = worker_settings.stripe.api_key
+    sid = standin.add_session()["id"]
+    error = {"error": {"type": "invalid_request_error", "message": f"Bad request with {key}"}}
+    standin.answer_next(1, json.dumps(error).encode(), status=400, content_type="application/json")
+    await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    async def dead_letters() -> list[Any]:
+        return await drain(channel, topology.dead_queue)
+
+    [letter] = await wait_for(dead_letters)
+    message = letter.headers[HEADER_ERROR_MESSAGE]
+    assert key not in message and "Bad request with ***" in message
+
+
+def test_the_customers_name_is_one_bounded_line_in_the_greeting() -> None:
+    from worker.order import NAME_MAX_CHARS, Order
+
+    standin = StripeStandIn()
+    sid = standin.add_session()["id"]
+    session = dict(standin.sessions[sid])
+    session["customer_details"] = {
+        "email": "a@example.com",
+        "name": "Eve\r\nVisit evil.example " * 50,
+    }
+    name = Order.from_session(session).customer_name
+    assert name is not None and name.startswith("Eve Visit evil.example Eve")
+    assert len(name) == NAME_MAX_CHARS and "\n" not in name and "\r" not in name
 
 
 @pytest.mark.parametrize(

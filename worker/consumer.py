@@ -54,7 +54,7 @@ from shared.broker import (
 )
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError, TransientError
-from shared.logging import get_logger
+from shared.logging import get_logger, mask_secrets
 from shared.stripe_client import AIOHTTPClient, make_client
 from shared.topology import Topology
 from worker import db, mail, metrics
@@ -317,7 +317,8 @@ class Worker:
             HEADER_FIRST_FAILED_AT: headers.get(HEADER_FIRST_FAILED_AT, now),
             HEADER_LAST_FAILED_AT: now,
             HEADER_ERROR_TYPE: type(exc).__name__,
-            HEADER_ERROR_MESSAGE: str(exc)[:1000] or type(exc).__name__,
+            # masked as log lines are: a dead letter is read by people and tools too
+            HEADER_ERROR_MESSAGE: mask_secrets(str(exc))[:1000] or type(exc).__name__,
             HEADER_WORKER_ID: self.settings.worker_id,
         }
         if transient and attempt <= retries:

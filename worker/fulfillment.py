@@ -54,6 +54,10 @@ SESSION_COMPLETED = "checkout.session.completed"
 # held up by an SMTP outage or a recipient's deferral must not hold it up for hours.
 FULFILLED_STEPS = ("order_fulfilled_message", "confirmation_email")
 
+# Far above Checkout's own limit (100 line items per session): a bound on a list that never
+# ends, not a limit on real orders.
+MAX_LINE_ITEMS = 10_000
+
 # How long to keep trying to record an effect that was done before giving up (and
 # letting the message be retried, which repeats the effect).
 RECORD_RETRY_S = 20.0
@@ -140,9 +144,17 @@ class Fulfiller:
                     raise TransientError(f"Stripe answered {path}/line_items with an empty page")
                 items += data
                 has_more = bool(page.get("has_more"))
+                if len(items) > MAX_LINE_ITEMS:
+                    # Checkout takes at most 100 line items; a list that never ends is not
+                    # Stripe's (without a bound it was fetched forever)
+                    raise PermanentError(f"{path} lists more than {MAX_LINE_ITEMS} line items")
             doc["line_items"] = {"object": "list", "data": items, "has_more": False}
         except stripe.StripeError as exc:
             raise classify(exc) from exc
+        if doc.get("id") != session_id:
+            # not the session asked for (a cache or gateway in between mixing answers up):
+            # fulfilling it would fulfill someone else's order under this one's lock
+            raise TransientError(f"Stripe answered {path} with another object's id")
         return Order.from_session(doc, account=account)
 
     async def _get(self, path: str, params: dict[str, Any]) -> dict[str, Any]:

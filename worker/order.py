@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +68,7 @@ class Order:
             # between (a gateway, a cut-off body): retried, not a verdict on the event
             raise TransientError("Stripe returned something that is not a checkout.session")
         details = session.get("customer_details") or {}
-        currency = session.get("currency") or "usd"
+        currency = _currency(session.get("currency"))
         customer = session.get("customer")
         subscription = session.get("subscription")
         details_of_total = session.get("total_details") or {}
@@ -82,7 +83,7 @@ class Order:
                     quantity=None if item.get("quantity") is None else int(item["quantity"]),
                     unit_amount=price.get("unit_amount"),
                     amount_total=int(item.get("amount_total") or 0),
-                    currency=item.get("currency") or currency,
+                    currency=_currency(item.get("currency") or currency),
                     amount_subtotal=int(
                         item.get("amount_subtotal")
                         if item.get("amount_subtotal") is not None
@@ -97,7 +98,7 @@ class Order:
             currency=currency,
             customer_id=customer if isinstance(customer, str) else (customer or {}).get("id"),
             customer_email=details.get("email") or session.get("customer_email"),
-            customer_name=details.get("name"),
+            customer_name=_name(details.get("name")),
             livemode=bool(session.get("livemode")),
             items=tuple(items),
             account=account,
@@ -114,3 +115,25 @@ class Order:
     @property
     def total(self) -> str:
         return format_amount(self.amount_total, self.currency)
+
+
+_CURRENCY = re.compile(r"[a-z]{3}")
+NAME_MAX_CHARS = 100
+
+
+def _currency(value: Any) -> str:
+    """An ISO 4217 code in Stripe's lowercase (usd when absent, as for a setup session);
+    anything else is not Stripe's answer (it goes into the email's subject line)."""
+    if value is None:
+        return "usd"
+    if not isinstance(value, str) or not _CURRENCY.fullmatch(value.lower()):
+        raise TransientError(f"Stripe returned a currency that is not one: {str(value)[:20]!r}")
+    return value.lower()
+
+
+def _name(value: Any) -> str | None:
+    """The customer's name for the greeting: one line, bounded (it is what the buyer typed)."""
+    if not isinstance(value, str):
+        return None
+    name = " ".join(value.split())[:NAME_MAX_CHARS]
+    return name or None

@@ -23,6 +23,28 @@ log = get_logger(__name__)
 SETTINGS = web.AppKey("settings", IngressSettings)
 PUBLISHER = web.AppKey("publisher", EventPublisher)
 
+
+class BodyBudget:
+    """The bytes of request bodies held at once, bounded: many slow uploads (each holds its
+    body until read or timed out) grew one process by 600 MB (adversarial trial). A request
+    that would pass the bound is refused at once with 503, before its body is read."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+
+
+BUDGET = web.AppKey("body_budget", BodyBudget)
+
 _ACCEPTED = b'{"received":true}'
 
 
@@ -124,6 +146,22 @@ async def _accept(request: web.Request, settings: IngressSettings) -> EventEnvel
     header = request.headers.get("Stripe-Signature")
     if not header:
         raise Rejected(400, "missing_signature", "Stripe-Signature header is missing")
+    size = request.content_length
+    reserved = settings.max_body_bytes if size is None else min(size, settings.max_body_bytes)
+    budget = request.app[BUDGET]
+    if not budget.take(reserved):
+        raise Rejected(
+            503, "overloaded", "too many request bodies in flight, retry later", close=True
+        )
+    try:
+        return await _verify_and_publish(request, settings, header)
+    finally:
+        budget.give_back(reserved)
+
+
+async def _verify_and_publish(
+    request: web.Request, settings: IngressSettings, header: str
+) -> EventEnvelope:
     raw = await read_body(request, settings)
     try:
         verify(raw, header, settings.webhook_secrets, settings.tolerance_s)
@@ -182,6 +220,7 @@ def create_app(
     """
     app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[BUDGET] = BodyBudget(settings.max_buffered_bytes)
 
     async def broker(app: web.Application) -> AsyncIterator[None]:
         publisher = EventPublisher(settings.broker)

@@ -30,6 +30,7 @@ OUTCOMES = (
     "read_timeout",
     "malformed_body",
     "broker_unavailable",
+    "overloaded",
 )
 for _outcome in OUTCOMES:
     REQUESTS.labels(_outcome)

@@ -21,6 +21,10 @@ class IngressSettings:
     max_body_bytes: int = 1024 * 1024
     retry_after_s: int = 10
     read_timeout_s: float = 10.0
+    # request bodies this process holds at once, reading or publishing them: a bound on its
+    # memory that many slow uploads cannot pass (each is counted at its Content-Length, or
+    # at max_body_bytes when it sends none)
+    max_buffered_bytes: int = 64 * 1024 * 1024
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> IngressSettings:
@@ -39,13 +43,18 @@ class IngressSettings:
             raise ConfigError(
                 "STRIPE_WEBHOOK_TOLERANCE_S must be positive: 0 would disable the replay check"
             )
+        max_body_bytes = env_int(env, "INGRESS_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
+        max_buffered_bytes = env_int(
+            env, "INGRESS_MAX_BUFFERED_BYTES", 64 * 1024 * 1024, minimum=max_body_bytes
+        )
         return cls(
             webhook_secrets=secrets,
             broker=BrokerSettings.from_env(env),
             host=env_str(env, "INGRESS_HOST", "0.0.0.0"),
             port=env_port(env, "INGRESS_PORT", 8080),
             tolerance_s=tolerance_s,
-            max_body_bytes=env_int(env, "INGRESS_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
+            max_body_bytes=max_body_bytes,
+            max_buffered_bytes=max_buffered_bytes,
             retry_after_s=env_int(env, "INGRESS_RETRY_AFTER_S", 10, minimum=1),
             read_timeout_s=env_float(env, "INGRESS_READ_TIMEOUT_S", 10.0, minimum=0.1),
         )

@@ -16,6 +16,7 @@ import aio_pika
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from yarl import URL as URL_OF
 
 from ingress.app import create_app
 from ingress.settings import IngressSettings
@@ -157,6 +158,39 @@ async def test_an_idle_connection_is_closed_by_the_server_not_kept_for_an_hour(
         writer.close()
     finally:
         await server.close()
+
+
+async def test_slow_uploads_cannot_hold_more_request_bodies_than_the_budget(
+    ingress_settings: IngressSettings, start_ingress: Any, channel: Any, topology: Topology
+) -> None:
+    """Adversarial trial: 600 uploads stalled just short of their 1 MB grew the ingress
+    from 67 MB to 691 MB (its pod's limit is 256Mi). Bodies held at once are bounded by
+    INGRESS_MAX_BUFFERED_BYTES: past it, 503 with Retry-After (Stripe retries) at once."""
+    settings = replace(ingress_settings, max_body_bytes=64 * 1024, max_buffered_bytes=128 * 1024)
+    session, base = await start_ingress(settings)
+    url = URL_OF(base)
+    stalled = []
+    for _ in range(2):  # each claims a whole body's worth and sends one byte of it
+        _reader, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write(
+            b"POST /webhooks/stripe HTTP/1.1\r\nHost: ingress\r\n"
+            b"Stripe-Signature: t=1,v1=00\r\nContent-Length: 65536\r\n\r\n{"
+        )
+        await writer.drain()
+        stalled.append(writer)
+    await asyncio.sleep(0.3)
+    raw = sh.body(sh.event())
+
+    status, payload, headers = await post(session, base, raw, sh.signature_header(raw, SECRET))
+    assert (status, payload["error"]["type"]) == (503, "overloaded")
+    assert int(headers["Retry-After"]) > 0
+    assert await drain(channel, topology.work_queue) == []
+
+    for writer in stalled:
+        writer.close()
+    await asyncio.sleep(0.5)  # the server sees them go and lets their share go
+    status, _, _ = await post(session, base, raw, sh.signature_header(raw, SECRET))
+    assert status == 200
 
 
 def _bad_requests() -> list[

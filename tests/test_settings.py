@@ -179,6 +179,8 @@ def test_a_bad_log_value_stops_with_a_config_error_naming_the_variable(
         pytest.param("INGRESS_PORT", "65536", id="port-above-65535"),
         pytest.param("INGRESS_PORT", "99999", id="port-far-above-65535"),
         pytest.param("INGRESS_MAX_BODY_BYTES", "100", id="body-limit-below-minimum"),
+        # the budget must hold at least one whole body, or big webhooks could never pass
+        pytest.param("INGRESS_MAX_BUFFERED_BYTES", "2048", id="budget-below-one-body"),
         pytest.param("INGRESS_RETRY_AFTER_S", "0", id="retry-after-zero"),
         pytest.param("INGRESS_READ_TIMEOUT_S", "nan", id="read-timeout-nan"),
         pytest.param("INGRESS_READ_TIMEOUT_S", "0.01", id="read-timeout-below-minimum"),

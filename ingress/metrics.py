@@ -21,6 +21,7 @@ IN_FLIGHT = Gauge("ingress_webhook_requests_in_flight", "Webhook requests being 
 # samples, so an alert on a series born with its first 503 would miss that 503.
 OUTCOMES = (
     "accepted",
+    "replay",  # 200, queued before: the same signed request again (Stripe re-signs retries)
     "missing_signature",
     "malformed_signature",
     "invalid_signature",

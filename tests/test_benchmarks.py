@@ -61,6 +61,9 @@ def test_ingress_benchmark_reports_confirmed_webhooks_raw_publishes_and_rejectio
         assert rate > 0 and 0 < p50 <= p99, (run, results[run])
         assert errors == 0, (run, results[run])
     assert re.search(r"ratio ingress / raw publish: \d+\.\d\d", out)
+    # every 200 was a message queued (none answered from the replay guard)
+    counts = re.search(r"confirmed webhooks: ([\d,]+), messages queued for them: ([\d,]+)", out)
+    assert counts and counts.group(1) == counts.group(2) != "0", out
     # the interpreter's build moves these figures by a fifth: the output names it
     assert f"{platform.python_implementation()} {platform.python_version()} from" in out
     for unit in ("confirmed webhook", "raw confirmed publish", "rejected webhook"):

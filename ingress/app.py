@@ -76,6 +76,7 @@ class ReplayGuard:
         return key in self._until
 
     def remember(self, key: bytes) -> None:
+        self._until.pop(key, None)  # to the end: the dict stays in order of expiry
         self._until[key] = time.monotonic() + self.window_s
         if len(self._until) > self.max_entries:
             self._until.popitem(last=False)

@@ -646,6 +646,29 @@ def test_the_rejection_log_admits_one_line_per_reason_per_interval_and_counts_th
     assert sampler.admit("missing_signature") is None
 
 
+def test_the_replay_memory_forgets_after_its_window_and_beyond_its_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ingress import app
+
+    now = [100.0]
+    monkeypatch.setattr(app.time, "monotonic", lambda: now[0])
+    guard = app.ReplayGuard(window_s=600, max_entries=3)
+    first, second = guard.key("t=1,v1=aa"), guard.key("t=1,v1=bb")
+
+    guard.remember(first)
+    assert guard.seen(first) and not guard.seen(second)
+    now[0] += 599
+    assert guard.seen(first)
+    now[0] += 1  # past the window: a signature that old is refused anyway
+    assert not guard.seen(first)
+
+    for n in range(4):  # one more than it holds: the oldest goes
+        guard.remember(guard.key(f"t=2,v1={n}"))
+    assert not guard.seen(guard.key("t=2,v1=0"))
+    assert all(guard.seen(guard.key(f"t=2,v1={n}")) for n in (1, 2, 3))
+
+
 async def test_a_fresh_ingress_exports_every_request_outcome_at_zero(
     topology: Topology, broker_settings: BrokerSettings
 ) -> None:

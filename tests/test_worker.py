@@ -859,6 +859,41 @@ async def test_a_session_with_more_line_items_than_one_page_is_fulfilled_with_al
     assert all(f"1 x {d}" in mail.get_content() for d, _, _ in items)
 
 
+async def test_a_live_event_with_a_test_key_is_retried_and_says_why_not_session_not_found(
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    topology: Topology,
+) -> None:
+    """Adversarial trial: a live endpoint's events with a test-mode key were dead-lettered
+    at once as unknown sessions (Stripe's test mode cannot see live objects): a setting
+    to fix, so retried and named, then replayable from the DLQ once fixed."""
+    assert worker_settings.stripe.api_key.startswith("sk_test_")
+    live = {**sh.event("checkout.session.completed", sh.checkout_session()), "livemode": True}
+    test = sh.event("checkout.session.completed", sh.checkout_session())
+    await start_worker(worker_settings)
+
+    await publish(live)
+    await publish(test)
+
+    found: list[Any] = []
+
+    async def both_dead() -> list[Any] | None:
+        found.extend(await drain(channel, topology.dead_queue))  # draining takes them
+        return found if len(found) == 2 else None
+
+    letters = {m.headers[HEADER_EVENT_ID]: m.headers for m in await wait_for(both_dead)}
+    assert letters[live["id"]][HEADER_ERROR_TYPE] == "TransientError"
+    assert (
+        "live-mode event, but STRIPE_API_KEY is a test-mode key"
+        in (letters[live["id"]][HEADER_ERROR_MESSAGE])
+    )
+    assert letters[live["id"]][HEADER_ATTEMPT] > 1  # retried, not dead-lettered at once
+    assert letters[test["id"]][HEADER_ERROR_TYPE] == "StripeNotFound"  # really unknown
+
+
 async def test_a_list_of_line_items_that_never_ends_is_dead_lettered_not_fetched_forever(
     standin: StripeStandIn,
     worker_settings: WorkerSettings,

@@ -181,7 +181,12 @@ class Worker:
         await self.topology.declare(channel)
         out = await channel.get_exchange(self.topology.out_exchange)
         self._fulfiller = Fulfiller(
-            self._pool, client, out, s.smtp, publish_timeout_s=s.broker.publish_timeout_s
+            self._pool,
+            client,
+            out,
+            s.smtp,
+            publish_timeout_s=s.broker.publish_timeout_s,
+            live_key=s.stripe.api_key.startswith(("sk_live_", "rk_live_")),
         )
         self._queue = await channel.get_queue(self.topology.work_queue)
         self._consumer_tag = await self._queue.consume(self._on_message)

@@ -35,7 +35,7 @@ from shared.broker import HEADER_EVENT_ID, JSON, publish_confirmed
 from shared.envelope import EventEnvelope
 from shared.errors import PermanentError, TransientError
 from shared.logging import get_logger
-from shared.stripe_client import classify
+from shared.stripe_client import StripeNotFound, classify
 from worker import db, mail, metrics
 from worker.order import Order
 from worker.settings import SmtpSettings
@@ -100,8 +100,11 @@ class Fulfiller:
         smtp: SmtpSettings,
         *,
         publish_timeout_s: float,
+        live_key: bool | None = None,
     ) -> None:
+        """``live_key``: whether STRIPE_API_KEY is a live-mode key (None: not known)."""
         self._pool = pool
+        self._live_key = live_key
         self._stripe = stripe_client
         self._out = out_exchange
         self._smtp = smtp
@@ -157,6 +160,21 @@ class Fulfiller:
             raise TransientError(f"Stripe answered {path} with another object's id")
         return Order.from_session(doc, account=account)
 
+    async def _retrieve_for(self, session_id: str, event: EventEnvelope) -> Order:
+        """``retrieve``, saying so when Stripe cannot find the session because the event and
+        the API key are of different modes (a live endpoint's secret with a test key): a
+        setting to fix, so it is retried (and replayable) rather than an unknown session."""
+        try:
+            return await self.retrieve(session_id, event.account)
+        except StripeNotFound as exc:
+            if self._live_key is None or event.livemode == self._live_key:
+                raise
+            modes = ("live", "test") if event.livemode else ("test", "live")
+            raise TransientError(
+                f"a {modes[0]}-mode event, but STRIPE_API_KEY is a {modes[1]}-mode key, so "
+                f"Stripe cannot see its session: fix the key or the endpoint ({exc})"
+            ) from exc
+
     async def _get(self, path: str, params: dict[str, Any]) -> dict[str, Any]:
         response = await self._stripe.raw_request_async("get", path, **params)
         data = response.data
@@ -180,7 +198,7 @@ class Fulfiller:
             session_id, event, "already_fulfilled"
         ):
             return Outcome("already_fulfilled")
-        order = await self.retrieve(session_id, event.account)
+        order = await self._retrieve_for(session_id, event)
         if order.payment_status not in ("paid", "no_payment_required", "unpaid"):
             raise PermanentError(f"unexpected payment_status {order.payment_status!r}")
         if order.mode == "setup":
@@ -231,7 +249,7 @@ class Fulfiller:
         """Tell the customer once, record it; never for a session already fulfilled."""
         if await self._settled_before(session_id, event, "ignored_fulfilled"):
             return Outcome("ignored_fulfilled")
-        order = await self.retrieve(session_id, event.account)
+        order = await self._retrieve_for(session_id, event)
         if order.payment_status != "unpaid":
             # Stripe's current word wins over a stale event: a paid session is fulfilled.
             return await self.fulfill(session_id, event, effects_log)

@@ -16,7 +16,7 @@ from ingress.checkout import CheckoutSettings
 from ingress.checkout import install as install_checkout
 from ingress.publisher import EventPublisher
 from ingress.settings import IngressSettings
-from ingress.signature import InvalidSignature, verify
+from ingress.signature import InvalidSignature, signed_timestamp, verify
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, MalformedEvent
 from shared.logging import LogSampler, get_logger
@@ -29,8 +29,14 @@ PUBLISHER = web.AppKey("publisher", EventPublisher)
 
 class BodyBudget:
     """The bytes of request bodies held at once, bounded: many slow uploads (each holds its
-    body until read or timed out) grew one process by 600 MB (adversarial trial). A request
-    that would pass the bound is refused at once with 503, before its body is read."""
+    body until read or timed out) grew one process by 600 MB (adversarial trial).
+
+    Only bytes received count, and only beyond each body's first ``FREE_BYTES``: a webhook
+    (a few KB) never waits on it, and a client must send real bytes to use it up (counting
+    what a request declared let header-only connections refuse every webhook). A body that
+    would pass the bound is refused with 503, and its connection closed."""
+
+    FREE_BYTES = 64 * 1024
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -49,11 +55,33 @@ class BodyBudget:
 BUDGET = web.AppKey("body_budget", BodyBudget)
 
 
+class BodyAllowance:
+    """One request's share of the budget: what its body took beyond the free bytes."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.taken = 0
+
+    def cover(self, size: int) -> None:
+        """The body is now ``size`` bytes long: take what it needs, or refuse it (503)."""
+        more = size - BodyBudget.FREE_BYTES - self.taken
+        if more > 0:
+            if not self.budget.take(more):
+                raise Rejected(
+                    503, "overloaded", "too many request bodies in flight, retry later", close=True
+                )
+            self.taken += more
+
+    def release(self) -> None:
+        self.budget.give_back(self.taken)
+        self.taken = 0
+
+
 class ReplayGuard:
-    """The Stripe-Signature headers of events this process queued within the tolerance.
+    """What Stripe signed (timestamp and body) for the events this process queued lately.
 
     Stripe signs every delivery attempt anew (a new timestamp, so a new signature), so the
-    same header twice is not Stripe retrying but a captured request replayed: it is
+    same signed content twice is not Stripe retrying but a captured request replayed: it is
     answered 200 (the event was queued) without queuing it again. Replays cost a Stripe
     API read each in the workers (adversarial trial: 2,000 in 1.3 s). Bounded memory: the
     oldest are forgotten first; each process has its own, so a replay spread over N
@@ -66,8 +94,12 @@ class ReplayGuard:
         self._until: OrderedDict[bytes, float] = OrderedDict()  # digest -> forget at
 
     @staticmethod
-    def key(header: str) -> bytes:
-        return hashlib.blake2b(header.encode("ascii"), digest_size=16).digest()
+    def key(timestamp: int, raw: bytes) -> bytes:
+        """What Stripe signed (``"{t}.{body}"``), not the header: extra ``v1=`` entries
+        or separators make a new header that still verifies (review)."""
+        signed = hashlib.blake2b(f"{timestamp}.".encode(), digest_size=16)
+        signed.update(raw)
+        return signed.digest()
 
     def seen(self, key: bytes) -> bool:
         now = time.monotonic()
@@ -109,8 +141,11 @@ def _too_large(limit: int) -> Rejected:
     return Rejected(413, "body_too_large", f"body is over {limit} bytes", close=True)
 
 
-async def read_body(request: web.Request, settings: IngressSettings) -> bytes:
-    """The raw body, refusing early (413) when it is over the limit and (408) when too slow."""
+async def read_body(
+    request: web.Request, settings: IngressSettings, allowance: BodyAllowance | None = None
+) -> bytes:
+    """The raw body, refusing early (413) when it is over the limit, (408) when too slow and
+    (503) when the bodies being received at once are over ``allowance``'s budget."""
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
@@ -129,6 +164,8 @@ async def read_body(request: web.Request, settings: IngressSettings) -> bytes:
                 size += len(chunk)
                 if size > limit:
                     raise _too_large(limit)
+                if allowance is not None:
+                    allowance.cover(size)
                 chunks.append(chunk)
     except TimeoutError:
         raise Rejected(
@@ -177,7 +214,12 @@ async def receive_webhook(request: web.Request) -> web.StreamResponse:
     metrics.REQUESTS.labels(outcome).inc()
     # DEBUG: at thousands per second an INFO line per event costs ~10% of throughput;
     # the worker logs every event it handles, and metrics count what was queued here.
-    log.debug("webhook queued", event_id=event.id, event_type=event.type, livemode=event.livemode)
+    log.debug(
+        "webhook queued" if outcome == "accepted" else "webhook replayed, not queued again",
+        event_id=event.id,
+        event_type=event.type,
+        livemode=event.livemode,
+    )
     return web.Response(body=_ACCEPTED, content_type="application/json")
 
 
@@ -186,23 +228,17 @@ async def _accept(request: web.Request, settings: IngressSettings) -> tuple[Even
     header = request.headers.get("Stripe-Signature")
     if not header:
         raise Rejected(400, "missing_signature", "Stripe-Signature header is missing")
-    size = request.content_length
-    reserved = settings.max_body_bytes if size is None else min(size, settings.max_body_bytes)
-    budget = request.app[BUDGET]
-    if not budget.take(reserved):
-        raise Rejected(
-            503, "overloaded", "too many request bodies in flight, retry later", close=True
-        )
+    allowance = BodyAllowance(request.app[BUDGET])
     try:
-        return await _verify_and_publish(request, settings, header)
+        return await _verify_and_publish(request, settings, header, allowance)
     finally:
-        budget.give_back(reserved)
+        allowance.release()  # held until published: the body is in memory until then
 
 
 async def _verify_and_publish(
-    request: web.Request, settings: IngressSettings, header: str
+    request: web.Request, settings: IngressSettings, header: str, allowance: BodyAllowance
 ) -> tuple[EventEnvelope, str]:
-    raw = await read_body(request, settings)
+    raw = await read_body(request, settings, allowance)
     try:
         verify(raw, header, settings.webhook_secrets, settings.tolerance_s)
     except InvalidSignature as exc:
@@ -211,7 +247,7 @@ async def _verify_and_publish(
         event = EventEnvelope.parse(raw)
     except MalformedEvent as exc:
         raise Rejected(400, "malformed_event", str(exc)) from None
-    replays, key = request.app[REPLAYS], ReplayGuard.key(header)
+    replays, key = request.app[REPLAYS], ReplayGuard.key(signed_timestamp(header), raw)
     if replays.seen(key):
         return event, "replay"
     try:

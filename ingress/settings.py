@@ -21,9 +21,8 @@ class IngressSettings:
     max_body_bytes: int = 1024 * 1024
     retry_after_s: int = 10
     read_timeout_s: float = 10.0
-    # request bodies this process holds at once, reading or publishing them: a bound on its
-    # memory that many slow uploads cannot pass (each is counted at its Content-Length, or
-    # at max_body_bytes when it sends none)
+    # request body bytes this process holds at once beyond each body's first 64 KiB: a bound
+    # on its memory that many slow uploads cannot pass (ingress/app.py BodyBudget)
     max_buffered_bytes: int = 64 * 1024 * 1024
 
     @classmethod
@@ -45,7 +44,10 @@ class IngressSettings:
             )
         max_body_bytes = env_int(env, "INGRESS_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
         max_buffered_bytes = env_int(
-            env, "INGRESS_MAX_BUFFERED_BYTES", 64 * 1024 * 1024, minimum=max_body_bytes
+            env,
+            "INGRESS_MAX_BUFFERED_BYTES",
+            max(64 * 1024 * 1024, max_body_bytes),  # at least one whole body, by default too
+            minimum=max_body_bytes,
         )
         return cls(
             webhook_secrets=secrets,

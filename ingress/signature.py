@@ -49,6 +49,11 @@ def verify(payload: bytes, header: str | None, secrets: tuple[str, ...], toleran
     raise InvalidSignature("invalid_signature", "no signature matches any configured secret")
 
 
+def signed_timestamp(header: str) -> int:
+    """The ``t=`` of a header that ``verify`` accepted."""
+    return _timestamp(header)
+
+
 def _timestamp(header: str) -> int:
     # Same grammar stripe-python accepts: "t=<int>" and at least one "v1=<hex>".
     if not header.isascii():

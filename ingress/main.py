@@ -13,7 +13,7 @@ from shared import runtime
 from shared.logging import configure_logging, get_logger, register_secrets
 from shared.settings import listen_error
 
-KEEPALIVE_S = 30.0
+KEEPALIVE_S = 75.0
 
 # How aiohttp's request handler treats bodies (also what the tests run the app with).
 SERVER_ARGS: dict[str, Any] = {
@@ -26,7 +26,8 @@ SERVER_ARGS: dict[str, Any] = {
     "lingering_time": 1.0,
     # aiohttp keeps a connection that sends nothing, even before its first request, for an
     # hour by default: a few thousand idle sockets would use up the process's descriptors.
-    # Stripe opens a connection per delivery or reuses it at once; 30 s idle is plenty.
+    # 75 s: longer than load balancers keep idle upstream connections (ALB and nginx 60 s),
+    # so the balancer closes first and never reuses one the ingress is closing.
     "keepalive_timeout": KEEPALIVE_S,
 }
 

@@ -8,6 +8,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import stripe
 
 from shared.errors import ConfigError, PermanentError, TransientError
@@ -56,9 +57,18 @@ class AIOHTTPClient(stripe.AIOHTTPClient):
     async def request_async(
         self, method: str, url: str, headers: Mapping[str, str], post_data: Any = None
     ) -> tuple[bytes, int, Mapping[str, str]]:
-        content, status, response_headers = await super().request_async(
-            method, url, headers, post_data
-        )
+        _ERROR_HEADERS.set(None)  # an earlier answer's must not stick to this request's error
+        try:
+            content, status, response_headers = await super().request_async(
+                method, url, headers, post_data
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # an answer cut off mid-body surfaces here as aiohttp's own error, which
+            # stripe-python does not wrap: as a connection error, it is retried (review)
+            raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
+                f"connection to Stripe failed mid-answer: {type(exc).__name__}: {exc}",
+                should_retry=True,
+            ) from exc
         _ERROR_HEADERS.set(response_headers if status >= 400 else None)
         return content, status, response_headers
 

@@ -651,6 +651,62 @@ def test_stripe_errors_are_retried_unless_stripe_itself_refused(
     assert getattr(ours, "retry_after_s", None) == retry_after_s
 
 
+async def test_an_errors_retry_after_is_its_own_never_an_earlier_answers(
+    standin: StripeStandIn, worker_settings: WorkerSettings
+) -> None:
+    """Review: the headers kept for classify outlived their request, so a dropped
+    connection after a gateway's 503 carried that 503's Retry-After: 120."""
+    import stripe
+
+    from shared.stripe_client import AIOHTTPClient, classify, make_client
+
+    http = AIOHTTPClient(timeout=3)
+    client = make_client(worker_settings.stripe, http_client=http)
+    sid = standin.add_session()["id"]
+    errors = []
+    try:
+        standin.answer_next(1, b"<html>busy</html>", status=503, headers={"Retry-After": "120"})
+        for drops in (0, 2):  # aiohttp resends a GET once after a disconnect: two drops
+            standin.drop_next(drops)
+            with pytest.raises(stripe.StripeError) as caught:
+                await client.raw_request_async("get", f"/v1/checkout/sessions/{sid}")
+            errors.append(classify(caught.value))
+    finally:
+        await http.close_async()  # type: ignore[no-untyped-call]
+    assert [getattr(e, "retry_after_s", None) for e in errors] == [120.0, None]
+
+
+async def test_an_answer_cut_off_mid_body_is_a_connection_error_retried() -> None:
+    """Review: aiohttp's own error for a body cut short is not a StripeError, so it was
+    taken for a bug and dead-lettered at once."""
+    import stripe
+
+    from shared.errors import TransientError
+    from shared.stripe_client import AIOHTTPClient, StripeSettings, classify, make_client
+
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        writer.write(b'Content-Length: 1000\r\n\r\n{"object": "checkout.se')
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(cut_short, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    http = AIOHTTPClient(timeout=3)
+    settings = StripeSettings(api_key="sk_test_cut", api_base=f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(stripe.APIConnectionError) as caught:
+            await make_client(settings, http_client=http).raw_request_async(
+                "get", "/v1/checkout/sessions/cs_test_1"
+            )
+    finally:
+        await http.close_async()  # type: ignore[no-untyped-call]
+        server.close()
+        await server.wait_closed()
+    assert isinstance(classify(caught.value), TransientError)
+
+
 async def test_stripe_away_for_longer_goes_through_a_delay_queue_and_then_fulfills(
     standin: StripeStandIn,
     smtp: SmtpSink,
@@ -871,7 +927,8 @@ async def test_a_live_event_with_a_test_key_is_retried_and_says_why_not_session_
     at once as unknown sessions (Stripe's test mode cannot see live objects): a setting
     to fix, so retried and named, then replayable from the DLQ once fixed."""
     assert worker_settings.stripe.api_key.startswith("sk_test_")
-    live = {**sh.event("checkout.session.completed", sh.checkout_session()), "livemode": True}
+    live_session = sh.checkout_session("cs_live_a1b2c3d4e5f6", livemode=True)
+    live = {**sh.event("checkout.session.completed", live_session), "livemode": True}
     test = sh.event("checkout.session.completed", sh.checkout_session())
     await start_worker(worker_settings)
 
@@ -887,11 +944,35 @@ async def test_a_live_event_with_a_test_key_is_retried_and_says_why_not_session_
     letters = {m.headers[HEADER_EVENT_ID]: m.headers for m in await wait_for(both_dead)}
     assert letters[live["id"]][HEADER_ERROR_TYPE] == "TransientError"
     assert (
-        "live-mode event, but STRIPE_API_KEY is a test-mode key"
+        "live-mode session, but STRIPE_API_KEY is a test-mode key"
         in (letters[live["id"]][HEADER_ERROR_MESSAGE])
     )
     assert letters[live["id"]][HEADER_ATTEMPT] > 1  # retried, not dead-lettered at once
     assert letters[test["id"]][HEADER_ERROR_TYPE] == "StripeNotFound"  # really unknown
+
+
+async def test_a_test_event_on_a_live_key_is_an_unknown_session_dead_lettered_at_once(
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    topology: Topology,
+) -> None:
+    """Review: a live Connect endpoint also receives connected accounts' test events, which
+    a live key cannot read and nobody needs fulfilled: not a setting to fix, so not
+    retried for hours; dead-lettered at once as the unknown session it is."""
+    stripe_settings = replace(worker_settings.stripe, api_key="sk_live_" + "x" * 24)
+    await start_worker(replace(worker_settings, stripe=stripe_settings))
+    test = sh.event("checkout.session.completed", sh.checkout_session("cs_test_connected_1"))
+    await publish({**test, "account": "acct_1Connected0001"})
+
+    async def dead_letters() -> list[Any]:
+        return await drain(channel, topology.dead_queue)
+
+    [letter] = await wait_for(dead_letters)
+    assert letter.headers[HEADER_ERROR_TYPE] == "StripeNotFound"
+    assert letter.headers[HEADER_ATTEMPT] == 1
 
 
 async def test_a_list_of_line_items_that_never_ends_is_dead_lettered_not_fetched_forever(

@@ -55,8 +55,8 @@ async def start_server(host: str, port: int) -> web.AppRunner:
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
-    # idle connections closed after 30 s (aiohttp's default is an hour: a descriptor each)
-    runner = web.AppRunner(app, access_log=None, keepalive_timeout=30.0)
+    # idle connections closed after 75 s (aiohttp's default is an hour: a descriptor each)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=75.0)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -210,18 +210,19 @@ async def main() -> None:
     topo = Topology.from_settings(settings)
     secret = sh.new_secret()
     bodies = make_events(args.events)
-    # A distinct signature for every request, as Stripe signs each delivery anew: the same
-    # signed request twice is a replay, answered 200 but not queued again. Each pass over
-    # the bodies signs them one second further back (valid for the 300 s tolerance).
-    signed_from = int(time.time())
+    # A distinct event for every request, signed when sent: the same signed content twice is
+    # a replay, answered 200 but not queued again. Each request takes a body with its own
+    # event id (same length, so the same size), then signs it as Stripe would.
+    event_ids = [json.loads(b)["id"].encode() for b in bodies]
     sent = itertools.count()
     confirmed, queued = [0], [0]  # 200s answered, messages found on the queue
 
-    def signed() -> tuple[int, dict[str, str]]:
+    def signed() -> tuple[bytes, dict[str, str]]:
         n = next(sent)
-        j, back = n % len(bodies), n // len(bodies)
-        header = sh.signature_header(bodies[j], secret, timestamp=signed_from - back)
-        return j, {"Stripe-Signature": header, "Content-Type": "application/json"}
+        j = n % len(bodies)
+        body = bodies[j].replace(event_ids[j], b"evt_%024x" % n, 1)
+        header = sh.signature_header(body, secret)
+        return body, {"Stripe-Signature": header, "Content-Type": "application/json"}
 
     bad_headers = [{"Stripe-Signature": sh.signature_header(b, sh.new_secret())} for b in bodies]
     size = sum(map(len, bodies)) // len(bodies)
@@ -261,25 +262,25 @@ async def main() -> None:
 
             idle: list[HttpConnection] = []
 
-            async def send(j: int, h: dict[str, str]) -> int:
+            async def send(body: bytes, h: dict[str, str]) -> int:
                 conn = idle.pop() if idle else HttpConnection("127.0.0.1", port)
                 try:
-                    status = await conn.post("/webhooks/stripe", bodies[j], h)
+                    status = await conn.post("/webhooks/stripe", body, h)
                 except (OSError, asyncio.IncompleteReadError):
                     return 0
                 idle.append(conn)
                 return status
 
             async def webhook(i: int) -> bool:
-                j, headers = signed()
-                if await send(j, headers) != 200:
+                body, headers = signed()
+                if await send(body, headers) != 200:
                     return False
                 confirmed[0] += 1
                 return True
 
             async def invalid(i: int) -> bool:
                 j = i % len(bodies)
-                return await send(j, bad_headers[j]) == 400
+                return await send(bodies[j], bad_headers[j]) == 400
 
             components = {
                 "ingress (ours)": lambda: [p.pid for p in procs],

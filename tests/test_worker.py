@@ -113,10 +113,7 @@ async def test_a_paid_completed_session_gives_one_row_one_email_and_one_order_fu
     assert "2 x T-shirt" in text and "1 x Mug" in text
     assert "Total: 52.50 USD" in text
 
-    async def outbound_messages() -> list[Any]:
-        return await drain(channel, outbound)
-
-    [out] = await wait_for(outbound_messages)
+    [out] = await wait_for(lambda: drain(channel, outbound))
     assert out.routing_key == "order.fulfilled"
     assert out.headers["fulfillment-id"] == f"order.fulfilled:{sid}"
     assert out.headers["stripe-event-id"] == completed["id"]
@@ -178,10 +175,7 @@ async def test_a_subscription_with_a_metered_price_discount_shipping_and_tax_is_
     tax_line = "Tax included: 1.20 USD" if tax_included else "Tax: 1.20 USD"
     assert tax_line in text and f"Total: {total / 100:.2f} USD" in text
 
-    async def outbound_messages() -> list[Any]:
-        return await drain(channel, outbound)
-
-    [out] = await wait_for(outbound_messages)
+    [out] = await wait_for(lambda: drain(channel, outbound))
     body = json.loads(out.body)
     assert (body["mode"], body["subscription"]) == ("subscription", session["subscription"])
     assert body["subscription"].startswith("sub_")
@@ -967,10 +961,7 @@ async def test_a_test_event_on_a_live_key_is_an_unknown_session_dead_lettered_at
     test = sh.event("checkout.session.completed", sh.checkout_session("cs_test_connected_1"))
     await publish({**test, "account": "acct_1Connected0001"})
 
-    async def dead_letters() -> list[Any]:
-        return await drain(channel, topology.dead_queue)
-
-    [letter] = await wait_for(dead_letters)
+    [letter] = await wait_for(lambda: drain(channel, topology.dead_queue))
     assert letter.headers[HEADER_ERROR_TYPE] == "StripeNotFound"
     assert letter.headers[HEADER_ATTEMPT] == 1
 
@@ -996,10 +987,7 @@ async def test_a_list_of_line_items_that_never_ends_is_dead_lettered_not_fetched
 
     await publish(session_event(standin, "checkout.session.completed", sid))
 
-    async def dead_letters() -> list[Any]:
-        return await drain(channel, topology.dead_queue)
-
-    [letter] = await wait_for(dead_letters)
+    [letter] = await wait_for(lambda: drain(channel, topology.dead_queue))
     assert "more than 15 line items" in letter.headers[HEADER_ERROR_MESSAGE]
     assert await fulfillment_rows(database_url, sid) == []
 
@@ -1022,10 +1010,7 @@ async def test_a_secret_in_an_error_is_masked_in_the_dead_letter_as_in_the_log(
 
     await publish(session_event(standin, "checkout.session.completed", sid))
 
-    async def dead_letters() -> list[Any]:
-        return await drain(channel, topology.dead_queue)
-
-    [letter] = await wait_for(dead_letters)
+    [letter] = await wait_for(lambda: drain(channel, topology.dead_queue))
     message = letter.headers[HEADER_ERROR_MESSAGE]
     assert key not in message and "Bad request with ***" in message
 
@@ -1273,10 +1258,7 @@ async def test_a_deferred_email_does_not_hold_up_the_order_fulfilled_message(
 
     await publish(session_event(standin, "checkout.session.completed", sid))
 
-    async def outbound_messages() -> list[Any]:
-        return await drain(channel, outbound)
-
-    [out] = await wait_for(outbound_messages)
+    [out] = await wait_for(lambda: drain(channel, outbound))
     assert out.headers["fulfillment-id"] == f"order.fulfilled:{sid}"
     await asyncio.sleep(1.0)  # retried meanwhile, through a delay queue too
     assert list(await fulfillment_steps(database_url, sid)) == ["order_fulfilled_message"]

@@ -16,7 +16,7 @@ from ingress.checkout import CheckoutSettings
 from ingress.checkout import install as install_checkout
 from ingress.publisher import EventPublisher
 from ingress.settings import IngressSettings
-from ingress.signature import InvalidSignature, signed_timestamp, verify
+from ingress.signature import InvalidSignature, verify
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, MalformedEvent
 from shared.logging import LogSampler, get_logger
@@ -240,14 +240,14 @@ async def _verify_and_publish(
 ) -> tuple[EventEnvelope, str]:
     raw = await read_body(request, settings, allowance)
     try:
-        verify(raw, header, settings.webhook_secrets, settings.tolerance_s)
+        signed_at = verify(raw, header, settings.webhook_secrets, settings.tolerance_s)
     except InvalidSignature as exc:
         raise Rejected(400, exc.code, exc.message) from None
     try:
         event = EventEnvelope.parse(raw)
     except MalformedEvent as exc:
         raise Rejected(400, "malformed_event", str(exc)) from None
-    replays, key = request.app[REPLAYS], ReplayGuard.key(signed_timestamp(header), raw)
+    replays, key = request.app[REPLAYS], ReplayGuard.key(signed_at, raw)
     if replays.seen(key):
         return event, "replay"
     try:

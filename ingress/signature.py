@@ -16,8 +16,9 @@ class InvalidSignature(Exception):
         self.message = message
 
 
-def verify(payload: bytes, header: str | None, secrets: tuple[str, ...], tolerance_s: int) -> None:
-    """Accept if any secret verifies the header over the raw body; else raise InvalidSignature.
+def verify(payload: bytes, header: str | None, secrets: tuple[str, ...], tolerance_s: int) -> int:
+    """Accept if any secret verifies the header over the raw body, returning its signed
+    timestamp (``t=``); else raise InvalidSignature.
 
     Several secrets cover rotation (Stripe signs with both while the old one expires) and
     several endpoints feeding one ingress.
@@ -41,17 +42,12 @@ def verify(payload: bytes, header: str | None, secrets: tuple[str, ...], toleran
         # stripe-python checks only the past; a timestamp far ahead is as suspect.
         if timestamp > time.time() + tolerance_s:
             raise InvalidSignature("timestamp_out_of_tolerance", "timestamp is in the future")
-        return
+        return timestamp
     if stale:
         raise InvalidSignature(
             "timestamp_out_of_tolerance", f"timestamp is older than {tolerance_s}s"
         )
     raise InvalidSignature("invalid_signature", "no signature matches any configured secret")
-
-
-def signed_timestamp(header: str) -> int:
-    """The ``t=`` of a header that ``verify`` accepted."""
-    return _timestamp(header)
 
 
 def _timestamp(header: str) -> int:

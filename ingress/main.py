@@ -13,8 +13,6 @@ from shared import runtime
 from shared.logging import configure_logging, get_logger, register_secrets
 from shared.settings import listen_error
 
-KEEPALIVE_S = 75.0
-
 # How aiohttp's request handler treats bodies (also what the tests run the app with).
 SERVER_ARGS: dict[str, Any] = {
     # Stripe signs the bytes it sends and never compresses them: verify and publish those
@@ -24,11 +22,8 @@ SERVER_ARGS: dict[str, Any] = {
     # reading and discarding it for this long before it closes (10 s by default): a stalled
     # or endless upload would keep its connection that long after the read timeout.
     "lingering_time": 1.0,
-    # aiohttp keeps a connection that sends nothing, even before its first request, for an
-    # hour by default: a few thousand idle sockets would use up the process's descriptors.
-    # 75 s: longer than load balancers keep idle upstream connections (ALB and nginx 60 s),
-    # so the balancer closes first and never reuses one the ingress is closing.
-    "keepalive_timeout": KEEPALIVE_S,
+    # idle (or header-trickling) connections: see runtime.HTTP_KEEPALIVE_S
+    "keepalive_timeout": runtime.HTTP_KEEPALIVE_S,
 }
 
 

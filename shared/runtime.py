@@ -93,6 +93,14 @@ def run_service(main: Coroutine[Any, Any, T], *, env: Env | None = None) -> T:
     return result
 
 
+# How long our HTTP servers (the ingress, a worker's /metrics) keep a connection that sends
+# nothing, even before its first request. aiohttp's default is an hour: a few thousand idle
+# sockets would use up a process's descriptors. 75 s is longer than load balancers keep
+# idle upstream connections (ALB and nginx: 60 s), so the balancer closes first and never
+# reuses one we are closing.
+HTTP_KEEPALIVE_S = 75.0
+
+
 def interpreter() -> str:
     """Which Python runs this, for benchmark output: its build matters as much as our code
     (an unoptimized build, pyenv's default, ran the ingress a fifth slower than a PGO+LTO one)."""

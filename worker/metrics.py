@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
+from shared import runtime
 from shared.settings import listen_error
 
 PROCESSED = Counter(
@@ -55,8 +56,7 @@ async def start_server(host: str, port: int) -> web.AppRunner:
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
-    # idle connections closed after 75 s (aiohttp's default is an hour: a descriptor each)
-    runner = web.AppRunner(app, access_log=None, keepalive_timeout=75.0)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=runtime.HTTP_KEEPALIVE_S)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -25,6 +25,15 @@ class StripeSettings:
     api_base: str = STRIPE_API_BASE
     timeout_s: float = 10.0
 
+    @property
+    def live_key(self) -> bool | None:
+        """True for a live-mode key, False for a test-mode one, None when it does not say."""
+        if self.api_key.startswith(("sk_live_", "rk_live_")):
+            return True
+        if self.api_key.startswith(("sk_test_", "rk_test_")):
+            return False
+        return None
+
     @classmethod
     def from_env(cls, env: Env | None = None) -> StripeSettings:
         env = os.environ if env is None else env

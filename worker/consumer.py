@@ -91,15 +91,6 @@ class _LongRetryAfter(stop_base):
         return _retry_after(retry_state) > QUICK_RETRY_AFTER_MAX_S
 
 
-def _key_mode(api_key: str) -> bool | None:
-    """True for a live-mode key, False for a test-mode one, None when it does not say."""
-    if api_key.startswith(("sk_live_", "rk_live_")):
-        return True
-    if api_key.startswith(("sk_test_", "rk_test_")):
-        return False
-    return None
-
-
 def is_transient(exc: BaseException) -> bool:
     """Whether trying again later may succeed (outage, overload), as opposed to never."""
     if isinstance(exc, PermanentError):
@@ -195,7 +186,7 @@ class Worker:
             out,
             s.smtp,
             publish_timeout_s=s.broker.publish_timeout_s,
-            live_key=_key_mode(s.stripe.api_key),
+            live_key=s.stripe.live_key,
         )
         self._queue = await channel.get_queue(self.topology.work_queue)
         self._consumer_tag = await self._queue.consume(self._on_message)

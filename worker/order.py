@@ -69,8 +69,6 @@ class Order:
             raise TransientError("Stripe returned something that is not a checkout.session")
         details = session.get("customer_details") or {}
         currency = _currency(session.get("currency"))
-        customer = session.get("customer")
-        subscription = session.get("subscription")
         details_of_total = session.get("total_details") or {}
         items = []
         for item in (session.get("line_items") or {}).get("data") or []:
@@ -96,16 +94,14 @@ class Order:
             payment_status=session.get("payment_status") or "unpaid",
             amount_total=int(session.get("amount_total") or 0),
             currency=currency,
-            customer_id=customer if isinstance(customer, str) else (customer or {}).get("id"),
+            customer_id=_id_of(session.get("customer")),
             customer_email=details.get("email") or session.get("customer_email"),
             customer_name=_name(details.get("name")),
             livemode=bool(session.get("livemode")),
             items=tuple(items),
             account=account,
             mode=session.get("mode") or "payment",
-            subscription=subscription
-            if isinstance(subscription, str)
-            else (subscription or {}).get("id"),
+            subscription=_id_of(session.get("subscription")),
             amount_subtotal=int(session.get("amount_subtotal") or 0),
             amount_discount=int(details_of_total.get("amount_discount") or 0),
             amount_shipping=int(details_of_total.get("amount_shipping") or 0),
@@ -119,6 +115,11 @@ class Order:
 
 _CURRENCY = re.compile(r"[a-z]{3}")
 NAME_MAX_CHARS = 100
+
+
+def _id_of(value: Any) -> str | None:
+    """An expandable field's id: Stripe sends the id, or the object when expanded."""
+    return value if isinstance(value, str) else (value or {}).get("id")
 
 
 def _currency(value: Any) -> str:

@@ -29,7 +29,7 @@ from shared.errors import ConfigError, FulfillmentError
 from shared.settings import MAX_PORT, BrokerSettings, env_float, env_port, listen_error
 from shared.topology import declare_on_broker
 from worker.db import migrate
-from worker.settings import database_url_from_env
+from worker.settings import SmtpSettings, database_url_from_env
 
 RABBITMQ_HINT = "start it: rabbitmq-server -detached  (or: docker compose up -d rabbitmq)"
 POSTGRES_HINT = (
@@ -122,13 +122,17 @@ class LocalStack:
                 await result
 
 
+# Where the local mail sink listens: the port of the workers' default SMTP_URL.
+MAIL_SINK_PORT = SmtpSettings.port
+
+
 @dataclass
 class LocalPlan:
     """What ``up`` stands in for, decided (and written into the children's environment)
     before anything starts, so that every setting can be checked first."""
 
     standin_port: int | None = None  # the Stripe API stand-in's, when Stripe is stood in for
-    mail_sink: bool = False
+    mail_sink: bool = False  # on MAIL_SINK_PORT
     notes: list[str] = field(default_factory=list)  # said once things start
 
 
@@ -163,11 +167,12 @@ def _plan_local(env: dict[str, str], *, force_standin: bool = False) -> LocalPla
             f"Stripe: the local stand-in at {env['STRIPE_API_BASE']} answers the API"
             f" (seed sessions with POST {ADMIN}/sessions)"
         )
-    if not env.get("SMTP_URL") and not _listening("127.0.0.1", 1025):
+    if not env.get("SMTP_URL") and not _listening("127.0.0.1", MAIL_SINK_PORT):
         plan.mail_sink = True
-        env["SMTP_URL"] = "smtp://127.0.0.1:1025"
+        env["SMTP_URL"] = f"smtp://127.0.0.1:{MAIL_SINK_PORT}"
         plan.notes.append(
-            "no SMTP_URL and nothing on localhost:1025: a local mail sink prints each email"
+            f"no SMTP_URL and nothing on localhost:{MAIL_SINK_PORT}: a local mail sink "
+            "prints each email"
         )
     return plan
 
@@ -206,7 +211,9 @@ async def _start_local(plan: LocalPlan) -> LocalStack:
     if plan.mail_sink:
         from fulfillment.mailsink import start_mail_sink
 
-        server = await start_mail_sink("127.0.0.1", 1025, lambda line: print(f"mail     | {line}"))
+        server = await start_mail_sink(
+            "127.0.0.1", MAIL_SINK_PORT, lambda line: print(f"mail     | {line}")
+        )
         stack.closers.append(server.close)
     for note in plan.notes:
         say(note)
@@ -272,7 +279,7 @@ def _listeners(
     if plan.standin_port:
         wanted.append(Listener("STANDIN_PORT", "127.0.0.1", plan.standin_port))
     if plan.mail_sink:
-        wanted.append(Listener("the local mail sink's port", "127.0.0.1", 1025))
+        wanted.append(Listener("the local mail sink's port", "127.0.0.1", MAIL_SINK_PORT))
     return [listener for listener in wanted if listener.port]  # 0: any free port
 
 

@@ -208,6 +208,13 @@ def _expand(obj: dict[str, Any], path: list[str], lookup: Callable[[str], Any]) 
         _expand(value, rest, lookup)
 
 
+# What the admin route may set on a seeded session: add_session's keywords.
+_SEEDABLE = (
+    "payment_status", "currency", "customer_email", "customer", "metadata", "account",
+    "mode", "discount", "shipping", "tax", "tax_included",
+)  # fmt: skip
+
+
 class StripeStandIn:
     """State and fault injection behind :meth:`app`; seed objects, then point stripe-python here.
 
@@ -271,11 +278,12 @@ class StripeStandIn:
         )
         product.update(updated=product["created"], default_price=None, package_dimensions=None)
         price = fixture("price")
+        recurring = recurring or quantity is None  # a metered price is a recurring one
         price.update(
             id=_new_id("price"),
             currency=currency,
             product=product["id"],
-            type="recurring" if recurring or quantity is None else "one_time",
+            type="recurring" if recurring else "one_time",
             recurring={
                 "interval": "month",
                 "interval_count": 1,
@@ -283,7 +291,7 @@ class StripeStandIn:
                 "trial_period_days": None,
                 "usage_type": "metered" if quantity is None else "licensed",
             }
-            if recurring or quantity is None
+            if recurring
             else None,
             transform_quantity=None,
             unit_amount=unit_amount,
@@ -555,23 +563,20 @@ class StripeStandIn:
         return None
 
     async def _admin_add_session(self, request: web.Request) -> web.Response:
-        """POST {id?, payment_status?, line_items?: [[description, quantity, unit_amount]], ...}."""
+        """POST {id?, line_items?: [[description, quantity, unit_amount]], and any other
+        keyword of ``add_session``}; what is left out takes ``add_session``'s default."""
         body = await request.json()
-        items = [tuple(item) for item in body.get("line_items") or [("T-shirt", 1, 2000)]]
-        session = self.add_session(
-            body.get("id"),
-            payment_status=body.get("payment_status", "paid"),
-            line_items=items,
-            currency=body.get("currency", "usd"),
-            customer_email=body.get("customer_email", "jenny@example.com"),
-            customer=body.get("customer"),
-            account=body.get("account"),
-            mode=body.get("mode", "payment"),
-            discount=int(body.get("discount", 0)),
-            shipping=int(body.get("shipping", 0)),
-            tax=int(body.get("tax", 0)),
-            tax_included=bool(body.get("tax_included", False)),
-        )
+        unknown = set(body) - {"id", "line_items", *_SEEDABLE}
+        if unknown:
+            return web.json_response(
+                {"error": f"unknown fields {sorted(unknown)}; known: id, line_items, "
+                 f"{', '.join(_SEEDABLE)}"},
+                status=400,
+            )  # fmt: skip
+        options: dict[str, Any] = {k: body[k] for k in _SEEDABLE if k in body}
+        if body.get("line_items"):
+            options["line_items"] = [tuple(item) for item in body["line_items"]]
+        session = self.add_session(body.get("id"), **options)
         return web.json_response(session, status=201)
 
     async def _admin_set_status(self, request: web.Request) -> web.Response:

@@ -466,6 +466,12 @@ async def test_the_control_routes_seed_sessions_and_faults_from_another_process(
         ) as r:
             assert r.status == 201
             assert (await r.json())["amount_total"] == 2100
+        # left out: add_session's own defaults; a field it does not know: a clear 400
+        async with http.post(f"{base}/_standin/sessions", json={"mode": "setup"}) as r:
+            assert r.status == 201 and (await r.json())["payment_status"] == "no_payment_required"
+        async with http.post(f"{base}/_standin/sessions", json={"curency": "eur"}) as r:
+            assert r.status == 400 and "curency" in (await r.json())["error"]
+        assert standin.sessions["cs_test_ctl"]["customer_details"]["email"] == "jenny@example.com"
         async with http.post(
             f"{base}/_standin/sessions/cs_test_ctl/payment_status", json={"payment_status": "paid"}
         ) as r:

@@ -108,6 +108,15 @@ async def test_a_stripe_error_becomes_a_clear_error_page_not_a_stack_trace(
     assert r.headers["Content-Type"].startswith("text/html")
 
 
+async def success_page(checkout_stack: dict[str, Any], session_id: str) -> tuple[int, str]:
+    """The landing page Stripe sends the customer back to: its status and text."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(
+            f"{checkout_stack['base']}/checkout/success", params={"session_id": session_id}
+        ) as r:
+            return r.status, await r.text()
+
+
 @pytest.mark.parametrize(
     ("session_id", "status"),
     [("", 400), ("nope", 400), ("cs_test_<script>", 400), ("cs_test_unknown12345", 404)],
@@ -115,12 +124,8 @@ async def test_a_stripe_error_becomes_a_clear_error_page_not_a_stack_trace(
 async def test_the_success_page_refuses_a_malformed_or_unknown_session_id(
     checkout_stack: dict[str, Any], session_id: str, status: int, channel: Any, topology: Topology
 ) -> None:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(
-            f"{checkout_stack['base']}/checkout/success", params={"session_id": session_id}
-        ) as r:
-            text = await r.text()
-    assert r.status == status
+    answered, text = await success_page(checkout_stack, session_id)
+    assert answered == status
     assert "<script>" not in text
     assert await drain(channel, topology.work_queue) == []
 
@@ -174,12 +179,8 @@ async def test_the_success_page_queues_a_fulfillment_request_for_the_session(
     checkout_stack: dict[str, Any], standin: StripeStandIn, channel: Any, topology: Topology
 ) -> None:
     session_id = standin.add_session(payment_status="unpaid")["id"]
-    async with aiohttp.ClientSession() as http:
-        async with http.get(
-            f"{checkout_stack['base']}/checkout/success", params={"session_id": session_id}
-        ) as r:
-            text = await r.text()
-    assert r.status == 200 and "processing" in text
+    answered, text = await success_page(checkout_stack, session_id)
+    assert answered == 200 and "processing" in text
     [message] = await drain(channel, topology.work_queue)
     assert message.headers[HEADER_EVENT_TYPE] == "fulfillment.requested"
     assert json.loads(message.body)["data"]["object"]["id"] == session_id
@@ -191,11 +192,7 @@ async def test_the_success_page_of_a_setup_mode_session_promises_no_order(
     """A Checkout that only saved a card (another flow sharing this page) is not an order:
     no "confirmation email on its way", nothing queued."""
     session_id = standin.add_session(mode="setup")["id"]
-    async with aiohttp.ClientSession() as http:
-        async with http.get(
-            f"{checkout_stack['base']}/checkout/success", params={"session_id": session_id}
-        ) as r:
-            text = await r.text()
-    assert r.status == 200 and "payment method was saved" in text
+    answered, text = await success_page(checkout_stack, session_id)
+    assert answered == 200 and "payment method was saved" in text
     assert "confirmation email" not in text
     assert await drain(channel, topology.work_queue) == []

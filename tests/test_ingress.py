@@ -78,6 +78,22 @@ async def post(
         return response.status, payload, response.headers
 
 
+async def queued_headers(
+    session: aiohttp.ClientSession,
+    base: str,
+    docs: tuple[dict[str, Any], ...],
+    channel: Any,
+    topology: Topology,
+) -> dict[str, Any]:
+    """Post each event signed (each must get 200); the queued messages' headers by event id."""
+    for doc in docs:
+        raw = sh.body(doc)
+        status, _, _ = await post(session, base, raw, sh.signature_header(raw, SECRET))
+        assert status == 200
+    messages = await drain(channel, topology.work_queue)
+    return {m.headers[HEADER_EVENT_ID]: m.headers for m in messages}
+
+
 async def test_a_valid_event_is_answered_200_after_exactly_one_persistent_message_is_queued(
     topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
 ) -> None:
@@ -106,13 +122,7 @@ async def test_a_connect_event_carries_its_connected_account_in_a_header(
     session, base = await start_ingress(ingress_settings)
     platform, connected = sh.event(), {**sh.event(), "account": "acct_1Connected0001"}
 
-    for doc in (platform, connected):
-        raw = sh.body(doc)
-        status, _, _ = await post(session, base, raw, sh.signature_header(raw, SECRET))
-        assert status == 200
-
-    messages = await drain(channel, topology.work_queue)
-    headers = {m.headers[HEADER_EVENT_ID]: m.headers for m in messages}
+    headers = await queued_headers(session, base, (platform, connected), channel, topology)
     assert headers[connected["id"]][HEADER_ACCOUNT] == "acct_1Connected0001"
     assert HEADER_ACCOUNT not in headers[platform["id"]]
 
@@ -166,13 +176,7 @@ async def test_an_oversized_api_version_is_left_out_not_allowed_to_cut_the_conne
     huge = {**sh.event(), "api_version": "2025-09-30." + "x" * 200_000}
     normal = sh.event()
 
-    for doc in (huge, normal):
-        raw = sh.body(doc)
-        status, _, _ = await post(session, base, raw, sh.signature_header(raw, SECRET))
-        assert status == 200
-
-    messages = await drain(channel, topology.work_queue)
-    headers = {m.headers[HEADER_EVENT_ID]: m.headers for m in messages}
+    headers = await queued_headers(session, base, (huge, normal), channel, topology)
     assert HEADER_API_VERSION not in headers[huge["id"]]
     assert headers[normal["id"]][HEADER_API_VERSION] == normal["api_version"]
 

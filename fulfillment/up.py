@@ -287,12 +287,13 @@ def _check_ports_free(listeners: list[Listener]) -> None:
     """No two listeners on one port, and each port can be bound now: a child that cannot
     listen exits at once, and restarting it would go on forever while the rest look fine."""
     seen: dict[int, str] = {}
-    for listener in listeners:
+    for listener in listeners:  # first the settings' own clash, wrong on any machine
         if listener.port in seen:
             raise ConfigError(
                 f"{listener.setting} {listener.port} is also {seen[listener.port]}'s port"
             )
         seen[listener.port] = listener.setting
+    for listener in listeners:  # then what this machine has listening already
         _probe(listener)
 
 

@@ -649,24 +649,38 @@ def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_setting
             "STRIPE_API_KEY is set but STRIPE_WEBHOOK_SECRETS is not",
         ),
         (["up"], {"STRIPE_API_KEY": ""}, "STRIPE_WEBHOOK_SECRETS is set but STRIPE_API_KEY is not"),
-        (
-            ["up", "--workers", "2"],
-            # the stand-in (no Stripe key: local run) on worker-2's metrics port
-            {
-                "STRIPE_API_KEY": "",
-                "STRIPE_WEBHOOK_SECRETS": "",
-                "INGRESS_PORT": "19099",
-                "WORKER_METRICS_PORT": "19100",
-                "STANDIN_PORT": "19101",
-            },
-            "STANDIN_PORT 19101 is also WORKER_METRICS_PORT's port",
-        ),
     ],
 )
 def test_a_bad_setting_stops_the_command_before_it_starts_anything(
     command: list[str], setting: dict[str, str], message: str
 ) -> None:
-    # No broker at this URL: a start-up that got as far as connecting would say so instead.
+    result = _start_refused(command, setting)
+    assert message in result.stderr
+
+
+def test_up_names_two_settings_on_one_port_even_when_that_port_is_taken() -> None:
+    # The stand-in (no Stripe key: a local run) on worker-2's metrics port: wrong on any
+    # machine, so said as such, not as "in use" because something here listens on it.
+    base = free_port(3)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", base + 2))
+        taken.listen()
+        result = _start_refused(
+            ["up", "--workers", "2"],
+            {
+                "STRIPE_API_KEY": "",
+                "STRIPE_WEBHOOK_SECRETS": "",
+                "INGRESS_PORT": str(base),
+                "WORKER_METRICS_PORT": str(base + 1),
+                "STANDIN_PORT": str(base + 2),
+            },
+        )
+    assert f"STANDIN_PORT {base + 2} is also WORKER_METRICS_PORT's port" in result.stderr
+
+
+def _start_refused(command: list[str], setting: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a command with a bad setting: exit 2 with a one-line reason, before any broker
+    connection (none listens at this URL: a start-up that got that far would say so)."""
     env = {
         **os.environ,
         "STRIPE_WEBHOOK_SECRETS": "whsec_test",
@@ -675,9 +689,9 @@ def test_a_bad_setting_stops_the_command_before_it_starts_anything(
         **setting,
     }
     result = run_fulfillment(*command, env=env, timeout_s=30)
-    assert result.returncode == 2
-    assert message in result.stderr
+    assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "RabbitMQ" not in result.stderr
+    return result
 
 
 @pytest.mark.parametrize(

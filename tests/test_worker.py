@@ -343,6 +343,36 @@ async def test_an_unpaid_session_waits_and_is_fulfilled_once_when_the_delayed_pa
     assert [m.routing_key for m in await drain(channel, outbound)] == ["order.fulfilled"]
 
 
+async def test_success_while_stripe_still_says_unpaid_is_retried_not_shelved(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """No event follows async_payment_succeeded: recorded as "awaiting payment", the order
+    would wait for ever. Retried until Stripe agrees; if it never does, a dead letter says so."""
+    catches_up = standin.add_session(payment_status="unpaid")["id"]
+    never = standin.add_session(payment_status="unpaid")["id"]
+    await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.async_payment_succeeded", catches_up))
+    await wait_for(lambda: standin.request_count >= 1)
+    standin.set_payment_status(catches_up, "paid")
+    await publish(session_event(standin, "checkout.session.async_payment_succeeded", never))
+
+    assert len(await wait_for(lambda: fulfillment_rows(database_url, catches_up))) == 1
+    assert len(await asyncio.to_thread(smtp.wait, 1)) == 1
+    [dead] = await wait_for(lambda: drain(channel, topology.dead_queue), timeout_s=20)
+    assert json.loads(dead.body)["data"]["object"]["id"] == never
+    assert dead.headers["fulfillment-error-type"] == "TransientError"
+    assert "still says session" in dead.headers["fulfillment-error-message"]
+    assert await fulfillment_rows(database_url, never) == []
+
+
 async def test_a_failed_delayed_payment_sends_one_notice_and_fulfills_nothing(
     standin: StripeStandIn,
     smtp: SmtpSink,
@@ -437,10 +467,20 @@ async def test_a_payment_failure_after_fulfillment_changes_nothing(
 
     standin.set_payment_status(sid, "unpaid")  # a stale or contradictory failure event
     await publish(session_event(standin, "checkout.session.async_payment_failed", sid))
+    late = session_event(standin, "checkout.session.completed", sid)  # read as unpaid too
+    await publish(late)
     await settle(worker, topology, channel)
 
     assert len(smtp.for_session(sid)) == 1
     assert smtp.for_session(sid)[0]["Message-ID"] == f"<order.{sid}@shop.test>"
+    rows = await db_fetch(
+        database_url,
+        "SELECT s.state, p.outcome FROM checkout_sessions s, processed_events p "
+        "WHERE s.checkout_session_id = $1 AND p.event_id = $2",
+        sid,
+        late["id"],
+    )
+    assert [tuple(r) for r in rows] == [("fulfilled", "already_fulfilled")]
 
 
 async def test_success_arriving_before_completed_still_fulfills_once(
@@ -1044,6 +1084,31 @@ def test_an_event_whose_session_id_could_reach_another_url_is_malformed(session_
     doc = sh.event("checkout.session.completed", sh.checkout_session(session_id))
     with pytest.raises(MalformedEvent, match="not a Checkout Session id"):
         parse(SimpleNamespace(headers={}, body=json.dumps(doc).encode()))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("data_object", "session_id"),
+    [
+        ({"id": "cs_test_minimal"}, "cs_test_minimal"),  # no "object": the id is enough
+        ({"id": "cs_test_full", "object": "checkout.session"}, "cs_test_full"),
+        ({"id": "cs_test_x", "object": "payment_intent"}, None),  # another object: malformed
+        ({"object": "checkout.session"}, None),
+        ("cs_test_bare", None),
+    ],
+)
+def test_the_session_id_is_read_from_data_object(data_object: Any, session_id: str | None) -> None:
+    from types import SimpleNamespace
+
+    from shared.errors import MalformedEvent
+    from worker.consumer import parse
+
+    doc = sh.event("checkout.session.completed", data_object)
+    message = SimpleNamespace(headers={}, body=json.dumps(doc).encode())
+    if session_id is None:
+        with pytest.raises(MalformedEvent):
+            parse(message)  # type: ignore[arg-type]
+    else:
+        assert parse(message).session_id == session_id  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

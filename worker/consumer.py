@@ -118,7 +118,9 @@ def parse(message: AbstractIncomingMessage) -> Delivery:
     obj = (doc.get("data") or {}).get("object") if isinstance(doc.get("data"), dict) else None
     session_id = None
     if event.type.startswith("checkout.session.") or event.type in REQUESTED:
-        if not isinstance(obj, dict) or obj.get("object") != "checkout.session":
+        # Stripe always says "object": "checkout.session"; without it the cs_ id is enough,
+        # as the session is read from Stripe anyway (which 404s an id that is no session)
+        if not isinstance(obj, dict) or obj.get("object", "checkout.session") != "checkout.session":
             raise MalformedEvent(f"{event.type} event without a checkout.session in data.object")
         session_id = obj.get("id")
         if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):

@@ -48,6 +48,7 @@ Effect = Callable[[Order], Awaitable[str]]
 Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
 SESSION_COMPLETED = "checkout.session.completed"
+PAYMENT_SUCCEEDED = "checkout.session.async_payment_succeeded"
 
 # The effects of a fulfillment, in order; each is recorded under its name once done. The
 # message the rest of the business acts on (shipping, access) goes first: a courtesy email
@@ -205,6 +206,14 @@ class Fulfiller:
         order = await self._retrieve_for(session_id, event)
         if order.payment_status not in ("paid", "no_payment_required", "unpaid"):
             raise PermanentError(f"unexpected payment_status {order.payment_status!r}")
+        if order.payment_status == "unpaid" and event.type == PAYMENT_SUCCEEDED:
+            # The event says the payment went through; no later event will come to fulfill
+            # it, so shelving it as "awaiting payment" would lose the order in silence.
+            # Retried until Stripe's answer agrees (then dead-lettered, saying so).
+            raise TransientError(
+                f"Stripe still says session {session_id} is unpaid, though this event says "
+                "its delayed payment succeeded"
+            )
         if order.mode == "setup":
             # A setup-mode Checkout only saved a payment method for later: nothing was sold,
             # so there is no order to record, confirm or announce, though its payment_status
@@ -220,7 +229,10 @@ class Fulfiller:
             if order.payment_status == "unpaid":
                 if state in (None, "new"):
                     await _set_state(conn, order, event.id, "awaiting_payment")
-                outcome = Outcome("awaiting_payment")
+                # a stale answer ("unpaid" racing the payment) changes no fulfilled session
+                outcome = Outcome(
+                    "already_fulfilled" if state == "fulfilled" else "awaiting_payment"
+                )
             else:
                 created = state != "fulfilled"
                 if created:

@@ -1136,6 +1136,31 @@ def test_the_confirmation_email_shows_amounts_in_the_currencys_own_minor_unit(
     assert f"Total: {order_total}" in text
 
 
+def test_an_items_description_is_one_line_in_the_email_and_kept_as_stripe_has_it() -> None:
+    from worker.mail import DESCRIPTION_MAX_CHARS, confirmation_email
+    from worker.order import Order
+
+    standin = StripeStandIn()
+    sid = standin.add_session(line_items=[("Tea\r\nBcc: x@evil.example", 2, 1250), ("Cup", 1, 50)])[
+        "id"
+    ]
+    items = [dict(i) for i in standin.line_items[sid]]
+    items[1]["description"], items[1]["price"]["nickname"] = None, None
+    order = Order.from_session(dict(standin.sessions[sid], line_items={"data": items}))
+    assert [i.description for i in order.items] == ["Tea\r\nBcc: x@evil.example", None]
+
+    text = confirmation_email(order, "shop@shop.test").get_payload(decode=True).decode()
+    assert "  2 x Tea Bcc: x@evil.example  25.00 USD\n" in text
+    assert "  1 x Item  0.50 USD\n" in text  # no description: a placeholder in the email only
+    assert "\r" not in text
+
+    items[0]["description"] = "Tea " * 100
+    order = Order.from_session(dict(standin.sessions[sid], line_items={"data": items}))
+    text = confirmation_email(order, "shop@shop.test").get_payload(decode=True).decode()
+    line = next(t for t in text.splitlines() if t.startswith("  2 x Tea"))
+    assert len(line) == len("  2 x ") + DESCRIPTION_MAX_CHARS + len("  25.00 USD")
+
+
 async def test_the_mailer_reuses_its_connection_and_survives_the_relay_dropping_it(
     smtp: SmtpSink, worker_settings: WorkerSettings
 ) -> None:

@@ -15,13 +15,16 @@ import aiosmtplib
 import idna
 
 from shared.errors import PermanentError, TransientError
-from worker.order import Order, format_amount
+from worker.order import Order, format_amount, one_line
 from worker.settings import SmtpSettings
 
 
 class Undeliverable(PermanentError):
     """Raised when this email can never be delivered (bad address, refused recipient or content)."""
 
+
+# An item's line in an email shows at most this much of its description.
+DESCRIPTION_MAX_CHARS = 200
 
 # One address, no display name, no whitespace or control characters (no header injection).
 _ADDRESS = re.compile(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+")
@@ -43,7 +46,9 @@ def confirmation_email(order: Order, sender: str) -> Message:
     for item in order.items:
         count = "" if item.quantity is None else f"{item.quantity} x "  # None: metered price
         price = format_amount(item.amount_subtotal, item.currency)  # before discounts, taxes
-        lines.append(f"  {count}{item.description}  {price}")
+        # one line per item, whatever the description holds (a merchant's text, no rules)
+        description = one_line(item.description or "", DESCRIPTION_MAX_CHARS) or "Item"
+        lines.append(f"  {count}{description}  {price}")
     lines += _adjustments(order)
     lines += ["", f"Total: {order.total}", "", f"Order reference: {order.session_id}"]
     return _message(

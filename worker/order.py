@@ -26,7 +26,7 @@ def format_amount(amount: int, currency: str) -> str:
 @dataclass(frozen=True, slots=True)
 class LineItem:
     id: str
-    description: str
+    description: str | None  # None when Stripe has none (neither the item's nor the price's)
     price_id: str | None
     quantity: int | None  # None for a metered price (usage-based: no quantity at checkout)
     unit_amount: int | None
@@ -76,7 +76,7 @@ class Order:
             items.append(
                 LineItem(
                     id=item["id"],
-                    description=item.get("description") or price.get("nickname") or "Item",
+                    description=item.get("description") or price.get("nickname") or None,
                     price_id=price.get("id"),
                     quantity=None if item.get("quantity") is None else int(item["quantity"]),
                     unit_amount=price.get("unit_amount"),
@@ -134,7 +134,10 @@ def _currency(value: Any) -> str:
 
 def _name(value: Any) -> str | None:
     """The customer's name for the greeting: one line, bounded (it is what the buyer typed)."""
-    if not isinstance(value, str):
-        return None
-    name = " ".join(value.split())[:NAME_MAX_CHARS]
-    return name or None
+    return one_line(value, NAME_MAX_CHARS) if isinstance(value, str) else None
+
+
+def one_line(text: str, max_chars: int) -> str | None:
+    """``text`` as one line of at most ``max_chars`` (line breaks and runs of whitespace made
+    one space), None if nothing is left."""
+    return " ".join(text.split())[:max_chars] or None

@@ -81,6 +81,33 @@ async def test_twenty_duplicates_over_two_worker_processes_fulfill_once(
     }
 
 
+async def test_a_paid_order_without_line_items_is_fulfilled_and_warned_about(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    spawn: Any,
+    publish: Any,
+    database_url: str,
+) -> None:
+    """Checkout always sells something; an empty item list is Stripe's odd answer, and the
+    order is recorded once, so an operator is told (the order itself goes on)."""
+    empty = standin.add_session(line_items=[("T-shirt", 1, 1500)])["id"]
+    standin.line_items[empty].clear()
+    normal = standin.add_session()["id"]
+    worker = await spawn()
+
+    await publish(session_event(standin, "checkout.session.completed", empty))
+    await publish(session_event(standin, "checkout.session.completed", normal))
+
+    async def handled() -> bool:
+        return len(worker.events("event handled")) == 2
+
+    await wait_for(handled, timeout_s=30)
+    [warning] = worker.events("paid order without line items")
+    assert (warning["level"], warning["checkout_session_id"]) == ("warning", empty)
+    assert warning["amount_total"] == 1500
+    assert len(await fulfillment_rows(database_url, empty)) == 1
+
+
 async def test_every_effect_done_is_on_an_outcome_line_even_when_its_attempt_failed_after(
     standin: StripeStandIn,
     smtp: SmtpSink,

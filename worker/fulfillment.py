@@ -236,6 +236,14 @@ class Fulfiller:
             else:
                 created = state != "fulfilled"
                 if created:
+                    if not order.items:
+                        # Checkout sells at least one item; Stripe's answer is odd, and the
+                        # order is recorded once: said where an operator will see it
+                        log.warning(
+                            "paid order without line items",
+                            checkout_session_id=session_id,
+                            amount_total=order.amount_total,
+                        )
                     await _record_fulfillment(conn, order, event.id)
                 await self._run_effects(
                     conn,

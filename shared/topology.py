@@ -79,9 +79,13 @@ class Topology:
             self._name(f"fulfillment.retry.{_delay_label(d)}") for d in self.retry_delays_s
         )
 
-    def retry_queue_for(self, attempt: int) -> tuple[str, float]:
-        """The delay queue and delay for retry number ``attempt`` (1-based), capped at the last."""
+    def retry_queue_for(self, attempt: int, at_least_s: float = 0.0) -> tuple[str, float]:
+        """The delay queue and delay for retry number ``attempt`` (1-based), capped at the last;
+        a longer one if the other side asked for a wait of ``at_least_s`` (a Retry-After):
+        the first at least that long, else the longest."""
         index = min(max(attempt, 1), len(self.retry_delays_s)) - 1
+        while self.retry_delays_s[index] < at_least_s and index + 1 < len(self.retry_delays_s):
+            index += 1
         return self.retry_queues[index], self.retry_delays_s[index]
 
     @property

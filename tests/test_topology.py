@@ -45,6 +45,17 @@ def test_retry_queue_for_picks_the_delay_of_each_attempt_and_caps_at_the_last() 
     assert topo.retry_queue_for(-1) == (first, 0.5)
 
 
+def test_a_retry_after_longer_than_the_attempts_delay_picks_a_longer_delay_queue() -> None:
+    topo = Topology("p", (0.5, 1.0, 60.0), delivery_limit=5)
+    first, second, last = topo.retry_queues
+
+    assert topo.retry_queue_for(1, at_least_s=0.5) == (first, 0.5)
+    assert topo.retry_queue_for(1, at_least_s=0.8) == (second, 1.0)
+    assert topo.retry_queue_for(1, at_least_s=30) == (last, 60.0)
+    assert topo.retry_queue_for(1, at_least_s=3600) == (last, 60.0)  # the longest there is
+    assert topo.retry_queue_for(3, at_least_s=0.8) == (last, 60.0)  # never a shorter one
+
+
 def test_retry_queues_are_named_by_their_delay() -> None:
     topo = Topology("p", (0.5, 1.0, 10.0, 60.0, 600.0, 3600.0, 21600.0, 90.0), 10)
 

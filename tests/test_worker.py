@@ -571,6 +571,9 @@ async def test_a_retry_after_is_waited_in_process_when_short_and_in_a_delay_queu
     assert sent_to_delay_queues() - before == (1 if through_delay_queue else 0)
     if not through_delay_queue:
         assert time.monotonic() - started >= retry_after
+    else:  # not the first delay queue's 0.5 s: the longest, nearest to what was asked
+        assert worker_settings.broker.retry_delays_s == (0.5, 1.0)
+        assert time.monotonic() - started >= 1.0
     assert await drain(channel, topology.dead_queue) == []
 
 
@@ -1244,6 +1247,32 @@ async def test_an_undeliverable_email_is_recorded_as_failed_and_the_order_goes_o
     await order_went_on(worker, topology, channel, outbound)
     assert smtp.for_session(sid) == []
     assert len(await fulfillment_rows(database_url, sid)) == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "written_off"),
+    [
+        (550, "5.1.1 User unknown", True),
+        (552, "5.2.2 Mailbox full", True),
+        (552, "5.3.4 Message too big", True),
+        (554, "5.6.0 Bad content", True),
+        (550, "Mailbox unavailable", True),  # no enhanced status: 550-553 are about it
+        (553, "Mailbox name not allowed", True),
+        (554, "5.7.1 Message rejected as spam", False),  # policy: our sending as often
+        (550, "5.7.26 Unauthenticated email is not accepted (DMARC)", False),
+        (550, "5.4.5 Daily sending quota exceeded", False),
+        (554, "5.0.0 rejected at DATA", False),
+        (554, "Transaction failed", False),
+        (451, "4.3.0 Try again later", False),
+    ],
+)
+def test_only_a_refusal_about_the_recipient_or_message_writes_an_email_off(
+    code: int, message: str, written_off: bool
+) -> None:
+    """The README's list, item 5: the rest is retried, then dead-lettered with the answer."""
+    from worker.mail import _never_for_this_message
+
+    assert _never_for_this_message(code, message) is written_off
 
 
 @pytest.mark.parametrize(

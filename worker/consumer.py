@@ -329,7 +329,9 @@ class Worker:
             HEADER_WORKER_ID: self.settings.worker_id,
         }
         if transient and attempt <= retries:
-            queue, delay_s = self.topology.retry_queue_for(attempt)
+            queue, delay_s = self.topology.retry_queue_for(
+                attempt, getattr(exc, "retry_after_s", None) or 0.0
+            )
             target, outcome = queue, "retry"
         else:
             target, outcome = self.topology.dead_queue, "dead_letter"

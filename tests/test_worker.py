@@ -169,6 +169,8 @@ async def test_a_subscription_with_a_metered_price_discount_shipping_and_tax_is_
     ]
     [mail] = await asyncio.to_thread(smtp.wait, 1)
     text = mail.get_content()
+    assert "Thank you for your subscription. It is confirmed and active." in text
+    assert "on its way" not in text  # a subscription is not shipped
     assert "  1 x Pro plan  29.00 USD" in text and "  API calls  0.00 USD" in text
     for line in ("Subtotal: 29.00 USD", "Discount: -5.00 USD", "Shipping: 4.99 USD"):
         assert line in text

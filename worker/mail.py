@@ -40,7 +40,9 @@ def confirmation_email(order: Order, sender: str) -> Message:
     lines = [
         f"Hello{' ' + order.customer_name if order.customer_name else ''},",
         "",
-        "Thank you for your order. It is confirmed and on its way.",
+        "Thank you for your subscription. It is confirmed and active."
+        if order.mode == "subscription"
+        else "Thank you for your order. It is confirmed and on its way.",
         "",
     ]
     for item in order.items:

@@ -90,8 +90,19 @@ class DeadLetter:
         headers: dict[str, Any] = dict(message.headers or {})
         deaths = headers.get("x-death") or []
         death = deaths[0] if deaths and isinstance(deaths[0], dict) else {}
-        event_id = str(headers.get(HEADER_EVENT_ID) or _body_field(message.body, "id") or "?")
-        event_type = str(headers.get(HEADER_EVENT_TYPE) or _body_field(message.body, "type") or "?")
+        # A body with no event id (published by something other than the ingress) is named
+        # by its message: unique per copy, so `show`, `replay` and `purge` can still pick it.
+        event_id = str(
+            headers.get(HEADER_EVENT_ID)
+            or _body_field(message.body, "id")
+            or (f"msg:{message.message_id}" if message.message_id else "?")
+        )
+        event_type = str(
+            headers.get(HEADER_EVENT_TYPE)
+            or _body_field(message.body, "type")
+            or message.type
+            or "?"
+        )
         if HEADER_ERROR_TYPE in headers:
             error_type = str(headers[HEADER_ERROR_TYPE])
             error = str(headers.get(HEADER_ERROR_MESSAGE, ""))

@@ -164,6 +164,40 @@ async def test_dlq_show_prints_the_headers_and_the_pretty_body(
     assert len(await drain(channel, topology.dead_queue)) == 1
 
 
+async def test_a_dead_letter_without_an_event_id_is_named_by_its_message_and_can_be_picked(
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    topology: Topology,
+) -> None:
+    """Something other than the ingress published a body that is no event: its dead letter
+    has no event id to name it by, so it is named msg:<message id>, and only it is picked."""
+    await start_worker(worker_settings)
+    await publish(b"not json at all")
+    await publish(b"[1, 2, 3]")
+
+    async def two_dead() -> bool:
+        q = await (await channel.get_underlay_channel()).queue_declare(
+            topology.dead_queue, passive=True
+        )
+        return (q.message_count or 0) == 2
+
+    await wait_for(two_dead, timeout_s=20)
+    listed = json.loads((await acli(worker_settings, "dlq", "list", "--json")).stdout)
+    names = [letter["event_id"] for letter in listed]
+    assert len(set(names)) == 2 and all(name.startswith("msg:") for name in names)
+
+    shown = await acli(worker_settings, "dlq", "show", names[0])
+    purged = await acli(worker_settings, "dlq", "purge", names[0], "--yes")
+
+    assert shown.returncode == 0, shown.stderr
+    assert '"fulfillment-error-type": "MalformedEvent"' in shown.stdout
+    assert purged.returncode == 0, purged.stderr
+    [left] = await drain(channel, topology.dead_queue)
+    assert left.message_id == names[1].removeprefix("msg:")
+
+
 async def test_replay_after_a_fix_fulfills_and_replaying_a_fulfilled_session_is_a_no_op(
     standin: StripeStandIn,
     smtp: SmtpSink,

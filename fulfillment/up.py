@@ -266,15 +266,17 @@ class Listener:
     host: str
     port: int
     reuse_port: bool = False  # the ingress: several may share a port
+    host_setting: str | None = None  # the setting the host came from, if any
 
 
 def _listeners(
     hosts: tuple[str, str], workers: int, port: int, metrics_port: int, plan: LocalPlan
 ) -> list[Listener]:
     ingress_host, metrics_host = hosts
-    wanted = [Listener("INGRESS_PORT", ingress_host, port, reuse_port=True)]
+    wanted = [Listener("INGRESS_PORT", ingress_host, port, True, "INGRESS_HOST")]
     if metrics_port:
-        wanted += [Listener("WORKER_METRICS_PORT", metrics_host, metrics_port + i)
+        wanted += [Listener("WORKER_METRICS_PORT", metrics_host, metrics_port + i,
+                            host_setting="WORKER_METRICS_HOST")
                    for i in range(workers)]  # fmt: skip
     if plan.standin_port:
         wanted.append(Listener("STANDIN_PORT", "127.0.0.1", plan.standin_port))
@@ -304,7 +306,9 @@ def _probe(listener: Listener) -> None:
             listener.host, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except OSError as exc:
-        raise listen_error(listener.setting, listener.host, listener.port, exc) from None
+        raise listen_error(
+            listener.setting, listener.host, listener.port, exc, host_setting=listener.host_setting
+        ) from None
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -315,7 +319,13 @@ def _probe(listener: Listener) -> None:
             try:
                 probe.bind(address)
             except OSError as exc:
-                raise listen_error(listener.setting, listener.host, listener.port, exc) from None
+                raise listen_error(
+                    listener.setting,
+                    listener.host,
+                    listener.port,
+                    exc,
+                    host_setting=listener.host_setting,
+                ) from None
 
 
 def _children(env: dict[str, str], workers: int, port: int, metrics_port: int) -> list[Child]:

@@ -71,7 +71,9 @@ async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -
             try:
                 await site.start()
             except OSError as exc:  # taken by another program (not an ingress: reuse_port)
-                raise listen_error("INGRESS_PORT", settings.host, settings.port, exc) from None
+                raise listen_error(
+                    "INGRESS_PORT", settings.host, settings.port, exc, host_setting="INGRESS_HOST"
+                ) from None
             await stopping.wait()
         get_logger(__name__).info("ingress stopping")
     finally:

@@ -9,6 +9,11 @@ from shared.errors import ConfigError
 from shared.settings import BrokerSettings, Env, env_float, env_int, env_list, env_port, env_str
 
 
+# A day: a signature older than that is no delivery attempt of Stripe's (each is signed
+# anew), and a wider window only lets older captured requests in.
+MAX_TOLERANCE_S = 86_400
+
+
 @dataclass(frozen=True)
 class IngressSettings:
     """What the Stripe-facing HTTP ingress needs."""
@@ -34,10 +39,14 @@ class IngressSettings:
                 "STRIPE_WEBHOOK_SECRETS is not set: give the endpoint's signing secret(s), "
                 "comma-separated (whsec_…; `stripe listen` prints one)"
             )
-        bad = [s for s in secrets if not s.startswith("whsec_")]
+        bad = [s for s in secrets if not s.startswith("whsec_") or s == "whsec_"]
         if bad:
-            raise ConfigError("STRIPE_WEBHOOK_SECRETS entries must start with whsec_")
-        tolerance_s = env_int(env, "STRIPE_WEBHOOK_TOLERANCE_S", 300, minimum=0)
+            raise ConfigError(
+                "STRIPE_WEBHOOK_SECRETS entries must start with whsec_ and go on after it"
+            )
+        tolerance_s = env_int(
+            env, "STRIPE_WEBHOOK_TOLERANCE_S", 300, minimum=0, maximum=MAX_TOLERANCE_S
+        )
         if tolerance_s == 0:
             raise ConfigError(
                 "STRIPE_WEBHOOK_TOLERANCE_S must be positive: 0 would disable the replay check"

@@ -6,7 +6,9 @@ more than one component needs (the broker) lives here, the rest beside its compo
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -57,8 +59,15 @@ def env_port(env: Env, name: str, default: int) -> int:
     return env_int(env, name, default, minimum=0, maximum=MAX_PORT)
 
 
-def listen_error(name: str, host: str, port: int, exc: OSError) -> ConfigError:
-    """A port setting we cannot listen on, as the one-line reason a bad setting gets."""
+def listen_error(
+    name: str, host: str, port: int, exc: OSError, *, host_setting: str | None = None
+) -> ConfigError:
+    """A port setting we cannot listen on, as the one-line reason a bad setting gets; the
+    host's setting (``host_setting``) is named instead when the host is what is wrong."""
+    if host_setting and isinstance(exc, socket.gaierror):
+        name = host_setting  # not an address, nor a name that resolves
+    elif host_setting and exc.errno == errno.EADDRNOTAVAIL:
+        name = host_setting  # an address, but none of this machine's
     # an errno's own text (asyncio's repeats the address); a name lookup's (errno < 0) as is
     reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
     return ConfigError(f"{name}: cannot listen on {host}:{port}: {reason}")
@@ -137,6 +146,10 @@ def _delays(env: Env, name: str) -> tuple[float, ...]:
     return tuple(delays)
 
 
+# Room for the longest name made from the prefix (AMQP names are at most 255 bytes).
+MAX_PREFIX_BYTES = 200
+
+
 @dataclass(frozen=True)
 class BrokerSettings:
     """Where the broker is and how every component names and uses it."""
@@ -153,6 +166,11 @@ class BrokerSettings:
         prefix = env_str(env, "BROKER_PREFIX", "")
         if any(c.isspace() for c in prefix) or "#" in prefix or "*" in prefix:
             raise ConfigError(f"BROKER_PREFIX must not hold spaces, '#' or '*', got {prefix!r}")
+        if len(prefix.encode()) > MAX_PREFIX_BYTES:
+            raise ConfigError(
+                f"BROKER_PREFIX must be at most {MAX_PREFIX_BYTES} bytes (the names made from "
+                f"it are at most 255), got {len(prefix.encode())}"
+            )
         return cls(
             url=env_url(env, "RABBITMQ_URL", DEFAULT_RABBITMQ_URL, schemes=("amqp", "amqps")),
             prefix=prefix,

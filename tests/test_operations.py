@@ -655,6 +655,14 @@ def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_setting
     ("command", "setting", "message"),
     [
         (["ingress"], {"INGRESS_PORT": "99999"}, "INGRESS_PORT must be at most 65535, got 99999"),
+        # the host is what is wrong, so it is the host's setting that is named
+        (["ingress"], {"INGRESS_HOST": "999.1.1.1"}, "INGRESS_HOST: cannot listen on 999.1.1.1"),
+        (["up"], {"INGRESS_HOST": "999.1.1.1"}, "INGRESS_HOST: cannot listen on 999.1.1.1"),
+        (
+            ["worker"],
+            {"WORKER_METRICS_HOST": "192.0.2.1", "WORKER_METRICS_PORT": "0"},
+            "WORKER_METRICS_HOST: cannot listen on 192.0.2.1",
+        ),
         (
             ["worker"],
             {"WORKER_METRICS_PORT": "70000"},

@@ -174,6 +174,12 @@ def test_a_bad_log_value_stops_with_a_config_error_naming_the_variable(
         pytest.param("STRIPE_WEBHOOK_TOLERANCE_S", "0", id="tolerance-zero"),
         pytest.param("STRIPE_WEBHOOK_TOLERANCE_S", "-1", id="tolerance-negative"),
         pytest.param("STRIPE_WEBHOOK_TOLERANCE_S", "5m", id="tolerance-not-a-number"),
+        # as good as no check: a signature from 1970 verified (outside-in trial)
+        pytest.param("STRIPE_WEBHOOK_TOLERANCE_S", "99999999999", id="tolerance-over-a-day"),
+        pytest.param("STRIPE_WEBHOOK_SECRETS", "whsec_", id="secret-with-nothing-after-whsec_"),
+        pytest.param("STRIPE_WEBHOOK_SECRETS", "whsec_a,whsec_", id="one-secret-empty"),
+        # names made from it would be over AMQP's 255 bytes: the ingress retried for ever
+        pytest.param("BROKER_PREFIX", "p" * 201, id="prefix-too-long-for-queue-names"),
         pytest.param("INGRESS_PORT", "http", id="port-not-a-number"),
         pytest.param("INGRESS_PORT", "-1", id="port-negative"),
         pytest.param("INGRESS_PORT", "65536", id="port-above-65535"),

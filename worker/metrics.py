@@ -62,5 +62,7 @@ async def start_server(host: str, port: int) -> web.AppRunner:
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:  # taken by another process, or not an address of ours
         await runner.cleanup()
-        raise listen_error("WORKER_METRICS_PORT", host, port, exc) from None
+        raise listen_error(
+            "WORKER_METRICS_PORT", host, port, exc, host_setting="WORKER_METRICS_HOST"
+        ) from None
     return runner

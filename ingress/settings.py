@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from shared.errors import ConfigError
 from shared.settings import BrokerSettings, Env, env_float, env_int, env_list, env_port, env_str
 
-
 # A day: a signature older than that is no delivery attempt of Stripe's (each is signed
 # anew), and a wider window only lets older captured requests in.
 MAX_TOLERANCE_S = 86_400

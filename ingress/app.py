@@ -8,7 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingress import metrics
@@ -144,11 +144,10 @@ def _too_large(limit: int) -> Rejected:
 async def read_body(
     request: web.Request, settings: IngressSettings, allowance: BodyAllowance | None = None
 ) -> bytes:
-    """The raw body, refusing early (413) when it is over the limit, (408) when too slow and
-    (503) when the bodies being received at once are over ``allowance``'s budget."""
+    """The raw body, refusing it (413) once it is over the limit (a declared length over it
+    was refused before: ``_refuse_before_body``), (408) when too slow and (503) when the
+    bodies being received at once are over ``allowance``'s budget."""
     limit = settings.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     try:
@@ -174,6 +173,15 @@ async def read_body(
             f"body not received within {settings.read_timeout_s:g}s",
             close=True,
         ) from None
+    except ConnectionResetError:
+        # the client went away mid-upload (aiohttp's "Connection lost"): nobody to answer,
+        # but counted and logged as a refusal is, not as an error with a traceback each
+        raise Rejected(
+            400,
+            "client_disconnected",
+            "the client closed the connection before its body was received",
+            close=True,
+        ) from None
     except web.RequestPayloadError:
         # aiohttp found the body itself broken while we read it (a bad chunk size, a
         # Content-Encoding it cannot decode): the client's fault, not an unhandled 500.
@@ -186,6 +194,63 @@ async def read_body(
     return b"".join(chunks)
 
 
+def _refusal(exc: Rejected, settings: IngressSettings) -> web.Response:
+    """The answer to a refused request, counted and (sampled) logged."""
+    metrics.REQUESTS.labels(exc.code).inc()
+    left_out = _REJECTIONS_LOGGED.admit(exc.code)
+    if left_out is not None:
+        log.warning(
+            "webhook rejected",
+            status=exc.status,
+            reason=exc.code,
+            detail=exc.message,
+            similar_not_logged=left_out or None,
+        )
+    response = error_response(exc.status, exc.code, exc.message)
+    if exc.status == 503:
+        response.headers["Retry-After"] = str(settings.retry_after_s)
+    if exc.close:
+        response.force_close()
+    return response
+
+
+def _refuse_before_body(request: web.Request, settings: IngressSettings) -> str:
+    """What the head alone shows to be refused; else the Stripe-Signature header."""
+    header = request.headers.get("Stripe-Signature")
+    if not header:
+        raise Rejected(400, "missing_signature", "Stripe-Signature header is missing")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        # Stripe signs and sends the body as is; an encoded one could not be verified as
+        # sent, nor forwarded as Stripe signed it (the server does not decode bodies)
+        raise Rejected(
+            415,
+            "unsupported_content_encoding",
+            f"Content-Encoding {encoding[:40]!r} is not accepted: send the body unencoded",
+            close=True,
+        )
+    limit = settings.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    return header
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: refuse what the head shows to be refused before inviting
+    the client to send the body (aiohttp's default says 100 Continue to every request)."""
+    settings = request.app[SETTINGS]
+    try:
+        _refuse_before_body(request, settings)
+    except Rejected as exc:
+        return _refusal(exc, settings)
+    if request.version == HttpVersion11:
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not started
+    return None
+
+
 async def receive_webhook(request: web.Request) -> web.StreamResponse:
     """POST /webhooks/stripe: verify, then answer 200 only once the broker confirmed."""
     settings = request.app[SETTINGS]
@@ -193,22 +258,7 @@ async def receive_webhook(request: web.Request) -> web.StreamResponse:
     try:
         event, outcome = await _accept(request, settings)
     except Rejected as exc:
-        metrics.REQUESTS.labels(exc.code).inc()
-        left_out = _REJECTIONS_LOGGED.admit(exc.code)
-        if left_out is not None:
-            log.warning(
-                "webhook rejected",
-                status=exc.status,
-                reason=exc.code,
-                detail=exc.message,
-                similar_not_logged=left_out or None,
-            )
-        response = error_response(exc.status, exc.code, exc.message)
-        if exc.status == 503:
-            response.headers["Retry-After"] = str(settings.retry_after_s)
-        if exc.close:
-            response.force_close()
-        return response
+        return _refusal(exc, settings)
     finally:
         metrics.IN_FLIGHT.dec()
     metrics.REQUESTS.labels(outcome).inc()
@@ -225,9 +275,7 @@ async def receive_webhook(request: web.Request) -> web.StreamResponse:
 
 async def _accept(request: web.Request, settings: IngressSettings) -> tuple[EventEnvelope, str]:
     """The event and its outcome (accepted, or replay: queued before, not again)."""
-    header = request.headers.get("Stripe-Signature")
-    if not header:
-        raise Rejected(400, "missing_signature", "Stripe-Signature header is missing")
+    header = _refuse_before_body(request, settings)
     allowance = BodyAllowance(request.app[BUDGET])
     try:
         return await _verify_and_publish(request, settings, header, allowance)
@@ -313,7 +361,7 @@ def create_app(
         await publisher.close()
 
     app.cleanup_ctx.append(broker)
-    app.router.add_post("/webhooks/stripe", receive_webhook)
+    app.router.add_post("/webhooks/stripe", receive_webhook, expect_handler=expect_continue)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)

@@ -30,6 +30,8 @@ OUTCOMES = (
     "body_too_large",
     "read_timeout",
     "malformed_body",
+    "unsupported_content_encoding",
+    "client_disconnected",  # gone mid-upload: nobody to answer
     "broker_unavailable",
     "overloaded",
 )

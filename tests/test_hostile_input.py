@@ -192,6 +192,7 @@ class Case:
 
 
 BAD_REQUEST = frozenset({400})
+UNSUPPORTED = frozenset({415})
 TOO_LARGE = frozenset({413})
 HEADER_REFUSED = frozenset({400, 431})
 
@@ -495,9 +496,9 @@ class Hostile:
         return Case("oversized, no signature", http(raw), frozenset({400, 413}), may_close=True)
 
     def k_gzip_bomb(self) -> Case:
-        # the ingress does not inflate bodies: these are 16 KB that are not UTF-8
+        # the ingress inflates no body: an encoded one is refused from its head alone
         headers = [("Stripe-Signature", _sig(self.bomb)), ("Content-Encoding", "gzip")]
-        return Case("gzip bomb", http(self.bomb, headers), BAD_REQUEST)
+        return Case("gzip bomb", http(self.bomb, headers), UNSUPPORTED, may_close=True)
 
     def k_content_encoding(self) -> Case:
         encodings = ["gzip", "deflate", "br", "zstd", "identity", "bogus", "gzip, gzip"]
@@ -505,11 +506,11 @@ class Hostile:
         body = self.rng.choice([self.rng.randbytes(self.rng.randint(1, 500)), gzip.compress(raw)])
         # a compressed event signed over its inflated bytes: not the bytes that came
         signature = self.rng.choice([f"t=1,v1={self.hex64()}", _sig(raw)])
-        headers = [
-            ("Stripe-Signature", signature),
-            ("Content-Encoding", self.rng.choice(encodings)),
-        ]
-        return Case("content encoding", http(body, headers), BAD_REQUEST, may_close=True)
+        encoding = self.rng.choice(encodings)
+        headers = [("Stripe-Signature", signature), ("Content-Encoding", encoding)]
+        # identity is no encoding: then the bytes that came are checked, and fail
+        expected = BAD_REQUEST if encoding == "identity" else UNSUPPORTED
+        return Case("content encoding", http(body, headers), expected, may_close=True)
 
     # wrong content types
 
@@ -917,12 +918,12 @@ async def test_signed_events_with_fields_amqp_cannot_carry_get_400_or_are_queued
     assert HEADER_API_VERSION not in (queued[2].headers or {})
 
 
-async def test_a_body_aiohttp_cannot_decode_gets_400_not_500(
+async def test_an_encoded_body_gets_415_not_500_whatever_the_server_decodes(
     topology: Topology, ingress_settings: IngressSettings
 ) -> None:
     # With aiohttp's defaults (as any runner but `fulfillment ingress` serves the app) a
     # Content-Encoding it cannot decode made request.content.read() raise
-    # RequestPayloadError out of the handler: a 500.
+    # RequestPayloadError out of the handler: a 500. Now refused from the head alone.
     server = TestServer(create_app(ingress_settings), port=0)
     await server.start_server()
     try:
@@ -935,26 +936,73 @@ async def test_a_body_aiohttp_cannot_decode_gets_400_not_500(
                 async with session.post(
                     server.make_url(URL), data=b"not compressed at all", headers=headers
                 ) as response:
-                    assert response.status == 400
-                    assert (await response.json())["error"]["type"] == "malformed_body"
+                    assert response.status == 415
+                    error = (await response.json())["error"]["type"]
+                    assert error == "unsupported_content_encoding"
     finally:
         await server.close()
 
 
-async def test_a_compressed_body_is_verified_as_the_bytes_sent_not_inflated(
+async def test_expect_100_continue_is_refused_from_the_head_before_the_body_is_invited(
+    ingress_port: int, topology: Topology, channel: Any
+) -> None:
+    """A client that asks first is told 413 (or 415, 400) at once, not invited to upload
+    a body that would then be refused; a good request is invited and queued."""
+
+    async def ask(head: bytes) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", ingress_port)
+        writer.write(head)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 5), reader, writer
+
+    raw = sh.body(sh.event())
+    signed = f"POST {URL} HTTP/1.1\r\nHost: x\r\nStripe-Signature: {_sig(raw)}\r\n".encode()
+    refused = [
+        (signed + b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % (LIMIT + 1), 413),
+        (signed + b"Content-Encoding: gzip\r\nContent-Length: 9\r\nExpect: 100-continue\r\n\r\n", 415),
+        (_slow_head(b"Content-Length: 9\r\nExpect: 100-continue\r\n", signature=False), 400),
+    ]
+    for head, status in refused:
+        line, _, writer = await ask(head)
+        writer.close()
+        assert line.startswith(b"HTTP/1.1 %d " % status), line
+
+    line, reader, writer = await ask(
+        signed + b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(raw)
+    )
+    try:
+        assert line == b"HTTP/1.1 100 Continue\r\n"
+        assert await reader.readline() == b"\r\n"
+        writer.write(raw)
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200 ")
+    finally:
+        writer.close()
+    [queued] = await drain(channel, topology.work_queue)
+    assert queued.body == raw
+
+
+async def test_a_compressed_body_is_refused_never_inflated(
     ingress_port: int, topology: Topology, channel: Any
 ) -> None:
     raw = sh.body(sh.event())
     compressed = gzip.compress(raw)
     client = RawClient(ingress_port)
     try:
-        # signed over what it inflates to: not the bytes that came
+        # signed over what it inflates to (Stripe never compresses): refused, not verified
         headers = [("Stripe-Signature", _sig(raw)), ("Content-Encoding", "gzip")]
-        assert await client.send(http(compressed, headers)) == 400
-        # gzip that inflates far past the limit, and is not UTF-8 as sent
+        assert await client.send(http(compressed, headers)) == 415
+        # signed over the bytes sent, and a header that says they are gzip: not sent as
+        # Stripe sends, and what a receiver would make of them is anyone's guess
+        headers = [("Stripe-Signature", _sig(raw)), ("Content-Encoding", "gzip")]
+        assert await client.send(http(raw, headers)) == 415
+        # gzip that inflates far past the limit
         bomb = gzip.compress(b"{" * (32 * 1024 * 1024), 9)
         headers = [("Stripe-Signature", _sig(bomb)), ("Content-Encoding", "gzip")]
-        assert await client.send(http(bomb, headers)) == 400
+        assert await client.send(http(bomb, headers)) == 415
+        # no encoding, said so: as if the header were not there
+        headers = [("Stripe-Signature", _sig(raw)), ("Content-Encoding", "identity")]
+        assert await client.send(http(raw, headers)) == 200
+        assert len(await drain(channel, topology.work_queue)) == 1
         # a broken chunk arriving after the handler started reading: aiohttp's parser
         # fails on it without telling the body stream, so the handler waits for the timeout
         status, closed_after, _ = await _slow_client(
@@ -1038,6 +1086,14 @@ async def test_a_real_ingress_process_keeps_its_memory_flat_under_ten_thousand_b
         )
         assert status == 408 and elapsed < READ_TIMEOUT_S + 2
         assert closed_after < READ_TIMEOUT_S + LINGER_S + 2
+        # clients gone mid-upload: counted and sampled as refusals, no error tracebacks
+        head = _slow_head(b"Content-Length: 1000\r\n")
+        for _ in range(50):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head + b"{" * 100)
+            await writer.drain()
+            writer.close()
+        await asyncio.sleep(0.5)
         await assert_still_serves(port, channel, topology)
         process.signal(signal.SIGTERM)
         assert await process.wait(20) == 0
@@ -1057,6 +1113,7 @@ async def test_a_real_ingress_process_keeps_its_memory_flat_under_ten_thousand_b
     # second, saying how many similar ones it left out: a flood is not a flood of lines
     rejected = process.events("webhook rejected")
     assert rejected and len(rejected) < 300
+    assert "client_disconnected" in {line["reason"] for line in rejected}
     assert sum(line.get("similar_not_logged") or 0 for line in rejected) > 1_000
     assert not [line for line in process.lines if "Internal Server Error" in line]
 

@@ -116,6 +116,43 @@ class ReplayGuard:
 
 REPLAYS = web.AppKey("replay_guard", ReplayGuard)
 
+
+class Drain:
+    """The webhook requests being handled, so that a stopping ingress can let each finish,
+    its body included, before it closes connections. (aiohttp's own shutdown closes every
+    connection first, and a closed one drops the bytes still arriving: a body half
+    received at SIGTERM was never finished and got 408 ten seconds later; outside-in trial.)
+    """
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.stopping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Stop (later answers close their connections) and wait until nothing is in
+        flight; False if some request still was after ``timeout_s``."""
+        self.stopping = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+DRAIN = web.AppKey("drain", Drain)
+
 _ACCEPTED = b'{"received":true}'
 
 
@@ -253,14 +290,24 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 async def receive_webhook(request: web.Request) -> web.StreamResponse:
     """POST /webhooks/stripe: verify, then answer 200 only once the broker confirmed."""
-    settings = request.app[SETTINGS]
+    settings, drain = request.app[SETTINGS], request.app[DRAIN]
     metrics.IN_FLIGHT.inc()
+    drain.enter()
+    try:
+        response = await _answer(request, settings)
+    finally:
+        drain.leave()
+        metrics.IN_FLIGHT.dec()
+    if drain.stopping:
+        response.force_close()  # no next request on this connection: we are going
+    return response
+
+
+async def _answer(request: web.Request, settings: IngressSettings) -> web.Response:
     try:
         event, outcome = await _accept(request, settings)
     except Rejected as exc:
         return _refusal(exc, settings)
-    finally:
-        metrics.IN_FLIGHT.dec()
     metrics.REQUESTS.labels(outcome).inc()
     # DEBUG: at thousands per second an INFO line per event costs ~10% of throughput;
     # the worker logs every event it handles, and metrics count what was queued here.
@@ -352,6 +399,7 @@ def create_app(
     # twice the tolerance: a signature may be up to that far ahead of now, and stays
     # acceptable until that far behind
     app[REPLAYS] = ReplayGuard(window_s=2 * settings.tolerance_s)
+    app[DRAIN] = Drain()
 
     async def broker(app: web.Application) -> AsyncIterator[None]:
         publisher = EventPublisher(settings.broker)

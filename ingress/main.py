@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ingress.app import create_app
+from ingress.app import DRAIN, create_app
 from ingress.checkout import CheckoutSettings
 from ingress.settings import IngressSettings
 from shared import runtime
@@ -53,14 +53,11 @@ async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -
         tolerance_s=settings.tolerance_s,
         event_loop=runtime.loop_name(),
     )
-    runner = web.AppRunner(
-        create_app(settings, checkout=checkout),
-        access_log=None,
-        # aiohttp waits this long for in-flight handlers after it stops listening;
-        # each ends within the publish timeout, so this is only a backstop.
-        shutdown_timeout=settings.broker.publish_timeout_s + settings.read_timeout_s + 5,
-        **SERVER_ARGS,
-    )
+    app = create_app(settings, checkout=checkout)
+    # A request in flight ends within its body's read timeout and the publish timeout;
+    # past that, only as a backstop, it is cut.
+    drain_s = settings.broker.publish_timeout_s + settings.read_timeout_s + 5
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=drain_s, **SERVER_ARGS)
     stopping = runtime.stop_requested()
     # Handlers first: setup waits up to 5 s for a first broker connection, and a signal
     # then must still stop us cleanly (exit 0), not kill us with the default action.
@@ -75,6 +72,11 @@ async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -
                     "INGRESS_PORT", settings.host, settings.port, exc, host_setting="INGRESS_HOST"
                 ) from None
             await stopping.wait()
-        get_logger(__name__).info("ingress stopping")
+            log.info("ingress stopping", in_flight=app[DRAIN].in_flight)
+            await site.stop()  # no new connections; those open still finish their request
+            if not await app[DRAIN].wait(drain_s):
+                log.warning("requests still in flight at the drain's end; cut")
+        else:
+            log.info("ingress stopping", in_flight=0)
     finally:
         await runner.cleanup()

@@ -600,6 +600,54 @@ async def test_sigterm_with_requests_in_flight_finishes_each_of_them_and_loses_n
     assert accepted_bodies <= {m.body for m in queued}
 
 
+async def test_sigterm_while_a_body_is_still_arriving_lets_it_finish_then_exits_0(
+    topology: Topology, broker_settings: BrokerSettings, channel: Any
+) -> None:
+    """Regression (outside-in trial): aiohttp's shutdown closed every connection at once,
+    and a closed one drops the bytes still coming, so a webhook whose body was half sent
+    at SIGTERM got 408 ten seconds later and held the exit up as long."""
+    port = free_port()
+    ingress = RoleProcess(
+        ["ingress"],
+        {
+            **broker_env(broker_settings),
+            "STRIPE_WEBHOOK_SECRETS": SECRET,
+            "INGRESS_PORT": str(port),
+            "INGRESS_HOST": "127.0.0.1",
+        },
+    )
+    raw = sh.body(sh.event())
+    head = (
+        f"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Length: {len(raw)}\r\n"
+        f"Stripe-Signature: {sh.signature_header(raw, SECRET)}\r\n\r\n"
+    ).encode()
+    try:
+        await ingress.start(ready_event="broker connected")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)  # keep-alive
+        writer.write(head + raw[:50])
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        ingress.signal(signal.SIGTERM)
+        await ingress.wait_for_log("ingress stopping")
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        writer.write(raw[50:])
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        answered_s = time.monotonic() - started
+        assert await ingress.wait(timeout_s=5) == 0
+        assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # closed, no answer owed
+        writer.close()
+        idle_writer.close()
+    finally:
+        await ingress.stop()
+    assert status_line.startswith(b"HTTP/1.1 200 "), status_line
+    assert answered_s < 2
+    assert ingress.events("ingress stopping")[0]["in_flight"] == 1
+    [queued] = await drain(channel, topology.work_queue)
+    assert queued.body == raw
+
+
 async def test_sigterm_while_still_waiting_for_the_first_broker_connection_exits_0() -> None:
     """Regression (outside-in trial): the signal handlers came after the wait for a first
     broker connection, so a SIGTERM in those seconds killed the ingress with code 143."""

@@ -358,9 +358,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if request.app[PUBLISHER].ready:
+    publisher = request.app[PUBLISHER]
+    if publisher.ready:
         return web.json_response({"status": "ready"})
-    return web.json_response({"status": "not ready", "reason": "broker unavailable"}, status=503)
+    reason = "broker not confirming publishes" if publisher.connected else "broker unavailable"
+    return web.json_response({"status": "not ready", "reason": reason}, status=503)
 
 
 async def metrics_view(request: web.Request) -> web.Response:

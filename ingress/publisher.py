@@ -13,7 +13,7 @@ from ingress import metrics
 from shared.backoff import compute_backoff
 from shared.broker import event_message, publish_confirmed
 from shared.envelope import EventEnvelope
-from shared.errors import BrokerUnavailable
+from shared.errors import BrokerUnavailable, ConfirmTimeout
 from shared.logging import get_logger
 from shared.settings import BrokerSettings
 from shared.topology import Topology
@@ -22,6 +22,9 @@ log = get_logger(__name__)
 
 RECONNECT_MAX_S = 1.0  # "back within 5 s" needs short gaps between connection attempts
 CLOSE_TIMEOUT_S = 2.0
+# After a publish that got no confirm, and none confirmed since, this process reports
+# itself not ready for at least this long (then a load balancer's next requests find out)
+STALL_HOLD_MIN_S = 10.0
 
 
 class EventPublisher:
@@ -38,11 +41,25 @@ class EventPublisher:
         self._exchange: AbstractExchange | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        self._stalled_until = 0.0  # monotonic time; see ``stalled``
+        self._stall_hold_s = max(STALL_HOLD_MIN_S, 2 * settings.publish_timeout_s)
+
+    @property
+    def connected(self) -> bool:
+        channel = self._channel
+        return self._exchange is not None and channel is not None and not channel.is_closed
+
+    @property
+    def stalled(self) -> bool:
+        """A publish got no confirm in time and none has been confirmed since: the broker
+        is hung, or blocks publishers (a memory or disk alarm), though the connection
+        looks fine. Reset by the next confirm or connection; held at most a while, so
+        that traffic sent again finds out whether it is over."""
+        return time.monotonic() < self._stalled_until
 
     @property
     def ready(self) -> bool:
-        channel = self._channel
-        return self._exchange is not None and channel is not None and not channel.is_closed
+        return self.connected and not self.stalled
 
     async def start(self, *, wait_s: float = 0.0) -> None:
         """Start the connection loop; wait up to ``wait_s`` for a first connection."""
@@ -64,9 +81,16 @@ class EventPublisher:
             raise BrokerUnavailable("not connected to the broker")
         message = event_message(raw, event, source="fulfillment-ingress")
         started = time.perf_counter()
-        await publish_confirmed(
-            exchange, message, event.type, timeout_s=self._settings.publish_timeout_s
-        )
+        try:
+            await publish_confirmed(
+                exchange, message, event.type, timeout_s=self._settings.publish_timeout_s
+            )
+        except ConfirmTimeout:
+            if not self.stalled:
+                log.warning("broker not confirming publishes", broker=self._settings.display_url)
+            self._stalled_until = time.monotonic() + self._stall_hold_s
+            raise
+        self._stalled_until = 0.0
         metrics.CONFIRM_SECONDS.observe(time.perf_counter() - started)
 
     async def _maintain(self) -> None:
@@ -80,6 +104,7 @@ class EventPublisher:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 exchange = await self._topology.declare(channel)
                 self._channel, self._exchange = channel, exchange
+                self._stalled_until = 0.0  # a new connection: not known to be stalled
                 self._connected.set()
                 metrics.BROKER_UP.set(1)
                 log.info("broker connected", broker=self._settings.display_url)

@@ -11,7 +11,7 @@ import aiormq
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, HeadersType
 
 from shared.envelope import EventEnvelope
-from shared.errors import BrokerUnavailable
+from shared.errors import BrokerUnavailable, ConfirmTimeout
 
 HEADER_EVENT_ID = "stripe-event-id"
 HEADER_EVENT_TYPE = "stripe-event-type"
@@ -77,7 +77,7 @@ async def publish_confirmed(
     try:
         await exchange.publish(message, routing_key, mandatory=mandatory, timeout=timeout_s)
     except TimeoutError:
-        raise BrokerUnavailable(f"no publisher confirm within {timeout_s:g}s") from None
+        raise ConfirmTimeout(f"no publisher confirm within {timeout_s:g}s") from None
     except aiormq.exceptions.PublishError:
         raise BrokerUnavailable(
             f"broker returned the message as unroutable ({routing_key})"

@@ -32,3 +32,8 @@ class MalformedEvent(PermanentError):
 
 class BrokerUnavailable(TransientError):
     """Raised when the broker cannot take a message now (down, reconnecting, nack, timeout)."""
+
+
+class ConfirmTimeout(BrokerUnavailable):
+    """Raised when the broker took a publish but did not confirm it in time (a hung broker,
+    or one blocking publishers on a memory or disk alarm): the connection looks fine."""

@@ -506,6 +506,45 @@ async def test_broker_gone_gives_a_prompt_503_and_back_gives_200_without_a_resta
     assert len(await drain(channel, topology.work_queue)) == 2
 
 
+async def test_a_hung_broker_makes_the_ingress_not_ready_until_a_publish_is_confirmed(
+    topology: Topology,
+    ingress_settings: IngressSettings,
+    start_ingress: Any,
+    rabbitmq_url: str,
+    channel: Any,
+) -> None:
+    """The connection stays open but nothing is confirmed (a hung broker, or one blocking
+    publishers on an alarm): each webhook gets 503 after the publish timeout, and /readyz
+    says so, so that a load balancer sends Stripe's retries to another ingress."""
+    proxy = TcpProxy.in_front_of(rabbitmq_url)
+    await proxy.start()
+    broker = replace(ingress_settings.broker, url=proxy.url(), publish_timeout_s=0.5)
+    session, base = await start_ingress(replace(ingress_settings, broker=broker))
+
+    async def post_an_event() -> int:
+        raw = sh.body(sh.event())
+        return (await post(session, base, raw, sh.signature_header(raw, SECRET)))[0]
+
+    async def readiness() -> tuple[int, Any]:
+        async with session.get(base + "/readyz") as r:
+            return r.status, await r.json()
+
+    try:
+        assert await post_an_event() == 200
+        proxy.freeze()
+        assert await post_an_event() == 503
+        assert await readiness() == (
+            503,
+            {"status": "not ready", "reason": "broker not confirming publishes"},
+        )
+        proxy.thaw()
+        assert await post_an_event() == 200
+        assert await readiness() == (200, {"status": "ready"})
+    finally:
+        await proxy.close()
+    assert len(await drain(channel, topology.work_queue)) >= 2  # the 503 one may be there
+
+
 async def test_the_ingress_starts_while_the_broker_is_down_and_serves_once_it_is_up(
     topology: Topology,
     ingress_settings: IngressSettings,

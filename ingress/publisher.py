@@ -40,7 +40,7 @@ class EventPublisher:
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._task: asyncio.Task[None] | None = None
-        self._connected = asyncio.Event()
+        self._first_attempt_over = asyncio.Event()  # connected, or failed to
         self._stalled_until = 0.0  # monotonic time; see ``stalled``
         self._stall_hold_s = max(STALL_HOLD_MIN_S, 2 * settings.publish_timeout_s)
 
@@ -62,11 +62,13 @@ class EventPublisher:
         return self.connected and not self.stalled
 
     async def start(self, *, wait_s: float = 0.0) -> None:
-        """Start the connection loop; wait up to ``wait_s`` for a first connection."""
+        """Start the connection loop; wait up to ``wait_s`` for the first attempt to connect
+        to succeed or fail (a broker that refuses at once is not waited for: the ingress
+        then listens, answering 503, rather than not at all)."""
         self._task = asyncio.create_task(self._maintain(), name="broker-connection")
         if wait_s > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), wait_s)
+                await asyncio.wait_for(self._first_attempt_over.wait(), wait_s)
 
     async def close(self) -> None:
         """Stop the connection loop; bounded, so shutdown never hangs on a sick broker."""
@@ -105,7 +107,7 @@ class EventPublisher:
                 exchange = await self._topology.declare(channel)
                 self._channel, self._exchange = channel, exchange
                 self._stalled_until = 0.0  # a new connection: not known to be stalled
-                self._connected.set()
+                self._first_attempt_over.set()
                 metrics.BROKER_UP.set(1)
                 log.info("broker connected", broker=self._settings.display_url)
                 failures = 0
@@ -122,8 +124,8 @@ class EventPublisher:
                     attempt=failures,
                 )
             finally:
+                self._first_attempt_over.set()
                 self._channel = self._exchange = None
-                self._connected.clear()
                 metrics.BROKER_UP.set(0)
                 if connection is not None and not connection.is_closed:
                     # bounded: a broker that stopped answering never sends Close-Ok, and an

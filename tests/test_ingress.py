@@ -554,7 +554,11 @@ async def test_the_ingress_starts_while_the_broker_is_down_and_serves_once_it_is
 ) -> None:
     proxy = TcpProxy.in_front_of(rabbitmq_url, port=free_port())  # not started: no broker
     settings = replace(ingress_settings, broker=replace(ingress_settings.broker, url=proxy.url()))
-    session, base = await start_ingress(settings, connect_wait_s=0.5)
+    started = time.monotonic()
+    session, base = await start_ingress(settings, connect_wait_s=5.0)
+    # a broker that refuses at once is not waited for: listening, answering 503, at once
+    # (the wait was always the whole 5 s: connection refused for that long; outside-in trial)
+    assert time.monotonic() - started < 2.0
     raw = sh.body(sh.event())
 
     status, _, headers = await post(session, base, raw, sh.signature_header(raw, SECRET))
@@ -687,11 +691,16 @@ async def test_sigterm_while_a_body_is_still_arriving_lets_it_finish_then_exits_
     assert queued.body == raw
 
 
-async def test_sigterm_while_still_waiting_for_the_first_broker_connection_exits_0() -> None:
+async def test_sigterm_while_still_waiting_for_the_first_broker_connection_exits_0(
+    rabbitmq_url: str,
+) -> None:
     """Regression (outside-in trial): the signal handlers came after the wait for a first
     broker connection, so a SIGTERM in those seconds killed the ingress with code 143."""
+    proxy = TcpProxy.in_front_of(rabbitmq_url)
+    await proxy.start()
+    proxy.freeze()  # connections open, the handshake never answered: the wait goes on
     env = {
-        "RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/",  # nothing listens
+        "RABBITMQ_URL": proxy.url(),
         "STRIPE_WEBHOOK_SECRETS": SECRET,
         "INGRESS_PORT": str(free_port()),
         "INGRESS_HOST": "127.0.0.1",
@@ -699,12 +708,14 @@ async def test_sigterm_while_still_waiting_for_the_first_broker_connection_exits
     ingress = RoleProcess(["ingress"], env)
     try:
         await ingress.start(ready_event="ingress starting")
-        await ingress.wait_for_log("broker unavailable")  # inside the wait, not after it
+        await asyncio.sleep(1.0)  # inside the wait (up to 5 s), not after it
         ingress.signal(signal.SIGTERM)
         assert await ingress.wait(timeout_s=15) == 0
     finally:
         await ingress.stop()
+        await proxy.close()
     assert ingress.events("ingress stopped")
+    assert not ingress.events("broker connected")
 
 
 async def test_sigterm_while_the_broker_hangs_still_exits_promptly(

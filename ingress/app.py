@@ -145,7 +145,8 @@ class Drain:
         self.stopping = True
         try:
             async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
+                while self.in_flight:  # one may have come in before this woke up
+                    await self._idle.wait()
         except TimeoutError:
             return False
         return True
@@ -278,13 +279,17 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     settings = request.app[SETTINGS]
     try:
         _refuse_before_body(request, settings)
+        if request.version == HttpVersion11:
+            if request.headers.get("Expect", "").lower() != "100-continue":
+                raise Rejected(417, "expectation_failed", "only Expect: 100-continue is understood")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the response proper has not started
     except Rejected as exc:
-        return _refusal(exc, settings)
-    if request.version == HttpVersion11:
-        if request.headers.get("Expect", "").lower() != "100-continue":
-            raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the response proper has not started
+        response = _refusal(exc, settings)
+        # the client may send the body all the same: on this connection it would be read
+        # as the next request, so the connection ends with the answer
+        response.force_close()
+        return response
     return None
 
 
@@ -359,10 +364,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     publisher = request.app[PUBLISHER]
-    if publisher.ready:
+    if request.app[DRAIN].stopping:
+        reason = "stopping"
+    elif not publisher.connected:
+        reason = "broker unavailable"
+    elif publisher.stalled and not await publisher.probe(READYZ_PROBE_TIMEOUT_S):
+        reason = "broker not confirming publishes"
+    else:
         return web.json_response({"status": "ready"})
-    reason = "broker not confirming publishes" if publisher.connected else "broker unavailable"
     return web.json_response({"status": "not ready", "reason": reason}, status=503)
+
+
+# Below a readiness probe's usual timeout (Kubernetes: 1 s by default, 2 s in ops/k8s).
+READYZ_PROBE_TIMEOUT_S = 0.8
 
 
 async def metrics_view(request: web.Request) -> web.Response:

@@ -27,6 +27,11 @@ SERVER_ARGS: dict[str, Any] = {
 }
 
 
+# What aiohttp's own shutdown gives the requests left once the webhooks have drained (it
+# applies it twice per connection: for the handler to end, then after cancelling it).
+SHUTDOWN_AFTER_DRAIN_S = 2.0
+
+
 def run(settings: IngressSettings | None = None) -> None:
     """Serve until a signal; in-flight requests finish (200 confirmed or 503) before exit."""
     configure_logging("ingress")
@@ -54,10 +59,13 @@ async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -
         event_loop=runtime.loop_name(),
     )
     app = create_app(settings, checkout=checkout)
-    # A request in flight ends within its body's read timeout and the publish timeout;
-    # past that, only as a backstop, it is cut.
+    # A webhook in flight ends within its body's read timeout and the publish timeout;
+    # past that, only as a backstop, it is cut. Our drain waits for the webhooks; what
+    # aiohttp's shutdown then waits for (other routes' requests) gets a short while.
     drain_s = settings.broker.publish_timeout_s + settings.read_timeout_s + 5
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=drain_s, **SERVER_ARGS)
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=SHUTDOWN_AFTER_DRAIN_S, **SERVER_ARGS
+    )
     stopping = runtime.stop_requested()
     # Handlers first: setup waits up to 5 s for a first broker connection, and a signal
     # then must still stop us cleanly (exit 0), not kill us with the default action.

@@ -32,6 +32,7 @@ OUTCOMES = (
     "malformed_body",
     "unsupported_content_encoding",
     "client_disconnected",  # gone mid-upload: nobody to answer
+    "expectation_failed",  # an Expect header other than 100-continue
     "broker_unavailable",
     "overloaded",
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
@@ -22,9 +23,10 @@ log = get_logger(__name__)
 
 RECONNECT_MAX_S = 1.0  # "back within 5 s" needs short gaps between connection attempts
 CLOSE_TIMEOUT_S = 2.0
-# After a publish that got no confirm, and none confirmed since, this process reports
-# itself not ready for at least this long (then a load balancer's next requests find out)
-STALL_HOLD_MIN_S = 10.0
+# Where /readyz's probe goes while publishes are unconfirmed: the default exchange, a
+# routing key no queue has, not mandatory. The broker drops it and confirms at once, unless
+# it is hung or blocks publishers (a memory or disk alarm), as for a real publish.
+PROBE_ROUTING_KEY = "fulfillment.ingress.readiness-probe"
 
 
 class EventPublisher:
@@ -41,25 +43,40 @@ class EventPublisher:
         self._exchange: AbstractExchange | None = None
         self._task: asyncio.Task[None] | None = None
         self._first_attempt_over = asyncio.Event()  # connected, or failed to
-        self._stalled_until = 0.0  # monotonic time; see ``stalled``
-        self._stall_hold_s = max(STALL_HOLD_MIN_S, 2 * settings.publish_timeout_s)
+        self.stalled = False  # see ``probe``
+        self._probing: asyncio.Lock = asyncio.Lock()
 
     @property
     def connected(self) -> bool:
         channel = self._channel
         return self._exchange is not None and channel is not None and not channel.is_closed
 
-    @property
-    def stalled(self) -> bool:
-        """A publish got no confirm in time and none has been confirmed since: the broker
-        is hung, or blocks publishers (a memory or disk alarm), though the connection
-        looks fine. Reset by the next confirm or connection; held at most a while, so
-        that traffic sent again finds out whether it is over."""
-        return time.monotonic() < self._stalled_until
-
-    @property
-    def ready(self) -> bool:
-        return self.connected and not self.stalled
+    async def probe(self, timeout_s: float) -> bool:
+        """Whether the broker confirms a publish now, found out with a message that goes
+        nowhere. ``stalled`` (a publish got no confirm in time, and none has been confirmed
+        since: the broker is hung or blocks publishers, though the connection looks fine)
+        is cleared by any confirm, a webhook's or this one's, and by a new connection.
+        One probe at a time; callers meanwhile share its answer."""
+        if self._probing.locked():
+            async with self._probing:
+                return not self.stalled
+        async with self._probing:
+            exchange, channel = self._exchange, self._channel
+            if exchange is None or channel is None or channel.is_closed:
+                return False
+            message = aio_pika.Message(b"", message_id=uuid.uuid4().hex)
+            try:
+                await publish_confirmed(
+                    channel.default_exchange,
+                    message,
+                    PROBE_ROUTING_KEY,
+                    timeout_s=timeout_s,
+                    mandatory=False,
+                )
+            except BrokerUnavailable:
+                return False
+            self.stalled = False
+            return True
 
     async def start(self, *, wait_s: float = 0.0) -> None:
         """Start the connection loop; wait up to ``wait_s`` for the first attempt to connect
@@ -90,9 +107,9 @@ class EventPublisher:
         except ConfirmTimeout:
             if not self.stalled:
                 log.warning("broker not confirming publishes", broker=self._settings.display_url)
-            self._stalled_until = time.monotonic() + self._stall_hold_s
+            self.stalled = True
             raise
-        self._stalled_until = 0.0
+        self.stalled = False
         metrics.CONFIRM_SECONDS.observe(time.perf_counter() - started)
 
     async def _maintain(self) -> None:
@@ -106,7 +123,7 @@ class EventPublisher:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 exchange = await self._topology.declare(channel)
                 self._channel, self._exchange = channel, exchange
-                self._stalled_until = 0.0  # a new connection: not known to be stalled
+                self.stalled = False  # a new connection: not known to be stalled
                 self._first_attempt_over.set()
                 metrics.BROKER_UP.set(1)
                 log.info("broker connected", broker=self._settings.display_url)

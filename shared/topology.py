@@ -82,11 +82,16 @@ class Topology:
     def retry_queue_for(self, attempt: int, at_least_s: float = 0.0) -> tuple[str, float]:
         """The delay queue and delay for retry number ``attempt`` (1-based), capped at the last;
         a longer one if the other side asked for a wait of ``at_least_s`` (a Retry-After):
-        the first at least that long, else the longest."""
+        the shortest delay at least that long, else the longest there is."""
         index = min(max(attempt, 1), len(self.retry_delays_s)) - 1
-        while self.retry_delays_s[index] < at_least_s and index + 1 < len(self.retry_delays_s):
-            index += 1
-        return self.retry_queues[index], self.retry_delays_s[index]
+        delays = self.retry_delays_s
+        if delays[index] < at_least_s:
+            long_enough = [i for i, d in enumerate(delays) if d >= at_least_s]
+            if long_enough:
+                index = min(long_enough, key=lambda i: delays[i])
+            else:
+                index = max(range(len(delays)), key=lambda i: delays[i])
+        return self.retry_queues[index], delays[index]
 
     @property
     def all_queues(self) -> tuple[str, ...]:

@@ -963,10 +963,14 @@ async def test_expect_100_continue_is_refused_from_the_head_before_the_body_is_i
         (signed + b"Content-Encoding: gzip\r\nContent-Length: 9\r\n" + expect, 415),
         (_slow_head(b"Content-Length: 9\r\nExpect: 100-continue\r\n", signature=False), 400),
     ]
+    refused.append((signed + b"Content-Length: 2\r\nExpect: something-else\r\n\r\n", 417))
     for head, status in refused:
-        line, _, writer = await ask(head)
+        line, reader, writer = await ask(head)
+        # the connection ends with the refusal: a body sent all the same is no next request
+        rest = await asyncio.wait_for(reader.read(), 5)
         writer.close()
         assert line.startswith(b"HTTP/1.1 %d " % status), line
+        assert b"Connection: close" in rest
 
     line, reader, writer = await ask(
         signed + b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(raw)

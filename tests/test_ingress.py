@@ -515,7 +515,9 @@ async def test_a_hung_broker_makes_the_ingress_not_ready_until_a_publish_is_conf
 ) -> None:
     """The connection stays open but nothing is confirmed (a hung broker, or one blocking
     publishers on an alarm): each webhook gets 503 after the publish timeout, and /readyz
-    says so, so that a load balancer sends Stripe's retries to another ingress."""
+    says so, so that a load balancer sends Stripe's retries to another ingress. /readyz
+    finds out by itself when it is over (a replica out of the load balancer gets no
+    webhooks to find out with)."""
     proxy = TcpProxy.in_front_of(rabbitmq_url)
     await proxy.start()
     broker = replace(ingress_settings.broker, url=proxy.url(), publish_timeout_s=0.5)
@@ -537,12 +539,14 @@ async def test_a_hung_broker_makes_the_ingress_not_ready_until_a_publish_is_conf
             503,
             {"status": "not ready", "reason": "broker not confirming publishes"},
         )
+        assert (await readiness())[0] == 503  # still: its own probe is not confirmed
         proxy.thaw()
+        assert await readiness() == (200, {"status": "ready"})  # no webhook needed
         assert await post_an_event() == 200
-        assert await readiness() == (200, {"status": "ready"})
     finally:
         await proxy.close()
-    assert len(await drain(channel, topology.work_queue)) >= 2  # the 503 one may be there
+    queued = await drain(channel, topology.work_queue)
+    assert 2 <= len(queued) <= 3  # the 503 one may be there; the probes went nowhere
 
 
 async def test_the_ingress_starts_while_the_broker_is_down_and_serves_once_it_is_up(
@@ -664,31 +668,61 @@ async def test_sigterm_while_a_body_is_still_arriving_lets_it_finish_then_exits_
         f"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Length: {len(raw)}\r\n"
         f"Stripe-Signature: {sh.signature_header(raw, SECRET)}\r\n\r\n"
     ).encode()
+    later = sh.body(sh.event())
+    later_request = (
+        f"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Length: {len(later)}\r\n"
+        f"Stripe-Signature: {sh.signature_header(later, SECRET)}\r\n\r\n"
+    ).encode() + later
     try:
         await ingress.start(ready_event="broker connected")
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)  # keep-alive
+        kept_reader, kept_writer = await asyncio.open_connection("127.0.0.1", port)  # keep-alive
         writer.write(head + raw[:50])
         await writer.drain()
         await asyncio.sleep(0.3)
         ingress.signal(signal.SIGTERM)
         await ingress.wait_for_log("ingress stopping")
         await asyncio.sleep(0.3)
+        # requests on a connection opened before: /readyz says we are going (out of the
+        # load balancer), a webhook is answered, and the connection closed after it
+        kept_writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n" + later_request)
+        readyz_answer, _, later_answer = (
+            (await asyncio.wait_for(kept_reader.read(), 5)).partition(b"}HTTP/1.1")
+        )
         started = time.monotonic()
         writer.write(raw[50:])
         status_line = await asyncio.wait_for(reader.readline(), 5)
         answered_s = time.monotonic() - started
         assert await ingress.wait(timeout_s=5) == 0
-        assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # closed, no answer owed
         writer.close()
-        idle_writer.close()
+        kept_writer.close()
     finally:
         await ingress.stop()
     assert status_line.startswith(b"HTTP/1.1 200 "), status_line
     assert answered_s < 2
+    assert readyz_answer.startswith(b"HTTP/1.1 503 ") and b'"reason": "stopping"' in readyz_answer
+    assert later_answer.startswith(b" 200 ") and b"Connection: close" in later_answer
     assert ingress.events("ingress stopping")[0]["in_flight"] == 1
-    [queued] = await drain(channel, topology.work_queue)
-    assert queued.body == raw
+    queued = await drain(channel, topology.work_queue)
+    assert sorted(m.body for m in queued) == sorted([raw, later])
+
+
+async def test_the_drain_waits_for_a_request_that_came_in_as_another_left() -> None:
+    """One request left (the idle signal set) and another came in before the waiter woke:
+    the drain must go on waiting, or connections close under the newcomer (review)."""
+    from ingress.app import Drain
+
+    drain_ = Drain()
+    drain_.enter()
+    waiting = asyncio.create_task(drain_.wait(5))
+    await asyncio.sleep(0)
+    drain_.leave()
+    drain_.enter()
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    drain_.leave()
+    assert await asyncio.wait_for(waiting, 1) is True
+    assert drain_.stopping
 
 
 async def test_sigterm_while_still_waiting_for_the_first_broker_connection_exits_0(

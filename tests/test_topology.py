@@ -55,6 +55,13 @@ def test_a_retry_after_longer_than_the_attempts_delay_picks_a_longer_delay_queue
     assert topo.retry_queue_for(1, at_least_s=3600) == (last, 60.0)  # the longest there is
     assert topo.retry_queue_for(3, at_least_s=0.8) == (last, 60.0)  # never a shorter one
 
+    unsorted = Topology("p", (600.0, 60.0, 3600.0), delivery_limit=5)
+    ten_min, one_min, hour = unsorted.retry_queues
+    assert unsorted.retry_queue_for(2, at_least_s=30) == (one_min, 60.0)  # its own
+    assert unsorted.retry_queue_for(2, at_least_s=100) == (ten_min, 600.0)
+    assert unsorted.retry_queue_for(2, at_least_s=7200) == (hour, 3600.0)
+    assert unsorted.retry_queue_for(1, at_least_s=100) == (ten_min, 600.0)  # its own
+
 
 def test_retry_queues_are_named_by_their_delay() -> None:
     topo = Topology("p", (0.5, 1.0, 10.0, 60.0, 600.0, 3600.0, 21600.0, 90.0), 10)

@@ -1153,6 +1153,9 @@ def test_an_items_description_is_one_line_in_the_email_and_kept_as_stripe_has_it
     items[1]["description"], items[1]["price"]["nickname"] = None, None
     order = Order.from_session(dict(standin.sessions[sid], line_items={"data": items}))
     assert [i.description for i in order.items] == ["Tea\r\nBcc: x@evil.example", None]
+    items[1]["description"] = {"not": "text"}  # not Stripe's answer: no description either
+    odd = Order.from_session(dict(standin.sessions[sid], line_items={"data": items}))
+    assert odd.items[1].description is None
 
     text = confirmation_email(order, "shop@shop.test").get_payload(decode=True).decode()
     assert "  2 x Tea Bcc: x@evil.example  25.00 USD\n" in text

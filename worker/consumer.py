@@ -80,7 +80,11 @@ QUICK_RETRY_AFTER_MAX_S = 5.0
 
 def _retry_after(state: RetryCallState) -> float:
     """The Retry-After of the last attempt's error, or 0."""
-    exc = state.outcome.exception() if state.outcome is not None else None
+    return _asked_wait(state.outcome.exception() if state.outcome is not None else None)
+
+
+def _asked_wait(exc: BaseException | None) -> float:
+    """How long the other side asked us to wait before trying again (0: it did not say)."""
     return getattr(exc, "retry_after_s", None) or 0.0
 
 
@@ -329,9 +333,7 @@ class Worker:
             HEADER_WORKER_ID: self.settings.worker_id,
         }
         if transient and attempt <= retries:
-            queue, delay_s = self.topology.retry_queue_for(
-                attempt, getattr(exc, "retry_after_s", None) or 0.0
-            )
+            queue, delay_s = self.topology.retry_queue_for(attempt, _asked_wait(exc))
             target, outcome = queue, "retry"
         else:
             target, outcome = self.topology.dead_queue, "dead_letter"

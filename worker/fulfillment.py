@@ -206,14 +206,6 @@ class Fulfiller:
         order = await self._retrieve_for(session_id, event)
         if order.payment_status not in ("paid", "no_payment_required", "unpaid"):
             raise PermanentError(f"unexpected payment_status {order.payment_status!r}")
-        if order.payment_status == "unpaid" and event.type == PAYMENT_SUCCEEDED:
-            # The event says the payment went through; no later event will come to fulfill
-            # it, so shelving it as "awaiting payment" would lose the order in silence.
-            # Retried until Stripe's answer agrees (then dead-lettered, saying so).
-            raise TransientError(
-                f"Stripe still says session {session_id} is unpaid, though this event says "
-                "its delayed payment succeeded"
-            )
         if order.mode == "setup":
             # A setup-mode Checkout only saved a payment method for later: nothing was sold,
             # so there is no order to record, confirm or announce, though its payment_status
@@ -226,13 +218,20 @@ class Fulfiller:
         async with self._locked(session_id) as held:
             conn = held.conn
             state, steps = await _read_state(conn, session_id)
-            if order.payment_status == "unpaid":
+            # (a fulfilled session stays one: an "unpaid" read racing the payment is stale,
+            # and the effects still owed go on below)
+            if order.payment_status == "unpaid" and state != "fulfilled":
+                if event.type == PAYMENT_SUCCEEDED:
+                    # The event says the payment went through, and no later event will
+                    # come to fulfill it: shelved as "awaiting payment", the order would be
+                    # lost in silence. Retried until Stripe agrees, else dead-lettered.
+                    raise TransientError(
+                        f"Stripe still says session {session_id} is unpaid, though this "
+                        "event says its delayed payment succeeded"
+                    )
                 if state in (None, "new"):
                     await _set_state(conn, order, event.id, "awaiting_payment")
-                # a stale answer ("unpaid" racing the payment) changes no fulfilled session
-                outcome = Outcome(
-                    "already_fulfilled" if state == "fulfilled" else "awaiting_payment"
-                )
+                outcome = Outcome("awaiting_payment")
             else:
                 created = state != "fulfilled"
                 if created:

@@ -76,7 +76,7 @@ class Order:
             items.append(
                 LineItem(
                     id=item["id"],
-                    description=item.get("description") or price.get("nickname") or None,
+                    description=_text(item.get("description")) or _text(price.get("nickname")),
                     price_id=price.get("id"),
                     quantity=None if item.get("quantity") is None else int(item["quantity"]),
                     unit_amount=price.get("unit_amount"),
@@ -130,6 +130,11 @@ def _currency(value: Any) -> str:
     if not isinstance(value, str) or not _CURRENCY.fullmatch(value.lower()):
         raise TransientError(f"Stripe returned a currency that is not one: {str(value)[:20]!r}")
     return value.lower()
+
+
+def _text(value: Any) -> str | None:
+    """A text field as Stripe sends it: a non-empty string, else None."""
+    return value if isinstance(value, str) and value else None
 
 
 def _name(value: Any) -> str | None:

@@ -19,9 +19,9 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from shared import runtime
 from shared.backoff import compute_backoff
@@ -38,6 +38,9 @@ POSTGRES_HINT = (
 )
 
 
+T = TypeVar("T")
+
+
 def say(line: str) -> None:
     print(f"up       | {line}", flush=True)
 
@@ -46,6 +49,24 @@ def _listening(host: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
         return True
     return False
+
+
+if sys.platform == "linux":
+    import ctypes
+
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork
+    _PR_SET_PDEATHSIG = 1
+
+    def _die_with_parent() -> None:
+        """In a child, before exec: SIGTERM (a clean stop) when ``up`` dies, even by
+        SIGKILL, instead of serving on as an orphan that a new ``up`` then shares its
+        port with (SO_REUSEPORT)."""
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+else:  # elsewhere (macOS, for development) children outlive a killed ``up``
+
+    def _die_with_parent() -> None:
+        pass
 
 
 class Child:
@@ -61,6 +82,10 @@ class Child:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "fulfillment", *self.args,
             env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            # Signals come from us, not from the terminal: a Ctrl-C reaching a child still
+            # importing its modules was a KeyboardInterrupt traceback and an exit 1
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )  # fmt: skip
         self._pump_task = asyncio.create_task(self._pump(self.process))
 
@@ -353,6 +378,9 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     mix of signed events goes through the ingress; unless ``keep_running``, it stops
     after the summary.
     """
+    # Ctrl-C or SIGTERM from the start: while the broker and database are checked too
+    # (asyncio's own Ctrl-C handling cancelled whatever ran then, and a retry swallowed it)
+    stopping = runtime.stop_requested()
     env = dict(os.environ)
     if sys.stdout.isatty():
         env.setdefault("LOG_FORMAT", "console")
@@ -361,8 +389,9 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     plan = _plan_local(env, force_standin=demo)
     hosts = _check_settings(env, metrics_port)
     _check_ports_free(_listeners(hosts, workers, port, metrics_port, plan))
-    if not await _preflight(env):
-        return 1
+    ready = await _unless_stopped(_preflight(env), stopping)
+    if not ready:
+        return 1 if ready is False else _stopped_before_start()
     stack = await _start_local(plan)
     scenario = None
     if demo:
@@ -370,10 +399,12 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
 
         scenario = Demo(env, stack.standin)
         stack.closers.append(scenario.close)
+    if stopping.is_set():
+        await stack.close()
+        return _stopped_before_start()
     children = _children(env, workers, port, metrics_port)
     say("Ctrl-C stops everything")
 
-    stopping = runtime.stop_requested()
     for child in children:
         await child.start()
     tasks = [asyncio.ensure_future(child.supervise(stopping)) for child in children]
@@ -387,8 +418,32 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     grace_s = env_float(env, "WORKER_GRACE_S", 30.0, minimum=0) + 15
     codes = await asyncio.gather(*(child.stop(grace_s, kill_now) for child in children))
     await stack.close()
-    for child, code in zip(children, codes, strict=True):
-        if code != 0:
-            say(f"{child.name} exited with {code}")
+    unclean = [(c, code) for c, code in zip(children, codes, strict=True) if code not in CLEAN]
+    for child, code in unclean:
+        say(f"{child.name} exited with {code}")
     say("stopped")
-    return 0 if all(code == 0 for code in codes) else 1
+    return 1 if unclean else 0
+
+
+# A child's exit codes that mean it stopped cleanly: 0, or ended by our SIGTERM itself,
+# which only happens before it installed its handlers (still starting, holding nothing).
+CLEAN = (0, -signal.SIGTERM)
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, T], stopping: asyncio.Event) -> T | None:
+    """``work``'s result, or None (``work`` cancelled) once ``stopping`` is set first."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+def _stopped_before_start() -> int:
+    say("stopped before anything started")
+    return 0

@@ -686,8 +686,8 @@ async def test_sigterm_while_a_body_is_still_arriving_lets_it_finish_then_exits_
         # requests on a connection opened before: /readyz says we are going (out of the
         # load balancer), a webhook is answered, and the connection closed after it
         kept_writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n" + later_request)
-        readyz_answer, _, later_answer = (
-            (await asyncio.wait_for(kept_reader.read(), 5)).partition(b"}HTTP/1.1")
+        readyz_answer, _, later_answer = (await asyncio.wait_for(kept_reader.read(), 5)).partition(
+            b"}HTTP/1.1"
         )
         started = time.monotonic()
         writer.write(raw[50:])

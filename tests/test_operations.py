@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -28,6 +30,7 @@ from tests import stripe_helpers as sh
 from tests.conftest import db_fetch, drain, free_port, wait_for
 from tests.processes import RoleProcess, broker_env, run_fulfillment, worker_env
 from tests.smtp_sink import SmtpSink
+from tests.tcp_proxy import TcpProxy
 from tests.test_worker import fulfillment_rows, session_event
 from worker.settings import WorkerSettings
 
@@ -578,8 +581,8 @@ async def test_up_serves_a_signed_webhook_to_a_fulfilled_row_and_stops_cleanly(
             await wait_for(lambda: any("Ctrl-C again" in line for line in up.lines))
             up.signal_group(signal.SIGTERM)
         else:
-            # every child gets SIGINT, then `up` sends each SIGTERM: the second signal must
-            # not cut a child's drain short (the ingress exited 1 when it did)
+            # a terminal's Ctrl-C reaches the whole foreground group; the children are in
+            # sessions of their own, so `up` alone gets it and sends each SIGTERM
             up.signal_group(signal.SIGINT)
         code = await up.wait(60)
         assert code == 0, "\n".join(up.lines[-60:])
@@ -623,6 +626,101 @@ async def test_a_second_ctrl_c_kills_what_up_is_still_waiting_for(
     assert any("worker-1 exited with -9" in line for line in up.lines)
     # nothing lost: the unfinished message is back in the queue for the next worker
     await wait_for(lambda: depth_is(channel, topology.work_queue, 1), timeout_s=10)
+
+
+async def test_ctrl_c_while_up_checks_the_broker_stops_it_at_once(
+    broker_settings: Any, rabbitmq_url: str
+) -> None:
+    """Regression (outside-in trial): a Ctrl-C in up's first half second was swallowed
+    (asyncio cancelled the broker check, whose retry carried on) and up started it all."""
+    proxy = TcpProxy.in_front_of(rabbitmq_url)
+    await proxy.start()
+    proxy.freeze()  # the broker check waits on a broker that does not answer
+    up = RoleProcess(
+        ["up", "--workers", "1"],
+        {**broker_env(broker_settings), "RABBITMQ_URL": proxy.url(), "INGRESS_PORT": "0"},
+    )
+    try:
+        await up.start()
+        await asyncio.sleep(1.5)
+        up.signal_group(signal.SIGINT)
+        code = await up.wait(10)
+    finally:
+        await up.stop()
+        await proxy.close()
+    output = "\n".join(up.lines)
+    assert code == 0, output
+    assert "stopped before anything started" in output
+    assert "Traceback" not in output and "ingress  | " not in output
+
+
+async def test_ctrl_c_while_up_starts_its_children_stops_them_all_cleanly(
+    standin: StripeStandIn, smtp: SmtpSink, worker_settings: WorkerSettings
+) -> None:
+    """Regression (outside-in trial): a Ctrl-C while the children were still importing
+    was a KeyboardInterrupt traceback in each, "exited with -15", and exit 1."""
+    up = RoleProcess(
+        ["up", "--workers", "2"],
+        {
+            **worker_env(worker_settings),
+            "STRIPE_WEBHOOK_SECRETS": sh.new_secret(),
+            "INGRESS_PORT": str(free_port()),
+            "INGRESS_HOST": "127.0.0.1",
+            "WORKER_METRICS_PORT": str(free_port(2)),
+        },
+    )
+    try:
+        await up.start()
+        await wait_for(lambda: any("Ctrl-C stops everything" in line for line in up.lines))
+        up.signal_group(signal.SIGINT)
+        code = await up.wait(30)
+    finally:
+        await up.stop()
+    output = "\n".join(up.lines)
+    assert code == 0, output
+    assert "Traceback" not in output and "exited with" not in output
+    assert "up       | stopped" in output
+
+
+def _running(pid: int) -> bool:
+    """Alive, not a zombie (an orphan's exit is reaped by whoever adopted it, if anyone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rpartition(")")[2].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="children follow a killed up on Linux")
+async def test_up_killed_outright_takes_its_children_with_it(
+    standin: StripeStandIn, smtp: SmtpSink, worker_settings: WorkerSettings
+) -> None:
+    """Regression (outside-in trial): SIGKILL on up left the ingress and workers serving as
+    orphans, and a second up shared the ingress's port with them (SO_REUSEPORT)."""
+    up = await start_up(worker_settings, 2, sh.new_secret(), free_port())
+    try:
+        assert up.process is not None
+        children = _children_of(up.process.pid)
+        assert len(children) == 3
+        os.kill(up.process.pid, signal.SIGKILL)  # its group is left alone: only up dies
+        await up.process.wait()
+
+        async def all_gone() -> bool:
+            return not any(_running(child) for child in children)
+
+        await wait_for(all_gone, timeout_s=30)
+    finally:
+        await up.stop()
 
 
 async def depth_is(channel: Any, queue: str, count: int) -> bool:

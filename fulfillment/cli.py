@@ -140,6 +140,10 @@ def _status(args: argparse.Namespace) -> int:
     _setup("status")
     report = runtime.run(collect(_broker(), database_url_from_env(os.environ)))
     print(json.dumps(report, indent=2) if args.json else render(report))
+    if report.get("database_error"):
+        # the broker's part is shown; the command did not do all it is for
+        print(f"fulfillment status: database: {report['database_error']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -160,6 +164,8 @@ def _dlq_show(args: argparse.Namespace) -> int:
 
     _setup("dlq")
     dl = runtime.run(show_dead_letter(_broker(), args.event_id))
+    if dl is None:  # as replay and purge say it of an id not found: exit 1
+        return _not_found([args.event_id], [])
     print(json.dumps(dl.summary(), indent=2))
     print("\nheaders:")
     print(json.dumps(dl.headers, indent=2, default=str, sort_keys=True))
@@ -252,7 +258,15 @@ def _backfill(args: argparse.Namespace) -> int:
     from worker.settings import database_url_from_env
 
     _setup("backfill")
-    if args.since < datetime.now(UTC) - STRIPE_EVENT_RETENTION:
+    now = datetime.now(UTC)
+    if args.since >= now:
+        raise FulfillmentError(f"--since {args.since.isoformat()} is in the future")
+    if args.until is not None and args.until <= args.since:
+        raise FulfillmentError(
+            f"--until {args.until.isoformat()} is not after --since {args.since.isoformat()} "
+            "(--until is exclusive): the window is empty"
+        )
+    if args.since < now - STRIPE_EVENT_RETENTION:
         print(
             f"note: Stripe lists events of the last {STRIPE_EVENT_RETENTION.days} days only; "
             "older ones cannot be backfilled (replay them from the DLQ, or recover from your "
@@ -377,10 +391,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.handler(args)
+        sys.stdout.flush()  # here, where a reader gone away is caught below, not at exit
     except FulfillmentError as exc:
         # one line, whatever the message holds (Stripe's own messages span several)
         print(f"fulfillment {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`dlq list | head`): nothing more to say, and no traceback
+        # when the interpreter flushes stdout on its way out
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a process ended by SIGPIPE
     return code

@@ -235,12 +235,13 @@ async def list_dead_letters(
     return letters[:limit] if limit is not None else letters
 
 
-async def show_dead_letter(settings: BrokerSettings, event_id: str) -> DeadLetter:
+async def show_dead_letter(settings: BrokerSettings, event_id: str) -> DeadLetter | None:
+    """The dead letter of ``event_id``; None if there is none."""
     async with dead_letters(settings) as (_, _, held):
         for dl, _ in held:
             if dl.event_id == event_id:
                 return dl
-    raise FulfillmentError(f"no dead letter for event {event_id}")
+    return None
 
 
 @dataclass

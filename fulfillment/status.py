@@ -67,7 +67,9 @@ async def collect(broker: BrokerSettings, database_url: str) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = [f"broker {report['broker']}", "", f"{'QUEUE':48} {'MESSAGES':>9} {'CONSUMERS':>9}"]
+    # a queue's ready messages: what its consumers hold unacked is not counted (the
+    # broker's management API knows that; AMQP does not say)
+    lines = [f"broker {report['broker']}", "", f"{'QUEUE':48} {'READY':>9} {'CONSUMERS':>9}"]
     for name, q in report["queues"].items():
         lines.append(f"{name:48} {q['messages']:>9} {q['consumers']:>9}")
     age = report["oldest_dead_letter_age_s"]
@@ -76,12 +78,17 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"oldest dead letter: {_duration(age) + ' old' if age is not None else 'none'}"
         + (partial if report.get("oldest_dead_letter_partial") else ""),
-        f"fulfillments in the last hour: {report.get('fulfillments_last_hour', '?')}"
+        "fulfillments in the last hour: "
+        + str(_known(report.get("fulfillments_last_hour")))
         + (f"  ({report['database_error']})" if report.get("database_error") else ""),
     ]
     if report.get("awaiting_payment") is not None:
         lines.append(f"sessions awaiting a delayed payment: {report['awaiting_payment']}")
     return "\n".join(lines)
+
+
+def _known(value: Any) -> Any:
+    return "unknown" if value is None else value
 
 
 def _duration(seconds: float) -> str:

@@ -163,7 +163,8 @@ async def test_dlq_show_prints_the_headers_and_the_pretty_body(
     assert shown.returncode == 0, shown.stderr
     assert '"fulfillment-error-type": "StripeNotFound"' in shown.stdout
     assert f'"id": "{event["id"]}"' in shown.stdout
-    assert missing.returncode != 0 and "evt_not_there" in missing.stderr
+    # exit 1, as replay and purge of an id not in the DLQ (2 is a usage error)
+    assert missing.returncode == 1 and "not in the DLQ: evt_not_there" in missing.stderr
     assert len(await drain(channel, topology.dead_queue)) == 1
 
 
@@ -424,6 +425,64 @@ async def test_status_reports_queue_depths_consumers_dead_letters_and_recent_ful
     assert 0 <= report["oldest_dead_letter_age_s"] < 120
     assert "oldest dead letter:" in text.stdout and topology.dead_queue in text.stdout
     assert len(await drain(channel, topology.dead_queue)) == 1  # peeking kept it
+
+
+async def test_status_without_its_database_shows_the_broker_and_exits_1(
+    worker_settings: WorkerSettings, topology: Topology
+) -> None:
+    from dataclasses import replace
+
+    no_database = replace(
+        worker_settings, database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    )
+    text = await acli(no_database, "status")
+    as_json = await acli(no_database, "status", "--json")
+
+    assert (text.returncode, as_json.returncode) == (1, 1)
+    assert topology.work_queue in text.stdout and "READY" in text.stdout
+    assert "fulfillments in the last hour: unknown" in text.stdout and "None" not in text.stdout
+    assert json.loads(as_json.stdout)["fulfillments_last_hour"] is None
+    [reason] = text.stderr.strip().splitlines()
+    assert reason.startswith("fulfillment status: database: ")
+
+
+@pytest.mark.parametrize(
+    ("window", "reason"),
+    [
+        (("--since", "2026-11-20", "--until", "2026-11-19"), "is not after --since"),
+        (("--since", "2026-11-20", "--until", "2026-11-20"), "the window is empty"),
+        (("--since", "2099-01-01"), "is in the future"),
+        (("--since", "2026-11-20T11:30+01:00", "--until", "2026-11-20T10:05Z"), "not after"),
+    ],
+)
+def test_backfill_refuses_an_empty_window_rather_than_finding_nothing_in_it(
+    worker_settings: WorkerSettings, window: tuple[str, ...], reason: str
+) -> None:
+    result = cli(worker_settings, "backfill", *window, "--dry-run")
+    assert result.returncode == 2
+    assert reason in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_piping_dlq_output_into_head_is_quiet(
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    topology: Topology,
+) -> None:
+    await dead_letter_unknown_sessions(
+        40, standin, worker_settings, start_worker, publish, channel, topology
+    )
+    env = {**os.environ, **worker_env(worker_settings)}
+    command = f"{sys.executable} -m fulfillment dlq list | head -1"
+    result = await asyncio.to_thread(
+        subprocess.run, ["bash", "-o", "pipefail", "-c", command], env=env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.stdout.startswith("EVENT ID")
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+    assert result.returncode in (0, 141)  # 141: as any command cut off by its reader
 
 
 async def test_backfill_enqueues_only_missing_events_across_pages_and_twice_is_once(

@@ -425,9 +425,10 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     return 1 if unclean else 0
 
 
-# A child's exit codes that mean it stopped cleanly: 0, or ended by our SIGTERM itself,
-# which only happens before it installed its handlers (still starting, holding nothing).
-CLEAN = (0, -signal.SIGTERM)
+# A child's exit codes that mean it stopped cleanly: 0, or ended by a stop signal itself,
+# which only happens before it installed its handlers (still starting, holding nothing):
+# our SIGTERM, or a terminal's SIGINT that reached it between its fork and its own session.
+CLEAN = (0, -signal.SIGTERM, -signal.SIGINT)
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, T], stopping: asyncio.Event) -> T | None:

@@ -192,13 +192,18 @@ class Topology:
             await channel.exchange_delete(name)
 
 
+# How long the tools (status, dlq, backfill, topology) wait for the broker to answer.
+CONNECT_TIMEOUT_S = 10
+
+
 async def connect(settings: BrokerSettings) -> aio_pika.abc.AbstractConnection:
     """A plain connection, or BrokerUnavailable naming the broker (password masked)."""
     try:
-        return await aio_pika.connect(settings.url, timeout=10)
+        return await aio_pika.connect(settings.url, timeout=CONNECT_TIMEOUT_S)
     except Exception as exc:
+        why = str(exc) or f"no answer within {CONNECT_TIMEOUT_S}s"  # a timeout says nothing
         raise BrokerUnavailable(
-            f"cannot reach RabbitMQ at {settings.display_url} ({type(exc).__name__}: {exc}); "
+            f"cannot reach RabbitMQ at {settings.display_url} ({type(exc).__name__}: {why}); "
             "is it running? (rabbitmq-server -detached)"
         ) from None
 

@@ -244,3 +244,22 @@ async def test_declaring_with_other_queue_arguments_names_the_settings_to_align(
     async with connection:
         with pytest.raises(ConfigError, match="DELIVERY_LIMIT"):
             await other.declare(await connection.channel())
+
+
+async def test_a_broker_that_never_answers_is_named_with_how_long_it_was_waited_for(
+    broker_settings: BrokerSettings, rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timeout's own message is empty: the reason said "(TimeoutError: )" (outside-in trial)."""
+    from shared import topology
+    from shared.errors import BrokerUnavailable
+    from tests.tcp_proxy import TcpProxy
+
+    monkeypatch.setattr(topology, "CONNECT_TIMEOUT_S", 0.5)
+    proxy = TcpProxy.in_front_of(rabbitmq_url)
+    await proxy.start()
+    proxy.freeze()
+    try:
+        with pytest.raises(BrokerUnavailable, match=r"TimeoutError: no answer within 0.5s"):
+            await topology.connect(replace(broker_settings, url=proxy.url()))
+    finally:
+        await proxy.close()

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingress import metrics
@@ -220,9 +221,13 @@ async def read_body(
             "the client closed the connection before its body was received",
             close=True,
         ) from None
-    except web.RequestPayloadError:
-        # aiohttp found the body itself broken while we read it (a bad chunk size, a
-        # Content-Encoding it cannot decode): the client's fault, not an unhandled 500.
+    except (web.RequestPayloadError, HttpProcessingError):
+        # aiohttp found the body itself broken while we read it (bad chunked framing after
+        # the headers, which its pure-Python parser reports as TransferEncodingError; its C
+        # parser does not report it, so the read times out): the client's fault, not a 500.
+        # Nothing more is read from it: aiohttp would read on after the answer, meet the
+        # same error and log it as an unhandled one.
+        request.content.feed_eof()
         raise Rejected(
             400,
             "malformed_body",

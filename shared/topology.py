@@ -120,14 +120,15 @@ class Topology:
         """Declare everything (idempotently) and return the events exchange.
 
         ConfigError when an exchange or queue already exists with other arguments: every
-        component must use the same BROKER_PREFIX, RETRY_DELAYS_S and DELIVERY_LIMIT.
+        component must use the same DELIVERY_LIMIT (an argument of the work queue). Other
+        RETRY_DELAYS_S or BROKER_PREFIX values name other queues and clash with nothing.
         """
         try:
             return await self._declare(channel)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             raise ConfigError(
                 f"broker topology mismatch: {exc}. Every component must run with the same "
-                "BROKER_PREFIX, RETRY_DELAYS_S and DELIVERY_LIMIT (or delete the old queue)"
+                "DELIVERY_LIMIT and version of this project (or delete the old queue)"
             ) from None
 
     async def _declare(self, channel: AbstractChannel) -> AbstractExchange:

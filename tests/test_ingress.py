@@ -707,6 +707,46 @@ async def test_sigterm_while_a_body_is_still_arriving_lets_it_finish_then_exits_
     assert sorted(m.body for m in queued) == sorted([raw, later])
 
 
+async def test_bad_chunked_framing_after_the_headers_is_a_400_with_either_http_parser(
+    topology: Topology, broker_settings: BrokerSettings, channel: Any
+) -> None:
+    """aiohttp's pure-Python parser (no C extensions: AIOHTTP_NO_EXTENSIONS, or a platform
+    without wheels) reports a broken chunk to the reader as TransferEncodingError, which
+    was a 500 (docs audit). Its C parser does not report it: the read times out (408)."""
+    port = free_port()
+    ingress = RoleProcess(
+        ["ingress"],
+        {
+            **broker_env(broker_settings),
+            "STRIPE_WEBHOOK_SECRETS": SECRET,
+            "INGRESS_PORT": str(port),
+            "INGRESS_HOST": "127.0.0.1",
+            "INGRESS_READ_TIMEOUT_S": "2",
+            "AIOHTTP_NO_EXTENSIONS": "1",
+        },
+    )
+    head = (
+        f"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        f"Stripe-Signature: t={int(time.time())},v1={'0' * 64}\r\n\r\n"
+    ).encode()
+    try:
+        await ingress.start(ready_event="broker connected")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head + b'5\r\n{"a":\r\n')
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.write(b"zz\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    finally:
+        await ingress.stop()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b'"type": "malformed_body"' in answer
+    errors = [line for line in ingress.logs if line.get("level") == "error"]
+    assert not errors, errors[0].get("exception", errors[0])[-1500:]
+    assert await drain(channel, topology.work_queue) == []
+
+
 async def test_the_drain_waits_for_a_request_that_came_in_as_another_left() -> None:
     """One request left (the idle signal set) and another came in before the waiter woke:
     the drain must go on waiting, or connections close under the newcomer (review)."""

@@ -1469,6 +1469,55 @@ async def test_a_broker_connection_drop_right_after_the_email_does_not_send_it_a
         await proxy.close()
 
 
+async def test_an_unconfirmed_outbound_message_is_published_again_said_and_counted(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    rabbitmq_url: str,
+) -> None:
+    """A broker slower to confirm than PUBLISH_TIMEOUT_S (an alarm, a stalled link): the
+    message's fate is unknown, so the retry publishes it again, and both may arrive (chaos
+    trial). Not silent: a warning and a counter; receivers drop the repeat by its id."""
+    from prometheus_client import REGISTRY
+
+    def unconfirmed() -> float:
+        labels = {"type": "order.fulfilled"}
+        return REGISTRY.get_sample_value("worker_outbound_unconfirmed_total", labels) or 0.0
+
+    proxy = TcpProxy.in_front_of(rabbitmq_url)
+    await proxy.start()
+    broker = replace(worker_settings.broker, url=proxy.url(), publish_timeout_s=0.3)
+    before = unconfirmed()
+    try:
+        sid = standin.add_session()["id"]
+        await start_worker(replace(worker_settings, broker=broker, quick_retries=2))
+        await asyncio.sleep(0.5)  # consuming
+        proxy.downstream_delay_s = 1.0  # the delivery, and every confirm, come 1 s late
+        await publish(session_event(standin, "checkout.session.completed", sid))
+
+        async def counted() -> bool:
+            return unconfirmed() > before
+
+        await wait_for(counted, timeout_s=15)
+        proxy.downstream_delay_s = 0.0
+        await asyncio.to_thread(smtp.wait, 1, 15)
+    finally:
+        await proxy.close()
+    copies = await wait_for(lambda: drain(channel, outbound), timeout_s=10)
+    await asyncio.sleep(1.0)
+    copies += await drain(channel, outbound)
+    assert len(copies) >= 2  # the unconfirmed one arrived too
+    assert {m.headers["fulfillment-id"] for m in copies} == {f"order.fulfilled:{sid}"}
+    assert len({m.message_id for m in copies}) == len(copies)
+    assert len(await fulfillment_rows(database_url, sid)) == 1
+    assert len(smtp.for_session(sid)) == 1
+
+
 async def test_other_checkout_and_unhandled_types_are_acked_and_counted(
     standin: StripeStandIn,
     worker_settings: WorkerSettings,

@@ -33,7 +33,7 @@ from asyncpg.pool import PoolConnectionProxy
 from shared.backoff import compute_backoff
 from shared.broker import HEADER_EVENT_ID, JSON, publish_confirmed
 from shared.envelope import EventEnvelope
-from shared.errors import PermanentError, TransientError
+from shared.errors import ConfirmTimeout, PermanentError, TransientError
 from shared.logging import get_logger
 from shared.stripe_client import StripeNotFound, classify
 from worker import db, mail, metrics
@@ -481,9 +481,21 @@ class Fulfiller:
             },
         )
         # Subscribers bind their own queues; with none bound the broker drops it (pub/sub).
-        await publish_confirmed(
-            self._out, message, kind, timeout_s=self._publish_timeout_s, mandatory=False
-        )
+        try:
+            await publish_confirmed(
+                self._out, message, kind, timeout_s=self._publish_timeout_s, mandatory=False
+            )
+        except ConfirmTimeout:
+            # Its fate is unknown (a stalled broker may yet deliver it) and it is not
+            # recorded, so the retry publishes it again: a repeat, with the same id
+            metrics.UNCONFIRMED.labels(kind).inc()
+            log.warning(
+                "outbound message not confirmed in time; it may have gone out and will be "
+                "published again",
+                checkout_session_id=order.session_id,
+                fulfillment_id=dedupe_id,
+            )
+            raise
         return f"published {dedupe_id}"
 
 

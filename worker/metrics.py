@@ -31,6 +31,12 @@ UNDELIVERABLE_EMAILS = Counter(
     ["purpose"],
 )
 IN_FLIGHT = Gauge("worker_messages_in_flight", "Messages being handled now.")
+UNCONFIRMED = Counter(
+    "worker_outbound_unconfirmed_total",
+    "Outbound messages the broker did not confirm within PUBLISH_TIMEOUT_S: they may have "
+    "gone out, and are published again (same fulfillment-id) when the event is retried.",
+    ["type"],
+)
 
 
 def start_at_zero(event_types: tuple[str, ...], email_purposes: tuple[str, ...]) -> None:

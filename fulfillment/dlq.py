@@ -81,6 +81,7 @@ class DeadLetter:
     first_failed_at: str | None
     last_failed_at: str | None
     worker_id: str | None
+    checkout_session_id: str | None  # what it was about, when its body says
     headers: dict[str, Any] = field(repr=False)
     body: bytes = field(repr=False)
 
@@ -132,6 +133,7 @@ class DeadLetter:
             first_failed_at=first,
             last_failed_at=last,
             worker_id=str(headers[HEADER_WORKER_ID]) if HEADER_WORKER_ID in headers else None,
+            checkout_session_id=_session_id(message.body),
             headers=headers,
             body=message.body,
         )
@@ -146,6 +148,7 @@ class DeadLetter:
             "first_failed_at": self.first_failed_at,
             "last_failed_at": self.last_failed_at,
             "worker_id": self.worker_id,
+            "checkout_session_id": self.checkout_session_id,
         }
 
 
@@ -154,6 +157,14 @@ def _int(value: Any, default: int) -> int:
         return int(value)
     except (TypeError, ValueError):
         return default
+
+
+def _session_id(body: bytes) -> str | None:
+    """The Checkout Session an event is about (``data.object.id``), if it says."""
+    data = _body_field(body, "data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    value = obj.get("id") if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _body_field(body: bytes, key: str) -> Any:

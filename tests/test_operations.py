@@ -105,6 +105,8 @@ async def test_dlq_list_shows_why_oldest_failure_first_and_leaves_every_dead_let
     assert sorted(listed) == sorted(e["id"] for e in events)
     assert {d["error_type"] for d in letters} == {"StripeNotFound"}
     assert all(d["attempts"] == 1 and d["first_failed_at"] and d["worker_id"] for d in letters)
+    sessions = {e["id"]: e["data"]["object"]["id"] for e in events}
+    assert {d["event_id"]: d["checkout_session_id"] for d in letters} == sessions
     assert [d["event_id"] for d in json.loads(second.stdout)] == listed[:2]
     assert listed[0] in table.stdout and "StripeNotFound" in table.stdout
     remaining = await drain(channel, topology.dead_queue)

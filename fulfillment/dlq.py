@@ -338,11 +338,11 @@ def print_table(letters: Sequence[DeadLetter], out: Any = sys.stdout) -> None:
     if not letters:
         print("no dead letters", file=out)
         return
-    print(f"{'EVENT ID':32} {'TYPE':44} {'ATT':>3}  {'LAST FAILURE':25} ERROR", file=out)
+    print(f"{'EVENT ID':36} {'TYPE':44} {'ATT':>3}  {'LAST FAILURE':25} ERROR", file=out)
     for dl in letters:
         error = f"{dl.error_type}: {dl.error}".replace("\n", " ")
         print(
-            f"{dl.event_id:32} {dl.event_type:44} {dl.attempts:>3}  "
+            f"{dl.event_id:36} {dl.event_type:44} {dl.attempts:>3}  "
             f"{dl.last_failed_at or '-':25} {error[:100]}",
             file=out,
         )

@@ -216,7 +216,7 @@ async def read_body(
         # the client went away mid-upload (aiohttp's "Connection lost"): nobody to answer,
         # but counted and logged as a refusal is, not as an error with a traceback each
         raise Rejected(
-            400,
+            499,  # nginx's "client closed request": nothing is sent, the log line says so
             "client_disconnected",
             "the client closed the connection before its body was received",
             close=True,

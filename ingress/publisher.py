@@ -137,7 +137,8 @@ class EventPublisher:
                 log.warning(
                     "broker unavailable",
                     broker=self._settings.display_url,
-                    error=f"{type(exc).__name__}: {exc}",
+                    # a timeout's own message is empty
+                    error=f"{type(exc).__name__}: {str(exc) or 'no answer in time'}",
                     attempt=failures,
                 )
             finally:

@@ -122,6 +122,20 @@ def broker_env(broker: Any) -> dict[str, str]:
     }
 
 
+def ingress_process(broker: Any, secret: str, port: int, **env: str) -> RoleProcess:
+    """``fulfillment ingress`` on 127.0.0.1:``port`` with the tests' broker settings."""
+    return RoleProcess(
+        ["ingress"],
+        {
+            **broker_env(broker),
+            "STRIPE_WEBHOOK_SECRETS": secret,
+            "INGRESS_PORT": str(port),
+            "INGRESS_HOST": "127.0.0.1",
+            **env,
+        },
+    )
+
+
 def worker_env(settings: Any) -> dict[str, str]:
     """Environment for a worker process equal to in-process WorkerSettings."""
     return {

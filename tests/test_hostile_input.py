@@ -40,7 +40,7 @@ from shared.settings import BrokerSettings
 from shared.topology import Topology
 from tests import stripe_helpers as sh
 from tests.conftest import depths, drain, free_port
-from tests.processes import RoleProcess, broker_env
+from tests.processes import ingress_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -1052,17 +1052,13 @@ async def test_a_real_ingress_process_keeps_its_memory_flat_under_ten_thousand_b
     topology: Topology, broker_settings: BrokerSettings, channel: Any
 ) -> None:
     port = free_port()
-    process = RoleProcess(
-        ["ingress"],
-        {
-            **broker_env(broker_settings),
-            "STRIPE_WEBHOOK_SECRETS": SECRET,
-            "INGRESS_PORT": str(port),
-            "INGRESS_HOST": "127.0.0.1",
-            "INGRESS_MAX_BODY_BYTES": str(LIMIT),
-            "INGRESS_READ_TIMEOUT_S": str(READ_TIMEOUT_S),
-            "STRIPE_WEBHOOK_TOLERANCE_S": str(TOLERANCE_S),
-        },
+    process = ingress_process(
+        broker_settings,
+        SECRET,
+        port,
+        INGRESS_MAX_BODY_BYTES=str(LIMIT),
+        INGRESS_READ_TIMEOUT_S=str(READ_TIMEOUT_S),
+        STRIPE_WEBHOOK_TOLERANCE_S=str(TOLERANCE_S),
     )
     await process.start("broker connected")
     try:

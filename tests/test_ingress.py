@@ -25,7 +25,7 @@ from shared.settings import BrokerSettings
 from shared.topology import Topology
 from tests import stripe_helpers as sh
 from tests.conftest import depths, drain, free_port, wait_for
-from tests.processes import RoleProcess, broker_env, fresh_metrics
+from tests.processes import RoleProcess, broker_env, fresh_metrics, ingress_process
 from tests.tcp_proxy import TcpProxy
 
 SECRET = sh.new_secret()
@@ -654,15 +654,7 @@ async def test_sigterm_while_a_body_is_still_arriving_lets_it_finish_then_exits_
     and a closed one drops the bytes still coming, so a webhook whose body was half sent
     at SIGTERM got 408 ten seconds later and held the exit up as long."""
     port = free_port()
-    ingress = RoleProcess(
-        ["ingress"],
-        {
-            **broker_env(broker_settings),
-            "STRIPE_WEBHOOK_SECRETS": SECRET,
-            "INGRESS_PORT": str(port),
-            "INGRESS_HOST": "127.0.0.1",
-        },
-    )
+    ingress = ingress_process(broker_settings, SECRET, port)
     raw = sh.body(sh.event())
     head = (
         f"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Length: {len(raw)}\r\n"
@@ -714,16 +706,8 @@ async def test_bad_chunked_framing_after_the_headers_is_a_400_with_either_http_p
     without wheels) reports a broken chunk to the reader as TransferEncodingError, which
     was a 500 (docs audit). Its C parser does not report it: the read times out (408)."""
     port = free_port()
-    ingress = RoleProcess(
-        ["ingress"],
-        {
-            **broker_env(broker_settings),
-            "STRIPE_WEBHOOK_SECRETS": SECRET,
-            "INGRESS_PORT": str(port),
-            "INGRESS_HOST": "127.0.0.1",
-            "INGRESS_READ_TIMEOUT_S": "2",
-            "AIOHTTP_NO_EXTENSIONS": "1",
-        },
+    ingress = ingress_process(
+        broker_settings, SECRET, port, INGRESS_READ_TIMEOUT_S="2", AIOHTTP_NO_EXTENSIONS="1"
     )
     head = (
         f"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"

@@ -23,10 +23,6 @@ log = get_logger(__name__)
 
 RECONNECT_MAX_S = 1.0  # "back within 5 s" needs short gaps between connection attempts
 CLOSE_TIMEOUT_S = 2.0
-# Where /readyz's probe goes while publishes are unconfirmed: the default exchange, a
-# routing key no queue has, not mandatory. The broker drops it and confirms at once, unless
-# it is hung or blocks publishers (a memory or disk alarm), as for a real publish.
-PROBE_ROUTING_KEY = "fulfillment.ingress.readiness-probe"
 
 
 class EventPublisher:
@@ -52,11 +48,15 @@ class EventPublisher:
         return self._exchange is not None and channel is not None and not channel.is_closed
 
     async def probe(self, timeout_s: float) -> bool:
-        """Whether the broker confirms a publish now, found out with a message that goes
-        nowhere. ``stalled`` (a publish got no confirm in time, and none has been confirmed
-        since: the broker is hung or blocks publishers, though the connection looks fine)
-        is cleared by any confirm, a webhook's or this one's, and by a new connection.
-        One probe at a time; callers meanwhile share its answer."""
+        """Whether the broker confirms a publish now, found out with a persistent message
+        to the readiness queue: a quorum queue, as the work queue, so its confirm waits on
+        the same replicated write (a broker that confirms what goes nowhere may still be
+        unable to take webhooks: a cluster without a majority).
+
+        ``stalled`` (a publish got no confirm in time, and none has been confirmed since:
+        the broker is hung or blocks publishers, though the connection looks fine) is
+        cleared by any confirm, a webhook's or this one's, and by a new connection. One
+        probe at a time; callers meanwhile share its answer."""
         if self._probing.locked():
             async with self._probing:
                 return not self.stalled
@@ -64,14 +64,15 @@ class EventPublisher:
             exchange, channel = self._exchange, self._channel
             if exchange is None or channel is None or channel.is_closed:
                 return False
-            message = aio_pika.Message(b"", message_id=uuid.uuid4().hex)
+            message = aio_pika.Message(
+                b"", message_id=uuid.uuid4().hex, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            )
             try:
                 await publish_confirmed(
                     channel.default_exchange,
                     message,
-                    PROBE_ROUTING_KEY,
+                    self._topology.readiness_queue,
                     timeout_s=timeout_s,
-                    mandatory=False,
                 )
             except BrokerUnavailable:
                 return False

@@ -73,6 +73,13 @@ class Topology:
         return self._name("fulfillment.out")
 
     @property
+    def readiness_queue(self) -> str:
+        """Where the ingress's /readyz publishes when webhooks' publishes go unconfirmed: a
+        quorum queue like the work queue (its confirm waits for the same replicated write),
+        keeping nothing (every message expires at once)."""
+        return self._name("ingress.readiness")
+
+    @property
     def retry_queues(self) -> tuple[str, ...]:
         """One delay queue per configured delay (per-message TTL expires only at the head)."""
         return tuple(
@@ -95,7 +102,13 @@ class Topology:
 
     @property
     def all_queues(self) -> tuple[str, ...]:
-        return (self.work_queue, *self.retry_queues, self.dead_queue, self.unrouted_queue)
+        return (
+            self.work_queue,
+            *self.retry_queues,
+            self.dead_queue,
+            self.unrouted_queue,
+            self.readiness_queue,
+        )
 
     def _quorum(self, **extra: Any) -> dict[str, Any]:
         return {"x-queue-type": "quorum", **extra}
@@ -167,6 +180,11 @@ class Topology:
                 ),
             )
         await channel.declare_exchange(self.out_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        await channel.declare_queue(
+            self.readiness_queue,
+            durable=True,
+            arguments=self._quorum(**{"x-message-ttl": 0, "x-max-length": 1}),
+        )
         return events
 
     def describe(self) -> str:
@@ -182,6 +200,7 @@ class Topology:
                 for name, delay in zip(self.retry_queues, self.retry_delays_s, strict=True)
             ),
             f"queue {self.dead_queue} (quorum, dead letters)",
+            f"queue {self.readiness_queue} (quorum, keeps nothing: the ingress's readiness probe)",
         ]
         return "\n".join(lines)
 

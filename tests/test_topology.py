@@ -96,7 +96,7 @@ async def test_every_declared_name_starts_with_the_test_prefix(
         topology.out_exchange,
     ]
 
-    assert len(topology.all_queues) == len(set(topology.all_queues)) == 5
+    assert len(topology.all_queues) == len(set(topology.all_queues)) == 6
     for name in names:
         assert name.startswith(f"{prefix}.")
     for name in topology.all_queues:

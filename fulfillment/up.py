@@ -57,11 +57,15 @@ if sys.platform == "linux":
     _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork
     _PR_SET_PDEATHSIG = 1
 
+    _UP_PID = os.getpid()
+
     def _die_with_parent() -> None:
         """In a child, before exec: SIGTERM (a clean stop) when ``up`` dies, even by
         SIGKILL, instead of serving on as an orphan that a new ``up`` then shares its
         port with (SO_REUSEPORT)."""
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != _UP_PID:  # up died before that took effect: go at once
+            os._exit(1)
 
 else:  # elsewhere (macOS, for development) children outlive a killed ``up``
 
@@ -440,7 +444,7 @@ async def _unless_stopped(work: Coroutine[Any, Any, T], stopping: asyncio.Event)
     if task.done():
         return task.result()
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    with contextlib.suppress(asyncio.CancelledError, Exception):  # stopping: its error too
         await task
     return None
 

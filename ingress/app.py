@@ -300,24 +300,14 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 async def receive_webhook(request: web.Request) -> web.StreamResponse:
     """POST /webhooks/stripe: verify, then answer 200 only once the broker confirmed."""
-    settings, drain = request.app[SETTINGS], request.app[DRAIN]
+    settings = request.app[SETTINGS]
     metrics.IN_FLIGHT.inc()
-    drain.enter()
-    try:
-        response = await _answer(request, settings)
-    finally:
-        drain.leave()
-        metrics.IN_FLIGHT.dec()
-    if drain.stopping:
-        response.force_close()  # no next request on this connection: we are going
-    return response
-
-
-async def _answer(request: web.Request, settings: IngressSettings) -> web.Response:
     try:
         event, outcome = await _accept(request, settings)
     except Rejected as exc:
         return _refusal(exc, settings)
+    finally:
+        metrics.IN_FLIGHT.dec()
     metrics.REQUESTS.labels(outcome).inc()
     # DEBUG: at thousands per second an INFO line per event costs ~10% of throughput;
     # the worker logs every event it handles, and metrics count what was queued here.
@@ -389,6 +379,23 @@ async def metrics_view(request: web.Request) -> web.Response:
 
 
 @web.middleware
+async def drained(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every request is counted in flight (a stopping ingress lets each finish: a webhook,
+    a Checkout page waiting on Stripe); once stopping, each answer closes its connection."""
+    drain = request.app[DRAIN]
+    drain.enter()
+    try:
+        response = await handler(request)
+    finally:
+        drain.leave()
+    if drain.stopping:
+        response.force_close()  # no next request on this connection: we are going
+    return response
+
+
+@web.middleware
 async def json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
@@ -414,7 +421,9 @@ def create_app(
 
     With ``checkout`` it also serves the optional Checkout pages (ingress/checkout.py).
     """
-    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[drained, json_errors], client_max_size=settings.max_body_bytes
+    )
     app[SETTINGS] = settings
     app[BUDGET] = BodyBudget(settings.max_buffered_bytes)
     # twice the tolerance: a signature may be up to that far ahead of now, and stays

@@ -52,7 +52,9 @@ def run(main: Coroutine[Any, Any, T], *, env: Env | None = None) -> T:
         return runner.run(main)
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP too: a terminal closing on a foreground run (its default action would end the
+# process at once, with no drain, and `up`'s children, in sessions of their own, with it)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 # How long a service may take to exit once its loop is closed before it is ended for good
 # (tracebacks of every thread on stderr, exit 1): ignoring stop signals must not turn a

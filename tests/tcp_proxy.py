@@ -15,6 +15,7 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.port = port
         self.downstream_delay_s = 0.0
+        self.connections = 0  # accepted so far
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._server: asyncio.Server | None = None
@@ -81,6 +82,7 @@ class TcpProxy:
         await self.cut()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:

@@ -19,9 +19,9 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from shared import runtime
 from shared.backoff import compute_backoff
@@ -36,9 +36,6 @@ POSTGRES_HINT = (
     "start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start  "
     "(or: docker compose up -d postgres)"
 )
-
-
-T = TypeVar("T")
 
 
 def say(line: str) -> None:
@@ -393,7 +390,7 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     plan = _plan_local(env, force_standin=demo)
     hosts = _check_settings(env, metrics_port)
     _check_ports_free(_listeners(hosts, workers, port, metrics_port, plan))
-    ready = await _unless_stopped(_preflight(env), stopping)
+    ready = await runtime.unless_stopped(_preflight(env), stopping)
     if not ready:
         return 1 if ready is False else _stopped_before_start()
     stack = await _start_local(plan)
@@ -433,20 +430,6 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
 # which only happens before it installed its handlers (still starting, holding nothing):
 # our SIGTERM, or a terminal's SIGINT that reached it between its fork and its own session.
 CLEAN = (0, -signal.SIGTERM, -signal.SIGINT)
-
-
-async def _unless_stopped(work: Coroutine[Any, Any, T], stopping: asyncio.Event) -> T | None:
-    """``work``'s result, or None (``work`` cancelled) once ``stopping`` is set first."""
-    task = asyncio.ensure_future(work)
-    stop = asyncio.ensure_future(stopping.wait())
-    await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-    stop.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):  # stopping: its error too
-        await task
-    return None
 
 
 def _stopped_before_start() -> int:

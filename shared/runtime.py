@@ -9,6 +9,7 @@ the standard library's loop instead (to rule uvloop out when chasing a problem).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import os
 import platform
@@ -76,6 +77,21 @@ def stop_requested(*, ignore_for_s: float = 0.0) -> asyncio.Event:
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal)
     return stop
+
+
+async def unless_stopped(work: Coroutine[Any, Any, T], stopping: asyncio.Event) -> T | None:
+    """``work``'s result, or None once ``stopping`` is set first: ``work`` is then cancelled,
+    and whatever it raises on the way out is dropped (we are stopping)."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return None
 
 
 def run_service(main: Coroutine[Any, Any, T], *, env: Env | None = None) -> T:

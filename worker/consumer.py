@@ -160,6 +160,11 @@ class Worker:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def consuming(self) -> bool:
+        """Whether the worker takes messages (started, and not stopped)."""
+        return self._consumer_tag is not None
+
     async def start(self) -> None:
         """Migrate, connect, declare, and start consuming."""
         s = self.settings

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from shared import runtime
 from shared.logging import configure_logging, get_logger, register_secrets
 from worker import metrics
@@ -19,16 +17,11 @@ async def serve(settings: WorkerSettings) -> None:
     try:
         # A signal while starting (a broker or database slow to answer) stops the start:
         # nothing is consumed yet, so there is nothing to finish, and the exit is clean.
-        starting = asyncio.ensure_future(worker.start())
-        stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            starting.cancel()
-            await asyncio.wait({starting})
+        # A failed start raises its error here: a non-zero exit.
+        await runtime.unless_stopped(worker.start(), stop)
+        if not worker.consuming:
             log.info("worker stopping before it started consuming")
             return
-        stopped.cancel()
-        starting.result()  # a failed start: its error, and a non-zero exit
         log.info("worker metrics listening", port=settings.metrics_port)
         await stop.wait()
         log.info("worker stopping", in_flight=worker.in_flight)

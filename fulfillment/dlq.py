@@ -91,16 +91,17 @@ class DeadLetter:
         headers: dict[str, Any] = dict(message.headers or {})
         deaths = headers.get("x-death") or []
         death = deaths[0] if deaths and isinstance(deaths[0], dict) else {}
+        doc = _body(message.body)
         # A body with no event id (published by something other than the ingress) is named
         # by its message: unique per copy, so `show`, `replay` and `purge` can still pick it.
         event_id = str(
             headers.get(HEADER_EVENT_ID)
-            or _body_field(message.body, "id")
+            or doc.get("id")
             or (f"msg:{message.message_id}" if message.message_id else "?")
         )
         event_type = str(
             headers.get(HEADER_EVENT_TYPE)
-            or _body_field(message.body, "type")
+            or doc.get("type")
             or message.type
             or "?"
         )
@@ -133,7 +134,7 @@ class DeadLetter:
             first_failed_at=first,
             last_failed_at=last,
             worker_id=str(headers[HEADER_WORKER_ID]) if HEADER_WORKER_ID in headers else None,
-            checkout_session_id=_session_id(message.body),
+            checkout_session_id=_session_id(doc),
             headers=headers,
             body=message.body,
         )
@@ -159,20 +160,21 @@ def _int(value: Any, default: int) -> int:
         return default
 
 
-def _session_id(body: bytes) -> str | None:
+def _session_id(doc: dict[str, Any]) -> str | None:
     """The Checkout Session an event is about (``data.object.id``), if it says."""
-    data = _body_field(body, "data")
+    data = doc.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
     value = obj.get("id") if isinstance(obj, dict) else None
     return value if isinstance(value, str) else None
 
 
-def _body_field(body: bytes, key: str) -> Any:
+def _body(body: bytes) -> dict[str, Any]:
+    """The dead letter's event as a dict, parsed once; empty if it is not one."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return doc.get(key) if isinstance(doc, dict) else None
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 Held = list[tuple[DeadLetter, AbstractIncomingMessage]]

@@ -99,12 +99,7 @@ class DeadLetter:
             or doc.get("id")
             or (f"msg:{message.message_id}" if message.message_id else "?")
         )
-        event_type = str(
-            headers.get(HEADER_EVENT_TYPE)
-            or doc.get("type")
-            or message.type
-            or "?"
-        )
+        event_type = str(headers.get(HEADER_EVENT_TYPE) or doc.get("type") or message.type or "?")
         if HEADER_ERROR_TYPE in headers:
             error_type = str(headers[HEADER_ERROR_TYPE])
             error = str(headers.get(HEADER_ERROR_MESSAGE, ""))

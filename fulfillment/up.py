@@ -294,6 +294,9 @@ class Listener:
     reuse_port: bool = False  # the ingress: several may share a port
     host_setting: str | None = None  # the setting the host came from, if any
 
+    def cannot_listen(self, exc: OSError) -> ConfigError:
+        return listen_error(self.setting, self.host, self.port, exc, host_setting=self.host_setting)
+
 
 def _listeners(
     hosts: tuple[str, str], workers: int, port: int, metrics_port: int, plan: LocalPlan
@@ -332,9 +335,7 @@ def _probe(listener: Listener) -> None:
             listener.host, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except OSError as exc:
-        raise listen_error(
-            listener.setting, listener.host, listener.port, exc, host_setting=listener.host_setting
-        ) from None
+        raise listener.cannot_listen(exc) from None
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -345,13 +346,7 @@ def _probe(listener: Listener) -> None:
             try:
                 probe.bind(address)
             except OSError as exc:
-                raise listen_error(
-                    listener.setting,
-                    listener.host,
-                    listener.port,
-                    exc,
-                    host_setting=listener.host_setting,
-                ) from None
+                raise listener.cannot_listen(exc) from None
 
 
 def _children(env: dict[str, str], workers: int, port: int, metrics_port: int) -> list[Child]:

@@ -7,8 +7,9 @@ after crashes at any instant. Per session:
 2. Take the session's advisory lock in PostgreSQL: one worker at a time per session.
 3. In one transaction: the ``fulfillments`` row and its line items, if not there yet.
 4. Each external effect in turn (``order.fulfilled`` message, confirmation email): skip it
-   if recorded, else do it and record it (committed at once). A crash between doing and
-   recording repeats only that effect, with the same deterministic id for receivers.
+   if recorded, else do it and record it (committed at once). Only an effect whose outcome
+   is unknown is repeated (a crash between doing and recording it, an outbound message the
+   broker did not confirm in time), with the same deterministic id for receivers.
 """
 
 from __future__ import annotations

@@ -73,22 +73,18 @@ def render(report: dict[str, Any]) -> str:
     for name, q in report["queues"].items():
         lines.append(f"{name:48} {q['messages']:>9} {q['consumers']:>9}")
     age = report["oldest_dead_letter_age_s"]
+    recent = report.get("fulfillments_last_hour")
     partial = f" (at least: {report.get('dead_letters_scanned', 0):,} of them read)"
     lines += [
         "",
         f"oldest dead letter: {_duration(age) + ' old' if age is not None else 'none'}"
         + (partial if report.get("oldest_dead_letter_partial") else ""),
-        "fulfillments in the last hour: "
-        + str(_known(report.get("fulfillments_last_hour")))
+        f"fulfillments in the last hour: {'unknown' if recent is None else recent}"
         + (f"  ({report['database_error']})" if report.get("database_error") else ""),
     ]
     if report.get("awaiting_payment") is not None:
         lines.append(f"sessions awaiting a delayed payment: {report['awaiting_payment']}")
     return "\n".join(lines)
-
-
-def _known(value: Any) -> Any:
-    return "unknown" if value is None else value
 
 
 def _duration(seconds: float) -> str:

@@ -886,3 +886,26 @@ async def test_a_fresh_ingress_exports_every_request_outcome_at_zero(
     text = await fresh_metrics(["ingress"], env, "broker connected", port)
     for outcome in ("accepted", "broker_unavailable", "invalid_signature", "body_too_large"):
         assert f'ingress_webhook_requests_total{{outcome="{outcome}"}} 0.0' in text
+
+
+def test_every_outcome_the_ingress_can_count_is_exported_from_the_start() -> None:
+    """The codes a refusal can carry, read from the source: each must be in OUTCOMES, or
+    its series is born with its first request and an alert's rate() misses that one."""
+    import ast
+    from pathlib import Path
+
+    from ingress import metrics
+
+    raised: set[str] = set()
+    for path in Path(metrics.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+                continue
+            position = {"Rejected": 1, "InvalidSignature": 0}.get(node.func.id)
+            if position is None or len(node.args) <= position:
+                continue
+            code = node.args[position]
+            if isinstance(code, ast.Constant) and isinstance(code.value, str):
+                raised.add(code.value)
+    assert {"overloaded", "invalid_signature", "body_too_large"} <= raised  # the scan works
+    assert raised <= set(metrics.OUTCOMES), raised - set(metrics.OUTCOMES)

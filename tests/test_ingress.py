@@ -441,6 +441,72 @@ async def test_an_event_type_no_queue_is_bound_for_lands_in_the_unrouted_queue(
     assert await drain(channel, topology.work_queue) == []
 
 
+async def test_an_event_the_broker_can_route_nowhere_is_503_not_200(
+    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
+) -> None:
+    """Published mandatory: with the alternate exchange gone (an operator's mistake), the
+    broker returns the message, and a 200 then would be an event lost in silence."""
+    session, base = await start_ingress(ingress_settings)
+    await channel.exchange_delete(topology.unrouted_exchange)
+    raw = sh.body(sh.event("customer.created", sh.fixture_object("customer")))
+
+    status, payload, headers = await post(session, base, raw, sh.signature_header(raw, SECRET))
+
+    assert status == 503, payload
+    assert payload["error"]["type"] == "broker_unavailable"
+    assert int(headers["Retry-After"]) > 0
+
+
+async def test_a_publish_the_broker_refuses_is_503_not_200(
+    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
+) -> None:
+    """A nack (here a full queue bound for the event, refusing more) is not durably queued."""
+    session, base = await start_ingress(ingress_settings)
+    full = await channel.declare_queue(
+        f"{topology.prefix}.full",
+        exclusive=True,
+        arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+    )
+    await full.bind(topology.events_exchange, "checkout.session.completed")
+    raw = sh.body(sh.event("checkout.session.completed"))
+
+    status, payload, headers = await post(session, base, raw, sh.signature_header(raw, SECRET))
+
+    assert status == 503, payload
+    assert payload["error"]["type"] == "broker_unavailable"
+    assert int(headers["Retry-After"]) > 0
+
+
+async def test_each_publish_of_the_same_event_has_a_message_id_of_its_own(
+    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
+) -> None:
+    """Stripe's retry of an event is signed anew and queued again; aiormq matches returned
+    messages by message_id, so two publishes sharing one could hang each other."""
+    session, base = await start_ingress(ingress_settings)
+    raw = sh.body(sh.event("checkout.session.completed"))
+    now = int(time.time())
+    for timestamp in (now, now + 1):
+        header = sh.signature_header(raw, SECRET, timestamp=timestamp)
+        assert (await post(session, base, raw, header))[0] == 200
+
+    first, second = await drain(channel, topology.work_queue)
+    assert first.message_id and second.message_id
+    assert first.message_id != second.message_id
+
+
+async def test_a_signed_event_of_exactly_the_body_limit_is_queued(
+    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
+) -> None:
+    session, base = await start_ingress(ingress_settings)
+    raw = sh.body(sh.event("checkout.session.completed"))
+    raw += b" " * (ingress_settings.max_body_bytes - len(raw))  # JSON allows trailing space
+
+    status, payload, _ = await post(session, base, raw, sh.signature_header(raw, SECRET))
+
+    assert status == 200, payload
+    assert [m.body for m in await drain(channel, topology.work_queue)] == [raw]
+
+
 async def test_health_readiness_and_metrics_routes_answer(
     topology: Topology, ingress_settings: IngressSettings, start_ingress: Any
 ) -> None:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from typing import Any
 
 import aio_pika
@@ -24,7 +25,9 @@ from shared.broker import (
     HEADER_FIRST_FAILED_AT,
     HEADER_LAST_FAILED_AT,
     HEADER_REPLAYED_FROM,
+    event_message,
 )
+from shared.envelope import EventEnvelope
 from shared.topology import Topology
 from tests import stripe_helpers as sh
 from tests.conftest import db_fetch, drain, free_port, wait_for
@@ -325,6 +328,150 @@ async def test_replay_and_purge_of_event_ids_not_in_the_dlq_say_so_and_exit_1(
     assert [m.headers[HEADER_EVENT_ID] for m in await drain(channel, topology.dead_queue)] == [
         event["id"]
     ]
+
+
+async def put_dead_letters(
+    channel: Any, topology: Topology, *event_types: str
+) -> list[dict[str, Any]]:
+    """One dead letter per type, as a worker leaves it (event headers and failure headers),
+    put straight into the DLQ; the events, in order."""
+    at = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    events = [sh.event(event_type) for event_type in event_types]
+    for event in events:
+        raw = sh.body(event)
+        failure = {
+            HEADER_ERROR_TYPE: "StripeNotFound",
+            HEADER_ERROR_MESSAGE: "no such checkout session",
+            HEADER_FIRST_FAILED_AT: at,
+            HEADER_LAST_FAILED_AT: at,
+        }
+        message = event_message(raw, EventEnvelope.parse(raw), source="test", headers=failure)
+        await channel.default_exchange.publish(message, topology.dead_queue)
+    return events
+
+
+async def dead_ids(channel: Any, topology: Topology) -> list[str]:
+    return [m.headers[HEADER_EVENT_ID] for m in await drain(channel, topology.dead_queue)]
+
+
+async def test_a_replay_the_broker_does_not_take_keeps_the_dead_letter_and_exits_1(
+    worker_settings: WorkerSettings, channel: Any, topology: Topology
+) -> None:
+    """The dead copy goes only once the new one is confirmed: with the work queue gone (the
+    publish is returned), nothing is lost and the command fails."""
+    [event] = await put_dead_letters(channel, topology, "checkout.session.completed")
+    await channel.queue_delete(topology.work_queue)
+
+    result = await acli(worker_settings, "dlq", "replay", event["id"])
+
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "1 failed" in result.stdout
+    assert "replay failed; dead letter kept" in result.stderr
+    assert await dead_ids(channel, topology) == [event["id"]]
+
+
+async def test_dlq_list_and_replay_by_type_pick_only_that_type(
+    worker_settings: WorkerSettings, channel: Any, topology: Topology
+) -> None:
+    completed, failed = await put_dead_letters(
+        channel,
+        topology,
+        "checkout.session.completed",
+        "checkout.session.async_payment_failed",
+    )
+
+    listed = await acli(
+        worker_settings, "dlq", "list", "--json", "--type", "checkout.session.completed"
+    )
+    replayed = await acli(worker_settings, "dlq", "replay", "--type", "checkout.session.completed")
+
+    assert [letter["event_id"] for letter in json.loads(listed.stdout)] == [completed["id"]]
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed 1 of 1" in replayed.stdout
+    assert await dead_ids(channel, topology) == [failed["id"]]
+    queued = await drain(channel, topology.work_queue)
+    assert [m.headers[HEADER_EVENT_ID] for m in queued] == [completed["id"]]
+
+
+async def test_replay_at_a_rate_spaces_the_replays_out(
+    worker_settings: WorkerSettings, channel: Any, topology: Topology
+) -> None:
+    """--rate 5: five replays take at least four fifths of a second from first to last."""
+    await put_dead_letters(channel, topology, *["checkout.session.completed"] * 5)
+
+    result = await acli(worker_settings, "dlq", "replay", "--all", "--rate", "5")
+
+    assert result.returncode == 0, result.stderr
+    times = [
+        datetime.fromisoformat(log["timestamp"])
+        for log in (json.loads(line) for line in result.stderr.splitlines() if line[:1] == "{")
+        if log.get("event") == "dead letter replayed"
+    ]
+    assert len(times) == 5
+    assert (times[-1] - times[0]).total_seconds() >= 0.7, times
+
+
+async def test_purge_at_a_terminal_asks_first_and_only_a_yes_purges(
+    worker_settings: WorkerSettings, channel: Any, topology: Topology
+) -> None:
+    [event] = await put_dead_letters(channel, topology, "checkout.session.completed")
+    env = {**os.environ, **worker_env(worker_settings), "LOG_FORMAT": "json"}
+
+    def at_a_terminal(answer: str) -> subprocess.CompletedProcess[str]:
+        controller, terminal = os.openpty()
+        os.write(controller, answer.encode() + b"\n")
+        try:
+            return subprocess.run(
+                [sys.executable, "-m", "fulfillment", "dlq", "purge", "--all"],
+                stdin=terminal,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
+        finally:
+            os.close(terminal)
+            os.close(controller)
+
+    for answer in ("n", "", "maybe"):
+        kept = await asyncio.to_thread(at_a_terminal, answer)
+        assert kept.returncode == 1, (answer, kept.stdout, kept.stderr)
+        assert "nothing purged" in kept.stdout
+    yes = await asyncio.to_thread(at_a_terminal, "y")
+
+    assert yes.returncode == 0, (yes.stdout, yes.stderr)
+    assert "purged 1 dead letter(s)" in yes.stdout
+    assert await dead_ids(channel, topology) == []
+    assert event["id"] in yes.stderr  # each removed letter is logged
+
+
+async def test_a_backfill_the_broker_refuses_leaves_its_events_for_the_next_run(
+    standin: StripeStandIn, worker_settings: WorkerSettings, channel: Any, topology: Topology
+) -> None:
+    """An event is remembered as enqueued only once the broker confirmed it: after a nack,
+    the next run enqueues it, rather than skipping it for good."""
+    now = int(time.time())
+    event = standin.add_session_event(standin.add_session()["id"], created=now - 3600)
+    full = await channel.declare_queue(
+        f"{topology.prefix}.full",
+        exclusive=True,
+        arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+    )
+    await full.bind(topology.events_exchange, "checkout.session.*")
+    since = time.strftime("%Y-%m-%d", time.gmtime(now - 86400))
+
+    refused = await acli(worker_settings, "backfill", "--since", since)
+    await full.delete(if_unused=False, if_empty=False)
+    again = await acli(worker_settings, "backfill", "--since", since)
+
+    assert refused.returncode != 0, refused.stdout
+    assert "nack" in refused.stderr
+    assert again.returncode == 0, again.stderr
+    assert "0 already enqueued by a backfill, enqueued 1" in again.stdout
+    # (the work queue took the refused publish's copy too: a nack says "not every queue",
+    # so enqueuing again is the safe side, and the worker handles a repeat as one)
+    queued = await drain(channel, topology.work_queue)
+    assert {m.headers[HEADER_EVENT_ID] for m in queued} == {event["id"]}
 
 
 @pytest.mark.parametrize(

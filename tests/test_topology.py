@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import aio_pika
 import pytest
@@ -244,6 +245,49 @@ async def test_declaring_with_other_queue_arguments_names_the_settings_to_align(
     async with connection:
         with pytest.raises(ConfigError, match="DELIVERY_LIMIT"):
             await other.declare(await connection.channel())
+
+
+async def test_the_broker_holds_the_queue_arguments_the_guarantees_rest_on(
+    topology: Topology, rabbitmq_url: str
+) -> None:
+    """Redeclared with the arguments written out here, each queue is accepted only if the
+    broker holds exactly these (else PRECONDITION_FAILED): at-least-once dead-lettering
+    with reject-publish overflow, the work queue's delivery limit, and no delivery limit
+    that could drop a letter waiting for people (RabbitMQ 4 defaults every quorum queue
+    to 20, and every `dlq list` is a delivery)."""
+    from shared.topology import KEPT_DELIVERY_LIMIT
+
+    def at_least_once_to(target: str) -> dict[str, Any]:
+        return {
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": target,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+    quorum = {"x-queue-type": "quorum"}
+    expected: dict[str, dict[str, Any]] = {
+        topology.work_queue: {
+            **quorum,
+            "x-delivery-limit": topology.delivery_limit,
+            **at_least_once_to(topology.dead_queue),
+        },
+        topology.dead_queue: {**quorum, "x-delivery-limit": KEPT_DELIVERY_LIMIT},
+        topology.unrouted_queue: {**quorum, "x-delivery-limit": KEPT_DELIVERY_LIMIT},
+        **{
+            name: {
+                **quorum,
+                "x-message-ttl": int(delay_s * 1000),
+                **at_least_once_to(topology.work_queue),
+            }
+            for name, delay_s in zip(topology.retry_queues, topology.retry_delays_s, strict=True)
+        },
+    }
+    connection = await aio_pika.connect(rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        for name, arguments in expected.items():
+            await channel.declare_queue(name, durable=True, arguments=arguments)
 
 
 async def test_a_broker_that_never_answers_is_named_with_how_long_it_was_waited_for(

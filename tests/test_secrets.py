@@ -360,6 +360,35 @@ def restore_logging() -> Iterator[None]:
     shared_logging._known_secrets.intersection_update(known)
 
 
+def test_each_service_registers_its_secrets_before_it_serves(
+    secret: Secrets, monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """A secret of no known shape (a second endpoint's, an SMTP password) is masked only
+    because the service registered it: each must do so before anything can log it."""
+    import ingress.main
+    import worker.main
+    from ingress.settings import IngressSettings
+    from shared import runtime
+    from shared.logging import mask_secrets
+
+    def serves(coroutine: Any) -> None:
+        coroutine.close()  # started, not run: only what happens before serving matters
+
+    monkeypatch.setattr(runtime, "run_service", serves)
+    for name in ("CHECKOUT_PRICE", "CHECKOUT_CUSTOMER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("STRIPE_API_KEY", secret.api_key)
+    monkeypatch.setenv("SMTP_URL", f"smtp://orders:{secret.smtp_password}@127.0.0.1:2525")
+    unknown_shapes = (secret.webhook2_token[::-1], secret.smtp_password)
+    assert all(tail in mask_secrets(f"a {tail} b") for tail in unknown_shapes)
+
+    ingress.main.run(IngressSettings(webhook_secrets=(secret.webhook, secret.webhook2)))
+    worker.main.run(concurrency=1)
+
+    for value in (secret.webhook2, secret.smtp_password, secret.api_key):
+        assert mask_secrets(f"a {value} b") == "a *** b", value
+
+
 def test_configure_logging_masks_secrets_in_exceptions_and_nested_values(
     secret: Secrets, capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:

@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import aio_pika
@@ -38,6 +39,13 @@ def session_event(
     """An event around the stand-in's current view of the session, as Stripe would send."""
     session = {k: v for k, v in standin.sessions[session_id].items() if k != "line_items"}
     return sh.event(event_type, session, **kw)
+
+
+def counted(metric: str, **labels: str) -> float:
+    """A worker counter's current value (this process's registry: in-process workers)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(metric, labels) or 0.0
 
 
 async def stored_items(database_url: str, session_id: str) -> list[tuple[Any, ...]]:
@@ -120,6 +128,7 @@ async def test_a_paid_completed_session_gives_one_row_one_email_and_one_order_fu
     assert out.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert out.content_type == "application/json" and out.message_id
     body = json.loads(out.body)
+    assert body["id"] == out.headers["fulfillment-id"]  # receivers may key on either
     assert (body["checkout_session_id"], body["amount_total"], body["currency"]) == (
         sid,
         5250,
@@ -407,7 +416,17 @@ async def test_a_failed_delayed_payment_sends_one_notice_and_fulfills_nothing(
     [out] = await drain(channel, outbound)
     assert out.routing_key == "payment.failed"
     assert out.headers["fulfillment-id"] == f"payment.failed:{sid}"
+    assert json.loads(out.body)["id"] == out.headers["fulfillment-id"]
     assert out.headers["stripe-event-id"] == failed["id"]
+
+    # a late duplicate of `completed`, still unpaid: the failure stays on record
+    await publish(session_event(standin, "checkout.session.completed", sid))
+    await settle(worker, topology, channel)
+    rows = await db_fetch(
+        database_url, "SELECT state FROM checkout_sessions WHERE checkout_session_id = $1", sid
+    )
+    assert rows[0]["state"] == "payment_failed"
+    assert len(smtp.for_session(sid)) == 1 and await drain(channel, outbound) == []
 
 
 async def test_a_setup_mode_session_is_not_an_order_and_sends_nothing(
@@ -762,6 +781,8 @@ async def test_stripe_away_for_longer_goes_through_a_delay_queue_and_then_fulfil
 
     await publish(session_event(standin, "checkout.session.completed", sid))
 
+    # the second attempt's failure waits in the second delay queue, not the first again
+    await wait_for(lambda: _depth(channel, topology.retry_queues[1]), timeout_s=10)
     rows = await wait_for(lambda: fulfillment_rows(database_url, sid), timeout_s=20)
     assert len(rows) == 1
     await settle(worker, topology, channel)
@@ -969,6 +990,11 @@ async def test_a_live_event_with_a_test_key_is_retried_and_says_why_not_session_
     live_session = sh.checkout_session("cs_live_a1b2c3d4e5f6", livemode=True)
     live = {**sh.event("checkout.session.completed", live_session), "livemode": True}
     test = sh.event("checkout.session.completed", sh.checkout_session())
+    by_reason = {
+        reason: {"event_type": "checkout.session.completed", "reason": reason}
+        for reason in ("retries_exhausted", "permanent")
+    }
+    before = {r: counted("worker_dead_letters_total", **labels) for r, labels in by_reason.items()}
     await start_worker(worker_settings)
 
     await publish(live)
@@ -988,6 +1014,14 @@ async def test_a_live_event_with_a_test_key_is_retried_and_says_why_not_session_
     )
     assert letters[live["id"]][HEADER_ATTEMPT] > 1  # retried, not dead-lettered at once
     assert letters[test["id"]][HEADER_ERROR_TYPE] == "StripeNotFound"  # really unknown
+    # the first failure is kept across the attempts: the delay queues lie between the two
+    first, last = (
+        datetime.fromisoformat(letters[live["id"]][header])
+        for header in (HEADER_FIRST_FAILED_AT, HEADER_LAST_FAILED_AT)
+    )
+    assert (last - first).total_seconds() >= sum(worker_settings.broker.retry_delays_s)
+    for reason, labels in by_reason.items():
+        assert counted("worker_dead_letters_total", **labels) - before[reason] == 1, reason
 
 
 async def test_a_test_event_on_a_live_key_is_an_unknown_session_dead_lettered_at_once(
@@ -1241,6 +1275,8 @@ async def test_an_undeliverable_email_is_recorded_as_failed_and_the_order_goes_o
     the order.fulfilled message. The email is recorded as failed; the rest goes on."""
     smtp.unknown_recipients.add("gone@example.com")
     sid = standin.add_session(customer_email=address)["id"]
+    purpose = {"purpose": "confirmation_email"}
+    before = counted("worker_emails_undeliverable_total", **purpose)
     worker = await start_worker(worker_settings)
 
     await publish(session_event(standin, "checkout.session.completed", sid))
@@ -1252,6 +1288,7 @@ async def test_an_undeliverable_email_is_recorded_as_failed_and_the_order_goes_o
     await order_went_on(worker, topology, channel, outbound)
     assert smtp.for_session(sid) == []
     assert len(await fulfillment_rows(database_url, sid)) == 1
+    assert counted("worker_emails_undeliverable_total", **purpose) - before == 1
 
 
 @pytest.mark.parametrize(
@@ -1530,12 +1567,16 @@ async def test_other_checkout_and_unhandled_types_are_acked_and_counted(
     sid = standin.add_session()["id"]
     worker = await start_worker(worker_settings)
 
+    ignored = {"event_type": "checkout.session.expired", "outcome": "ignored"}
+    before = counted("worker_messages_total", **ignored)
+
     await publish(session_event(standin, "checkout.session.expired", sid))
     await settle(worker, topology, channel)
 
     assert await fulfillment_rows(database_url, sid) == []
     assert await drain(channel, topology.dead_queue) == []
     assert standin.request_count == 0
+    assert counted("worker_messages_total", **ignored) - before == 1
 
 
 async def test_a_connection_lost_inside_the_session_lock_surfaces_as_the_original_error(
@@ -1653,3 +1694,187 @@ async def test_a_database_blip_right_after_the_email_does_not_send_it_again(
     await wait_for(fulfilled, timeout_s=20)
     await settle(worker, topology, channel)
     assert len(smtp.for_session(sid)) == 1
+
+
+async def test_a_failed_message_the_broker_cannot_take_a_copy_of_is_kept_not_lost(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """The original is acked only once its retry copy is confirmed: with the delay queue
+    gone (the copy is returned), the original goes back to the work queue, is tried again
+    and fulfilled; nothing is lost and nothing dead-lettered for the broker's trouble."""
+    sid = standin.add_session()["id"]
+    standin.fail_next(2, 500)  # the quick retries used up: the message is for a delay queue
+    worker = await start_worker(worker_settings)
+    await channel.queue_delete(topology.retry_queues[0])
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    assert len(await wait_for(lambda: fulfillment_rows(database_url, sid), timeout_s=20)) == 1
+    await settle(worker, topology, channel)
+    assert len(smtp.for_session(sid)) == 1
+    assert await drain(channel, topology.dead_queue) == []
+
+
+async def test_a_stale_failure_event_for_a_paid_session_fulfills_it(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """Stripe's current word wins: the only event that arrived says the payment failed,
+    but the session is paid (a retried payment succeeded, its event not yet here)."""
+    sid = standin.add_session(customer_email="paid@example.com")["id"]
+    worker = await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.async_payment_failed", sid))
+
+    assert len(await wait_for(lambda: fulfillment_rows(database_url, sid))) == 1
+    await settle(worker, topology, channel)
+    assert [m["Message-ID"] for m in smtp.for_session(sid)] == [f"<order.{sid}@shop.test>"]
+    assert [m.routing_key for m in await drain(channel, outbound)] == ["order.fulfilled"]
+
+
+async def test_no_failure_notice_for_a_fulfilled_session_whose_email_is_still_owed(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    outbound: str,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """Not fulfilled in full (the confirmation is deferred), so the failure event is not
+    settled by the shortcut: the check under the session lock must refuse it."""
+    smtp.deferred_recipients.add("owed@example.com")
+    sid = standin.add_session(customer_email="owed@example.com")["id"]
+    worker = await start_worker(worker_settings)
+    await publish(session_event(standin, "checkout.session.completed", sid))
+    assert [m.routing_key for m in await wait_for(lambda: drain(channel, outbound))] == [
+        "order.fulfilled"
+    ]
+
+    standin.set_payment_status(sid, "unpaid")  # a stale or contradictory read
+    failed = session_event(standin, "checkout.session.async_payment_failed", sid)
+    await publish(failed)
+    outcome = await wait_for(
+        lambda: db_fetch(
+            database_url, "SELECT outcome FROM processed_events WHERE event_id = $1", failed["id"]
+        )
+    )
+    smtp.deferred_recipients.clear()
+    await asyncio.to_thread(smtp.wait, 1, 15)
+    await settle(worker, topology, channel)
+
+    assert outcome[0]["outcome"] == "ignored_fulfilled"
+    assert [m["Message-ID"] for m in smtp.for_session(sid)] == [f"<order.{sid}@shop.test>"]
+    assert await drain(channel, outbound) == []  # no payment.failed
+    state = await db_fetch(
+        database_url, "SELECT state FROM checkout_sessions WHERE checkout_session_id = $1", sid
+    )
+    assert state[0]["state"] == "fulfilled"
+
+
+async def test_a_delayed_payments_owed_email_is_sent_by_its_own_events_retry(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """`async_payment_succeeded` fulfills, the email is deferred, and the event is retried:
+    the retry must not be settled as already fulfilled while an effect is still owed."""
+    sid = standin.add_session(payment_status="unpaid", customer_email="ach@example.com")["id"]
+    worker = await start_worker(worker_settings)
+    await publish(session_event(standin, "checkout.session.completed", sid))
+    await wait_for(
+        lambda: db_fetch(
+            database_url,
+            "SELECT 1 FROM checkout_sessions WHERE checkout_session_id = $1 "
+            "AND state = 'awaiting_payment'",
+            sid,
+        )
+    )
+    smtp.deferred_recipients.add("ach@example.com")
+    standin.set_payment_status(sid, "paid")
+    await publish(session_event(standin, "checkout.session.async_payment_succeeded", sid))
+    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    await asyncio.sleep(0.7)  # a retry through the first delay queue meanwhile
+
+    smtp.deferred_recipients.clear()
+    await asyncio.to_thread(smtp.wait, 1, 15)
+    await settle(worker, topology, channel)
+    assert len(smtp.for_session(sid)) == 1
+    assert (await fulfillment_steps(database_url, sid))["confirmation_email"].startswith("sent ")
+
+
+async def test_recording_an_effect_after_the_locks_connection_died_stops_the_event(
+    worker_settings: WorkerSettings, database_url: str
+) -> None:
+    """The effect is recorded on a fresh connection, but the lock went with the old one:
+    doing the next effect unlocked could race another worker, so the event is retried."""
+    import asyncpg
+
+    from worker import db
+    from worker.fulfillment import _UPSERT_STATE, Fulfiller, SessionLockLost
+
+    sid = "cs_test_lock_lost_mid_way"
+    pool = await db.create_pool(database_url, max_size=2)
+    fulfiller = Fulfiller(pool, None, None, worker_settings.smtp, publish_timeout_s=1)  # type: ignore[arg-type]
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(_UPSERT_STATE, sid, "fulfilled", "paid", None, "evt_lock_lost")
+    try:
+        with pytest.raises(SessionLockLost):
+            async with fulfiller._locked(sid) as held:
+                pid = await held.conn.fetchval("SELECT pg_backend_pid()")
+                await admin.execute("SELECT pg_terminate_backend($1)", pid)
+                await asyncio.sleep(0.2)
+                await fulfiller._record_step(held.conn, sid, "order_fulfilled_message", "done")
+        assert await fulfillment_steps(database_url, sid) == {"order_fulfilled_message": "done"}
+    finally:
+        await admin.close()
+        await pool.close()
+
+
+async def test_a_stopping_worker_takes_no_new_message_while_it_finishes_its_own(
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """On stop the consumer is cancelled first: a message arriving during the grace period
+    stays in the queue for another worker (this one would be cut off holding it)."""
+    held, later = standin.add_session()["id"], standin.add_session()["id"]
+    standin.latency_s = 1.0
+    worker = await start_worker(worker_settings)
+    await publish(session_event(standin, "checkout.session.completed", held))
+    await wait_for(lambda: worker.in_flight == 1)
+
+    stopping = asyncio.create_task(worker.stop(grace_s=5))
+    await asyncio.sleep(0.2)
+    await publish(session_event(standin, "checkout.session.completed", later))
+    await stopping
+
+    assert len(await fulfillment_rows(database_url, held)) == 1
+    assert await fulfillment_rows(database_url, later) == []
+    assert standin.request_count == 1  # the later session was never looked up
+    assert await _depth(channel, topology.work_queue) == 1

@@ -156,6 +156,29 @@ async def test_every_effect_done_is_on_an_outcome_line_even_when_its_attempt_fai
         await proxy.close()
 
 
+async def test_an_attempt_that_failed_after_an_effect_names_it_on_its_retry_line(
+    standin: StripeStandIn, smtp: SmtpSink, spawn: Any, publish: Any, outbound: str, channel: Any
+) -> None:
+    """order.fulfilled went out, then the email was deferred: the retry line says what was
+    done before the failure, and the attempt that sends the email names only the email."""
+    smtp.deferred_recipients.add("later@example.com")
+    sid = standin.add_session(customer_email="later@example.com")["id"]
+    worker = await spawn()
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+    await wait_for(lambda: worker.events("retry scheduled"), timeout_s=15)
+    smtp.deferred_recipients.clear()
+    await asyncio.to_thread(smtp.wait, 1, 15)
+    await wait_for(lambda: worker.events("event handled"), timeout_s=15)
+
+    first_retry = worker.events("retry scheduled")[0]
+    assert first_retry["effects"] == {"order_fulfilled_message": f"published order.fulfilled:{sid}"}
+    [handled] = worker.events("event handled")
+    assert list(handled["effects"]) == ["confirmation_email"]
+    assert handled["effects"]["confirmation_email"] == f"sent <order.{sid}@shop.test>"
+    assert len(await drain(channel, outbound)) == 1
+
+
 async def test_a_worker_killed_between_the_row_and_the_email_is_finished_by_another_once(
     standin: StripeStandIn,
     smtp: SmtpSink,

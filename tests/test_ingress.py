@@ -164,6 +164,23 @@ async def test_the_same_signed_request_again_is_answered_200_but_not_queued_agai
     assert again.headers[HEADER_EVENT_ID] == doc["id"]
 
 
+async def test_a_replay_is_recognised_for_as_long_as_its_signature_verifies(
+    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
+) -> None:
+    """A signature dated ahead of the clock (within the tolerance) keeps verifying until
+    that far behind it: the replay guard must remember it that long, twice the tolerance."""
+    settings = replace(ingress_settings, tolerance_s=2)
+    session, base = await start_ingress(settings)
+    raw = sh.body(sh.event("checkout.session.completed"))
+    ahead = sh.signature_header(raw, SECRET, timestamp=int(time.time()) + 2)
+    assert (await post(session, base, raw, ahead))[0] == 200
+
+    await asyncio.sleep(2.5)  # past one tolerance: the signature still verifies
+
+    assert (await post(session, base, raw, ahead))[0] == 200
+    assert len(await drain(channel, topology.work_queue)) == 1
+
+
 async def test_an_oversized_api_version_is_left_out_not_allowed_to_cut_the_connection(
     topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
 ) -> None:

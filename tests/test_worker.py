@@ -829,6 +829,7 @@ async def test_an_unknown_session_or_malformed_body_is_dead_lettered_at_once_wit
     assert "No such checkout.session" in not_found.headers[HEADER_ERROR_MESSAGE]
     assert not_found.headers[HEADER_ATTEMPT] == 1
     assert not_found.headers[HEADER_WORKER_ID] == "test-worker"
+    assert not_found.delivery_mode == aio_pika.DeliveryMode.PERSISTENT  # as every copy is
     assert not_found.headers[HEADER_FIRST_FAILED_AT] <= not_found.headers[HEADER_LAST_FAILED_AT]
     assert json.loads(not_found.body)["id"] == unknown["id"]
     assert by_type["MalformedEvent"].body == b"{not json"
@@ -956,10 +957,11 @@ async def test_a_session_with_more_line_items_than_one_page_is_fulfilled_with_al
     publish: Any,
     database_url: str,
 ) -> None:
-    """Stripe expands only the first 10 line items; the rest come from /line_items pages.
+    """Stripe expands only the first 10 line items; the rest come from /line_items pages
+    (here more than one: pages hold at most 100, and the paging must not stop early).
     A page that is not Stripe's (a gateway's 200 without a list) is retried: it used to
     end the paging, and the order was recorded and announced with items missing (review)."""
-    items = [(f"Item {i:02}", 1, 100 + i) for i in range(23)]
+    items = [(f"Item {i:03}", 1, 100 + i) for i in range(123)]
     sid = standin.add_session(line_items=items)["id"]
     if gateway_page is not None:
         standin.answer_next(1, gateway_page, content_type="application/json", path="*/line_items")

@@ -336,6 +336,19 @@ async def publish(topology: Topology, amqp: AbstractRobustConnection) -> Any:
     return send
 
 
+async def bind_refusing_queue(channel: AbstractChannel, topology: Topology, key: str) -> Any:
+    """A full queue bound to the events exchange for ``key`` that refuses every message:
+    the broker then nacks each publish routed to it (the exclusive queue goes with the
+    channel)."""
+    full = await channel.declare_queue(
+        f"{topology.prefix}.full",
+        exclusive=True,
+        arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+    )
+    await full.bind(topology.events_exchange, key)
+    return full
+
+
 async def db_fetch(database_url: str, sql: str, *args: Any) -> list[Any]:
     import asyncpg
 

@@ -24,7 +24,7 @@ from shared.broker import HEADER_ACCOUNT, HEADER_EVENT_ID
 from shared.settings import BrokerSettings
 from shared.topology import Topology
 from tests import stripe_helpers as sh
-from tests.conftest import depths, drain, free_port, wait_for
+from tests.conftest import bind_refusing_queue, depths, drain, free_port, wait_for
 from tests.processes import RoleProcess, broker_env, fresh_metrics, ingress_process
 from tests.tcp_proxy import TcpProxy
 
@@ -458,34 +458,25 @@ async def test_an_event_type_no_queue_is_bound_for_lands_in_the_unrouted_queue(
     assert await drain(channel, topology.work_queue) == []
 
 
-async def test_an_event_the_broker_can_route_nowhere_is_503_not_200(
-    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
+@pytest.mark.parametrize("refusal", ["returned", "nacked"])
+async def test_a_publish_the_broker_returns_or_refuses_is_503_not_200(
+    refusal: str,
+    topology: Topology,
+    ingress_settings: IngressSettings,
+    start_ingress: Any,
+    channel: Any,
 ) -> None:
-    """Published mandatory: with the alternate exchange gone (an operator's mistake), the
-    broker returns the message, and a 200 then would be an event lost in silence."""
+    """Not durably queued, so not a 200. Returned: published mandatory, an event no queue is
+    bound for, with the alternate exchange gone (an operator's mistake). Nacked: a full
+    queue bound for it refuses it."""
     session, base = await start_ingress(ingress_settings)
-    await channel.exchange_delete(topology.unrouted_exchange)
-    raw = sh.body(sh.event("customer.created", sh.fixture_object("customer")))
-
-    status, payload, headers = await post(session, base, raw, sh.signature_header(raw, SECRET))
-
-    assert status == 503, payload
-    assert payload["error"]["type"] == "broker_unavailable"
-    assert int(headers["Retry-After"]) > 0
-
-
-async def test_a_publish_the_broker_refuses_is_503_not_200(
-    topology: Topology, ingress_settings: IngressSettings, start_ingress: Any, channel: Any
-) -> None:
-    """A nack (here a full queue bound for the event, refusing more) is not durably queued."""
-    session, base = await start_ingress(ingress_settings)
-    full = await channel.declare_queue(
-        f"{topology.prefix}.full",
-        exclusive=True,
-        arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
-    )
-    await full.bind(topology.events_exchange, "checkout.session.completed")
-    raw = sh.body(sh.event("checkout.session.completed"))
+    if refusal == "returned":
+        await channel.exchange_delete(topology.unrouted_exchange)
+        doc = sh.event("customer.created", sh.fixture_object("customer"))
+    else:
+        await bind_refusing_queue(channel, topology, "checkout.session.completed")
+        doc = sh.event("checkout.session.completed")
+    raw = sh.body(doc)
 
     status, payload, headers = await post(session, base, raw, sh.signature_header(raw, SECRET))
 

@@ -30,7 +30,7 @@ from shared.broker import (
 from shared.envelope import EventEnvelope
 from shared.topology import Topology
 from tests import stripe_helpers as sh
-from tests.conftest import db_fetch, drain, free_port, wait_for
+from tests.conftest import bind_refusing_queue, db_fetch, drain, free_port, wait_for
 from tests.processes import RoleProcess, broker_env, run_fulfillment, worker_env
 from tests.smtp_sink import SmtpSink
 from tests.tcp_proxy import TcpProxy
@@ -452,12 +452,7 @@ async def test_a_backfill_the_broker_refuses_leaves_its_events_for_the_next_run(
     the next run enqueues it, rather than skipping it for good."""
     now = int(time.time())
     event = standin.add_session_event(standin.add_session()["id"], created=now - 3600)
-    full = await channel.declare_queue(
-        f"{topology.prefix}.full",
-        exclusive=True,
-        arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
-    )
-    await full.bind(topology.events_exchange, "checkout.session.*")
+    full = await bind_refusing_queue(channel, topology, "checkout.session.*")
     since = time.strftime("%Y-%m-%d", time.gmtime(now - 86400))
 
     refused = await acli(worker_settings, "backfill", "--since", since)

@@ -608,7 +608,9 @@ async def test_a_hung_broker_makes_the_ingress_not_ready_until_a_publish_is_conf
     try:
         assert await post_an_event() == 200
         proxy.freeze()
+        started = time.monotonic()
         assert await post_an_event() == 503
+        assert time.monotonic() - started < broker.publish_timeout_s + 0.5  # its timeout
         assert await readiness() == (
             503,
             {"status": "not ready", "reason": "broker not confirming publishes"},
@@ -616,6 +618,9 @@ async def test_a_hung_broker_makes_the_ingress_not_ready_until_a_publish_is_conf
         assert (await readiness())[0] == 503  # still: its own probe is not confirmed
         proxy.thaw()
         assert await readiness() == (200, {"status": "ready"})  # no webhook needed
+        # and over for good: checks at once do not each probe again (and wait on it)
+        answers = await asyncio.gather(*(readiness() for _ in range(8)))
+        assert [status for status, _ in answers] == [200] * 8
         assert await post_an_event() == 200
     finally:
         await proxy.close()

@@ -221,23 +221,31 @@ def database_url_named(server_url: str, name: str) -> str:
 @pytest.fixture(scope="session")
 def database_url(postgres_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test session, dropped at the end."""
-    import asyncpg
-
     from worker.db import migrate
 
     name = f"fulfillment_test_{uuid.uuid4().hex[:8]}"
     url = database_url_named(postgres_url, name)
     asyncio.run(migrate(url))
     yield url
+    asyncio.run(drop_database(postgres_url, name))
 
-    async def drop() -> None:
-        admin = await asyncpg.connect(database_url_named(postgres_url, "postgres"))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
-    asyncio.run(drop())
+@pytest.fixture
+async def unmigrated_database_url(postgres_url: str) -> AsyncIterator[str]:
+    """The URL of a database nobody created yet (for migrate's own tests), dropped after."""
+    name = f"fulfillment_test_{uuid.uuid4().hex[:8]}"
+    yield database_url_named(postgres_url, name)
+    await drop_database(postgres_url, name)
+
+
+async def drop_database(postgres_url: str, name: str) -> None:
+    import asyncpg
+
+    admin = await asyncpg.connect(database_url_named(postgres_url, "postgres"))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 # --- worker fixtures: SMTP sink, Stripe stand-in, workers in process -------------------

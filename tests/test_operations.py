@@ -11,10 +11,12 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import aio_pika
+import asyncpg
 import pytest
 
 from fulfillment.stripe_standin import StripeStandIn
@@ -35,6 +37,7 @@ from tests.processes import RoleProcess, broker_env, run_fulfillment, worker_env
 from tests.smtp_sink import SmtpSink
 from tests.tcp_proxy import TcpProxy
 from tests.test_worker import fulfillment_rows, session_event
+from worker.db import migrate
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(90)
@@ -569,6 +572,45 @@ async def test_status_reports_queue_depths_consumers_dead_letters_and_recent_ful
     assert 0 <= report["oldest_dead_letter_age_s"] < 120
     assert "oldest dead letter:" in text.stdout and topology.dead_queue in text.stdout
     assert len(await drain(channel, topology.dead_queue)) == 1  # peeking kept it
+
+
+async def test_status_counts_the_work_queues_consumers_waiting_sessions_and_the_last_hour(
+    worker_settings: WorkerSettings, channel: Any, topology: Topology, unmigrated_database_url: str
+) -> None:
+    url = unmigrated_database_url
+    await migrate(url)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            """INSERT INTO checkout_sessions (checkout_session_id, state) VALUES
+               ('cs_recent', 'fulfilled'), ('cs_old', 'fulfilled'),
+               ('cs_waiting', 'awaiting_payment'), ('cs_failed', 'payment_failed'),
+               ('cs_new', 'new')"""
+        )
+        await conn.execute(
+            """INSERT INTO fulfillments (checkout_session_id, amount_total, currency,
+                                         payment_status, created_at) VALUES
+               ('cs_recent', 100, 'usd', 'paid', now() - interval '5 minutes'),
+               ('cs_old', 100, 'usd', 'paid', now() - interval '2 hours')"""
+        )
+    finally:
+        await conn.close()
+    async def hold(message: Any) -> None:  # one worker, as the broker sees it
+        pass
+
+    work = await channel.get_queue(topology.work_queue)
+    tag = await work.consume(hold)
+    try:
+        result = await acli(replace(worker_settings, database_url=url), "status", "--json")
+    finally:
+        await work.cancel(tag)
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["consumers"] == 1
+    assert report["queues"][topology.dead_queue]["consumers"] == 0
+    assert report["fulfillments_last_hour"] == 1
+    assert report["awaiting_payment"] == 1
 
 
 async def test_status_without_its_database_shows_the_broker_and_exits_1(

@@ -595,6 +595,7 @@ async def test_status_counts_the_work_queues_consumers_waiting_sessions_and_the_
         )
     finally:
         await conn.close()
+
     async def hold(message: Any) -> None:  # one worker, as the broker sees it
         pass
 

@@ -1880,3 +1880,34 @@ async def test_a_stopping_worker_takes_no_new_message_while_it_finishes_its_own(
     assert await fulfillment_rows(database_url, later) == []
     assert standin.request_count == 1  # the later session was never looked up
     assert await _depth(channel, topology.work_queue) == 1
+
+
+async def test_a_payment_status_stripe_does_not_document_is_dead_lettered_not_fulfilled(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    channel: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """Only `paid` and `no_payment_required` are paid: a value Stripe may add one day (or
+    an odd answer) is kept for a person to look at, never taken for a payment."""
+    sid = standin.add_session(payment_status="processing")["id"]
+    await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    [letter] = await wait_for(lambda: drain(channel, topology.dead_queue), timeout_s=15)
+    assert "unexpected payment_status 'processing'" in letter.headers[HEADER_ERROR_MESSAGE]
+    assert await fulfillment_rows(database_url, sid) == []
+    assert smtp.for_session(sid) == []
+
+
+def test_a_session_that_does_not_say_its_payment_status_is_taken_as_unpaid() -> None:
+    from worker.order import Order
+
+    assert Order.from_session({"object": "checkout.session", "id": "cs_test_1"}).payment_status == (
+        "unpaid"
+    )

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -959,6 +960,45 @@ def _children_of(pid: int) -> list[int]:
                 if int(stat.read().rpartition(")")[2].split()[1]) == pid:
                     found.append(int(entry))
     return found
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the worker through /proc")
+async def test_up_restarts_a_worker_that_dies_waiting_longer_each_time(
+    standin: StripeStandIn, smtp: SmtpSink, worker_settings: WorkerSettings
+) -> None:
+    """A crash loop must not restart a worker twice a second for ever: each restart waits
+    about twice as long as the one before (0.5 s, 1 s, 2 s, each jittered down to half)."""
+    up = await start_up(worker_settings, 1, sh.new_secret(), free_port())
+    assert up.process is not None
+    up_pid = up.process.pid
+
+    def the_worker() -> int | None:
+        for pid in _children_of(up_pid):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"worker" in cmdline.read().split(b"\0"):
+                    return pid
+        return None
+
+    try:
+        for kills in (1, 2, 3):
+            os.kill(await wait_for(the_worker), signal.SIGKILL)
+            await wait_for(
+                lambda kills=kills: (
+                    sum("worker consuming" in line for line in up.lines) == kills + 1
+                ),
+                timeout_s=20,
+            )
+        delays = [
+            float(found.group(1))
+            for line in up.lines
+            if (found := re.search(r"worker-1 exited with -9; restarting in ([0-9.]+)s", line))
+        ]
+        assert len(delays) == 3, delays
+        assert delays[2] >= 1.0, delays
+        up.signal(signal.SIGTERM)
+        assert await up.wait(60) == 0
+    finally:
+        await up.stop()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="children follow a killed up on Linux")

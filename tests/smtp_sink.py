@@ -50,6 +50,8 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.sink.data_answer is not None:
+            return self.sink.data_answer  # refused (or deferred) once the content is in
         # UTF-8 (not ASCII) for the bytes: with SMTPUTF8, headers may be UTF-8 (RFC 6532)
         message = email.message_from_string(
             envelope.content.decode("utf-8"), policy=email.policy.default
@@ -78,6 +80,7 @@ class SmtpSink:
         self.refuse_ehlo = False  # EHLO answered 502: the client says HELO (no extensions)
         self.refuse_sender = False  # every MAIL FROM refused with 553 (a relay misconfigured)
         self.relay_denied = False  # every RCPT refused with 554 5.7.1 (we may not relay)
+        self.data_answer: str | None = None  # every DATA answered with this, nothing kept
         self.after_data: Callable[[], Awaitable[None]] | None = None
         self._controller: Controller | None = None
 

@@ -180,6 +180,7 @@ def test_a_bad_log_value_stops_with_a_config_error_naming_the_variable(
         pytest.param("STRIPE_WEBHOOK_SECRETS", "whsec_a,whsec_", id="one-secret-empty"),
         # names made from it would be over AMQP's 255 bytes: the ingress retried for ever
         pytest.param("BROKER_PREFIX", "p" * 201, id="prefix-too-long-for-queue-names"),
+        pytest.param("BROKER_PREFIX", "é" * 101, id="prefix-too-long-in-bytes-not-chars"),
         pytest.param("INGRESS_PORT", "http", id="port-not-a-number"),
         pytest.param("INGRESS_PORT", "-1", id="port-negative"),
         pytest.param("INGRESS_PORT", "65536", id="port-above-65535"),
@@ -198,6 +199,56 @@ def test_a_bad_ingress_value_stops_with_a_config_error_naming_the_variable(
 ) -> None:
     with pytest.raises(ConfigError, match=name):
         IngressSettings.from_env(ingress_env(**{name: value}))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        # a prefetch of 0 is "unlimited" in AMQP: one worker would take the whole queue
+        pytest.param("WORKER_CONCURRENCY", "0", id="concurrency-zero"),
+        pytest.param("WORKER_CONCURRENCY", "-1", id="concurrency-negative"),
+        pytest.param("WORKER_QUICK_RETRIES", "0", id="quick-retries-zero"),
+        pytest.param("WORKER_GRACE_S", "-1", id="grace-negative"),
+        pytest.param("SMTP_TIMEOUT_S", "0", id="smtp-timeout-zero"),
+        pytest.param("SMTP_URL", "http://mail", id="smtp-url-scheme"),
+        pytest.param("SMTP_URL", "smtp://", id="smtp-url-no-host"),
+        pytest.param("MAIL_FROM", "Orders", id="mail-from-no-address"),
+        pytest.param("DATABASE_URL", "mysql://db/x", id="database-url-scheme"),
+        pytest.param("DELIVERY_LIMIT", "many", id="broker-value-through-worker"),
+    ],
+)
+def test_a_bad_worker_value_stops_with_a_config_error_naming_the_variable(
+    name: str, value: str
+) -> None:
+    with pytest.raises(ConfigError, match=name):
+        WorkerSettings.from_env({"STRIPE_API_KEY": "sk_test_x", name: value})
+
+
+def test_the_smtp_url_scheme_decides_tls_and_the_default_port() -> None:
+    """smtps:// is TLS from the first byte (port 465 unless given); smtp:// starts plain
+    (port 25) and upgrades with STARTTLS when the relay offers it."""
+    from worker.settings import SmtpSettings
+
+    tls = SmtpSettings.from_env({"SMTP_URL": "smtps://u:p%40ss@mail.example"})
+    assert (tls.use_tls, tls.port, tls.host, tls.username, tls.password) == (
+        True,
+        465,
+        "mail.example",
+        "u",
+        "p@ss",
+    )
+    plain = SmtpSettings.from_env({"SMTP_URL": "smtp://mail.example"})
+    assert (plain.use_tls, plain.port) == (False, 25)
+
+
+@pytest.mark.parametrize("url", ["postgres://u@db/x", "postgresql://u@db/x"])
+def test_both_postgresql_url_schemes_are_accepted(url: str) -> None:
+    settings = WorkerSettings.from_env({"STRIPE_API_KEY": "sk_test_x", "DATABASE_URL": url})
+    assert settings.database_url == url
+
+
+def test_a_broker_prefix_of_200_bytes_is_accepted() -> None:
+    assert BrokerSettings.from_env({"BROKER_PREFIX": "é" * 100}).prefix == "é" * 100
 
 
 @pytest.mark.parametrize("value", ["0", "65535"])

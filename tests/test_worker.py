@@ -1233,6 +1233,90 @@ async def test_the_mailer_reuses_its_connection_and_survives_the_relay_dropping_
         await mailer.close()
 
 
+def _mail(n: int) -> Any:
+    from email.mime.text import MIMEText
+
+    m = MIMEText(f"message {n}")
+    m["From"], m["To"], m["Subject"] = "orders@shop.test", "ada@example.com", f"n{n}"
+    return m
+
+
+@pytest.mark.parametrize(
+    ("answer", "written_off"),
+    [
+        ("554 5.6.0 Bad content", True),
+        ("552 5.3.4 Message too big", True),
+        ("554 5.7.1 Rejected as spam", False),
+        ("451 4.3.0 Try again later", False),
+    ],
+)
+async def test_a_refusal_at_data_is_judged_as_one_at_rcpt_is(
+    answer: str, written_off: bool, smtp: SmtpSink, worker_settings: WorkerSettings
+) -> None:
+    from shared.errors import TransientError
+    from worker.mail import Mailer, Undeliverable
+
+    smtp.data_answer = answer
+    mailer = Mailer(worker_settings.smtp)
+    try:
+        with pytest.raises((TransientError, Undeliverable)) as caught:
+            await mailer.send(_mail(0))
+    finally:
+        await mailer.close()
+    assert type(caught.value) is (Undeliverable if written_off else TransientError)
+
+
+async def test_a_connection_idle_longer_than_its_limit_is_not_used_again(
+    smtp: SmtpSink, worker_settings: WorkerSettings
+) -> None:
+    """A relay (or a NAT on the way) may drop an idle connection without a word: a send on
+    it would wait out the whole timeout. Past max_idle_s a new connection is opened."""
+    from worker.mail import Mailer
+
+    mailer = Mailer(worker_settings.smtp, max_idle_s=0.2)
+    try:
+        await mailer.send(_mail(0))
+        await mailer.send(_mail(1))  # at once: the same connection
+        await asyncio.sleep(0.4)
+        await mailer.send(_mail(2))
+    finally:
+        await mailer.close()
+    assert smtp.peers[0] == smtp.peers[1] != smtp.peers[2]
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "ada@example.com\r\nBcc: eve@example.com",
+        "ada@example.com\nBcc: eve@example.com",
+        "ada smith@example.com",
+        "ada@exa mple.com",
+        "ada@example.com\t",
+        "ada@example.com, eve@example.com",
+        "Ada <ada@example.com>",
+    ],
+)
+def test_a_customer_email_that_is_not_one_bare_address_is_undeliverable(address: str) -> None:
+    """No header injection and no second recipient: written off as undeliverable (the
+    order goes on), never sent, never a crash of the email library."""
+    from worker.mail import Undeliverable, confirmation_email
+    from worker.order import Order
+
+    order = Order(
+        session_id="cs_test_address",
+        payment_status="paid",
+        amount_total=100,
+        currency="usd",
+        customer_id=None,
+        customer_email=address,
+        customer_name=None,
+        livemode=False,
+        items=(),
+    )
+    with pytest.raises(Undeliverable):
+        confirmation_email(order, "Shop <orders@shop.test>")
+
+
 async def both_steps(database_url: str, session_id: str) -> dict[str, str] | None:
     """The session's recorded steps once both effects are recorded, else None."""
     steps = await fulfillment_steps(database_url, session_id)

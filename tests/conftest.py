@@ -344,6 +344,13 @@ async def publish(topology: Topology, amqp: AbstractRobustConnection) -> Any:
     return send
 
 
+def counted(metric: str, **labels: str) -> float:
+    """A counter's current value in this process's registry (in-process services)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(metric, labels) or 0.0
+
+
 async def bind_refusing_queue(channel: AbstractChannel, topology: Topology, key: str) -> Any:
     """A full queue bound to the events exchange for ``key`` that refuses every message:
     the broker then nacks each publish routed to it (the exclusive queue goes with the

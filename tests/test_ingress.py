@@ -24,7 +24,7 @@ from shared.broker import HEADER_ACCOUNT, HEADER_EVENT_ID
 from shared.settings import BrokerSettings
 from shared.topology import Topology
 from tests import stripe_helpers as sh
-from tests.conftest import bind_refusing_queue, depths, drain, free_port, wait_for
+from tests.conftest import bind_refusing_queue, counted, depths, drain, free_port, wait_for
 from tests.processes import RoleProcess, broker_env, fresh_metrics, ingress_process
 from tests.tcp_proxy import TcpProxy
 
@@ -134,11 +134,9 @@ async def test_the_same_signed_request_again_is_answered_200_but_not_queued_agai
     captured request replayed (adversarial trial: 2,000 in 1.3 s, each a Stripe read in
     the workers). 200, as it was queued; not queued again. Stripe's own retry (re-signed)
     is queued as always."""
-    from prometheus_client import REGISTRY
 
     def replays() -> float:
-        labels = {"outcome": "replay"}
-        return REGISTRY.get_sample_value("ingress_webhook_requests_total", labels) or 0.0
+        return counted("ingress_webhook_requests_total", outcome="replay")
 
     session, base = await start_ingress(ingress_settings)
     doc = sh.event("checkout.session.completed")

@@ -25,7 +25,7 @@ from shared.broker import (
 )
 from shared.topology import Topology
 from tests import stripe_helpers as sh
-from tests.conftest import db_fetch, drain, wait_for
+from tests.conftest import counted, db_fetch, drain, wait_for
 from tests.smtp_sink import SmtpSink
 from tests.tcp_proxy import TcpProxy
 from worker.settings import WorkerSettings
@@ -39,13 +39,6 @@ def session_event(
     """An event around the stand-in's current view of the session, as Stripe would send."""
     session = {k: v for k, v in standin.sessions[session_id].items() if k != "line_items"}
     return sh.event(event_type, session, **kw)
-
-
-def counted(metric: str, **labels: str) -> float:
-    """A worker counter's current value (this process's registry: in-process workers)."""
-    from prometheus_client import REGISTRY
-
-    return REGISTRY.get_sample_value(metric, labels) or 0.0
 
 
 async def stored_items(database_url: str, session_id: str) -> list[tuple[Any, ...]]:
@@ -570,11 +563,9 @@ async def test_a_retry_after_is_waited_in_process_when_short_and_in_a_delay_queu
     before the quick retry (not 0.1 s later), a long one in a delay queue, where the
     message waits without holding a worker's slot. Read also from an answer that is not
     Stripe's error JSON (a gateway's page), whose headers stripe-python's error drops."""
-    from prometheus_client import REGISTRY
 
     def sent_to_delay_queues() -> float:
-        labels = {"event_type": "checkout.session.completed"}
-        return REGISTRY.get_sample_value("worker_retries_total", labels) or 0.0
+        return counted("worker_retries_total", event_type="checkout.session.completed")
 
     sid = standin.add_session()["id"]
     if from_gateway:
@@ -1205,40 +1196,34 @@ def test_an_items_description_is_one_line_in_the_email_and_kept_as_stripe_has_it
     assert len(line) == len("  2 x ") + DESCRIPTION_MAX_CHARS + len("  25.00 USD")
 
 
-async def test_the_mailer_reuses_its_connection_and_survives_the_relay_dropping_it(
-    smtp: SmtpSink, worker_settings: WorkerSettings
-) -> None:
-    from email.mime.text import MIMEText
-
-    from worker.mail import Mailer
-
-    def message(n: int) -> MIMEText:
-        m = MIMEText(f"message {n}")
-        m["From"], m["To"], m["Subject"] = "orders@shop.test", "ada@example.com", f"n{n}"
-        return m
-
-    mailer = Mailer(worker_settings.smtp)
-    try:
-        for n in range(3):
-            await mailer.send(message(n))
-        assert len(smtp.messages) == 3
-        assert len(set(smtp.peers)) == 1  # one connection for all three
-
-        smtp.stop()  # the relay restarts: the idle connection is dead
-        smtp.start()
-        await mailer.send(message(3))  # sent on a new connection, no error
-        assert [m["Subject"] for m in smtp.messages] == ["n0", "n1", "n2", "n3"]
-        assert len(set(smtp.peers)) == 2
-    finally:
-        await mailer.close()
-
-
-def _mail(n: int) -> Any:
+def mail_numbered(n: int) -> Any:
+    """A plain message with subject ``n<n>``, for the mailer's own tests."""
     from email.mime.text import MIMEText
 
     m = MIMEText(f"message {n}")
     m["From"], m["To"], m["Subject"] = "orders@shop.test", "ada@example.com", f"n{n}"
     return m
+
+
+async def test_the_mailer_reuses_its_connection_and_survives_the_relay_dropping_it(
+    smtp: SmtpSink, worker_settings: WorkerSettings
+) -> None:
+    from worker.mail import Mailer
+
+    mailer = Mailer(worker_settings.smtp)
+    try:
+        for n in range(3):
+            await mailer.send(mail_numbered(n))
+        assert len(smtp.messages) == 3
+        assert len(set(smtp.peers)) == 1  # one connection for all three
+
+        smtp.stop()  # the relay restarts: the idle connection is dead
+        smtp.start()
+        await mailer.send(mail_numbered(3))  # sent on a new connection, no error
+        assert [m["Subject"] for m in smtp.messages] == ["n0", "n1", "n2", "n3"]
+        assert len(set(smtp.peers)) == 2
+    finally:
+        await mailer.close()
 
 
 @pytest.mark.parametrize(
@@ -1260,7 +1245,7 @@ async def test_a_refusal_at_data_is_judged_as_one_at_rcpt_is(
     mailer = Mailer(worker_settings.smtp)
     try:
         with pytest.raises((TransientError, Undeliverable)) as caught:
-            await mailer.send(_mail(0))
+            await mailer.send(mail_numbered(0))
     finally:
         await mailer.close()
     assert type(caught.value) is (Undeliverable if written_off else TransientError)
@@ -1275,10 +1260,10 @@ async def test_a_connection_idle_longer_than_its_limit_is_not_used_again(
 
     mailer = Mailer(worker_settings.smtp, max_idle_s=0.2)
     try:
-        await mailer.send(_mail(0))
-        await mailer.send(_mail(1))  # at once: the same connection
+        await mailer.send(mail_numbered(0))
+        await mailer.send(mail_numbered(1))  # at once: the same connection
         await asyncio.sleep(0.4)
-        await mailer.send(_mail(2))
+        await mailer.send(mail_numbered(2))
     finally:
         await mailer.close()
     assert smtp.peers[0] == smtp.peers[1] != smtp.peers[2]
@@ -1606,11 +1591,9 @@ async def test_an_unconfirmed_outbound_message_is_published_again_said_and_count
     """A broker slower to confirm than PUBLISH_TIMEOUT_S (an alarm, a stalled link): the
     message's fate is unknown, so the retry publishes it again, and both may arrive (chaos
     trial). Not silent: a warning and a counter; receivers drop the repeat by its id."""
-    from prometheus_client import REGISTRY
 
     def unconfirmed() -> float:
-        labels = {"type": "order.fulfilled"}
-        return REGISTRY.get_sample_value("worker_outbound_unconfirmed_total", labels) or 0.0
+        return counted("worker_outbound_unconfirmed_total", type="order.fulfilled")
 
     proxy = TcpProxy.in_front_of(rabbitmq_url)
     await proxy.start()
@@ -1623,10 +1606,10 @@ async def test_an_unconfirmed_outbound_message_is_published_again_said_and_count
         proxy.downstream_delay_s = 1.0  # the delivery, and every confirm, come 1 s late
         await publish(session_event(standin, "checkout.session.completed", sid))
 
-        async def counted() -> bool:
+        async def one_unconfirmed() -> bool:
             return unconfirmed() > before
 
-        await wait_for(counted, timeout_s=15)
+        await wait_for(one_unconfirmed, timeout_s=15)
         proxy.downstream_delay_s = 0.0
         await asyncio.to_thread(smtp.wait, 1, 15)
     finally:

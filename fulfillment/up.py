@@ -302,7 +302,9 @@ def _listeners(
     hosts: tuple[str, str], workers: int, port: int, metrics_port: int, plan: LocalPlan
 ) -> list[Listener]:
     ingress_host, metrics_host = hosts
-    wanted = [Listener("INGRESS_PORT", ingress_host, port, True, "INGRESS_HOST")]
+    wanted = [
+        Listener("INGRESS_PORT", ingress_host, port, reuse_port=True, host_setting="INGRESS_HOST")
+    ]
     if metrics_port:
         wanted += [Listener("WORKER_METRICS_PORT", metrics_host, metrics_port + i,
                             host_setting="WORKER_METRICS_HOST")

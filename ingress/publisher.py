@@ -44,8 +44,14 @@ class EventPublisher:
 
     @property
     def connected(self) -> bool:
-        channel = self._channel
-        return self._exchange is not None and channel is not None and not channel.is_closed
+        return self._usable() is not None
+
+    def _usable(self) -> tuple[AbstractExchange, AbstractChannel] | None:
+        """The events exchange and its channel while the channel is open; else None."""
+        exchange, channel = self._exchange, self._channel
+        if exchange is None or channel is None or channel.is_closed:
+            return None
+        return exchange, channel
 
     async def probe(self, timeout_s: float) -> bool:
         """Whether the broker confirms a publish now, found out with a persistent message
@@ -61,9 +67,10 @@ class EventPublisher:
             async with self._probing:
                 return not self.stalled
         async with self._probing:
-            exchange, channel = self._exchange, self._channel
-            if exchange is None or channel is None or channel.is_closed:
+            usable = self._usable()
+            if usable is None:
                 return False
+            _, channel = usable
             message = aio_pika.Message(
                 b"", message_id=uuid.uuid4().hex, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
             )
@@ -96,9 +103,10 @@ class EventPublisher:
 
     async def publish(self, raw: bytes, event: EventEnvelope) -> None:
         """Publish one event and return once the broker confirmed it; else BrokerUnavailable."""
-        exchange, channel = self._exchange, self._channel
-        if exchange is None or channel is None or channel.is_closed:
+        usable = self._usable()
+        if usable is None:
             raise BrokerUnavailable("not connected to the broker")
+        exchange, _ = usable
         message = event_message(raw, event, source="fulfillment-ingress")
         started = time.perf_counter()
         try:

@@ -1595,10 +1595,10 @@ async def test_an_unconfirmed_outbound_message_is_published_again_said_and_count
     def unconfirmed() -> float:
         return counted("worker_outbound_unconfirmed_total", type="order.fulfilled")
 
+    before = unconfirmed()  # (before the proxy: nothing between its start and the finally)
     proxy = TcpProxy.in_front_of(rabbitmq_url)
     await proxy.start()
     broker = replace(worker_settings.broker, url=proxy.url(), publish_timeout_s=0.3)
-    before = unconfirmed()
     try:
         sid = standin.add_session()["id"]
         await start_worker(replace(worker_settings, broker=broker, quick_retries=2))

@@ -25,7 +25,7 @@ from aiohttp import web
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, ConfigError
 from shared.logging import get_logger
-from shared.settings import Env, env_int, env_str, env_url
+from shared.settings import Env, default_of, env_int, env_str, env_url
 from shared.stripe_client import StripeSettings, make_client
 
 log = get_logger(__name__)
@@ -59,10 +59,10 @@ class CheckoutSettings:
         return cls(
             stripe=StripeSettings.from_env(env),
             price=price,
-            quantity=env_int(env, "CHECKOUT_QUANTITY", 1, minimum=1),
+            quantity=env_int(env, "CHECKOUT_QUANTITY", default_of(cls, "quantity"), minimum=1),
             customer=customer,
             public_url=env_url(
-                env, "PUBLIC_URL", "http://localhost:8080", schemes=("http", "https")
+                env, "PUBLIC_URL", default_of(cls, "public_url"), schemes=("http", "https")
             ).rstrip("/"),
         )
 

@@ -6,7 +6,16 @@ import os
 from dataclasses import dataclass, field
 
 from shared.errors import ConfigError
-from shared.settings import BrokerSettings, Env, env_float, env_int, env_list, env_port, env_str
+from shared.settings import (
+    BrokerSettings,
+    Env,
+    default_of,
+    env_float,
+    env_int,
+    env_list,
+    env_port,
+    env_str,
+)
 
 # A day: a signature older than that is no delivery attempt of Stripe's (each is signed
 # anew), and a wider window only lets older captured requests in.
@@ -44,27 +53,38 @@ class IngressSettings:
                 "STRIPE_WEBHOOK_SECRETS entries must start with whsec_ and go on after it"
             )
         tolerance_s = env_int(
-            env, "STRIPE_WEBHOOK_TOLERANCE_S", 300, minimum=0, maximum=MAX_TOLERANCE_S
+            env,
+            "STRIPE_WEBHOOK_TOLERANCE_S",
+            default_of(cls, "tolerance_s"),
+            minimum=0,
+            maximum=MAX_TOLERANCE_S,
         )
         if tolerance_s == 0:
             raise ConfigError(
                 "STRIPE_WEBHOOK_TOLERANCE_S must be positive: 0 would disable the replay check"
             )
-        max_body_bytes = env_int(env, "INGRESS_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
+        max_body_bytes = env_int(
+            env, "INGRESS_MAX_BODY_BYTES", default_of(cls, "max_body_bytes"), minimum=1024
+        )
         max_buffered_bytes = env_int(
             env,
             "INGRESS_MAX_BUFFERED_BYTES",
-            max(64 * 1024 * 1024, max_body_bytes),  # at least one whole body, by default too
+            # at least one whole body, by default too
+            max(default_of(cls, "max_buffered_bytes"), max_body_bytes),
             minimum=max_body_bytes,
         )
         return cls(
             webhook_secrets=secrets,
             broker=BrokerSettings.from_env(env),
-            host=env_str(env, "INGRESS_HOST", "0.0.0.0"),
-            port=env_port(env, "INGRESS_PORT", 8080),
+            host=env_str(env, "INGRESS_HOST", default_of(cls, "host")),
+            port=env_port(env, "INGRESS_PORT", default_of(cls, "port")),
             tolerance_s=tolerance_s,
             max_body_bytes=max_body_bytes,
             max_buffered_bytes=max_buffered_bytes,
-            retry_after_s=env_int(env, "INGRESS_RETRY_AFTER_S", 10, minimum=1),
-            read_timeout_s=env_float(env, "INGRESS_READ_TIMEOUT_S", 10.0, minimum=0.1),
+            retry_after_s=env_int(
+                env, "INGRESS_RETRY_AFTER_S", default_of(cls, "retry_after_s"), minimum=1
+            ),
+            read_timeout_s=env_float(
+                env, "INGRESS_READ_TIMEOUT_S", default_of(cls, "read_timeout_s"), minimum=0.1
+            ),
         )

@@ -10,7 +10,8 @@ import errno
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 from urllib.parse import urlsplit
 
 from shared.errors import ConfigError
@@ -19,6 +20,19 @@ Env = Mapping[str, str]
 
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_RETRY_DELAYS_S = (10.0, 60.0, 600.0, 3600.0, 21600.0)
+
+
+def default_of(cls: type[Any], name: str) -> Any:
+    """The default a settings dataclass declares for its field ``name``: the one place
+    each default is written, which ``from_env`` falls back to when the variable is unset."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            break
+    raise TypeError(f"{cls.__name__}.{name} has no default")
 
 
 def _raw(env: Env, name: str) -> str | None:
@@ -130,10 +144,10 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
 
 
-def _delays(env: Env, name: str) -> tuple[float, ...]:
+def _delays(env: Env, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
     raw = env_list(env, name)
     if not raw:
-        return DEFAULT_RETRY_DELAYS_S
+        return default
     delays: list[float] = []
     for item in raw:
         try:
@@ -163,7 +177,7 @@ class BrokerSettings:
     @classmethod
     def from_env(cls, env: Env | None = None) -> BrokerSettings:
         env = os.environ if env is None else env
-        prefix = env_str(env, "BROKER_PREFIX", "")
+        prefix = env_str(env, "BROKER_PREFIX", default_of(cls, "prefix"))
         if any(c.isspace() for c in prefix) or "#" in prefix or "*" in prefix:
             raise ConfigError(f"BROKER_PREFIX must not hold spaces, '#' or '*', got {prefix!r}")
         if len(prefix.encode()) > MAX_PREFIX_BYTES:
@@ -172,11 +186,15 @@ class BrokerSettings:
                 f"it are at most 255), got {len(prefix.encode())}"
             )
         return cls(
-            url=env_url(env, "RABBITMQ_URL", DEFAULT_RABBITMQ_URL, schemes=("amqp", "amqps")),
+            url=env_url(env, "RABBITMQ_URL", default_of(cls, "url"), schemes=("amqp", "amqps")),
             prefix=prefix,
-            publish_timeout_s=env_float(env, "PUBLISH_TIMEOUT_S", 5.0, minimum=0.01),
-            retry_delays_s=_delays(env, "RETRY_DELAYS_S"),
-            delivery_limit=env_int(env, "DELIVERY_LIMIT", 10, minimum=1),
+            publish_timeout_s=env_float(
+                env, "PUBLISH_TIMEOUT_S", default_of(cls, "publish_timeout_s"), minimum=0.01
+            ),
+            retry_delays_s=_delays(env, "RETRY_DELAYS_S", default_of(cls, "retry_delays_s")),
+            delivery_limit=env_int(
+                env, "DELIVERY_LIMIT", default_of(cls, "delivery_limit"), minimum=1
+            ),
         )
 
     @property
@@ -194,10 +212,10 @@ class LogSettings:
     @classmethod
     def from_env(cls, env: Env | None = None) -> LogSettings:
         env = os.environ if env is None else env
-        level = env_str(env, "LOG_LEVEL", "INFO").upper()
+        level = env_str(env, "LOG_LEVEL", default_of(cls, "level")).upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
-        fmt = env_str(env, "LOG_FORMAT", "auto").lower()
+        fmt = env_str(env, "LOG_FORMAT", default_of(cls, "format")).lower()
         if fmt not in ("auto", "json", "console"):
             raise ConfigError(f"LOG_FORMAT must be auto, json or console, got {fmt!r}")
         return cls(level=level, format=fmt)

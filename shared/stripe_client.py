@@ -12,7 +12,7 @@ import aiohttp
 import stripe
 
 from shared.errors import ConfigError, PermanentError, TransientError
-from shared.settings import Env, env_float, env_str, env_url
+from shared.settings import Env, default_of, env_float, env_str, env_url
 
 STRIPE_API_BASE = "https://api.stripe.com"
 
@@ -47,9 +47,9 @@ class StripeSettings:
         return cls(
             api_key=api_key,
             api_base=env_url(
-                env, "STRIPE_API_BASE", STRIPE_API_BASE, schemes=("http", "https")
+                env, "STRIPE_API_BASE", default_of(cls, "api_base"), schemes=("http", "https")
             ).rstrip("/"),
-            timeout_s=env_float(env, "STRIPE_TIMEOUT_S", 10.0, minimum=0.1),
+            timeout_s=env_float(env, "STRIPE_TIMEOUT_S", default_of(cls, "timeout_s"), minimum=0.1),
         )
 
 

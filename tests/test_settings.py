@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from ingress.checkout import CheckoutSettings
 from ingress.settings import IngressSettings
 from shared.errors import ConfigError
 from shared.settings import (
@@ -11,8 +14,10 @@ from shared.settings import (
     DEFAULT_RETRY_DELAYS_S,
     BrokerSettings,
     LogSettings,
+    default_of,
 )
-from worker.settings import WorkerSettings
+from shared.stripe_client import StripeSettings
+from worker.settings import SmtpSettings, WorkerSettings
 
 SECRET = "whsec_" + "a1b2c3d4" * 4
 OTHER_SECRET = "whsec_" + "e5f6a7b8" * 4
@@ -67,6 +72,38 @@ def test_ingress_settings_need_only_the_webhook_secret_and_default_the_rest() ->
     assert settings.max_body_bytes == 1024 * 1024
     assert settings.retry_after_s == 10
     assert settings.read_timeout_s == 10.0
+
+
+def test_with_nothing_set_every_component_gets_exactly_the_defaults_its_class_declares() -> None:
+    # from_env falls back to default_of(...), so the defaults are written once: a dataclass
+    # built in code (tests, tools) and one read from an empty environment cannot differ
+    stripe = StripeSettings(api_key="sk_test_x")
+    worker = WorkerSettings.from_env({"STRIPE_API_KEY": "sk_test_x"})
+
+    assert StripeSettings.from_env({"STRIPE_API_KEY": "sk_test_x"}) == stripe
+    assert SmtpSettings.from_env({}) == SmtpSettings()
+    assert SmtpSettings().sender == "Orders <orders@localhost>"
+    assert worker == dataclasses.replace(WorkerSettings(stripe=stripe), worker_id=worker.worker_id)
+    assert IngressSettings.from_env(ingress_env()) == IngressSettings(webhook_secrets=(SECRET,))
+    assert CheckoutSettings.from_env(
+        {"STRIPE_API_KEY": "sk_test_x", "CHECKOUT_PRICE": "price_1"}
+    ) == CheckoutSettings(stripe=stripe, price="price_1")
+
+
+def test_each_worker_gets_an_id_of_its_own_when_none_is_set() -> None:
+    first = WorkerSettings(stripe=StripeSettings(api_key="sk_test_x")).worker_id
+    second = WorkerSettings.from_env({"STRIPE_API_KEY": "sk_test_x"}).worker_id
+
+    assert first != second  # several workers in one process (tests, up) are told apart
+    named = WorkerSettings.from_env({"STRIPE_API_KEY": "sk_test_x", "WORKER_ID": " w-1 "})
+    assert named.worker_id == "w-1"
+
+
+def test_a_field_without_a_default_is_a_programming_error_not_a_silent_none() -> None:
+    with pytest.raises(TypeError, match=r"StripeSettings\.api_key has no default"):
+        default_of(StripeSettings, "api_key")
+    with pytest.raises(TypeError, match="no default"):
+        default_of(StripeSettings, "no_such_field")
 
 
 # --- parsing ----------------------------------------------------------------------------------

@@ -10,7 +10,16 @@ from email.utils import parseaddr
 from urllib.parse import unquote, urlsplit
 
 from shared.errors import ConfigError
-from shared.settings import BrokerSettings, Env, env_float, env_int, env_port, env_str, env_url
+from shared.settings import (
+    BrokerSettings,
+    Env,
+    default_of,
+    env_float,
+    env_int,
+    env_port,
+    env_str,
+    env_url,
+)
 from shared.stripe_client import StripeSettings
 
 DEFAULT_DATABASE_URL = "postgresql://localhost/fulfillment"
@@ -27,7 +36,7 @@ class SmtpSettings:
     password: str | None = field(default=None, repr=False)
     use_tls: bool = False
     timeout_s: float = 10.0
-    sender: str = "orders@localhost"
+    sender: str = "Orders <orders@localhost>"
     # what we say in EHLO; aiosmtplib would otherwise resolve our FQDN on every connection
     local_hostname: str = field(default_factory=socket.gethostname)
 
@@ -39,7 +48,7 @@ class SmtpSettings:
             port = parts.port or (465 if parts.scheme == "smtps" else 25)
         except ValueError:
             raise ConfigError("SMTP_URL has an invalid port") from None
-        sender = env_str(env, "MAIL_FROM", "Orders <orders@localhost>")
+        sender = env_str(env, "MAIL_FROM", default_of(cls, "sender"))
         if "@" not in parseaddr(sender)[1]:
             raise ConfigError(f"MAIL_FROM must be an email address, got {sender!r}")
         return cls(
@@ -48,7 +57,7 @@ class SmtpSettings:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             use_tls=parts.scheme == "smtps",
-            timeout_s=env_float(env, "SMTP_TIMEOUT_S", 10.0, minimum=0.1),
+            timeout_s=env_float(env, "SMTP_TIMEOUT_S", default_of(cls, "timeout_s"), minimum=0.1),
             sender=sender,
         )
 
@@ -66,7 +75,9 @@ class WorkerSettings:
     metrics_host: str = "0.0.0.0"
     grace_s: float = 30.0
     quick_retries: int = 3
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    worker_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+    )
 
     @classmethod
     def from_env(cls, env: Env | None = None, *, concurrency: int | None = None) -> WorkerSettings:
@@ -76,14 +87,15 @@ class WorkerSettings:
             broker=BrokerSettings.from_env(env),
             database_url=database_url_from_env(env),
             smtp=SmtpSettings.from_env(env),
-            concurrency=concurrency or env_int(env, "WORKER_CONCURRENCY", 32, minimum=1),
-            metrics_port=env_port(env, "WORKER_METRICS_PORT", 9100),
-            metrics_host=env_str(env, "WORKER_METRICS_HOST", "0.0.0.0"),
-            grace_s=env_float(env, "WORKER_GRACE_S", 30.0, minimum=0),
-            quick_retries=env_int(env, "WORKER_QUICK_RETRIES", 3, minimum=1),
-            worker_id=env_str(
-                env, "WORKER_ID", f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+            concurrency=concurrency
+            or env_int(env, "WORKER_CONCURRENCY", default_of(cls, "concurrency"), minimum=1),
+            metrics_port=env_port(env, "WORKER_METRICS_PORT", default_of(cls, "metrics_port")),
+            metrics_host=env_str(env, "WORKER_METRICS_HOST", default_of(cls, "metrics_host")),
+            grace_s=env_float(env, "WORKER_GRACE_S", default_of(cls, "grace_s"), minimum=0),
+            quick_retries=env_int(
+                env, "WORKER_QUICK_RETRIES", default_of(cls, "quick_retries"), minimum=1
             ),
+            worker_id=env_str(env, "WORKER_ID", "") or default_of(cls, "worker_id"),
         )
 
 

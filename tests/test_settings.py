@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 
@@ -104,6 +106,49 @@ def test_a_field_without_a_default_is_a_programming_error_not_a_silent_none() ->
         default_of(StripeSettings, "api_key")
     with pytest.raises(TypeError, match="no default"):
         default_of(StripeSettings, "no_such_field")
+
+
+def _every_setting(env: dict[str, str]) -> tuple[object, ...]:
+    """Every settings object the components build from this environment (the worker's
+    random id left out)."""
+    required = {
+        "STRIPE_WEBHOOK_SECRETS": SECRET,
+        "STRIPE_API_KEY": "sk_test_x",
+        "CHECKOUT_PRICE": "price_1",
+        **env,
+    }
+    worker = WorkerSettings.from_env(required)
+    return (
+        BrokerSettings.from_env(required),
+        LogSettings.from_env(required),
+        IngressSettings.from_env(required),
+        CheckoutSettings.from_env(required),
+        dataclasses.replace(worker, worker_id=""),
+    )
+
+
+def test_the_readme_settings_table_states_the_defaults_the_code_uses() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    stated: dict[str, str] = {}
+    rows = re.findall(r"^\| (`[A-Z_]+`(?: / `[A-Z_]+`)*) \| (`[^|]+`) \|", readme, re.M)
+    for names, defaults in rows:
+        for name, default in zip(names.split(" / "), defaults.split(" / "), strict=True):
+            stated[name.strip("`")] = default.strip("`")
+    # read outside the settings dataclasses (the event loop, the stand-in `up` starts)
+    elsewhere = {"EVENT_LOOP", "STANDIN_PORT"}
+    assert len(stated) >= 25
+
+    for name, default in stated.items():
+        if name in elsewhere:
+            continue
+        # setting the variable to what the README says it defaults to changes nothing
+        assert _every_setting({name: default}) == _every_setting({}), name
+        # and the variable is one these settings read (else the line above proves nothing):
+        # another value is refused or makes a difference
+        try:
+            assert _every_setting({name: "x@x"}) != _every_setting({}), name
+        except ConfigError as exc:
+            assert name in str(exc)
 
 
 # --- parsing ----------------------------------------------------------------------------------

@@ -337,9 +337,17 @@ def print_table(letters: Sequence[DeadLetter], out: Any = sys.stdout) -> None:
         return
     print(f"{'EVENT ID':36} {'TYPE':44} {'ATT':>3}  {'LAST FAILURE':25} ERROR", file=out)
     for dl in letters:
-        error = f"{dl.error_type}: {dl.error}".replace("\n", " ")
+        error = _cell(f"{dl.error_type}: {dl.error}".replace("\n", " "))
         print(
-            f"{dl.event_id:36} {dl.event_type:44} {dl.attempts:>3}  "
-            f"{dl.last_failed_at or '-':25} {error[:100]}",
+            f"{_cell(dl.event_id):36} {_cell(dl.event_type):44} {dl.attempts:>3}  "
+            f"{_cell(dl.last_failed_at or '-'):25} {error[:100]}",
             file=out,
         )
+
+
+def _cell(text: str) -> str:
+    """A table cell on one line: a letter may come from anywhere (not only the ingress, which
+    refuses control characters), so line breaks and other unprintables are shown escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -27,7 +27,7 @@ class EventEnvelope:
     def parse(cls, raw: bytes | str) -> EventEnvelope:
         """Read the routing fields, or raise MalformedEvent saying what is wrong."""
         try:
-            doc = json.loads(raw)
+            doc = json.loads(raw, parse_constant=_not_json)
         except (UnicodeDecodeError, ValueError) as exc:
             raise MalformedEvent(f"body is not valid JSON: {exc}") from None
         except RecursionError:
@@ -53,6 +53,10 @@ class EventEnvelope:
             if size > 255:
                 # AMQP short strings (routing key, type property) hold at most 255 bytes
                 raise MalformedEvent(f'event "{name}" is longer than 255 bytes')
+            if _CONTROL.search(value):
+                # never in Stripe's ids and types; a NUL cannot even be stored in PostgreSQL,
+                # so the event could never be processed, and a line break splits log lines
+                raise MalformedEvent(f'event "{name}" holds a control character')
         # These become message headers: AMQP tables hold signed 64-bit integers and UTF-8.
         created = doc.get("created", 0)
         if (
@@ -85,6 +89,14 @@ class EventEnvelope:
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _not_json(constant: str) -> None:
+    """Python's json reads NaN and Infinity, which JSON does not have."""
+    raise ValueError(f"{constant} is not JSON")
+
+
 _ACCOUNT_ID = re.compile(r"acct_[A-Za-z0-9]{1,250}")
 
 

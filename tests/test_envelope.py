@@ -36,3 +36,11 @@ def test_an_account_with_anything_after_its_id_is_malformed(account: str) -> Non
 def test_an_event_is_live_only_when_livemode_is_true_itself(value: object) -> None:
     assert EventEnvelope.parse(event(livemode=value)).livemode is False
     assert EventEnvelope.parse(event(livemode=True)).livemode is True
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json_though_pythons_parser_reads_them(constant: str) -> None:
+    raw = b'{"object": "event", "id": "evt_1", "type": "t", "created": %s}' % constant.encode()
+
+    with pytest.raises(MalformedEvent, match=f"not valid JSON: {constant} is not JSON"):
+        EventEnvelope.parse(raw)

@@ -860,6 +860,11 @@ def test_a_signature_header_with_non_ascii_characters_is_malformed_not_a_crash()
         pytest.param("id", "€" * 100, id="id over 255 bytes"),
         pytest.param("id", "evt_\ud800", id="lone surrogate in id"),
         pytest.param("type", "x\udfff", id="lone surrogate in type"),
+        # PostgreSQL text cannot hold a NUL (the event could never be recorded as handled),
+        # and a line break would split log lines and the dlq table (black-box trial)
+        pytest.param("id", "evt_a\x00b", id="NUL in id"),
+        pytest.param("id", "evt_a\r\nX-Evil: 1", id="line break in id"),
+        pytest.param("type", "checkout.session.completed\x7f", id="DEL in type"),
     ],
 )
 def test_event_ids_and_types_that_cannot_be_amqp_short_strings_are_malformed(
@@ -899,6 +904,7 @@ async def test_signed_events_with_fields_amqp_cannot_carry_get_400_or_are_queued
             ("type", "€" * 100),
             ("id", "evt_\ud800"),
             ("type", "x\udfff"),
+            ("id", "evt_a\x00b"),
         ]
         for field, value in refused:
             assert await client.send(signed(field, value)) == 400

@@ -324,6 +324,12 @@ def _bad_requests() -> list[
         ),
         ("not json", lambda: signed(b"this is not json"), 400, "malformed_event"),
         ("json array", lambda: signed(b"[1, 2]"), 400, "malformed_event"),
+        (
+            "NaN is not json",
+            lambda: signed(b'{"object": "event", "id": "evt_1", "type": "x", "created": NaN}'),
+            400,
+            "malformed_event",
+        ),
         ("empty body", lambda: signed(b""), 400, "malformed_event"),
         (
             "no id",

@@ -1154,3 +1154,34 @@ def test_every_command_has_help_with_an_example(command: list[str]) -> None:
     result = run_fulfillment(*command, "--help", timeout_s=30)
     assert result.returncode == 0
     assert "example:" in result.stdout and "fulfillment " in result.stdout
+
+
+def test_the_dlq_table_keeps_one_line_per_letter_whatever_its_headers_hold() -> None:
+    """A letter may come from anywhere (a replayed copy, another publisher); a line break
+    in its event id split the table (black-box trial)."""
+    import io
+
+    from fulfillment.dlq import DeadLetter, print_table
+
+    letter = DeadLetter(
+        event_id="evt_a\r\nX-Evil: 1",
+        event_type="checkout.session.completed\x00",
+        attempts=1,
+        error_type="MalformedEvent",
+        error="bad\tthing\nhere",
+        first_failed_at=None,
+        last_failed_at="2026-11-29T18:00:00+00:00",
+        worker_id=None,
+        checkout_session_id=None,
+        headers={},
+        body=b"",
+    )
+    out = io.StringIO()
+
+    print_table([letter, replace(letter, event_id="evt_plain")], out)
+
+    _header, first, second = out.getvalue().splitlines()
+    assert first.startswith("evt_a\\r\\nX-Evil: 1 ")
+    assert "checkout.session.completed\\x00" in first
+    assert first.endswith("MalformedEvent: bad\\tthing here")
+    assert second.startswith("evt_plain ")

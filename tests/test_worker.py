@@ -931,6 +931,43 @@ async def test_a_session_answered_without_its_line_items_expanded_is_fulfilled_w
     assert "2 x T-shirt" in mail.get_content()
 
 
+async def test_a_nul_in_what_stripe_answers_cannot_stop_a_paid_order_being_recorded(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    database_url: str,
+    channel: Any,
+    topology: Topology,
+) -> None:
+    """Black-box trial: PostgreSQL's text cannot hold a NUL, so a customer name or item
+    description with one dead-lettered the paid order for good. Now stored as U+FFFD; a
+    customer email with one is no address (recorded as undeliverable, the order stands)."""
+    named = standin.add_session(line_items=[("Tea\x00pot", 1, 900)])
+    named["customer_details"]["name"] = "Nul\x00Name"
+    mailless = standin.add_session(customer_email="jenny\x00@example.com")
+    await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", named["id"]))
+    await publish(session_event(standin, "checkout.session.completed", mailless["id"]))
+
+    [row] = await wait_for(lambda: fulfillment_rows(database_url, named["id"]))
+    assert row["customer_name"] == "Nul\ufffdName"
+    assert await stored_items(database_url, named["id"]) == [("Tea\ufffdpot", 1, 900)]
+    [mail] = await asyncio.to_thread(smtp.wait, 1)
+    assert "1 x Tea\ufffdpot" in mail.get_content()
+
+    async def both_steps() -> dict[str, str] | None:
+        found = await fulfillment_steps(database_url, mailless["id"])
+        return found if len(found) == 2 else None
+
+    steps = await wait_for(both_steps)
+    assert steps["confirmation_email"].startswith("failed: ")
+    assert steps["order_fulfilled_message"].startswith("published ")
+    assert await drain(channel, topology.dead_queue) == []
+
+
 @pytest.mark.parametrize(
     "gateway_page",
     [

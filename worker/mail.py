@@ -27,7 +27,7 @@ class Undeliverable(PermanentError):
 DESCRIPTION_MAX_CHARS = 200
 
 # One address, no display name, no whitespace or control characters (no header injection).
-_ADDRESS = re.compile(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+")
+_ADDRESS = re.compile(r"[^@\s<>,;\"\x00-\x1f\x7f\ufffd]+@[^@\s<>,;\"\x00-\x1f\x7f\ufffd]+")
 
 
 def message_id(purpose: str, session_id: str, sender: str) -> str:

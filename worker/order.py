@@ -75,9 +75,9 @@ class Order:
             price = item.get("price") or {}
             items.append(
                 LineItem(
-                    id=item["id"],
+                    id=_stored(item["id"]),
                     description=_text(item.get("description")) or _text(price.get("nickname")),
-                    price_id=price.get("id"),
+                    price_id=_id_of(price),
                     quantity=None if item.get("quantity") is None else int(item["quantity"]),
                     unit_amount=price.get("unit_amount"),
                     amount_total=int(item.get("amount_total") or 0),
@@ -95,7 +95,7 @@ class Order:
             amount_total=int(session.get("amount_total") or 0),
             currency=currency,
             customer_id=_id_of(session.get("customer")),
-            customer_email=details.get("email") or session.get("customer_email"),
+            customer_email=_text(details.get("email")) or _text(session.get("customer_email")),
             customer_name=_name(details.get("name")),
             livemode=bool(session.get("livemode")),
             items=tuple(items),
@@ -119,7 +119,16 @@ NAME_MAX_CHARS = 100
 
 def _id_of(value: Any) -> str | None:
     """An expandable field's id: Stripe sends the id, or the object when expanded."""
-    return value if isinstance(value, str) else (value or {}).get("id")
+    found = value if isinstance(value, str) else (value or {}).get("id")
+    return _stored(found) if isinstance(found, str) else None
+
+
+def _stored(value: Any) -> Any:
+    """A string as PostgreSQL can store it: text cannot hold NUL, which would make the
+    order impossible to record (dead-lettered for good), so a NUL becomes U+FFFD."""
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
 
 
 def _currency(value: Any) -> str:
@@ -134,12 +143,12 @@ def _currency(value: Any) -> str:
 
 def _text(value: Any) -> str | None:
     """A text field as Stripe sends it: a non-empty string, else None."""
-    return value if isinstance(value, str) and value else None
+    return _stored(value) if isinstance(value, str) and value else None
 
 
 def _name(value: Any) -> str | None:
     """The customer's name for the greeting: one line, bounded (it is what the buyer typed)."""
-    return one_line(value, NAME_MAX_CHARS) if isinstance(value, str) else None
+    return one_line(_stored(value), NAME_MAX_CHARS) if isinstance(value, str) else None
 
 
 def one_line(text: str, max_chars: int) -> str | None:

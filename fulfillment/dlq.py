@@ -100,14 +100,13 @@ class DeadLetter:
             or (f"msg:{message.message_id}" if message.message_id else "?")
         )
         event_type = str(headers.get(HEADER_EVENT_TYPE) or doc.get("type") or message.type or "?")
-        if HEADER_ERROR_TYPE in headers:
-            error_type = str(headers[HEADER_ERROR_TYPE])
-            error = str(headers.get(HEADER_ERROR_MESSAGE, ""))
-            attempts = _int(headers.get(HEADER_ATTEMPT), 1)
-            first = _iso(headers.get(HEADER_FIRST_FAILED_AT))
-            last = _iso(headers.get(HEADER_LAST_FAILED_AT))
-        else:
-            # dead-lettered by the broker itself: the delivery limit (a worker crashed each time)
+        earlier_attempts = _int(headers.get(HEADER_ATTEMPT), 0)
+        if death:
+            # Moved here by the broker itself: the copies workers publish (retries, dead
+            # letters) never carry x-death (shared.broker.copy_message), so its presence means
+            # the broker's own dead-lettering came last, whatever failure headers an earlier
+            # attempt left on the message (one that went through a delay queue, then crashed
+            # its workers, is a crash: the old SMTP outage is only what came before).
             reason = str(death.get("reason", "unknown"))
             error_type = f"broker:{reason}"
             error = (
@@ -115,11 +114,29 @@ class DeadLetter:
                 if reason == "delivery_limit"
                 else f"dead-lettered by the broker ({reason})"
             )
+            if HEADER_ERROR_TYPE in headers:
+                error += (
+                    f"; before that, attempt {earlier_attempts} failed with "
+                    f"{headers[HEADER_ERROR_TYPE]}: {headers.get(HEADER_ERROR_MESSAGE, '')}"
+                )
             # Not x-delivery-count: on a message in the DLQ that is the DLQ's own count, and
             # every `dlq list` or `show` (a get, then a requeue) adds one. The work queue
             # dead-letters a message once it was delivered more often than its limit.
-            attempts = delivery_limit + 1 if reason == "delivery_limit" else 1
-            first = last = _iso(death.get("time"))
+            attempts = earlier_attempts + (delivery_limit + 1 if reason == "delivery_limit" else 1)
+            last = _iso(death.get("time"))
+            first = _iso(headers.get(HEADER_FIRST_FAILED_AT)) or last
+            worker_id = None  # no worker gave up on it
+        else:
+            error_type = str(headers.get(HEADER_ERROR_TYPE, "unknown"))
+            error = str(
+                headers.get(HEADER_ERROR_MESSAGE)
+                if HEADER_ERROR_TYPE in headers
+                else "no failure headers: put here by neither a worker nor the broker"
+            )
+            attempts = max(earlier_attempts, 1)
+            first = _iso(headers.get(HEADER_FIRST_FAILED_AT))
+            last = _iso(headers.get(HEADER_LAST_FAILED_AT))
+            worker_id = str(headers[HEADER_WORKER_ID]) if HEADER_WORKER_ID in headers else None
         return cls(
             event_id=event_id,
             event_type=event_type,
@@ -128,7 +145,7 @@ class DeadLetter:
             error=error,
             first_failed_at=first,
             last_failed_at=last,
-            worker_id=str(headers[HEADER_WORKER_ID]) if HEADER_WORKER_ID in headers else None,
+            worker_id=worker_id,
             checkout_session_id=_session_id(doc),
             headers=headers,
             body=message.body,

@@ -1185,3 +1185,44 @@ def test_the_dlq_table_keeps_one_line_per_letter_whatever_its_headers_hold() -> 
     assert "checkout.session.completed\\x00" in first
     assert first.endswith("MalformedEvent: bad\\tthing here")
     assert second.startswith("evt_plain ")
+
+
+async def test_a_retried_message_that_then_crashes_its_workers_is_shown_as_the_delivery_limit(
+    worker_settings: WorkerSettings, amqp: Any, channel: Any, topology: Topology
+) -> None:
+    """Black-box trial: a message back from a delay queue still carries its earlier
+    failure's headers; when it then hit the delivery limit, `dlq list` and `show` reported
+    that old SMTP outage (attempts 1, its worker) instead of the crash loop."""
+    from fulfillment.dlq import list_dead_letters, show_dead_letter
+
+    doc = sh.event("checkout.session.completed", sh.checkout_session())
+    earlier = {
+        "fulfillment-attempt": 1,
+        HEADER_ERROR_TYPE: "TransientError",
+        HEADER_ERROR_MESSAGE: "SMTP unavailable: ConnectionRefusedError",
+        HEADER_FIRST_FAILED_AT: "2026-11-29T10:00:00+00:00",
+        HEADER_LAST_FAILED_AT: "2026-11-29T10:00:00+00:00",
+        "fulfillment-worker-id": "w-smtp",
+    }
+    raw = sh.body(doc)
+    message = event_message(raw, EventEnvelope.parse(raw), source="test", headers=earlier)
+    await channel.default_exchange.publish(message, routing_key=topology.work_queue)
+    deliveries = 0
+    async with amqp.channel() as crashing:
+        queue = await crashing.get_queue(topology.work_queue, ensure=False)
+        while taken := await queue.get(fail=False):  # taken, never finished, as by crashes
+            deliveries += 1
+            await taken.nack(requeue=True)
+    assert deliveries == topology.delivery_limit + 1
+
+    [letter] = await wait_for(lambda: list_dead_letters(worker_settings.broker), timeout_s=10)
+    shown = await show_dead_letter(worker_settings.broker, doc["id"])
+
+    assert shown is not None and shown.error_type == letter.error_type
+    assert letter.error_type == "broker:delivery_limit"
+    assert letter.attempts == 1 + topology.delivery_limit + 1
+    assert letter.error.startswith("delivery limit reached")
+    assert "before that, attempt 1 failed with TransientError: SMTP unavailable" in letter.error
+    assert letter.first_failed_at == "2026-11-29T10:00:00+00:00"  # its first failure
+    assert letter.last_failed_at is not None and letter.last_failed_at > "2026-11-29T11"
+    assert letter.worker_id is None  # no worker gave up on it

@@ -15,10 +15,12 @@ from datetime import datetime
 from typing import Any
 
 import stripe
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
+from shared.backoff import compute_backoff
 from shared.broker import event_message, publish_confirmed
 from shared.envelope import EventEnvelope
-from shared.errors import FulfillmentError
+from shared.errors import FulfillmentError, TransientError
 from shared.logging import get_logger
 from shared.settings import BrokerSettings
 from shared.stripe_client import StripeSettings, classify, make_client
@@ -29,6 +31,13 @@ from worker.db import create_pool
 log = get_logger(__name__)
 
 HANDLED_TYPES = (*FULFILL, *PAYMENT_FAILED)
+
+# Tries per page of events: a 429 (the account's read limit is shared with the workers,
+# which may be catching up too), a 5xx or a dropped connection is waited out (4 to 8 s
+# over the tries) rather than ending a run that paged through many already.
+PAGE_TRIES = 5
+# The longest wait between tries, also when Stripe (or a gateway) asks for longer.
+PAGE_WAIT_MAX_S = 30.0
 
 
 @dataclass
@@ -53,12 +62,23 @@ async def list_events(
     http = stripe.AIOHTTPClient(timeout=stripe_settings.timeout_s)
     client = make_client(stripe_settings, http_client=http)
     events: list[dict[str, Any]] = []
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(PAGE_TRIES),
+        wait=_page_wait,
+        retry=retry_if_exception_type(TransientError),
+        before_sleep=_page_retry_logged,
+        reraise=True,
+    )
     try:
-        page = await client.v1.events.list_async(params=params)  # type: ignore[arg-type]
-        async for event in page.auto_paging_iter():
-            events.append(event.to_dict(for_json=True))
-    except stripe.StripeError as exc:
-        raise FulfillmentError(str(classify(exc))) from None
+        after: dict[str, str] = {}
+        while True:
+            page: Any = await retrying(_events_page, client, {**params, **after})
+            events += [event.to_dict(for_json=True) for event in page.data]
+            if not page.has_more or not page.data:
+                break
+            after = {"starting_after": page.data[-1].id}
+    except FulfillmentError as exc:
+        raise FulfillmentError(str(exc)) from None  # one line, no chain
     finally:
         await http.close_async()  # type: ignore[no-untyped-call]
     # Stripe filters on its side; checked here too, so an API (or a stand-in) that ignored
@@ -72,6 +92,32 @@ async def list_events(
     events = kept
     events.sort(key=lambda e: (e.get("created", 0), e["id"]))
     return events
+
+
+async def _events_page(client: stripe.StripeClient, params: dict[str, Any]) -> Any:
+    """One page of ``GET /v1/events``; Stripe's errors as ours (transient or permanent)."""
+    try:
+        return await client.v1.events.list_async(params=params)  # type: ignore[arg-type]
+    except stripe.StripeError as exc:
+        raise classify(exc) from exc
+
+
+def _page_wait(state: RetryCallState) -> float:
+    """Growing waits between tries, or what the answer asked for (Retry-After), bounded."""
+    exc = state.outcome.exception() if state.outcome else None
+    asked = getattr(exc, "retry_after_s", None) or 0.0
+    backoff = compute_backoff(state.attempt_number, base_s=0.5, max_s=PAGE_WAIT_MAX_S)
+    return min(max(asked, backoff), PAGE_WAIT_MAX_S)
+
+
+def _page_retry_logged(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "listing Stripe events failed; retrying",
+        attempt=state.attempt_number,
+        of=PAGE_TRIES,
+        error=str(exc),
+    )
 
 
 def _in_window(event: dict[str, Any], created: dict[str, int]) -> bool:

@@ -449,6 +449,36 @@ async def test_purge_at_a_terminal_asks_first_and_only_a_yes_purges(
     assert event["id"] in yes.stderr  # each removed letter is logged
 
 
+async def test_backfill_waits_out_stripes_429s_and_5xxs_and_stops_at_its_verdicts(
+    standin: StripeStandIn, worker_settings: WorkerSettings, channel: Any, topology: Topology
+) -> None:
+    """Black-box trial: the first 429 or 500 from the events API ended the run (exit 2),
+    though a long backfill shares the account's rate limit with busy workers."""
+    now = int(time.time())
+    event = standin.add_session_event(standin.add_session()["id"], created=now - 3600)
+    since = time.strftime("%Y-%m-%d", time.gmtime(now - 86400))
+
+    standin.fail_next(2, 429)
+    standin.fail_next(1, 500)
+    blips = await acli(worker_settings, "backfill", "--since", since)
+    standin.fail_next(1, 400)  # Stripe's verdict on the request: no use asking again
+    verdict = await acli(worker_settings, "backfill", "--since", since, "--dry-run")
+    standin.fail_next(5, 503)  # down for longer than the tries: one line, exit 2
+    down = await acli(worker_settings, "backfill", "--since", since, "--dry-run")
+
+    assert blips.returncode == 0, blips.stderr
+    assert "enqueued 1" in blips.stdout
+    assert blips.stderr.count("listing Stripe events failed; retrying") == 3
+    [queued] = await drain(channel, topology.work_queue)
+    assert queued.headers[HEADER_EVENT_ID] == event["id"]
+    assert verdict.returncode == 2 and "retrying" not in verdict.stderr
+    assert verdict.stderr.strip().splitlines()[-1].startswith("fulfillment backfill: Stripe")
+    assert down.returncode == 2
+    assert down.stderr.count("listing Stripe events failed; retrying") == 4
+    assert "(503)" in down.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in blips.stderr + verdict.stderr + down.stderr
+
+
 async def test_a_backfill_the_broker_refuses_leaves_its_events_for_the_next_run(
     standin: StripeStandIn, worker_settings: WorkerSettings, channel: Any, topology: Topology
 ) -> None:

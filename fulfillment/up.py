@@ -252,6 +252,8 @@ async def _preflight(env: dict[str, str]) -> bool:
     database_url = database_url_from_env(env)
     try:
         await declare_on_broker(broker)
+    except ConfigError:
+        raise  # it answered and refused us, or its queues differ: a setting to fix (exit 2)
     except FulfillmentError:
         print(
             f"fulfillment up: RabbitMQ is not reachable at {broker.display_url}; {RABBITMQ_HINT}",

@@ -13,7 +13,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
-from shared.errors import BrokerUnavailable, ConfigError
+from shared.errors import BrokerUnavailable, ConfigError, FulfillmentError
 from shared.settings import BrokerSettings
 
 KEPT_DELIVERY_LIMIT = 1_000_000_000
@@ -217,15 +217,34 @@ CONNECT_TIMEOUT_S = 10
 
 
 async def connect(settings: BrokerSettings) -> aio_pika.abc.AbstractConnection:
-    """A plain connection, or BrokerUnavailable naming the broker (password masked)."""
+    """A plain connection, or the error ``connect_error`` makes of the failure."""
     try:
         return await aio_pika.connect(settings.url, timeout=CONNECT_TIMEOUT_S)
     except Exception as exc:
-        why = str(exc) or f"no answer within {CONNECT_TIMEOUT_S}s"  # a timeout says nothing
-        raise BrokerUnavailable(
-            f"cannot reach RabbitMQ at {settings.display_url} ({type(exc).__name__}: {why}); "
-            "is it running? (rabbitmq-server -detached)"
-        ) from None
+        raise connect_error(settings, exc) from None
+
+
+def connect_error(settings: BrokerSettings, exc: Exception) -> FulfillmentError:
+    """Why a first connection failed, naming the broker (password masked): ConfigError when
+    the broker answered and refused RABBITMQ_URL's credentials or virtual host (waiting
+    will not help), else BrokerUnavailable (down, unreachable, not answering)."""
+    where = settings.display_url
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return ConfigError(
+            f"RABBITMQ_URL: the broker at {where} refused the user name or password ({exc})"
+        )
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        # aiormq's word for the broker closing the connection while it was being opened:
+        # RabbitMQ does that for a virtual host that does not exist or the user may not use
+        return ConfigError(
+            f"RABBITMQ_URL: the broker at {where} would not open its virtual host: does it "
+            "exist, and may this user use it?"
+        )
+    why = str(exc) or f"no answer within {CONNECT_TIMEOUT_S}s"  # a timeout says nothing
+    return BrokerUnavailable(
+        f"cannot reach RabbitMQ at {where} ({type(exc).__name__}: {why}); "
+        "is it running? (rabbitmq-server -detached)"
+    )
 
 
 async def declare_on_broker(settings: BrokerSettings) -> Topology:

@@ -12,9 +12,11 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -1056,6 +1058,45 @@ async def test_up_killed_outright_takes_its_children_with_it(
 async def depth_is(channel: Any, queue: str, count: int) -> bool:
     declared = await channel.declare_queue(queue, passive=True)
     return bool(declared.declaration_result.message_count == count)
+
+
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        ("wrong-password", "refused the user name or password (ACCESS_REFUSED"),
+        ("missing-vhost", "would not open its virtual host: does it exist"),
+    ],
+)
+@pytest.mark.parametrize("command", [["topology"], ["status"], ["worker"], ["up"]])
+def test_a_broker_that_refuses_the_url_says_so_and_does_not_say_start_it(
+    broker_settings: Any, database_url: str, command: list[str], where: str, says: str
+) -> None:
+    """Black-box trial: a wrong password was answered "is it running? (rabbitmq-server
+    -detached)", which sends the operator to a broker that runs fine."""
+    parts = urlsplit(broker_settings.url)
+    if where == "wrong-password":
+        url = parts._replace(
+            netloc=f"{parts.username}:not-the-password@{parts.hostname}:{parts.port}"
+        )
+    else:
+        url = parts._replace(path=f"/no-such-vhost-{uuid.uuid4().hex[:8]}")
+    env = {
+        **os.environ,
+        **broker_env(broker_settings),
+        "RABBITMQ_URL": url.geturl(),
+        "DATABASE_URL": database_url,
+        "WORKER_METRICS_PORT": "0",
+    }
+    if command == ["worker"]:
+        env["STRIPE_API_KEY"] = "sk_test_x"  # (`up` without it runs the local stand-in)
+
+    result = run_fulfillment(*command, env=env, timeout_s=60)
+
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fulfillment {command[0]}: RABBITMQ_URL: the broker at ")
+    assert says in last and "not-the-password" not in result.stderr
+    assert "rabbitmq-server" not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_settings: Any) -> None:

@@ -56,7 +56,7 @@ from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError, TransientError
 from shared.logging import get_logger, mask_secrets
 from shared.stripe_client import AIOHTTPClient, make_client
-from shared.topology import Topology
+from shared.topology import Topology, connect_error
 from worker import db, mail, metrics
 from worker.fulfillment import EffectsLog, Fulfiller, Outcome
 from worker.settings import WorkerSettings
@@ -183,9 +183,7 @@ class Worker:
         try:
             await self._connection.connect(timeout=10)
         except Exception as exc:
-            raise BrokerUnavailable(
-                f"cannot reach RabbitMQ at {s.broker.display_url} ({type(exc).__name__})"
-            ) from None
+            raise connect_error(s.broker, exc) from None
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
         await channel.set_qos(prefetch_count=s.concurrency)

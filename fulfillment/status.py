@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import aiormq
 import asyncpg
+from aio_pika.abc import AbstractConnection
 
 from fulfillment.dlq import age_s, dead_letters, existing_queue
 from shared.settings import BrokerSettings, redact_url
@@ -19,15 +21,34 @@ async def collect(broker: BrokerSettings, database_url: str) -> dict[str, Any]:
     """Everything ``status`` shows, as one JSON-able document."""
     topology = Topology.from_settings(broker)
     report: dict[str, Any] = {"broker": broker.display_url, "queues": {}}
+    from_database = await _from_database(database_url, topology)
+    other_delay_queues = from_database.pop("other_delay_queues")
     connection = await connect(broker)
     async with connection:
         channel = await connection.channel()
         for name in topology.all_queues:
-            declared = await existing_queue(channel, name, broker)
+            if name in topology.retry_queues:
+                # declared by the first worker with this RETRY_DELAYS_S: maybe none yet
+                found = await _declared(connection, name)
+                if found is None:
+                    report["queues"][name] = {"messages": None, "consumers": None}
+                    report["queues"][name]["missing"] = True
+                    continue
+                declared = found
+            else:
+                declared = await existing_queue(channel, name, broker)
             report["queues"][name] = {
                 "messages": declared.message_count or 0,
                 "consumers": declared.consumer_count or 0,
             }
+        for name in other_delay_queues:
+            # another RETRY_DELAYS_S's, which its workers recorded (gone if deleted since)
+            if (found := await _declared(connection, name)) is not None:
+                report["queues"][name] = {
+                    "messages": found.message_count or 0,
+                    "consumers": found.consumer_count or 0,
+                    "other_schedule": True,
+                }
         oldest = None
         scanned = 0
         if report["queues"][topology.dead_queue]["messages"]:
@@ -43,27 +64,47 @@ async def collect(broker: BrokerSettings, database_url: str) -> dict[str, Any]:
             scanned < report["queues"][topology.dead_queue]["messages"] and oldest is not None
         )
     report["consumers"] = report["queues"][topology.work_queue]["consumers"]
-    report["database"] = redact_url(database_url)
+    report.update(from_database)
+    report["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return report
+
+
+async def _declared(connection: AbstractConnection, name: str) -> Any:
+    """The queue's DeclareOk, or None if there is no such queue (on a channel of its own:
+    the broker closes the channel of a passive declare that finds nothing)."""
+    channel = await connection.channel()
+    try:
+        return await (await channel.get_underlay_channel()).queue_declare(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def _from_database(database_url: str, topology: Topology) -> dict[str, Any]:
+    """The database's part of the report, and the delay queues of other schedules."""
+    found: dict[str, Any] = {"database": redact_url(database_url), "other_delay_queues": []}
     try:
         conn = await asyncpg.connect(database_url, timeout=5)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        report["fulfillments_last_hour"] = None
-        report["database_error"] = f"{type(exc).__name__}: {exc}"
-    else:
-        try:
-            report["fulfillments_last_hour"] = await conn.fetchval(
-                "SELECT count(*) FROM fulfillments WHERE created_at > now() - interval '1 hour'"
-            )
-            report["awaiting_payment"] = await conn.fetchval(
-                "SELECT count(*) FROM checkout_sessions WHERE state = 'awaiting_payment'"
-            )
-        except asyncpg.UndefinedTableError:
-            report["fulfillments_last_hour"] = None
-            report["database_error"] = "schema missing: run `fulfillment migrate`"
-        finally:
-            await conn.close()
-    report["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return report
+        found["fulfillments_last_hour"] = None
+        found["database_error"] = f"{type(exc).__name__}: {exc}"
+        return found
+    try:
+        found["fulfillments_last_hour"] = await conn.fetchval(
+            "SELECT count(*) FROM fulfillments WHERE created_at > now() - interval '1 hour'"
+        )
+        found["awaiting_payment"] = await conn.fetchval(
+            "SELECT count(*) FROM checkout_sessions WHERE state = 'awaiting_payment'"
+        )
+        found["other_delay_queues"] = await _other_delay_queues(conn, topology)
+    except asyncpg.UndefinedTableError:
+        found["fulfillments_last_hour"] = None
+        found["database_error"] = "schema missing: run `fulfillment migrate`"
+    finally:
+        await conn.close()
+    return found
 
 
 def render(report: dict[str, Any]) -> str:
@@ -71,7 +112,11 @@ def render(report: dict[str, Any]) -> str:
     # broker's management API knows that; AMQP does not say)
     lines = [f"broker {report['broker']}", "", f"{'QUEUE':48} {'READY':>9} {'CONSUMERS':>9}"]
     for name, q in report["queues"].items():
-        lines.append(f"{name:48} {q['messages']:>9} {q['consumers']:>9}")
+        if q.get("missing"):
+            lines.append(f"{name:48} {'-':>9} {'-':>9}  not declared yet (no worker with it)")
+            continue
+        other = "  another RETRY_DELAYS_S's" if q.get("other_schedule") else ""
+        lines.append(f"{name:48} {q['messages']:>9} {q['consumers']:>9}{other}")
     age = report["oldest_dead_letter_age_s"]
     recent = report.get("fulfillments_last_hour")
     partial = f" (at least: {report.get('dead_letters_scanned', 0):,} of them read)"
@@ -95,3 +140,17 @@ def _duration(seconds: float) -> str:
     if seconds < 172800:
         return f"{seconds / 3600:.1f}h"
     return f"{seconds / 86400:.1f}d"
+
+
+async def _other_delay_queues(conn: asyncpg.Connection, topology: Topology) -> list[str]:
+    """Delay queues of this prefix that workers with another RETRY_DELAYS_S declared."""
+    try:
+        rows = await conn.fetch(
+            "SELECT name FROM delay_queues WHERE starts_with(name, $1) "
+            "AND NOT name = ANY($2) ORDER BY delay_s, name",
+            topology.retry_queue_prefix,
+            list(topology.retry_queues),
+        )
+    except asyncpg.UndefinedTableError:
+        return []  # a schema from before workers recorded them (`fulfillment migrate`)
+    return [r["name"] for r in rows]

@@ -80,11 +80,14 @@ class Topology:
         return self._name("ingress.readiness")
 
     @property
+    def retry_queue_prefix(self) -> str:
+        """What every delay queue's name starts with, whatever its delay."""
+        return self._name("fulfillment.retry.")
+
+    @property
     def retry_queues(self) -> tuple[str, ...]:
         """One delay queue per configured delay (per-message TTL expires only at the head)."""
-        return tuple(
-            self._name(f"fulfillment.retry.{_delay_label(d)}") for d in self.retry_delays_s
-        )
+        return tuple(f"{self.retry_queue_prefix}{_delay_label(d)}" for d in self.retry_delays_s)
 
     def retry_queue_for(self, attempt: int, at_least_s: float = 0.0) -> tuple[str, float]:
         """The delay queue and delay for retry number ``attempt`` (1-based), capped at the last;

@@ -647,6 +647,44 @@ async def test_status_counts_the_work_queues_consumers_waiting_sessions_and_the_
     assert report["awaiting_payment"] == 1
 
 
+async def test_status_shows_the_delay_queues_of_every_schedule_the_workers_declared(
+    worker_settings: WorkerSettings, start_worker: Any, channel: Any, topology: Topology
+) -> None:
+    """Black-box trial: workers with another RETRY_DELAYS_S declare delay queues of their
+    own (a rolling change of schedule), and status showed only its own schedule's, so
+    messages waiting in the others were invisible; a delay queue of its own schedule that
+    no worker had declared yet made it fail outright."""
+    other = replace(worker_settings.broker, retry_delays_s=(3600.0, 0.5))
+    other_topology = Topology.from_settings(other)
+    other_queue = other_topology.retry_queues[0]
+    assert other_queue not in topology.retry_queues
+    try:
+        first = await start_worker(worker_settings)
+        await start_worker(replace(worker_settings, broker=other))
+        await first.stop(grace_s=1)
+        waiting = aio_pika.Message(b"{}", delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        await channel.default_exchange.publish(waiting, routing_key=other_queue)
+        mine = replace(worker_settings.broker, retry_delays_s=(*topology.retry_delays_s, 7.0))
+        mine_topology = Topology.from_settings(mine)
+
+        result = await acli(replace(worker_settings, broker=mine), "status", "--json")
+        text = await acli(replace(worker_settings, broker=mine), "status")
+    finally:
+        await channel.queue_delete(other_queue)
+
+    assert result.returncode == 0, result.stderr
+    queues = json.loads(result.stdout)["queues"]
+    assert queues[other_queue] == {"messages": 1, "consumers": 0, "other_schedule": True}
+    never = mine_topology.retry_queues[-1]
+    assert queues[never] == {"messages": None, "consumers": None, "missing": True}
+    assert list(queues)[: len(mine_topology.all_queues)] == list(mine_topology.all_queues)
+    assert set(queues) == {*mine_topology.all_queues, other_queue}  # 0.5 s: one of ours
+    assert text.returncode == 0, text.stderr
+    [line] = [x for x in text.stdout.splitlines() if x.startswith(other_queue)]
+    assert line.split()[1:3] == ["1", "0"] and "another RETRY_DELAYS_S" in line
+    assert "not declared yet" in next(x for x in text.stdout.splitlines() if x.startswith(never))
+
+
 async def test_status_without_its_database_shows_the_broker_and_exits_1(
     worker_settings: WorkerSettings, topology: Topology
 ) -> None:

@@ -188,6 +188,14 @@ class Worker:
         self._channel = channel
         await channel.set_qos(prefetch_count=s.concurrency)
         await self.topology.declare(channel)
+        # which delay queues exist besides those of the schedule `status` runs with
+        await self._pool.execute(
+            """INSERT INTO delay_queues (name, delay_s)
+               SELECT * FROM unnest($1::text[], $2::float8[])
+               ON CONFLICT (name) DO UPDATE SET last_declared_at = now()""",
+            list(self.topology.retry_queues),
+            list(self.topology.retry_delays_s),
+        )
         out = await channel.get_exchange(self.topology.out_exchange)
         self._fulfiller = Fulfiller(
             self._pool,

@@ -337,7 +337,8 @@ async def test_no_secret_appears_when_the_broker_or_the_database_refuses_or_is_a
     # the refusals were logged, with the URLs in them masked
     refused = ingress.events("broker unavailable")[0]
     assert "ACCESS_REFUSED" in refused["error"] and ":***@" in refused["broker"]
-    assert f"cannot reach RabbitMQ at amqp://{broker.username}:***@" in no_broker.lines[-1]
+    assert f"the broker at amqp://{broker.username}:***@" in no_broker.lines[-1]
+    assert "refused the user name or password" in no_broker.lines[-1]
     assert "cannot reach PostgreSQL at postgresql://postgres:***@" in no_database.lines[-1]
 
 

@@ -150,14 +150,21 @@ async def drain(channel: AbstractChannel, queue: str) -> list[aio_pika.abc.Abstr
     return messages
 
 
+async def depth(channel: AbstractChannel, queue: str) -> int:
+    """Ready messages in ``queue`` now. Asked on the underlying channel: aio-pika's robust
+    channel answers a passive ``declare_queue`` of a queue it declared before with that
+    first answer, a count that never changes (a poll for a new depth never ends)."""
+    declared = await (await channel.get_underlay_channel()).queue_declare(queue, passive=True)
+    return int(declared.message_count or 0)
+
+
+async def depth_is(channel: AbstractChannel, queue: str, count: int) -> bool:
+    return await depth(channel, queue) == count
+
+
 async def depths(channel: AbstractChannel, topo: Topology) -> dict[str, int]:
     """Ready-message counts of every queue in the topology."""
-    underlay = await channel.get_underlay_channel()
-    result = {}
-    for name in topo.all_queues:
-        declared = await underlay.queue_declare(name, passive=True)
-        result[name] = declared.message_count or 0
-    return result
+    return {name: await depth(channel, name) for name in topo.all_queues}
 
 
 async def wait_for(predicate, timeout_s: float = 10.0, interval_s: float = 0.05):  # type: ignore[no-untyped-def]

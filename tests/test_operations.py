@@ -35,7 +35,14 @@ from shared.broker import (
 from shared.envelope import EventEnvelope
 from shared.topology import Topology
 from tests import stripe_helpers as sh
-from tests.conftest import bind_refusing_queue, db_fetch, drain, free_port, wait_for
+from tests.conftest import (
+    bind_refusing_queue,
+    db_fetch,
+    depth_is,
+    drain,
+    free_port,
+    wait_for,
+)
 from tests.processes import RoleProcess, broker_env, run_fulfillment, worker_env
 from tests.smtp_sink import SmtpSink
 from tests.tcp_proxy import TcpProxy
@@ -1093,9 +1100,14 @@ async def test_up_killed_outright_takes_its_children_with_it(
         await up.stop()
 
 
-async def depth_is(channel: Any, queue: str, count: int) -> bool:
-    declared = await channel.declare_queue(queue, passive=True)
-    return bool(declared.declaration_result.message_count == count)
+def own_ports() -> dict[str, str]:
+    """Listen ports for `up` that nothing else holds (a `make run` on this machine holds the
+    defaults, and `up` checks its ports before anything else)."""
+    return {
+        "INGRESS_PORT": str(free_port()),
+        "WORKER_METRICS_PORT": str(free_port(2)),  # worker i gets the base + i - 1
+        "STANDIN_PORT": str(free_port()),
+    }
 
 
 @pytest.mark.parametrize(
@@ -1123,7 +1135,7 @@ def test_a_broker_that_refuses_the_url_says_so_and_does_not_say_start_it(
         **broker_env(broker_settings),
         "RABBITMQ_URL": url.geturl(),
         "DATABASE_URL": database_url,
-        "WORKER_METRICS_PORT": "0",
+        **own_ports(),
     }
     if command == ["worker"]:
         env["STRIPE_API_KEY"] = "sk_test_x"  # (`up` without it runs the local stand-in)
@@ -1141,6 +1153,7 @@ def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_setting
     env = {
         **os.environ,
         **broker_env(broker_settings),
+        **own_ports(),
         "RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/",
     }
     result = run_fulfillment("up", env=env)
@@ -1151,6 +1164,7 @@ def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_setting
     env = {
         **os.environ,
         **broker_env(broker_settings),
+        **own_ports(),
         "DATABASE_URL": f"postgresql://127.0.0.1:{free_port()}/x",
     }
     result = run_fulfillment("up", env=env)

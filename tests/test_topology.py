@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractChannel
 
 from shared.settings import BrokerSettings
 from shared.topology import Topology
-from tests.conftest import depths, drain, wait_for
+from tests.conftest import depth, depths, drain, wait_for
 
 
 def _message(body: bytes) -> aio_pika.Message:
@@ -24,10 +24,6 @@ def _message(body: bytes) -> aio_pika.Message:
 async def _publish_event(channel: AbstractChannel, topo: Topology, key: str, body: bytes) -> None:
     exchange = await channel.get_exchange(topo.events_exchange, ensure=True)
     await exchange.publish(_message(body), routing_key=key)
-
-
-async def _depth(channel: AbstractChannel, topo: Topology, queue: str) -> int:
-    return (await depths(channel, topo))[queue]
 
 
 # --- names ------------------------------------------------------------------------------------
@@ -113,7 +109,7 @@ async def test_declaring_twice_is_idempotent_and_keeps_queues_and_their_messages
     topology: Topology, channel: AbstractChannel
 ) -> None:
     await _publish_event(channel, topology, "checkout.session.completed", b"kept")
-    await wait_for(lambda: _depth(channel, topology, topology.work_queue))
+    await wait_for(lambda: depth(channel, topology.work_queue))
     before = await depths(channel, topology)
 
     events = await topology.declare(channel)
@@ -130,7 +126,7 @@ async def test_a_checkout_session_event_is_routed_to_the_work_queue(
 ) -> None:
     await _publish_event(channel, topology, "checkout.session.completed", b"session")
 
-    await wait_for(lambda: _depth(channel, topology, topology.work_queue))
+    await wait_for(lambda: depth(channel, topology.work_queue))
     messages = await drain(channel, topology.work_queue)
     assert [m.body for m in messages] == [b"session"]
     assert messages[0].routing_key == "checkout.session.completed"
@@ -142,7 +138,7 @@ async def test_an_event_type_no_worker_handles_lands_in_the_unrouted_queue(
 ) -> None:
     await _publish_event(channel, topology, "customer.created", b"customer")
 
-    await wait_for(lambda: _depth(channel, topology, topology.unrouted_queue))
+    await wait_for(lambda: depth(channel, topology.unrouted_queue))
     messages = await drain(channel, topology.unrouted_queue)
     assert [m.body for m in messages] == [b"customer"]
     assert messages[0].routing_key == "customer.created"
@@ -159,7 +155,7 @@ async def test_a_message_in_the_first_retry_queue_returns_to_the_work_queue_afte
 
     await channel.default_exchange.publish(_message(b"retry me"), routing_key=queue)
 
-    await wait_for(lambda: _depth(channel, topology, topology.work_queue), timeout_s=15)
+    await wait_for(lambda: depth(channel, topology.work_queue), timeout_s=15)
     assert loop.time() - started >= delay_s - 0.05
     messages = await drain(channel, topology.work_queue)
     assert [m.body for m in messages] == [b"retry me"]
@@ -174,7 +170,7 @@ async def test_a_message_in_the_last_retry_queue_also_returns_to_the_work_queue(
 
     await channel.default_exchange.publish(_message(b"last"), routing_key=queue)
 
-    await wait_for(lambda: _depth(channel, topology, topology.work_queue), timeout_s=15)
+    await wait_for(lambda: depth(channel, topology.work_queue), timeout_s=15)
     assert [m.body for m in await drain(channel, topology.work_queue)] == [b"last"]
 
 
@@ -211,7 +207,7 @@ async def test_a_message_rejected_more_than_the_delivery_limit_is_dead_lettered(
         if deliveries > limited.delivery_limit:
             break
 
-    await wait_for(lambda: _depth(channel, limited, limited.dead_queue), timeout_s=10)
+    await wait_for(lambda: depth(channel, limited.dead_queue), timeout_s=10)
     assert deliveries == limited.delivery_limit + 1
     assert await work.get(fail=False, no_ack=True) is None
     dead = await drain(channel, limited.dead_queue)
@@ -232,7 +228,7 @@ async def test_a_message_rejected_up_to_the_delivery_limit_is_still_delivered_ag
     await message.ack()
 
     assert message.body == b"flaky"
-    assert await _depth(channel, limited, limited.dead_queue) == 0
+    assert await depth(channel, limited.dead_queue) == 0
 
 
 async def test_declaring_with_other_queue_arguments_names_the_settings_to_align(

@@ -25,7 +25,7 @@ from shared.broker import (
 )
 from shared.topology import Topology
 from tests import stripe_helpers as sh
-from tests.conftest import counted, db_fetch, drain, wait_for
+from tests.conftest import counted, db_fetch, depth, drain, wait_for
 from tests.smtp_sink import SmtpSink
 from tests.tcp_proxy import TcpProxy
 from worker.settings import WorkerSettings
@@ -773,7 +773,7 @@ async def test_stripe_away_for_longer_goes_through_a_delay_queue_and_then_fulfil
     await publish(session_event(standin, "checkout.session.completed", sid))
 
     # the second attempt's failure waits in the second delay queue, not the first again
-    await wait_for(lambda: _depth(channel, topology.retry_queues[1]), timeout_s=10)
+    await wait_for(lambda: depth(channel, topology.retry_queues[1]), timeout_s=10)
     rows = await wait_for(lambda: fulfillment_rows(database_url, sid), timeout_s=20)
     assert len(rows) == 1
     await settle(worker, topology, channel)
@@ -808,7 +808,7 @@ async def test_an_unknown_session_or_malformed_body_is_dead_lettered_at_once_wit
     async def dead() -> list[Any]:
         return (
             await drain(channel, topology.dead_queue)
-            if (await _depth(channel, topology.dead_queue)) >= 2
+            if (await depth(channel, topology.dead_queue)) >= 2
             else []
         )
 
@@ -860,11 +860,6 @@ async def test_a_connected_accounts_session_is_read_on_its_behalf_and_recorded_w
     [letter] = await wait_for(lambda: drain(channel, topology.dead_queue))
     assert letter.headers[HEADER_EVENT_ID] == platform["id"]
     assert letter.headers[HEADER_ERROR_TYPE] == "StripeNotFound"
-
-
-async def _depth(channel: Any, queue: str) -> int:
-    q = await (await channel.get_underlay_channel()).queue_declare(queue, passive=True)
-    return int(q.message_count or 0)
 
 
 async def test_smtp_down_is_retried_and_one_email_is_sent_once_it_is_back(
@@ -1983,7 +1978,7 @@ async def test_a_stopping_worker_takes_no_new_message_while_it_finishes_its_own(
     assert len(await fulfillment_rows(database_url, held)) == 1
     assert await fulfillment_rows(database_url, later) == []
     assert standin.request_count == 1  # the later session was never looked up
-    assert await _depth(channel, topology.work_queue) == 1
+    assert await depth(channel, topology.work_queue) == 1
 
 
 async def test_a_payment_status_stripe_does_not_document_is_dead_lettered_not_fulfilled(

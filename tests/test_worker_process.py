@@ -12,7 +12,7 @@ import pytest
 from fulfillment.dlq import list_dead_letters
 from fulfillment.stripe_standin import StripeStandIn
 from shared.topology import Topology
-from tests.conftest import db_fetch, drain, free_port, wait_for
+from tests.conftest import db_fetch, depth, depth_is, drain, free_port, wait_for
 from tests.processes import RoleProcess, fresh_metrics, worker_env
 from tests.smtp_sink import SmtpSink
 from tests.tcp_proxy import TcpProxy
@@ -34,11 +34,6 @@ async def spawn(worker_settings: WorkerSettings) -> AsyncIterator[Callable[..., 
     yield start
     for process in processes:
         await process.stop()
-
-
-async def _depth(channel: Any, queue: str) -> int:
-    q = await (await channel.get_underlay_channel()).queue_declare(queue, passive=True)
-    return int(q.message_count or 0)
 
 
 async def test_twenty_duplicates_over_two_worker_processes_fulfill_once(
@@ -237,7 +232,7 @@ async def test_sigterm_finishes_in_flight_messages_and_exits_0_with_none_redeliv
     assert len(worker.events("event handled")) == 5
     for sid in sids:
         assert len(await fulfillment_rows(database_url, sid)) == 1
-    assert await _depth(channel, topology.work_queue) == 0
+    assert await depth(channel, topology.work_queue) == 0
     assert standin.request_count == 5  # nothing was handled twice
     assert worker.events("worker stopped")
 
@@ -258,7 +253,7 @@ async def test_a_message_that_kills_its_worker_every_time_is_dead_lettered_by_th
 
     deliveries = 0
     for _ in range(topology.delivery_limit + 3):
-        if await _depth(channel, topology.dead_queue):
+        if await depth(channel, topology.dead_queue):
             break
         seen = standin.request_count
         worker = await spawn()
@@ -273,7 +268,7 @@ async def test_a_message_that_kills_its_worker_every_time_is_dead_lettered_by_th
         await asyncio.sleep(0.3)
 
     assert deliveries == topology.delivery_limit + 1
-    await wait_for(lambda: _depth(channel, topology.dead_queue), timeout_s=10)
+    await wait_for(lambda: depth(channel, topology.dead_queue), timeout_s=10)
     # Looking at it changes nothing: the DLQ's own x-delivery-count grows with every look
     # (a get, then a requeue), so it must not be read as the attempts (outside-in trial).
     for _ in range(3):
@@ -366,7 +361,3 @@ async def test_a_message_still_in_flight_when_the_grace_period_ends_is_named_and
     )
     assert line["attempt"] == 1 and line["duration_ms"] >= 1000
     assert await wait_for(lambda: depth_is(channel, topology.work_queue, 1))
-
-
-async def depth_is(channel: Any, queue: str, count: int) -> bool:
-    return await _depth(channel, queue) == count

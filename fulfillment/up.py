@@ -31,11 +31,7 @@ from shared.topology import declare_on_broker
 from worker.db import migrate
 from worker.settings import SmtpSettings, database_url_from_env
 
-RABBITMQ_HINT = "start it: rabbitmq-server -detached  (or: docker compose up -d rabbitmq)"
-POSTGRES_HINT = (
-    "start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start  "
-    "(or: docker compose up -d postgres)"
-)
+RABBITMQ_HINT = "start it: rabbitmq-server -detached"
 
 
 def say(line: str) -> None:
@@ -262,8 +258,10 @@ async def _preflight(env: dict[str, str]) -> bool:
         return False
     try:
         applied = await migrate(database_url)
-    except FulfillmentError as exc:
-        print(f"fulfillment up: PostgreSQL: {exc}; {POSTGRES_HINT}", file=sys.stderr)
+    except ConfigError:
+        raise  # it answered and refused the login: a setting to fix (exit 2)
+    except FulfillmentError as exc:  # says how to start it
+        print(f"fulfillment up: PostgreSQL: {exc}", file=sys.stderr)
         return False
     say(f"database ready ({len(applied)} migration(s) applied); broker topology declared")
     return True

@@ -1149,6 +1149,29 @@ def test_a_broker_that_refuses_the_url_says_so_and_does_not_say_start_it(
     assert "rabbitmq-server" not in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [["migrate"], ["worker"], ["up"]])
+def test_a_database_that_refuses_the_login_says_so_and_does_not_say_start_it(
+    broker_settings: Any, database_url: str, command: list[str]
+) -> None:
+    """New-user trial: with no role of that name (the default URL names no user, so the
+    login name is taken) the answer was "is it running? start it", twice, for a server
+    that runs fine."""
+    parts = urlsplit(database_url)
+    role = f"nobody_{uuid.uuid4().hex[:8]}"
+    url = parts._replace(netloc=f"{role}:secret-pw@{parts.hostname}:{parts.port}").geturl()
+    env = {**os.environ, **broker_env(broker_settings), **own_ports(), "DATABASE_URL": url}
+    if command == ["worker"]:
+        env["STRIPE_API_KEY"] = "sk_test_x"
+
+    result = run_fulfillment(*command, env=env, timeout_s=60)
+
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fulfillment {command[0]}: DATABASE_URL: PostgreSQL at ")
+    assert f'refused the login (role "{role}" does not exist)' in last
+    assert "secret-pw" not in result.stderr and "pg_ctlcluster" not in result.stderr
+
+
 def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_settings: Any) -> None:
     env = {
         **os.environ,

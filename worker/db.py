@@ -8,7 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from shared.errors import TransientError
+from shared.errors import ConfigError, TransientError
 from shared.logging import get_logger
 from shared.settings import redact_url
 
@@ -58,10 +58,27 @@ async def _connect(url: str) -> asyncpg.Connection:
     except asyncpg.InvalidCatalogNameError:
         raise
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        raise TransientError(
-            f"cannot reach PostgreSQL at {redact_url(url)} ({type(exc).__name__}: {exc}); is it "
-            "running? (pg_ctlcluster --skip-systemctl-redirect <version> main start)"
-        ) from None
+        raise connect_error(url, exc) from None
+
+
+# The server answered and refused who we say we are (28000, 28P01): a setting to fix.
+_REFUSED_LOGIN = (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError)
+
+
+def connect_error(url: str, exc: BaseException) -> ConfigError | TransientError:
+    """Why connecting failed, naming the server (password masked): ConfigError when it
+    refused the role or password in DATABASE_URL (waiting will not help; with no user in
+    the URL, PostgreSQL takes the login name), TransientError when it is away."""
+    where = redact_url(url)
+    if isinstance(exc, _REFUSED_LOGIN):
+        return ConfigError(
+            f"DATABASE_URL: PostgreSQL at {where} refused the login ({exc}); give a role "
+            "that exists, and its password, in the URL (postgresql://user:password@host/db)"
+        )
+    return TransientError(
+        f"cannot reach PostgreSQL at {where} ({type(exc).__name__}: {exc}); is it running? "
+        "(pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start)"
+    )
 
 
 async def create_database_if_missing(url: str) -> bool:
@@ -148,8 +165,6 @@ async def create_pool(url: str, *, max_size: int) -> asyncpg.Pool:
             },
         )
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        raise TransientError(
-            f"cannot reach PostgreSQL at {redact_url(url)} ({type(exc).__name__}: {exc})"
-        ) from None
+        raise connect_error(url, exc) from None
     assert pool is not None
     return pool

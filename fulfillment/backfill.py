@@ -23,7 +23,7 @@ from shared.envelope import EventEnvelope
 from shared.errors import FulfillmentError, TransientError
 from shared.logging import get_logger
 from shared.settings import BrokerSettings
-from shared.stripe_client import StripeSettings, classify, make_client
+from shared.stripe_client import AIOHTTPClient, StripeSettings, classify, make_client
 from shared.topology import Topology, connect
 from worker.consumer import FULFILL, PAYMENT_FAILED
 from worker.db import create_pool
@@ -32,9 +32,10 @@ log = get_logger(__name__)
 
 HANDLED_TYPES = (*FULFILL, *PAYMENT_FAILED)
 
-# Tries per page of events: a 429 (the account's read limit is shared with the workers,
-# which may be catching up too), a 5xx or a dropped connection is waited out (4 to 8 s
-# over the tries) rather than ending a run that paged through many already.
+# Tries per page of events: what shared.stripe_client.classify calls transient (a 429:
+# the account's read limit is shared with the workers, which may be catching up too; a
+# 5xx, 409, 401/403, a dropped or cut-off answer) is waited out, 4 to 8 s over the tries,
+# rather than ending a run that paged through many already.
 PAGE_TRIES = 5
 # The longest wait between tries, also when Stripe (or a gateway) asks for longer.
 PAGE_WAIT_MAX_S = 30.0
@@ -59,7 +60,8 @@ async def list_events(
     params: dict[str, Any] = {"types": list(HANDLED_TYPES), "created": created, "limit": 100}
     if not everything:
         params["delivery_success"] = False
-    http = stripe.AIOHTTPClient(timeout=stripe_settings.timeout_s)
+    # ours: a body cut short becomes an APIConnectionError (retried), not aiohttp's own
+    http = AIOHTTPClient(timeout=stripe_settings.timeout_s)
     client = make_client(stripe_settings, http_client=http)
     events: list[dict[str, Any]] = []
     retrying = AsyncRetrying(

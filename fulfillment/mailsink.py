@@ -1,4 +1,5 @@
-"""A local SMTP sink for development: accepts every message and reports it in one line."""
+"""A local SMTP sink for development: accepts every message and reports it: one line with
+its recipients, subject and Message-ID, then its text, indented."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ class _Report:
             f"to={','.join(envelope.rcpt_tos)} subject={message['Subject']!r} "
             f"message-id={message['Message-ID']}"
         )
+        text = message.get_body(preferencelist=("plain",))
+        if text is not None:
+            for line in text.get_content().splitlines():
+                self.report(f"  {line}")
         return "250 Message accepted for delivery"
 
 

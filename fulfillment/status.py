@@ -151,6 +151,8 @@ async def _other_delay_queues(conn: asyncpg.Connection, topology: Topology) -> l
             topology.retry_queue_prefix,
             list(topology.retry_queues),
         )
-    except asyncpg.UndefinedTableError:
-        return []  # a schema from before workers recorded them (`fulfillment migrate`)
+    except asyncpg.PostgresError:
+        # a schema from before workers recorded them (`fulfillment migrate`), or a role that
+        # may not read the table: the queues of this schedule are still shown
+        return []
     return [r["name"] for r in rows]

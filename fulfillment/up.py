@@ -196,6 +196,10 @@ def _plan_local(env: dict[str, str], *, force_standin: bool = False) -> LocalPla
             f"no SMTP_URL and nothing on localhost:{MAIL_SINK_PORT}: a local mail sink "
             "prints each email"
         )
+    elif not env.get("SMTP_URL"):
+        plan.notes.append(
+            f"mail: to what already listens on localhost:{MAIL_SINK_PORT} (SMTP_URL's default)"
+        )
     return plan
 
 

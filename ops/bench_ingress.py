@@ -1,4 +1,4 @@
-"""Ingress benchmark: signed ~2 KB Stripe events through real HTTP into a real RabbitMQ.
+"""Ingress benchmark: signed ~3 KB Stripe events (2.9 KB) through real HTTP into a real RabbitMQ.
 
 Prints, from one run on one broker:
   * verified + confirmed webhooks/s at fixed concurrency (closed loop), p50/p99;
@@ -50,7 +50,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-# Fields of the fixture session left out so an event is about 2 KB, a typical size.
+# Fields of the fixture session left out so an event is about 3 KB, a typical size.
 _TRIM = (
     "after_expiration",
     "custom_text",
@@ -68,7 +68,7 @@ _TRIM = (
 
 
 def make_events(n: int) -> list[bytes]:
-    """Stripe-shaped checkout.session.completed events of about 2 KB each."""
+    """Stripe-shaped checkout.session.completed events of about 3 KB each."""
     bodies = []
     for _ in range(n):
         session = sh.checkout_session()

@@ -89,7 +89,8 @@ class EventEnvelope:
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, DEL, and the line and paragraph separators some readers break at
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _not_json(constant: str) -> None:

@@ -240,8 +240,8 @@ def connect_error(settings: BrokerSettings, exc: Exception) -> FulfillmentError:
         # aiormq's word for the broker closing the connection while it was being opened:
         # RabbitMQ does that for a virtual host that does not exist or the user may not use
         return ConfigError(
-            f"RABBITMQ_URL: the broker at {where} would not open its virtual host: does it "
-            "exist, and may this user use it?"
+            f"RABBITMQ_URL: the broker at {where} closed the connection while opening its "
+            "virtual host: does it exist, and may this user use it? (its log says why)"
         )
     why = str(exc) or f"no answer within {CONNECT_TIMEOUT_S}s"  # a timeout says nothing
     return BrokerUnavailable(

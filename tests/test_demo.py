@@ -57,3 +57,36 @@ async def test_the_demo_fulfills_paid_and_delayed_orders_notifies_failures_and_s
     mails = await asyncio.to_thread(smtp.wait, 11)
     assert len({m["Message-ID"] for m in mails}) == 11
     assert sum(m["Subject"] == "Your payment did not go through" for m in mails) == 2
+
+
+async def test_the_local_mail_sink_shows_each_email_with_its_text() -> None:
+    """New-user trial: `up` said it "prints each email", but showed only a summary line, so
+    the order's items and total could not be seen anywhere in a local run."""
+    from email.message import EmailMessage
+
+    import aiosmtplib
+
+    from fulfillment.mailsink import start_mail_sink
+
+    lines: list[str] = []
+    port = free_port()
+    server = await start_mail_sink("127.0.0.1", port, lines.append)
+    message = EmailMessage()
+    message["From"], message["To"] = "orders@shop.test", "jenny@example.com"
+    message["Subject"], message["Message-ID"] = "Your order", "<order.cs_1@shop.test>"
+    message.set_content("Hello Jenny,\n\n  2 x T-shirt  40.00 USD\n\nTotal: 40.00 USD\n")
+    try:
+        await aiosmtplib.send(message, hostname="127.0.0.1", port=port)
+    finally:
+        server.close()
+
+    assert lines[0] == (
+        "to=jenny@example.com subject='Your order' message-id=<order.cs_1@shop.test>"
+    )
+    assert lines[1:] == [
+        "  Hello Jenny,",
+        "  ",
+        "    2 x T-shirt  40.00 USD",
+        "  ",
+        "  Total: 40.00 USD",
+    ]

@@ -865,6 +865,8 @@ def test_a_signature_header_with_non_ascii_characters_is_malformed_not_a_crash()
         pytest.param("id", "evt_a\x00b", id="NUL in id"),
         pytest.param("id", "evt_a\r\nX-Evil: 1", id="line break in id"),
         pytest.param("type", "checkout.session.completed\x7f", id="DEL in type"),
+        pytest.param("id", "evt_a\x85b", id="C1 next-line in id"),
+        pytest.param("type", "checkout.session\u2028completed", id="line separator in type"),
     ],
 )
 def test_event_ids_and_types_that_cannot_be_amqp_short_strings_are_malformed(

@@ -661,7 +661,8 @@ async def test_status_shows_the_delay_queues_of_every_schedule_the_workers_decla
     own (a rolling change of schedule), and status showed only its own schedule's, so
     messages waiting in the others were invisible; a delay queue of its own schedule that
     no worker had declared yet made it fail outright."""
-    other = replace(worker_settings.broker, retry_delays_s=(3600.0, 0.5))
+    # a schedule may repeat a delay: one queue, recorded once
+    other = replace(worker_settings.broker, retry_delays_s=(3600.0, 0.5, 3600.0))
     other_topology = Topology.from_settings(other)
     other_queue = other_topology.retry_queues[0]
     assert other_queue not in topology.retry_queues
@@ -671,6 +672,14 @@ async def test_status_shows_the_delay_queues_of_every_schedule_the_workers_decla
         await first.stop(grace_s=1)
         waiting = aio_pika.Message(b"{}", delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         await channel.default_exchange.publish(waiting, routing_key=other_queue)
+        # a deployment of another prefix sharing the database: not this one's
+        foreign = f"x{worker_settings.broker.prefix}.fulfillment.retry.1h"
+        await channel.declare_queue(foreign, auto_delete=True)
+        await db_fetch(
+            worker_settings.database_url,
+            "INSERT INTO delay_queues (name, delay_s) VALUES ($1, 3600)",
+            foreign,
+        )
         mine = replace(worker_settings.broker, retry_delays_s=(*topology.retry_delays_s, 7.0))
         mine_topology = Topology.from_settings(mine)
 
@@ -678,12 +687,14 @@ async def test_status_shows_the_delay_queues_of_every_schedule_the_workers_decla
         text = await acli(replace(worker_settings, broker=mine), "status")
     finally:
         await channel.queue_delete(other_queue)
+        await channel.queue_delete(f"x{worker_settings.broker.prefix}.fulfillment.retry.1h")
 
     assert result.returncode == 0, result.stderr
     queues = json.loads(result.stdout)["queues"]
     assert queues[other_queue] == {"messages": 1, "consumers": 0, "other_schedule": True}
     never = mine_topology.retry_queues[-1]
     assert queues[never] == {"messages": None, "consumers": None, "missing": True}
+    assert all("other_schedule" not in queues[q] for q in mine_topology.all_queues)
     assert list(queues)[: len(mine_topology.all_queues)] == list(mine_topology.all_queues)
     assert set(queues) == {*mine_topology.all_queues, other_queue}  # 0.5 s: one of ours
     assert text.returncode == 0, text.stderr
@@ -1114,7 +1125,7 @@ def own_ports() -> dict[str, str]:
     ("where", "says"),
     [
         ("wrong-password", "refused the user name or password (ACCESS_REFUSED"),
-        ("missing-vhost", "would not open its virtual host: does it exist"),
+        ("missing-vhost", "while opening its virtual host: does it exist"),
     ],
 )
 @pytest.mark.parametrize("command", [["topology"], ["status"], ["worker"], ["up"]])
@@ -1316,7 +1327,7 @@ def test_the_dlq_table_keeps_one_line_per_letter_whatever_its_headers_hold() -> 
         error_type="MalformedEvent",
         error="bad\tthing\nhere",
         first_failed_at=None,
-        last_failed_at="2026-11-29T18:00:00+00:00",
+        last_failed_at="2026-11-29T18:00:00\n",
         worker_id=None,
         checkout_session_id=None,
         headers={},
@@ -1328,7 +1339,7 @@ def test_the_dlq_table_keeps_one_line_per_letter_whatever_its_headers_hold() -> 
 
     _header, first, second = out.getvalue().splitlines()
     assert first.startswith("evt_a\\r\\nX-Evil: 1 ")
-    assert "checkout.session.completed\\x00" in first
+    assert "checkout.session.completed\\x00" in first and "2026-11-29T18:00:00\\n" in first
     assert first.endswith("MalformedEvent: bad\\tthing here")
     assert second.startswith("evt_plain ")
 
@@ -1352,7 +1363,9 @@ async def test_a_retried_message_that_then_crashes_its_workers_is_shown_as_the_d
     }
     raw = sh.body(doc)
     message = event_message(raw, EventEnvelope.parse(raw), source="test", headers=earlier)
-    await channel.default_exchange.publish(message, routing_key=topology.work_queue)
+    # the retry copy a worker made: into a delay queue, back to the work queue when it expires
+    await channel.default_exchange.publish(message, routing_key=topology.retry_queues[0])
+    await wait_for(lambda: depth_is(channel, topology.work_queue, 1))
     deliveries = 0
     async with amqp.channel() as crashing:
         queue = await crashing.get_queue(topology.work_queue, ensure=False)
@@ -1372,3 +1385,39 @@ async def test_a_retried_message_that_then_crashes_its_workers_is_shown_as_the_d
     assert letter.first_failed_at == "2026-11-29T10:00:00+00:00"  # its first failure
     assert letter.last_failed_at is not None and letter.last_failed_at > "2026-11-29T11"
     assert letter.worker_id is None  # no worker gave up on it
+    # the broker's record of its journey: the delivery limit last, the delay queue before
+    assert [d["reason"] for d in letter.headers["x-death"]] == ["delivery_limit", "expired"]
+
+
+async def test_a_letter_neither_a_worker_nor_the_broker_put_there_is_listed_as_such(
+    worker_settings: WorkerSettings, channel: Any, topology: Topology
+) -> None:
+    """Something else published straight into the DLQ: no failure headers, no x-death."""
+    from fulfillment.dlq import list_dead_letters
+
+    stray = aio_pika.Message(b"{}", delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+    await channel.default_exchange.publish(stray, routing_key=topology.dead_queue)
+
+    [letter] = await wait_for(lambda: list_dead_letters(worker_settings.broker))
+
+    assert (letter.error_type, letter.attempts) == ("unknown", 1)
+    assert letter.error == "no failure headers: put here by neither a worker nor the broker"
+    assert letter.worker_id is None and letter.last_failed_at is None
+
+
+def test_backfill_waits_as_long_as_asked_between_tries_but_never_over_its_cap() -> None:
+    """A Retry-After (a gateway in front of Stripe may send one) is honoured, up to 30 s."""
+    from types import SimpleNamespace
+
+    from fulfillment.backfill import PAGE_WAIT_MAX_S, _page_wait
+    from shared.errors import TransientError
+
+    def wait_after(attempt: int, retry_after_s: float | None) -> float:
+        failed = TransientError("429", retry_after_s=retry_after_s)
+        outcome = SimpleNamespace(exception=lambda: failed)
+        return _page_wait(SimpleNamespace(attempt_number=attempt, outcome=outcome))  # type: ignore[arg-type]
+
+    assert 0.25 <= wait_after(1, None) <= 0.5
+    assert 4.0 <= wait_after(5, None) <= 8.0  # growing
+    assert wait_after(1, 12.0) == 12.0
+    assert wait_after(1, 3600.0) == PAGE_WAIT_MAX_S == 30.0

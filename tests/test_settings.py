@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -93,10 +95,14 @@ def test_with_nothing_set_every_component_gets_exactly_the_defaults_its_class_de
 
 
 def test_each_worker_gets_an_id_of_its_own_when_none_is_set() -> None:
-    first = WorkerSettings(stripe=StripeSettings(api_key="sk_test_x")).worker_id
-    second = WorkerSettings.from_env({"STRIPE_API_KEY": "sk_test_x"}).worker_id
+    built = WorkerSettings(stripe=StripeSettings(api_key="sk_test_x")).worker_id
+    first, second = (
+        WorkerSettings.from_env({"STRIPE_API_KEY": "sk_test_x"}).worker_id for _ in range(2)
+    )
 
-    assert first != second  # several workers in one process (tests, up) are told apart
+    # several workers of one process (tests, up) or of one pid (containers) are told apart
+    assert len({built, first, second}) == 3
+    assert first.startswith(f"{socket.gethostname()}-{os.getpid()}-")
     named = WorkerSettings.from_env({"STRIPE_API_KEY": "sk_test_x", "WORKER_ID": " w-1 "})
     assert named.worker_id == "w-1"
 

@@ -941,6 +941,9 @@ async def test_a_nul_in_what_stripe_answers_cannot_stop_a_paid_order_being_recor
     customer email with one is no address (recorded as undeliverable, the order stands)."""
     named = standin.add_session(line_items=[("Tea\x00pot", 1, 900)])
     named["customer_details"]["name"] = "Nul\x00Name"
+    named["customer"] = "cus_a\x00b"
+    [item] = standin.line_items[named["id"]]
+    item["id"], item["price"]["id"] = "li_a\x00b", "price_a\x00b"
     mailless = standin.add_session(customer_email="jenny\x00@example.com")
     await start_worker(worker_settings)
 
@@ -948,7 +951,13 @@ async def test_a_nul_in_what_stripe_answers_cannot_stop_a_paid_order_being_recor
     await publish(session_event(standin, "checkout.session.completed", mailless["id"]))
 
     [row] = await wait_for(lambda: fulfillment_rows(database_url, named["id"]))
-    assert row["customer_name"] == "Nul\ufffdName"
+    assert (row["customer_name"], row["customer_id"]) == ("Nul\ufffdName", "cus_a\ufffdb")
+    [ids] = await db_fetch(
+        database_url,
+        "SELECT line_item_id, price_id FROM fulfillment_line_items WHERE checkout_session_id = $1",
+        named["id"],
+    )
+    assert tuple(ids) == ("li_a\ufffdb", "price_a\ufffdb")
     assert await stored_items(database_url, named["id"]) == [("Tea\ufffdpot", 1, 900)]
     [mail] = await asyncio.to_thread(smtp.wait, 1)
     assert "1 x Tea\ufffdpot" in mail.get_content()
@@ -1117,6 +1126,23 @@ async def test_a_secret_in_an_error_is_masked_in_the_dead_letter_as_in_the_log(
     [letter] = await wait_for(lambda: drain(channel, topology.dead_queue))
     message = letter.headers[HEADER_ERROR_MESSAGE]
     assert key not in message and "Bad request with ***" in message
+
+
+@pytest.mark.parametrize(
+    "address", ["jenny\ufffd@example.com", "jenny@exa\x00mple.com", "jen\x85ny@example.com"]
+)
+def test_an_address_with_a_control_or_replacement_character_is_undeliverable(address: str) -> None:
+    """A NUL Stripe sent is stored as U+FFFD (PostgreSQL text cannot hold it); neither is
+    part of any mailbox, so the email is recorded as undeliverable, not sent to a guess."""
+    from worker.mail import Undeliverable, confirmation_email
+    from worker.order import Order
+
+    standin = StripeStandIn()
+    sid = standin.add_session(customer_email=address)["id"]
+    order = Order.from_session(dict(standin.sessions[sid], line_items={"data": []}))
+
+    with pytest.raises(Undeliverable, match="no usable customer email"):
+        confirmation_email(order, "shop@shop.test")
 
 
 def test_the_customers_name_is_one_bounded_line_in_the_greeting() -> None:

@@ -189,12 +189,15 @@ class Worker:
         await channel.set_qos(prefetch_count=s.concurrency)
         await self.topology.declare(channel)
         # which delay queues exist besides those of the schedule `status` runs with
+        t = self.topology
+        # one row per queue: a schedule may repeat a delay ("10,10,60")
+        delay_of = dict(zip(t.retry_queues, t.retry_delays_s, strict=True))
         await self._pool.execute(
             """INSERT INTO delay_queues (name, delay_s)
                SELECT * FROM unnest($1::text[], $2::float8[])
                ON CONFLICT (name) DO UPDATE SET last_declared_at = now()""",
-            list(self.topology.retry_queues),
-            list(self.topology.retry_delays_s),
+            list(delay_of),
+            list(delay_of.values()),
         )
         out = await channel.get_exchange(self.topology.out_exchange)
         self._fulfiller = Fulfiller(

@@ -174,6 +174,12 @@ def _plan_local(env: dict[str, str], *, force_standin: bool = False) -> LocalPla
             "STRIPE_WEBHOOK_SECRETS is set but STRIPE_API_KEY is not: set a key too, or "
             "neither for a local run"
         )
+    if env.get("CHECKOUT_PRICE") and not has_key and not force_standin:
+        # the stand-in knows no price of the user's, and sells only in the demo
+        raise ConfigError(
+            "CHECKOUT_PRICE is set but STRIPE_API_KEY is not: the Checkout pages need Stripe "
+            "(the local stand-in sells only in `fulfillment up --demo`)"
+        )
     if not has_secret:
         env["STRIPE_WEBHOOK_SECRETS"] = "whsec_local" + secrets.token_hex(16)
         plan.notes.append(
@@ -359,12 +365,18 @@ def _children(env: dict[str, str], workers: int, port: int, metrics_port: int) -
     host = env.get("INGRESS_HOST", "0.0.0.0")
     children = [Child("ingress", ["ingress"], env)]
     say(f"ingress: POST http://{host}:{port}/webhooks/stripe (healthz, readyz, metrics)")
+    metrics_host = env.get("WORKER_METRICS_HOST", "0.0.0.0")
     for i in range(1, workers + 1):
         worker_port = metrics_port + i - 1 if metrics_port else 0
         children.append(
             Child(f"worker-{i}", ["worker"], {**env, "WORKER_METRICS_PORT": str(worker_port)})
         )
-        say(f"worker-{i}: metrics and healthz on http://{host}:{worker_port}/metrics")
+        where = (
+            f"http://{metrics_host}:{worker_port}/metrics"
+            if worker_port
+            else "a free port (its `worker metrics listening` line names it)"
+        )
+        say(f"worker-{i}: metrics and healthz on {where}")
     return children
 
 

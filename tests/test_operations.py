@@ -1246,6 +1246,11 @@ def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_setting
             "STRIPE_API_KEY is set but STRIPE_WEBHOOK_SECRETS is not",
         ),
         (["up"], {"STRIPE_API_KEY": ""}, "STRIPE_WEBHOOK_SECRETS is set but STRIPE_API_KEY is not"),
+        (  # new-user trial: accepted, then every Checkout page was Stripe's "unrecognized URL"
+            ["up"],
+            {"CHECKOUT_PRICE": "price_x", "STRIPE_API_KEY": "", "STRIPE_WEBHOOK_SECRETS": ""},
+            "CHECKOUT_PRICE is set but STRIPE_API_KEY is not",
+        ),
     ],
 )
 def test_a_bad_setting_stops_the_command_before_it_starts_anything(

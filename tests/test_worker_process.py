@@ -361,3 +361,17 @@ async def test_a_message_still_in_flight_when_the_grace_period_ends_is_named_and
     )
     assert line["attempt"] == 1 and line["duration_ms"] >= 1000
     assert await wait_for(lambda: depth_is(channel, topology.work_queue, 1))
+
+
+async def test_a_worker_on_any_free_metrics_port_says_which_one_it_got(spawn: Any) -> None:
+    """New-user trial: with WORKER_METRICS_PORT=0 the log said port 0, so nobody could find
+    the worker's /metrics and /healthz."""
+    import aiohttp
+
+    worker = await spawn(WORKER_METRICS_PORT="0")
+    line = await worker.wait_for_log("worker metrics listening")
+
+    assert line["port"] > 0
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{line['port']}/healthz") as response:
+            assert response.status == 200

@@ -22,7 +22,8 @@ async def serve(settings: WorkerSettings) -> None:
         if not worker.consuming:
             log.info("worker stopping before it started consuming")
             return
-        log.info("worker metrics listening", port=settings.metrics_port)
+        # the port bound, also when WORKER_METRICS_PORT=0 asked for any free one
+        log.info("worker metrics listening", port=runner.addresses[0][1])
         await stop.wait()
         log.info("worker stopping", in_flight=worker.in_flight)
     finally:

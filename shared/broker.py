@@ -11,7 +11,7 @@ import aiormq
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, HeadersType
 
 from shared.envelope import EventEnvelope
-from shared.errors import BrokerUnavailable, ConfirmTimeout
+from shared.errors import BrokerUnavailable, ConfirmTimeout, Unroutable
 
 HEADER_EVENT_ID = "stripe-event-id"
 HEADER_EVENT_TYPE = "stripe-event-type"
@@ -79,9 +79,7 @@ async def publish_confirmed(
     except TimeoutError:
         raise ConfirmTimeout(f"no publisher confirm within {timeout_s:g}s") from None
     except aiormq.exceptions.PublishError:
-        raise BrokerUnavailable(
-            f"broker returned the message as unroutable ({routing_key})"
-        ) from None
+        raise Unroutable(f"broker returned the message as unroutable ({routing_key})") from None
     except aiormq.exceptions.DeliveryError:
         raise BrokerUnavailable("broker refused the message (nack)") from None
     except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:

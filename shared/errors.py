@@ -34,6 +34,11 @@ class BrokerUnavailable(TransientError):
     """Raised when the broker cannot take a message now (down, reconnecting, nack, timeout)."""
 
 
+class Unroutable(BrokerUnavailable):
+    """Raised when the broker returned a mandatory publish: no queue is bound for its
+    routing key (and the exchange has no alternate exchange to take it)."""
+
+
 class ConfirmTimeout(BrokerUnavailable):
     """Raised when the broker took a publish but did not confirm it in time (a hung broker,
     or one blocking publishers on a memory or disk alarm): the connection looks fine."""

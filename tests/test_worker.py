@@ -926,6 +926,34 @@ async def test_a_session_answered_without_its_line_items_expanded_is_fulfilled_w
     assert "2 x T-shirt" in mail.get_content()
 
 
+async def test_an_outbound_message_no_queue_is_bound_for_is_counted_and_recorded_so(
+    standin: StripeStandIn,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: Any,
+    publish: Any,
+    database_url: str,
+    topology: Topology,
+) -> None:
+    """Downstream trial: with no subscriber's queue bound, the broker dropped order.fulfilled
+    unseen and the step read "published". Now it is published mandatory: the broker's
+    return is counted, logged and recorded; the order and its email go on."""
+    sid = standin.add_session()["id"]
+    before = counted("worker_outbound_unrouted_total", type="order.fulfilled")
+    await start_worker(worker_settings)
+
+    await publish(session_event(standin, "checkout.session.completed", sid))
+
+    steps = await wait_for(lambda: both_steps(database_url, sid))
+    assert steps["order_fulfilled_message"] == (
+        f"unrouted order.fulfilled:{sid}: no queue was bound for order.fulfilled "
+        f"on {topology.out_exchange}"
+    )
+    assert steps["confirmation_email"].startswith("sent <order.")
+    assert counted("worker_outbound_unrouted_total", type="order.fulfilled") == before + 1
+    assert len(await fulfillment_rows(database_url, sid)) == 1
+
+
 async def test_a_nul_in_what_stripe_answers_cannot_stop_a_paid_order_being_recorded(
     standin: StripeStandIn,
     smtp: SmtpSink,
@@ -935,6 +963,7 @@ async def test_a_nul_in_what_stripe_answers_cannot_stop_a_paid_order_being_recor
     database_url: str,
     channel: Any,
     topology: Topology,
+    outbound: str,
 ) -> None:
     """Black-box trial: PostgreSQL's text cannot hold a NUL, so a customer name or item
     description with one dead-lettered the paid order for good. Now stored as U+FFFD; a

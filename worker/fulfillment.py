@@ -34,7 +34,7 @@ from asyncpg.pool import PoolConnectionProxy
 from shared.backoff import compute_backoff
 from shared.broker import HEADER_EVENT_ID, JSON, publish_confirmed
 from shared.envelope import EventEnvelope
-from shared.errors import ConfirmTimeout, PermanentError, TransientError
+from shared.errors import ConfirmTimeout, PermanentError, TransientError, Unroutable
 from shared.logging import get_logger
 from shared.stripe_client import StripeNotFound, classify
 from worker import db, mail, metrics
@@ -481,11 +481,20 @@ class Fulfiller:
                 "checkout-session-id": order.session_id,
             },
         )
-        # Subscribers bind their own queues; with none bound the broker drops it (pub/sub).
+        # Subscribers bind their own queues (pub/sub). Mandatory: with none bound for it the
+        # broker returns it rather than dropping it unseen, and that is said and recorded.
         try:
-            await publish_confirmed(
-                self._out, message, kind, timeout_s=self._publish_timeout_s, mandatory=False
+            await publish_confirmed(self._out, message, kind, timeout_s=self._publish_timeout_s)
+        except Unroutable:
+            metrics.UNROUTED.labels(kind).inc()
+            log.warning(
+                "outbound message had no subscriber: no queue is bound for it, so nobody got "
+                "it; recorded as such",
+                checkout_session_id=order.session_id,
+                fulfillment_id=dedupe_id,
+                exchange=self._out.name,
             )
+            return f"unrouted {dedupe_id}: no queue was bound for {kind} on {self._out.name}"
         except ConfirmTimeout:
             # Its fate is unknown (a stalled broker may yet deliver it) and it is not
             # recorded, so the retry publishes it again: a repeat, with the same id

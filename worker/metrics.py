@@ -38,6 +38,14 @@ UNCONFIRMED = Counter(
     ["type"],
 )
 
+UNROUTED = Counter(
+    "worker_outbound_unrouted_total",
+    "Outbound messages no queue was bound for: the broker returned them, so no subscriber got "
+    "them (recorded as such in fulfillment_steps; bind the subscriber's queue first).",
+    ["type"],
+)
+OUTBOUND_TYPES = ("order.fulfilled", "payment.failed")
+
 
 def start_at_zero(event_types: tuple[str, ...], email_purposes: tuple[str, ...]) -> None:
     """Create the series alerts watch, at 0, before their first event: rate() needs two
@@ -48,6 +56,8 @@ def start_at_zero(event_types: tuple[str, ...], email_purposes: tuple[str, ...])
             DEAD_LETTERS.labels(event_type, reason)
     for purpose in email_purposes:
         UNDELIVERABLE_EMAILS.labels(purpose)
+    for kind in OUTBOUND_TYPES:
+        UNROUTED.labels(kind)
 
 
 async def start_server(host: str, port: int) -> web.AppRunner:

@@ -1174,6 +1174,34 @@ def test_an_address_with_a_control_or_replacement_character_is_undeliverable(add
         confirmation_email(order, "shop@shop.test")
 
 
+@pytest.mark.parametrize("customer", ["jenny@example.com", "zoë@example.com"])
+@pytest.mark.parametrize(
+    "sender", ["Boutique Café <orders@shop.example>", '"Shop, Inc." <orders@shop.example>']
+)
+def test_the_sender_keeps_its_address_whatever_its_display_name(sender: str, customer: str) -> None:
+    """Downstream trial: a non-ASCII MAIL_FROM name was encoded together with the address
+    (compat32), so mail clients saw a From with no address: no replies, DMARC failures."""
+    import email
+    import email.policy
+
+    from aiosmtplib.email import flatten_message
+
+    from worker.mail import confirmation_email
+    from worker.order import Order
+
+    standin = StripeStandIn()
+    sid = standin.add_session(customer_email=customer)["id"]
+    order = Order.from_session(dict(standin.sessions[sid], line_items={"data": []}))
+    # flattened as the mailer's client does (SMTPUTF8 only for a non-ASCII customer address)
+    raw = flatten_message(confirmation_email(order, sender), utf8=not customer.isascii())
+
+    # as a client reads it (RFC 6532: headers in UTF-8 when the relay takes SMTPUTF8)
+    parsed = email.message_from_string(raw.decode("utf-8"), policy=email.policy.default)
+    [address] = parsed["From"].addresses
+    assert address.addr_spec == "orders@shop.example"
+    assert address.display_name == email.utils.parseaddr(sender)[0]
+
+
 def test_the_customers_name_is_one_bounded_line_in_the_greeting() -> None:
     from worker.order import NAME_MAX_CHARS, Order
 

@@ -9,7 +9,7 @@ import ssl
 import time
 from email.message import EmailMessage, Message
 from email.mime.text import MIMEText
-from email.utils import formatdate, parseaddr
+from email.utils import formataddr, formatdate, parseaddr
 
 import aiosmtplib
 import idna
@@ -109,7 +109,9 @@ def _message(order: Order, sender: str, subject: str, body: str, purpose: str) -
         # encoded-word, which is no address at all. Rare, so its cost does not matter.
         message = EmailMessage()
         message.set_content(body, charset="utf-8")
-    message["From"] = sender
+    # (compat32 would encode a non-ASCII display name together with the address, leaving no
+    # address at all: the name alone is encoded, the address stays as it is)
+    message["From"] = formataddr(parseaddr(sender))
     message["To"] = address
     message["Subject"] = subject
     message["Date"] = formatdate(usegmt=True)

@@ -196,6 +196,57 @@ async def test_a_subscription_with_a_metered_price_discount_shipping_and_tax_is_
     }
 
 
+@pytest.mark.parametrize(
+    ("discount", "tax", "total", "lines"),
+    [
+        # one price tax-inclusive (12.00 holding 2.00), one exclusive (10.00 plus 1.00)
+        (0, 300, 2300, ["Subtotal: 22.00 EUR", "Tax: 1.00 EUR", "Tax included: 2.00 EUR"]),
+        (
+            220,  # and 10% off: Stripe's tax shrinks with it
+            270,
+            2070,
+            [
+                "Subtotal: 22.00 EUR",
+                "Discount: -2.20 EUR",
+                "Tax: 0.90 EUR",
+                "Tax included: 1.80 EUR",
+            ],
+        ),
+        (220, 270, 2500, []),  # figures that add up no way we know: items and total only
+    ],
+)
+def test_the_email_adds_up_when_a_session_mixes_tax_inclusive_and_exclusive_prices(
+    discount: int, tax: int, total: int, lines: list[str]
+) -> None:
+    """Downstream trial: a session with both kinds of price lost every adjustment line,
+    its discount too, though Stripe's figures add up."""
+    from worker.mail import confirmation_email
+    from worker.order import LineItem, Order
+
+    def item(name: str, amount: int) -> LineItem:
+        return LineItem(f"li_{name}", name, "price_1", 1, amount, amount, "eur", amount)
+
+    order = Order(
+        session_id="cs_test_mixed",
+        payment_status="paid",
+        amount_total=total,
+        currency="eur",
+        customer_id=None,
+        customer_email="jenny@example.com",
+        customer_name=None,
+        livemode=False,
+        items=(item("Book", 1200), item("Pen", 1000)),
+        amount_subtotal=2200,
+        amount_discount=discount,
+        amount_tax=tax,
+    )
+
+    text = confirmation_email(order, "shop@shop.test").get_payload(decode=True).decode()
+    shown = [t for t in text.splitlines() if t.startswith(("Subtotal", "Discount", "Tax"))]
+    assert shown == lines
+    assert f"Total: {total / 100:.2f} EUR" in text
+
+
 async def test_duplicates_and_both_success_events_for_one_session_fulfill_it_once(
     standin: StripeStandIn,
     smtp: SmtpSink,

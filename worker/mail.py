@@ -64,12 +64,12 @@ def _adjustments(order: Order) -> list[str]:
     discount, shipping, tax = order.amount_discount, order.amount_shipping, order.amount_tax
     if not (discount or shipping or tax):
         return []
-    before_tax = order.amount_subtotal - discount + shipping
-    if before_tax + tax == order.amount_total:
-        tax_line = "Tax"  # added to the prices
-    elif before_tax == order.amount_total:
-        tax_line = "Tax included"  # the prices include it (VAT-style)
-    else:
+    # Stripe's tax is the prices' own (tax_behavior inclusive: inside the subtotal) plus the
+    # tax added to them (exclusive); a session may hold both kinds of price. What the total
+    # adds beyond the discounted, shipped subtotal is the added part.
+    added = order.amount_total - (order.amount_subtotal - discount + shipping)
+    included = tax - added
+    if not 0 <= added <= tax:
         return []  # an adjustment we do not know: the items and the total only
 
     def money(amount: int) -> str:
@@ -78,7 +78,8 @@ def _adjustments(order: Order) -> list[str]:
     lines = ["", f"Subtotal: {money(order.amount_subtotal)}"]
     lines += [f"Discount: {money(-discount)}"] if discount else []
     lines += [f"Shipping: {money(shipping)}"] if shipping else []
-    lines += [f"{tax_line}: {money(tax)}"] if tax else []
+    lines += [f"Tax: {money(added)}"] if added else []  # added to the prices
+    lines += [f"Tax included: {money(included)}"] if included else []  # VAT-style
     return lines
 
 

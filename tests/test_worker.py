@@ -163,12 +163,23 @@ async def test_a_subscription_with_a_metered_price_discount_shipping_and_tax_is_
 
     await publish(session_event(standin, "checkout.session.completed", sid))
 
-    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    [row] = await wait_for(lambda: fulfillment_rows(database_url, sid))
     plan_after = 2900 - 500 + (0 if tax_included else 120)  # Stripe's item amount_total
     assert await stored_items(database_url, sid) == [
         ("API calls", None, 0),
         ("Pro plan", 1, plan_after),
     ]
+    # what the email itemises is on record for support (downstream trial)
+    breakdown = ("amount_subtotal", "amount_discount", "amount_shipping", "amount_tax")
+    assert [row[c] for c in breakdown] == [2900, 500, 499, 120]
+    assert (row["mode"], row["subscription_id"]) == ("subscription", session["subscription"])
+    subtotals = await db_fetch(
+        database_url,
+        "SELECT description, amount_subtotal FROM fulfillment_line_items "
+        "WHERE checkout_session_id = $1 ORDER BY description",
+        sid,
+    )
+    assert [tuple(r) for r in subtotals] == [("API calls", 0), ("Pro plan", 2900)]
     [mail] = await asyncio.to_thread(smtp.wait, 1)
     text = mail.get_content()
     assert "Thank you for your subscription. It is confirmed and active." in text

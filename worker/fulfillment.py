@@ -593,6 +593,13 @@ async def _record_fulfillment(conn: Conn, order: Order, event_id: str) -> None:
         [i.unit_amount for i in items],
         [i.amount_total for i in items],
         [i.currency for i in items],
+        order.amount_subtotal,
+        order.amount_discount,
+        order.amount_shipping,
+        order.amount_tax,
+        order.mode,
+        order.subscription,
+        [i.amount_subtotal for i in items],
     )
 
 
@@ -610,15 +617,17 @@ _RECORD_FULFILLMENT_SQL = f"""WITH s AS ({_UPSERT_STATE} RETURNING checkout_sess
            ), f AS (
                INSERT INTO fulfillments (checkout_session_id, customer_id, customer_email,
                    customer_name, amount_total, currency, payment_status, livemode, event_id,
-                   stripe_account)
-               SELECT checkout_session_id, $6, $4, $7, $8, $9, $3, $10, $5, $11 FROM s
+                   stripe_account, amount_subtotal, amount_discount, amount_shipping,
+                   amount_tax, mode, subscription_id)
+               SELECT checkout_session_id, $6, $4, $7, $8, $9, $3, $10, $5, $11,
+                   $19, $20, $21, $22, $23, $24 FROM s
                RETURNING checkout_session_id
            )
            INSERT INTO fulfillment_line_items (checkout_session_id, line_item_id, description,
-               price_id, quantity, unit_amount, amount_total, currency)
+               price_id, quantity, unit_amount, amount_total, currency, amount_subtotal)
            SELECT f.checkout_session_id, i.* FROM f,
                unnest($12::text[], $13::text[], $14::text[], $15::bigint[], $16::bigint[],
-                      $17::bigint[], $18::text[]) AS i"""
+                      $17::bigint[], $18::text[], $25::bigint[]) AS i"""
 
 # Only when the session is fulfilled with every effect recorded ($5): see _settled_before.
 _SETTLED_SQL = f"""WITH done AS (

@@ -191,7 +191,16 @@ async def main() -> None:
                     json={"id": sid, "line_items": [["T-shirt", 2, 2000], ["Mug", 1, 1250]]},
                 ) as r:
                     assert r.status == 201
-        await asyncio.sleep(2)  # workers connected and consuming
+        await asyncio.sleep(2)  # workers connected and consuming (and the topology declared)
+        # a subscriber's queue, as a deployment has one: unbound, every order.fulfilled would
+        # be returned by the broker (and warned about); kept short, nobody reads it here
+        subscriber = f"bench.{token}.subscriber"
+        async with await aio_pika.connect(rabbit) as connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(
+                subscriber, durable=True, arguments={"x-max-length": 1000}
+            )
+            await queue.bind(f"bench.{token}.fulfillment.out", routing_key="#")
         bodies = []
         for sid in session_ids:
             raw = sh.body(sh.event("checkout.session.completed", sh.checkout_session(sid)))
@@ -267,9 +276,11 @@ async def main() -> None:
             from shared.settings import BrokerSettings
             from shared.topology import Topology
 
+            channel = await connection.channel()
+            await channel.queue_delete(f"bench.{token}.subscriber")
             await Topology.from_settings(
                 BrokerSettings(url=rabbit, prefix=f"bench.{token}")
-            ).delete(await connection.channel())
+            ).delete(channel)
 
     finished = max(float(r["t"]) for r in rows) if rows else time.time()
     latencies = sorted(float(r["t"]) - sent_at[r["checkout_session_id"]] for r in rows)

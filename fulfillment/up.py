@@ -223,10 +223,15 @@ def _check_settings(env: dict[str, str], metrics_port: int) -> tuple[str, str]:
     return ingress.host, worker.metrics_host
 
 
-async def _start_local(plan: LocalPlan) -> LocalStack:
+async def _start_local(plan: LocalPlan, broker: BrokerSettings) -> LocalStack:
     """Start what the plan stands in for."""
     stack = LocalStack()
     if plan.standin_port is not None:
+        # standing in for Stripe, so a local run: a subscriber to the outbound messages too,
+        # printing each (nothing else is bound to them here, and the broker returns what no
+        # queue is bound for)
+        stack.closers.append(await _print_outbound(broker))
+        plan.notes.append("outbound messages: a local subscriber prints each one")
         from aiohttp import web
 
         from fulfillment.stripe_standin import StripeStandIn
@@ -250,6 +255,27 @@ async def _start_local(plan: LocalPlan) -> LocalStack:
     for note in plan.notes:
         say(note)
     return stack
+
+
+async def _print_outbound(broker: BrokerSettings) -> Callable[[], Any]:
+    """A queue of its own (deleted with its connection) bound to every outbound message,
+    printing each; returns its closer."""
+    import aio_pika
+
+    from shared.topology import Topology
+
+    connection = await aio_pika.connect_robust(broker.url)
+    channel = await connection.channel()
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(Topology.from_settings(broker).out_exchange, routing_key="#")
+
+    async def show(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        async with message.process():
+            dedupe_id = str((message.headers or {}).get("fulfillment-id"))
+            print(f"out      | {message.type} fulfillment-id={dedupe_id}")
+
+    await queue.consume(show)
+    return connection.close
 
 
 async def _preflight(env: dict[str, str]) -> bool:
@@ -406,7 +432,7 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     ready = await runtime.unless_stopped(_preflight(env), stopping)
     if not ready:
         return 1 if ready is False else _stopped_before_start()
-    stack = await _start_local(plan)
+    stack = await _start_local(plan, BrokerSettings.from_env(env))
     scenario = None
     if demo:
         from fulfillment.demo import Demo

@@ -57,6 +57,11 @@ async def test_the_demo_fulfills_paid_and_delayed_orders_notifies_failures_and_s
     mails = await asyncio.to_thread(smtp.wait, 11)
     assert len({m["Message-ID"] for m in mails}) == 11
     assert sum(m["Subject"] == "Your payment did not go through" for m in mails) == 2
+    # a local run subscribes to the outbound messages and shows each: none went unrouted
+    shown = re.findall(r"^out +\| (\S+) fulfillment-id=", output, re.M)
+    assert sorted(set(shown)) == ["order.fulfilled", "payment.failed"]
+    assert shown.count("order.fulfilled") >= 9 and shown.count("payment.failed") >= 2
+    assert "outbound message had no subscriber" not in output
 
 
 async def test_the_local_mail_sink_shows_each_email_with_its_text() -> None:

@@ -138,10 +138,15 @@ class LocalStack:
     standin: Any = None  # the StripeStandIn, when Stripe is stood in for
 
     async def close(self) -> None:
-        for close in self.closers:
-            result = close()
-            if asyncio.iscoroutine(result):
-                await result
+        """Every closer, the last started first, each bounded: one that fails or hangs (a
+        broker that stopped answering) does not keep the others open or ``up`` running."""
+        for close in reversed(self.closers):
+            try:
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await asyncio.wait_for(result, timeout=5)
+            except Exception as exc:
+                say(f"closing a local stand-in failed: {type(exc).__name__}: {exc}")
 
 
 # Where the local mail sink listens: the port of the workers' default SMTP_URL.
@@ -227,11 +232,6 @@ async def _start_local(plan: LocalPlan, broker: BrokerSettings) -> LocalStack:
     """Start what the plan stands in for."""
     stack = LocalStack()
     if plan.standin_port is not None:
-        # standing in for Stripe, so a local run: a subscriber to the outbound messages too,
-        # printing each (nothing else is bound to them here, and the broker returns what no
-        # queue is bound for)
-        stack.closers.append(await _print_outbound(broker))
-        plan.notes.append("outbound messages: a local subscriber prints each one")
         from aiohttp import web
 
         from fulfillment.stripe_standin import StripeStandIn
@@ -245,6 +245,15 @@ async def _start_local(plan: LocalPlan, broker: BrokerSettings) -> LocalStack:
             await runner.cleanup()
             raise listen_error("STANDIN_PORT", "127.0.0.1", plan.standin_port, exc) from None
         stack.closers.append(runner.cleanup)
+        # standing in for Stripe, so a local run: a subscriber to the outbound messages too,
+        # printing each (nothing else is bound to them here, and the broker returns what no
+        # queue is bound for)
+        try:
+            stack.closers.append(await _print_outbound(broker))
+        except BaseException:
+            await stack.close()
+            raise
+        plan.notes.append("outbound messages: a local subscriber prints each one")
     if plan.mail_sink:
         from fulfillment.mailsink import start_mail_sink
 
@@ -258,16 +267,20 @@ async def _start_local(plan: LocalPlan, broker: BrokerSettings) -> LocalStack:
 
 
 async def _print_outbound(broker: BrokerSettings) -> Callable[[], Any]:
-    """A queue of its own (deleted with its connection) bound to every outbound message,
-    printing each; returns its closer."""
+    """A queue bound to every outbound message, printing each; returns its closer. Named
+    and durable, so a broker restart or a reconnect finds it still bound (an exclusive one
+    went with the connection, and what the workers published meanwhile was returned);
+    the broker deletes it a minute after ``up`` stopped using it."""
     import aio_pika
 
     from shared.topology import Topology
 
+    topology = Topology.from_settings(broker)
+    name = f"{broker.prefix}.up.outbound" if broker.prefix else "up.outbound"
     connection = await aio_pika.connect_robust(broker.url)
     channel = await connection.channel()
-    queue = await channel.declare_queue(exclusive=True)
-    await queue.bind(Topology.from_settings(broker).out_exchange, routing_key="#")
+    queue = await channel.declare_queue(name, durable=True, arguments={"x-expires": 60_000})
+    await queue.bind(topology.out_exchange, routing_key="#")
 
     async def show(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         async with message.process():

@@ -1426,3 +1426,23 @@ def test_backfill_waits_as_long_as_asked_between_tries_but_never_over_its_cap() 
     assert 4.0 <= wait_after(5, None) <= 8.0  # growing
     assert wait_after(1, 12.0) == 12.0
     assert wait_after(1, 3600.0) == PAGE_WAIT_MAX_S == 30.0
+
+
+async def test_up_closes_every_local_stand_in_even_when_one_fails_to_close() -> None:
+    """Review: the first closer that raised left the others (the stand-in, the mail sink)
+    open; now each is tried, the last started first."""
+    from fulfillment.up import LocalStack
+
+    closed: list[str] = []
+
+    def failing() -> None:
+        closed.append("failing")
+        raise RuntimeError("the broker went away")
+
+    async def fine() -> None:
+        closed.append("fine")
+
+    stack = LocalStack(closers=[fine, failing, lambda: closed.append("last")])
+    await stack.close()
+
+    assert closed == ["last", "failing", "fine"]

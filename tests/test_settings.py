@@ -301,6 +301,8 @@ def test_a_bad_ingress_value_stops_with_a_config_error_naming_the_variable(
         pytest.param("SMTP_URL", "http://mail", id="smtp-url-scheme"),
         pytest.param("SMTP_URL", "smtp://", id="smtp-url-no-host"),
         pytest.param("MAIL_FROM", "Orders", id="mail-from-no-address"),
+        # every From header and MAIL FROM carries it: formatted, it raised for every email
+        pytest.param("MAIL_FROM", "Shop <orders@bücher.example>", id="mail-from-not-ascii"),
         pytest.param("DATABASE_URL", "mysql://db/x", id="database-url-scheme"),
         pytest.param("DELIVERY_LIMIT", "many", id="broker-value-through-worker"),
     ],

@@ -1033,6 +1033,7 @@ async def test_a_nul_in_what_stripe_answers_cannot_stop_a_paid_order_being_recor
     named = standin.add_session(line_items=[("Tea\x00pot", 1, 900)])
     named["customer_details"]["name"] = "Nul\x00Name"
     named["customer"] = "cus_a\x00b"
+    named["mode"] = "payment\x00"
     [item] = standin.line_items[named["id"]]
     item["id"], item["price"]["id"] = "li_a\x00b", "price_a\x00b"
     mailless = standin.add_session(customer_email="jenny\x00@example.com")
@@ -1043,6 +1044,7 @@ async def test_a_nul_in_what_stripe_answers_cannot_stop_a_paid_order_being_recor
 
     [row] = await wait_for(lambda: fulfillment_rows(database_url, named["id"]))
     assert (row["customer_name"], row["customer_id"]) == ("Nul\ufffdName", "cus_a\ufffdb")
+    assert row["mode"] == "payment\ufffd"
     [ids] = await db_fetch(
         database_url,
         "SELECT line_item_id, price_id FROM fulfillment_line_items WHERE checkout_session_id = $1",

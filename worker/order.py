@@ -100,7 +100,7 @@ class Order:
             livemode=bool(session.get("livemode")),
             items=tuple(items),
             account=account,
-            mode=session.get("mode") or "payment",
+            mode=_text(session.get("mode")) or "payment",
             subscription=_id_of(session.get("subscription")),
             amount_subtotal=int(session.get("amount_subtotal") or 0),
             amount_discount=int(details_of_total.get("amount_discount") or 0),

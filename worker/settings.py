@@ -51,6 +51,13 @@ class SmtpSettings:
         sender = env_str(env, "MAIL_FROM", default_of(cls, "sender"))
         if "@" not in parseaddr(sender)[1]:
             raise ConfigError(f"MAIL_FROM must be an email address, got {sender!r}")
+        if not parseaddr(sender)[1].isascii():
+            # it goes into every From header and MAIL FROM: an internationalized domain in
+            # its ASCII form (xn--…) reaches every relay; a UTF-8 one needs SMTPUTF8 on each
+            raise ConfigError(
+                "MAIL_FROM's address must be ASCII (write an internationalized domain in its "
+                f"xn-- form), got {sender!r}"
+            )
         return cls(
             host=parts.hostname or "localhost",
             port=port,

@@ -276,10 +276,11 @@ async def _print_outbound(broker: BrokerSettings) -> Callable[[], Any]:
     from shared.topology import Topology
 
     topology = Topology.from_settings(broker)
-    name = f"{broker.prefix}.up.outbound" if broker.prefix else "up.outbound"
     connection = await aio_pika.connect_robust(broker.url)
     channel = await connection.channel()
-    queue = await channel.declare_queue(name, durable=True, arguments={"x-expires": 60_000})
+    queue = await channel.declare_queue(
+        topology.named("up.outbound"), durable=True, arguments={"x-expires": 60_000}
+    )
     await queue.bind(topology.out_exchange, routing_key="#")
 
     async def show(message: aio_pika.abc.AbstractIncomingMessage) -> None:

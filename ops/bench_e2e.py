@@ -45,6 +45,8 @@ from bench_ingress import (  # noqa: E402
 )
 
 from shared import runtime  # noqa: E402
+from shared.settings import BrokerSettings  # noqa: E402
+from shared.topology import Topology  # noqa: E402
 from tests import stripe_helpers as sh  # noqa: E402
 from worker.db import migrate  # noqa: E402
 from worker.fulfillment import FULFILLED_STEPS  # noqa: E402
@@ -127,13 +129,15 @@ async def main() -> None:
     db_name = f"fulfillment_bench_{token}"
     db_url = urlsplit(server)._replace(path=f"/{db_name}").geturl()
     await migrate(db_url)
+    topology = Topology.from_settings(BrokerSettings(url=rabbit, prefix=f"bench.{token}"))
+    subscriber = topology.named("subscriber")
 
     standin_port, smtp_port, ingress_port = free_port(), free_port(), free_port()
     secret = sh.new_secret()
     env = {
         **os.environ,
         "RABBITMQ_URL": rabbit,
-        "BROKER_PREFIX": f"bench.{token}",
+        "BROKER_PREFIX": topology.prefix,
         "DATABASE_URL": db_url,
         "STRIPE_WEBHOOK_SECRETS": secret,
         "STRIPE_API_KEY": "sk_test_bench",
@@ -194,13 +198,12 @@ async def main() -> None:
         await asyncio.sleep(2)  # workers connected and consuming (and the topology declared)
         # a subscriber's queue, as a deployment has one: unbound, every order.fulfilled would
         # be returned by the broker (and warned about); kept short, nobody reads it here
-        subscriber = f"bench.{token}.subscriber"
         async with await aio_pika.connect(rabbit) as connection:
             channel = await connection.channel()
             queue = await channel.declare_queue(
                 subscriber, durable=True, arguments={"x-max-length": 1000}
             )
-            await queue.bind(f"bench.{token}.fulfillment.out", routing_key="#")
+            await queue.bind(topology.out_exchange, routing_key="#")
         bodies = []
         for sid in session_ids:
             raw = sh.body(sh.event("checkout.session.completed", sh.checkout_session(sid)))
@@ -273,14 +276,9 @@ async def main() -> None:
         await admin.close()
         connection = await aio_pika.connect(rabbit)
         async with connection:
-            from shared.settings import BrokerSettings
-            from shared.topology import Topology
-
             channel = await connection.channel()
-            await channel.queue_delete(f"bench.{token}.subscriber")
-            await Topology.from_settings(
-                BrokerSettings(url=rabbit, prefix=f"bench.{token}")
-            ).delete(channel)
+            await channel.queue_delete(subscriber)
+            await topology.delete(channel)
 
     finished = max(float(r["t"]) for r in rows) if rows else time.time()
     latencies = sorted(float(r["t"]) - sent_at[r["checkout_session_id"]] for r in rows)

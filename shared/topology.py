@@ -45,44 +45,45 @@ class Topology:
     def from_settings(cls, settings: BrokerSettings) -> Topology:
         return cls(settings.prefix, settings.retry_delays_s, settings.delivery_limit)
 
-    def _name(self, base: str) -> str:
+    def named(self, base: str) -> str:
+        """A broker name made from the prefix: every name of ours, ``up``'s local ones too."""
         return f"{self.prefix}.{base}" if self.prefix else base
 
     @property
     def events_exchange(self) -> str:
-        return self._name("stripe.events")
+        return self.named("stripe.events")
 
     @property
     def unrouted_exchange(self) -> str:
-        return self._name("stripe.events.unrouted")
+        return self.named("stripe.events.unrouted")
 
     @property
     def unrouted_queue(self) -> str:
-        return self._name("stripe.events.unrouted")
+        return self.named("stripe.events.unrouted")
 
     @property
     def work_queue(self) -> str:
-        return self._name("fulfillment")
+        return self.named("fulfillment")
 
     @property
     def dead_queue(self) -> str:
-        return self._name("fulfillment.dead")
+        return self.named("fulfillment.dead")
 
     @property
     def out_exchange(self) -> str:
-        return self._name("fulfillment.out")
+        return self.named("fulfillment.out")
 
     @property
     def readiness_queue(self) -> str:
         """Where the ingress's /readyz publishes when webhooks' publishes go unconfirmed: a
         quorum queue like the work queue (its confirm waits for the same replicated write),
         keeping nothing (every message expires at once)."""
-        return self._name("ingress.readiness")
+        return self.named("ingress.readiness")
 
     @property
     def retry_queue_prefix(self) -> str:
         """What every delay queue's name starts with, whatever its delay."""
-        return self._name("fulfillment.retry.")
+        return self.named("fulfillment.retry.")
 
     @property
     def retry_queues(self) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import ssl
 import time
@@ -32,8 +33,16 @@ _ADDRESS = re.compile(r"[^@\s<>,;\"\x00-\x1f\x7f\ufffd]+@[^@\s<>,;\"\x00-\x1f\x7
 
 def message_id(purpose: str, session_id: str, sender: str) -> str:
     """The same id for the same email every time, so mail systems can drop a repeat."""
-    domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
-    return f"<{purpose}.{session_id}@{domain}>"
+    return f"<{purpose}.{session_id}@{_sender(sender)[1]}>"
+
+
+@functools.lru_cache(maxsize=4)
+def _sender(sender: str) -> tuple[str, str]:
+    """MAIL_FROM as a From header, and its domain: parsed once, not for every email.
+    (compat32 would encode a non-ASCII display name together with the address, leaving no
+    address at all: formatted, the name alone is encoded and the address stays as it is.)"""
+    name, address = parseaddr(sender)
+    return formataddr((name, address)), address.rpartition("@")[2] or "localhost"
 
 
 def confirmation_email(order: Order, sender: str) -> Message:
@@ -110,9 +119,7 @@ def _message(order: Order, sender: str, subject: str, body: str, purpose: str) -
         # encoded-word, which is no address at all. Rare, so its cost does not matter.
         message = EmailMessage()
         message.set_content(body, charset="utf-8")
-    # (compat32 would encode a non-ASCII display name together with the address, leaving no
-    # address at all: the name alone is encoded, the address stays as it is)
-    message["From"] = formataddr(parseaddr(sender))
+    message["From"] = _sender(sender)[0]
     message["To"] = address
     message["Subject"] = subject
     message["Date"] = formatdate(usegmt=True)

@@ -8,6 +8,10 @@ Prints, from one run on one broker:
   * rejections/s for invalid signatures;
   * where the machine's CPU went, per confirmed webhook, per raw publish and per rejection.
 
+``--floor`` drives ops/floor_ingress.py in the ingress's place: aiohttp and aio-pika doing
+the same confirmed publish with none of our code (no signature check, no JSON, no metrics),
+so that a run beside a normal one shows how much of the rate the chosen stack allows.
+
     .venv/bin/python ops/bench_ingress.py [--processes 2] [--concurrency 64] [--seconds 10]
 
 Uses RABBITMQ_URL (default local broker) and a throwaway BROKER_PREFIX it deletes at the end.
@@ -202,6 +206,12 @@ async def main() -> None:
         "--rate", type=float, default=1000.0, help="offered rate for the latency run"
     )
     parser.add_argument("--events", type=int, default=2000, help="distinct signed bodies to cycle")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="drive ops/floor_ingress.py instead of the ingress: the stack alone "
+        "(aiohttp + aio-pika, the same confirmed publish), none of our code",
+    )
     args = parser.parse_args()
 
     url = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -241,9 +251,12 @@ async def main() -> None:
         "INGRESS_HOST": "127.0.0.1",
         "LOG_FORMAT": "json",
     }
+    server = (
+        [str(ROOT / "ops" / "floor_ingress.py")] if args.floor else ["-m", "fulfillment", "ingress"]
+    )
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "fulfillment", "ingress"],
+            [sys.executable, *server],
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
@@ -283,7 +296,7 @@ async def main() -> None:
                 return await send(bodies[j], bad_headers[j]) == 400
 
             components = {
-                "ingress (ours)": lambda: [p.pid for p in procs],
+                "floor server" if args.floor else "ingress (ours)": lambda: [p.pid for p in procs],
                 "RabbitMQ": lambda: pids_named("beam.smp"),
                 "load generator (this script)": lambda: [os.getpid()],
             }
@@ -298,12 +311,13 @@ async def main() -> None:
             results["open"] = (orate, pct(olat, 0.5), pct(olat, 0.99), oerrors)
             queued[0] += await purge(channel, topo)
 
-            cpu_before = cpu_snapshot(components)
-            irate, ilat, ierrors = await closed_loop(
-                invalid, args.concurrency, args.seconds / 2, 10**7
-            )
-            cpu["rejected"] = (cpu_before, cpu_snapshot(components), len(ilat))
-            results["invalid"] = (irate, pct(ilat, 0.5), pct(ilat, 0.99), ierrors)
+            if not args.floor:  # the floor verifies nothing, so it rejects nothing
+                cpu_before = cpu_snapshot(components)
+                irate, ilat, ierrors = await closed_loop(
+                    invalid, args.concurrency, args.seconds / 2, 10**7
+                )
+                cpu["rejected"] = (cpu_before, cpu_snapshot(components), len(ilat))
+                results["invalid"] = (irate, pct(ilat, 0.5), pct(ilat, 0.99), ierrors)
 
         # Raw aio-pika publish-with-confirm, same messages, same concurrency, same broker.
         pub_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -341,33 +355,52 @@ async def main() -> None:
         await topo.delete(channel)
         await connection.close()
 
+    report(args, size, results, cpu, confirmed[0], queued[0])
+
+
+def report(
+    args: argparse.Namespace,
+    size: int,
+    results: dict[str, object],
+    cpu: dict[str, tuple[dict[str, float], dict[str, float], int]],
+    confirmed: int,
+    queued: int,
+) -> None:
+    """The tables, then the results as one JSON line (what the tests read)."""
+
     def row(name: str, key: str) -> str:
         rate, p50, p99, errors = results[key]  # type: ignore[misc]
         return f"| {name} | {rate:,.0f}/s | {p50 * 1000:.1f} ms | {p99 * 1000:.1f} ms | {errors} |"
 
     ingress_rate = results["ingress"][0]  # type: ignore[index]
     raw_rate = results["raw"][0]  # type: ignore[index]
+    what = "FLOOR (ops/floor_ingress.py: aiohttp + aio-pika alone, not the ingress)"
     print(
-        f"\nIngress benchmark: {args.processes} ingress process(es), "
+        f"\n{what if args.floor else 'Ingress'} benchmark: {args.processes} process(es), "
         f"concurrency {args.concurrency}, {size} B events, {args.seconds:g} s per run, "
         f"{os.cpu_count()} cores, broker on this host, event loop {runtime.loop_name()} "
         f"(all processes), {runtime.interpreter()}\n"
     )
     print("| run | rate | p50 | p99 | errors |")
     print("|---|---|---|---|---|")
-    print(row("verified + confirmed webhooks (closed loop)", "ingress"))
+    verified = "not verified, " if args.floor else "verified + "
+    print(row(f"{verified}confirmed webhooks (closed loop)", "ingress"))
     print(row("raw aio-pika publish with confirm", "raw"))
     print(row(f"webhooks at {args.rate:,.0f} req/s offered (open loop)", "open"))
-    print(row("invalid signatures rejected (closed loop)", "invalid"))
-    print(f"\nratio ingress / raw publish: {ingress_rate / raw_rate:.2f}")
+    if "invalid" in results:
+        print(row("invalid signatures rejected (closed loop)", "invalid"))
+    print(
+        f"\nratio {'floor' if args.floor else 'ingress'} / raw publish: {ingress_rate / raw_rate:.2f}"
+    )
     # a 200 must mean queued: every confirmed webhook is a message on the queue
-    print(f"confirmed webhooks: {confirmed[0]:,}, messages queued for them: {queued[0]:,}")
+    print(f"confirmed webhooks: {confirmed:,}, messages queued for them: {queued:,}")
     before, after, n = cpu["accepted"]
     print_cpu(before, after, n, args.seconds, "confirmed webhook")
     before, after, n = cpu["raw"]
     print_cpu(before, after, n, args.seconds, "raw confirmed publish")
-    before, after, n = cpu["rejected"]
-    print_cpu(before, after, n, args.seconds / 2, "rejected webhook")
+    if "rejected" in cpu:
+        before, after, n = cpu["rejected"]
+        print_cpu(before, after, n, args.seconds / 2, "rejected webhook")
     print(json.dumps({k: list(v) for k, v in results.items()}))  # type: ignore[call-overload]
 
 

@@ -70,6 +70,30 @@ def test_ingress_benchmark_reports_confirmed_webhooks_raw_publishes_and_rejectio
         assert f"| CPU per {unit} | ms | share |" in out
 
 
+def test_ingress_benchmark_floor_drives_the_bare_stack_in_the_ingress_place(
+    rabbitmq_url: str,
+) -> None:
+    """``--floor``: aiohttp and aio-pika alone, the same confirmed publish of the same
+    messages; every 200 still a message queued, and no rejection run (it verifies nothing)."""
+    env = {**os.environ, "RABBITMQ_URL": rabbitmq_url}
+    out = run_script(
+        "bench_ingress.py",
+        *("--floor", "--processes", "1", "--seconds", "1", "--concurrency", "8"),
+        *("--rate", "50", "--events", "20"),
+        env=env,
+        timeout_s=120,
+    )
+    assert out.lstrip().startswith("FLOOR (ops/floor_ingress.py"), out[:300]
+    results = json.loads(out.strip().splitlines()[-1])
+    assert set(results) == {"ingress", "raw", "open"}
+    for run, (rate, _, _, errors) in results.items():
+        assert rate > 0 and errors == 0, (run, results[run])
+    assert re.search(r"ratio floor / raw publish: \d+\.\d\d", out)
+    counts = re.search(r"confirmed webhooks: ([\d,]+), messages queued for them: ([\d,]+)", out)
+    assert counts and counts.group(1) == counts.group(2) != "0", out
+    assert "| floor server |" in out and "rejected webhook" not in out
+
+
 async def bench_databases(server_url: str) -> set[str]:
     conn = await asyncpg.connect(server_url)
     try:

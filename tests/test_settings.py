@@ -78,6 +78,21 @@ def test_ingress_settings_need_only_the_webhook_secret_and_default_the_rest() ->
     assert settings.read_timeout_s == 10.0
 
 
+def test_the_default_body_budget_holds_at_least_one_whole_body_of_the_configured_limit() -> None:
+    # 64 MiB by default; a body limit raised above that raises the budget with it, or every
+    # body over 64 MiB would be refused 503 "overloaded" with nothing else in flight
+    mib = 1024 * 1024
+    assert IngressSettings.from_env(ingress_env()).max_buffered_bytes == 64 * mib
+    small = IngressSettings.from_env(ingress_env(INGRESS_MAX_BODY_BYTES=str(2 * mib)))
+    assert small.max_buffered_bytes == 64 * mib
+    big = IngressSettings.from_env(ingress_env(INGRESS_MAX_BODY_BYTES=str(100 * mib)))
+    assert big.max_buffered_bytes == 100 * mib
+    chosen = ingress_env(
+        INGRESS_MAX_BODY_BYTES=str(100 * mib), INGRESS_MAX_BUFFERED_BYTES=str(300 * mib)
+    )
+    assert IngressSettings.from_env(chosen).max_buffered_bytes == 300 * mib
+
+
 def test_with_nothing_set_every_component_gets_exactly_the_defaults_its_class_declares() -> None:
     # from_env falls back to default_of(...), so the defaults are written once: a dataclass
     # built in code (tests, tools) and one read from an empty environment cannot differ

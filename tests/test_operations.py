@@ -1394,6 +1394,28 @@ async def test_a_retried_message_that_then_crashes_its_workers_is_shown_as_the_d
     assert [d["reason"] for d in letter.headers["x-death"]] == ["delivery_limit", "expired"]
 
 
+async def test_a_letter_the_broker_moved_for_another_reason_is_listed_with_that_reason(
+    worker_settings: WorkerSettings, channel: Any, topology: Topology
+) -> None:
+    """Not only the delivery limit: a message that expired on the work queue (a TTL set by
+    whoever published it) is the broker's dead letter too, one attempt, no worker."""
+    from fulfillment.dlq import list_dead_letters
+
+    doc = sh.event("checkout.session.completed", sh.checkout_session())
+    raw = sh.body(doc)
+    message = event_message(raw, EventEnvelope.parse(raw), source="test")
+    message.expiration = 0.001
+    await channel.default_exchange.publish(message, routing_key=topology.work_queue)
+
+    [letter] = await wait_for(lambda: list_dead_letters(worker_settings.broker), timeout_s=10)
+
+    assert letter.event_id == doc["id"]
+    assert letter.error_type == "broker:expired"
+    assert letter.error == "dead-lettered by the broker (expired)"
+    assert letter.attempts == 1 and letter.worker_id is None
+    assert letter.last_failed_at is not None and letter.first_failed_at == letter.last_failed_at
+
+
 async def test_a_letter_neither_a_worker_nor_the_broker_put_there_is_listed_as_such(
     worker_settings: WorkerSettings, channel: Any, topology: Topology
 ) -> None:

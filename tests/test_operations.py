@@ -488,6 +488,22 @@ async def test_backfill_waits_out_stripes_429s_and_5xxs_and_stops_at_its_verdict
     assert "Traceback" not in blips.stderr + verdict.stderr + down.stderr
 
 
+async def test_a_backfill_stops_at_an_empty_page_that_says_it_has_more(
+    standin: StripeStandIn, worker_settings: WorkerSettings
+) -> None:
+    """A page with no events cannot name the next one (``starting_after`` is the last
+    event's id): the listing ends there, rather than failing on it or asking for ever."""
+    since = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+    empty = b'{"object": "list", "data": [], "has_more": true, "url": "/v1/events"}'
+    standin.answer_next(1, empty, content_type="application/json", path="/v1/events")
+
+    done = await acli(worker_settings, "backfill", "--since", since, "--dry-run")
+
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert standin.requests.count(("GET", "/v1/events")) == 1
+
+
 async def test_a_backfill_the_broker_refuses_leaves_its_events_for_the_next_run(
     standin: StripeStandIn, worker_settings: WorkerSettings, channel: Any, topology: Topology
 ) -> None:

@@ -1127,6 +1127,33 @@ async def test_up_killed_outright_takes_its_children_with_it(
         await up.stop()
 
 
+async def test_a_server_that_answers_broken_amqp_is_not_taken_for_a_refused_virtual_host() -> None:
+    """Only the broker closing the connection while it opens the virtual host means
+    RABBITMQ_URL's vhost is wrong; any other bad frame (not RabbitMQ on that port, or a
+    broken one) is a broker we cannot use, not a setting to fix."""
+    from shared.errors import BrokerUnavailable, ConfigError
+    from shared.settings import BrokerSettings
+    from shared.topology import connect
+
+    async def not_amqp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(8)  # the client's protocol header
+        writer.write(b"\x01\x00\x00\x00\x00\x00\x04junk\xce")  # no frame-end where due
+        await writer.drain()
+        await reader.read()  # until the client gives up
+        writer.close()
+
+    server = await asyncio.start_server(not_amqp, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(BrokerUnavailable) as raised:
+            await connect(BrokerSettings(url=f"amqp://guest:guest@127.0.0.1:{port}/"))
+    finally:
+        server.close()
+
+    assert not isinstance(raised.value, ConfigError)
+    assert "InvalidFrameError" in str(raised.value) and "virtual host" not in str(raised.value)
+
+
 def own_ports() -> dict[str, str]:
     """Listen ports for `up` that nothing else holds (a `make run` on this machine holds the
     defaults, and `up` checks its ports before anything else)."""

@@ -670,6 +670,31 @@ async def test_status_counts_the_work_queues_consumers_waiting_sessions_and_the_
     assert report["awaiting_payment"] == 1
 
 
+async def test_status_against_a_schema_from_before_delay_queues_still_counts_fulfillments(
+    worker_settings: WorkerSettings, topology: Topology, unmigrated_database_url: str
+) -> None:
+    """A database last migrated by an older release (no ``delay_queues`` table yet): the
+    other schedules' queues are unknown, but the rest of the report is whole."""
+    url = unmigrated_database_url
+    await migrate(url)
+    await db_fetch(url, "DROP TABLE delay_queues")
+    await db_fetch(
+        url, "INSERT INTO checkout_sessions (checkout_session_id, state) VALUES ('cs_w', 'new')"
+    )
+    await db_fetch(
+        url,
+        "INSERT INTO fulfillments (checkout_session_id, amount_total, currency, payment_status)"
+        " VALUES ('cs_w', 100, 'usd', 'paid')",
+    )
+
+    result = await acli(replace(worker_settings, database_url=url), "status", "--json")
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["fulfillments_last_hour"] == 1 and "database_error" not in report
+    assert set(report["queues"]) == set(topology.all_queues)
+
+
 async def test_status_shows_the_delay_queues_of_every_schedule_the_workers_declared(
     worker_settings: WorkerSettings, start_worker: Any, channel: Any, topology: Topology
 ) -> None:

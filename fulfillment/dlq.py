@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from shared.broker import (
     HEADER_ATTEMPT,
@@ -192,18 +192,33 @@ def _body(body: bytes) -> dict[str, Any]:
 Held = list[tuple[DeadLetter, AbstractIncomingMessage]]
 
 
+async def declared_queue(
+    connection: AbstractConnection, name: str
+) -> aiormq.spec.Queue.DeclareOk | None:
+    """The queue's depth and consumers (a passive declare), or None if there is no such
+    queue. On a channel of its own: the broker closes the channel of a passive declare
+    that finds nothing."""
+    channel = await connection.channel()
+    try:
+        return await (await channel.get_underlay_channel()).queue_declare(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
 async def existing_queue(
-    channel: AbstractChannel, name: str, settings: BrokerSettings
+    connection: AbstractConnection, name: str, settings: BrokerSettings
 ) -> aiormq.spec.Queue.DeclareOk:
     """The queue's depth and consumers; a clear error if it was never declared."""
-    underlay = await channel.get_underlay_channel()
-    try:
-        return await underlay.queue_declare(name, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
+    found = await declared_queue(connection, name)
+    if found is None:
         raise FulfillmentError(
             f"queue {name} does not exist on {settings.display_url}: "
             "run `fulfillment topology`, or check BROKER_PREFIX"
-        ) from None
+        )
+    return found
 
 
 def failed_at(dl: DeadLetter) -> float:
@@ -220,8 +235,8 @@ async def dead_letters(
     topology = Topology.from_settings(settings)
     connection = await connect(settings)
     async with connection:
+        declared = await existing_queue(connection, topology.dead_queue, settings)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        declared = await existing_queue(channel, topology.dead_queue, settings)
         queue = await channel.get_queue(topology.dead_queue, ensure=False)
         count = declared.message_count or 0
         if at_most is not None:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import aiormq
 import asyncpg
-from aio_pika.abc import AbstractConnection
 
-from fulfillment.dlq import age_s, dead_letters, existing_queue
+from fulfillment.dlq import age_s, dead_letters, declared_queue, existing_queue
 from shared.settings import BrokerSettings, redact_url
 from shared.topology import Topology, connect
 
@@ -25,25 +23,24 @@ async def collect(broker: BrokerSettings, database_url: str) -> dict[str, Any]:
     other_delay_queues = from_database.pop("other_delay_queues")
     connection = await connect(broker)
     async with connection:
-        channel = await connection.channel()
         for name in topology.all_queues:
             if name in topology.retry_queues:
                 # declared by the first worker with this RETRY_DELAYS_S: maybe none yet
-                found = await _declared(connection, name)
+                found = await declared_queue(connection, name)
                 if found is None:
                     report["queues"][name] = {"messages": None, "consumers": None}
                     report["queues"][name]["missing"] = True
                     continue
                 declared = found
             else:
-                declared = await existing_queue(channel, name, broker)
+                declared = await existing_queue(connection, name, broker)
             report["queues"][name] = {
                 "messages": declared.message_count or 0,
                 "consumers": declared.consumer_count or 0,
             }
         for name in other_delay_queues:
             # another RETRY_DELAYS_S's, which its workers recorded (gone if deleted since)
-            if (found := await _declared(connection, name)) is not None:
+            if (found := await declared_queue(connection, name)) is not None:
                 report["queues"][name] = {
                     "messages": found.message_count or 0,
                     "consumers": found.consumer_count or 0,
@@ -67,19 +64,6 @@ async def collect(broker: BrokerSettings, database_url: str) -> dict[str, Any]:
     report.update(from_database)
     report["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return report
-
-
-async def _declared(connection: AbstractConnection, name: str) -> Any:
-    """The queue's DeclareOk, or None if there is no such queue (on a channel of its own:
-    the broker closes the channel of a passive declare that finds nothing)."""
-    channel = await connection.channel()
-    try:
-        return await (await channel.get_underlay_channel()).queue_declare(name, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return None
-    finally:
-        if not channel.is_closed:
-            await channel.close()
 
 
 async def _from_database(database_url: str, topology: Topology) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from shared.errors import ConfigError, FulfillmentError
 from shared.settings import MAX_PORT, BrokerSettings, env_float, env_port, listen_error
 from shared.topology import declare_on_broker
 from worker.db import migrate
-from worker.settings import SmtpSettings, database_url_from_env
+from worker.settings import SmtpSettings
 
 RABBITMQ_HINT = "start it: rabbitmq-server -detached"
 
@@ -214,10 +214,19 @@ def _plan_local(env: dict[str, str], *, force_standin: bool = False) -> LocalPla
     return plan
 
 
-def _check_settings(env: dict[str, str], metrics_port: int) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Checked:
+    """What ``up`` itself needs of the children's settings."""
+
+    ingress_host: str
+    metrics_host: str
+    broker: BrokerSettings
+    database_url: str
+
+
+def _check_settings(env: dict[str, str], metrics_port: int) -> Checked:
     """Every child's settings, read as the child will: a bad value stops ``up`` before
-    anything starts, instead of a child that exits at once and is restarted forever.
-    Returns the hosts the ingress and the workers' metrics listen on."""
+    anything starts, instead of a child that exits at once and is restarted forever."""
     from ingress.checkout import CheckoutSettings
     from ingress.settings import IngressSettings
     from worker.settings import WorkerSettings
@@ -225,7 +234,7 @@ def _check_settings(env: dict[str, str], metrics_port: int) -> tuple[str, str]:
     ingress = IngressSettings.from_env(env)
     CheckoutSettings.from_env(env)
     worker = WorkerSettings.from_env({**env, "WORKER_METRICS_PORT": str(metrics_port)})
-    return ingress.host, worker.metrics_host
+    return Checked(ingress.host, worker.metrics_host, worker.broker, worker.database_url)
 
 
 async def _start_local(plan: LocalPlan, broker: BrokerSettings) -> LocalStack:
@@ -292,10 +301,8 @@ async def _print_outbound(broker: BrokerSettings) -> Callable[[], Any]:
     return connection.close
 
 
-async def _preflight(env: dict[str, str]) -> bool:
+async def _preflight(broker: BrokerSettings, database_url: str) -> bool:
     """RabbitMQ and PostgreSQL reachable, schema migrated, topology declared; else say why."""
-    broker = BrokerSettings.from_env(env)
-    database_url = database_url_from_env(env)
     try:
         await declare_on_broker(broker)
     except ConfigError:
@@ -441,12 +448,13 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     # a bad value stops us before anything starts
     port, metrics_port = _ports(env, workers)
     plan = _plan_local(env, force_standin=demo)
-    hosts = _check_settings(env, metrics_port)
+    checked = _check_settings(env, metrics_port)
+    hosts = checked.ingress_host, checked.metrics_host
     _check_ports_free(_listeners(hosts, workers, port, metrics_port, plan))
-    ready = await runtime.unless_stopped(_preflight(env), stopping)
+    ready = await runtime.unless_stopped(_preflight(checked.broker, checked.database_url), stopping)
     if not ready:
         return 1 if ready is False else _stopped_before_start()
-    stack = await _start_local(plan, BrokerSettings.from_env(env))
+    stack = await _start_local(plan, checked.broker)
     scenario = None
     if demo:
         from fulfillment.demo import Demo

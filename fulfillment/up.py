@@ -356,14 +356,15 @@ class Listener:
 
 
 def _listeners(
-    hosts: tuple[str, str], workers: int, port: int, metrics_port: int, plan: LocalPlan
+    checked: Checked, workers: int, port: int, metrics_port: int, plan: LocalPlan
 ) -> list[Listener]:
-    ingress_host, metrics_host = hosts
     wanted = [
-        Listener("INGRESS_PORT", ingress_host, port, reuse_port=True, host_setting="INGRESS_HOST")
+        Listener(
+            "INGRESS_PORT", checked.ingress_host, port, reuse_port=True, host_setting="INGRESS_HOST"
+        )
     ]
     if metrics_port:
-        wanted += [Listener("WORKER_METRICS_PORT", metrics_host, metrics_port + i,
+        wanted += [Listener("WORKER_METRICS_PORT", checked.metrics_host, metrics_port + i,
                             host_setting="WORKER_METRICS_HOST")
                    for i in range(workers)]  # fmt: skip
     if plan.standin_port:
@@ -408,18 +409,21 @@ def _probe(listener: Listener) -> None:
                 raise listener.cannot_listen(exc) from None
 
 
-def _children(env: dict[str, str], workers: int, port: int, metrics_port: int) -> list[Child]:
-    host = env.get("INGRESS_HOST", "0.0.0.0")
+def _children(
+    env: dict[str, str], checked: Checked, workers: int, port: int, metrics_port: int
+) -> list[Child]:
     children = [Child("ingress", ["ingress"], env)]
-    say(f"ingress: POST http://{host}:{port}/webhooks/stripe (healthz, readyz, metrics)")
-    metrics_host = env.get("WORKER_METRICS_HOST", "0.0.0.0")
+    say(
+        f"ingress: POST http://{checked.ingress_host}:{port}/webhooks/stripe "
+        "(healthz, readyz, metrics)"
+    )
     for i in range(1, workers + 1):
         worker_port = metrics_port + i - 1 if metrics_port else 0
         children.append(
             Child(f"worker-{i}", ["worker"], {**env, "WORKER_METRICS_PORT": str(worker_port)})
         )
         where = (
-            f"http://{metrics_host}:{worker_port}/metrics"
+            f"http://{checked.metrics_host}:{worker_port}/metrics"
             if worker_port
             else "a free port (its `worker metrics listening` line names it)"
         )
@@ -449,8 +453,7 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     port, metrics_port = _ports(env, workers)
     plan = _plan_local(env, force_standin=demo)
     checked = _check_settings(env, metrics_port)
-    hosts = checked.ingress_host, checked.metrics_host
-    _check_ports_free(_listeners(hosts, workers, port, metrics_port, plan))
+    _check_ports_free(_listeners(checked, workers, port, metrics_port, plan))
     ready = await runtime.unless_stopped(_preflight(checked.broker, checked.database_url), stopping)
     if not ready:
         return 1 if ready is False else _stopped_before_start()
@@ -464,7 +467,7 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     if stopping.is_set():
         await stack.close()
         return _stopped_before_start()
-    children = _children(env, workers, port, metrics_port)
+    children = _children(env, checked, workers, port, metrics_port)
     say("Ctrl-C stops everything")
 
     for child in children:

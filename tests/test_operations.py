@@ -1536,3 +1536,27 @@ async def test_up_closes_every_local_stand_in_even_when_one_fails_to_close() -> 
     await stack.close()
 
     assert closed == ["last", "failing", "fine"]
+
+
+def test_up_names_the_hosts_its_children_listen_on_as_their_settings_read_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Review: `up` printed the listen addresses from the raw environment, with defaults of
+    its own: a blank INGRESS_HOST (which the ingress reads as its default) printed
+    ``http://:8080``. Now it prints what the settings it checked say."""
+    from fulfillment.up import _check_settings, _children
+
+    env = {
+        "STRIPE_WEBHOOK_SECRETS": "whsec_test",
+        "STRIPE_API_KEY": "sk_test_x",
+        "INGRESS_HOST": " ",
+        "WORKER_METRICS_HOST": "127.0.0.1",
+    }
+    checked = _check_settings(env, 9300)
+
+    children = _children(env, checked, 2, 8080, 9300)
+
+    out = capsys.readouterr().out
+    assert [c.name for c in children] == ["ingress", "worker-1", "worker-2"]
+    assert "POST http://0.0.0.0:8080/webhooks/stripe" in out
+    assert "worker-2: metrics and healthz on http://127.0.0.1:9301/metrics" in out

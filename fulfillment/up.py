@@ -283,6 +283,7 @@ async def _print_outbound(broker: BrokerSettings) -> Callable[[], Any]:
     import aio_pika
 
     from shared.topology import Topology
+    from worker.fulfillment import HEADER_DEDUPE_ID
 
     topology = Topology.from_settings(broker)
     connection = await aio_pika.connect_robust(broker.url)
@@ -294,7 +295,7 @@ async def _print_outbound(broker: BrokerSettings) -> Callable[[], Any]:
 
     async def show(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         async with message.process():
-            dedupe_id = str((message.headers or {}).get("fulfillment-id"))
+            dedupe_id = str((message.headers or {}).get(HEADER_DEDUPE_ID))
             print(f"out      | {message.type} fulfillment-id={dedupe_id}")
 
     await queue.consume(show)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import aiormq
 import asyncpg
 
 from fulfillment.dlq import age_s, dead_letters, declared_queue, existing_queue
@@ -24,28 +25,21 @@ async def collect(broker: BrokerSettings, database_url: str) -> dict[str, Any]:
     connection = await connect(broker)
     async with connection:
         for name in topology.all_queues:
+            # a delay queue is declared by the first worker with this RETRY_DELAYS_S: maybe
+            # none yet; every other queue by `fulfillment topology`, or it is an error
             if name in topology.retry_queues:
-                # declared by the first worker with this RETRY_DELAYS_S: maybe none yet
                 found = await declared_queue(connection, name)
-                if found is None:
-                    report["queues"][name] = {"messages": None, "consumers": None}
-                    report["queues"][name]["missing"] = True
-                    continue
-                declared = found
             else:
-                declared = await existing_queue(connection, name, broker)
-            report["queues"][name] = {
-                "messages": declared.message_count or 0,
-                "consumers": declared.consumer_count or 0,
-            }
+                found = await existing_queue(connection, name, broker)
+            report["queues"][name] = (
+                _depth(found)
+                if found is not None
+                else {"messages": None, "consumers": None, "missing": True}
+            )
         for name in other_delay_queues:
             # another RETRY_DELAYS_S's, which its workers recorded (gone if deleted since)
             if (found := await declared_queue(connection, name)) is not None:
-                report["queues"][name] = {
-                    "messages": found.message_count or 0,
-                    "consumers": found.consumer_count or 0,
-                    "other_schedule": True,
-                }
+                report["queues"][name] = {**_depth(found), "other_schedule": True}
         oldest = None
         scanned = 0
         if report["queues"][topology.dead_queue]["messages"]:
@@ -64,6 +58,10 @@ async def collect(broker: BrokerSettings, database_url: str) -> dict[str, Any]:
     report.update(from_database)
     report["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return report
+
+
+def _depth(declared: aiormq.spec.Queue.DeclareOk) -> dict[str, Any]:
+    return {"messages": declared.message_count or 0, "consumers": declared.consumer_count or 0}
 
 
 async def _from_database(database_url: str, topology: Topology) -> dict[str, Any]:

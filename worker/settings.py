@@ -49,9 +49,10 @@ class SmtpSettings:
         except ValueError:
             raise ConfigError("SMTP_URL has an invalid port") from None
         sender = env_str(env, "MAIL_FROM", default_of(cls, "sender"))
-        if "@" not in parseaddr(sender)[1]:
+        address = parseaddr(sender)[1]
+        if "@" not in address:
             raise ConfigError(f"MAIL_FROM must be an email address, got {sender!r}")
-        if not parseaddr(sender)[1].isascii():
+        if not address.isascii():
             # it goes into every From header and MAIL FROM: an internationalized domain in
             # its ASCII form (xn--…) reaches every relay; a UTF-8 one needs SMTPUTF8 on each
             raise ConfigError(

@@ -25,12 +25,11 @@ from shared.logging import get_logger
 from shared.settings import BrokerSettings
 from shared.stripe_client import AIOHTTPClient, StripeSettings, classify, make_client
 from shared.topology import Topology, connect
-from worker.consumer import FULFILL, PAYMENT_FAILED
+from shared.vocabulary import STRIPE_HANDLED_TYPES
 from worker.db import create_pool
 
 log = get_logger(__name__)
 
-HANDLED_TYPES = (*FULFILL, *PAYMENT_FAILED)
 
 # Tries per page of events: what shared.stripe_client.classify calls transient (a 429:
 # the account's read limit is shared with the workers, which may be catching up too; a
@@ -57,7 +56,7 @@ async def list_events(
     created: dict[str, int] = {"gte": int(since.timestamp())}
     if until is not None:
         created["lt"] = int(until.timestamp())
-    params: dict[str, Any] = {"types": list(HANDLED_TYPES), "created": created, "limit": 100}
+    params: dict[str, Any] = {"types": list(STRIPE_HANDLED_TYPES), "created": created, "limit": 100}
     if not everything:
         params["delivery_success"] = False
     # ours: a body cut short becomes an APIConnectionError (retried), not aiohttp's own
@@ -85,7 +84,7 @@ async def list_events(
         await http.close_async()  # type: ignore[no-untyped-call]
     # Stripe filters on its side; checked here too, so an API (or a stand-in) that ignored
     # a filter could not make us enqueue other types or events outside the window.
-    kept = [e for e in events if e.get("type") in HANDLED_TYPES and _in_window(e, created)]
+    kept = [e for e in events if e.get("type") in STRIPE_HANDLED_TYPES and _in_window(e, created)]
     if len(kept) < len(events):
         log.warning(
             "the events API answered events outside the filter; left out",

@@ -25,7 +25,12 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from shared.broker import (
+from shared.broker import copy_message, publish_confirmed
+from shared.errors import FulfillmentError
+from shared.logging import get_logger
+from shared.settings import BrokerSettings
+from shared.topology import Topology, connect
+from shared.vocabulary import (
     HEADER_ATTEMPT,
     HEADER_ERROR_MESSAGE,
     HEADER_ERROR_TYPE,
@@ -35,13 +40,7 @@ from shared.broker import (
     HEADER_LAST_FAILED_AT,
     HEADER_REPLAYED_FROM,
     HEADER_WORKER_ID,
-    copy_message,
-    publish_confirmed,
 )
-from shared.errors import FulfillmentError
-from shared.logging import get_logger
-from shared.settings import BrokerSettings
-from shared.topology import Topology, connect
 
 log = get_logger(__name__)
 

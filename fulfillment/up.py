@@ -283,7 +283,7 @@ async def _print_outbound(broker: BrokerSettings) -> Callable[[], Any]:
     import aio_pika
 
     from shared.topology import Topology
-    from worker.fulfillment import HEADER_DEDUPE_ID
+    from shared.vocabulary import HEADER_DEDUPE_ID
 
     topology = Topology.from_settings(broker)
     connection = await aio_pika.connect_robust(broker.url)

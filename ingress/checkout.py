@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,11 +26,9 @@ from shared.errors import BrokerUnavailable, ConfigError
 from shared.logging import get_logger
 from shared.settings import Env, default_of, env_int, env_str, env_url
 from shared.stripe_client import StripeSettings, make_client
+from shared.vocabulary import CHECKOUT_SESSION_ID, FULFILLMENT_REQUESTED
 
 log = get_logger(__name__)
-
-REQUESTED = "fulfillment.requested"
-SESSION_ID = re.compile(r"^cs_(test|live)_[A-Za-z0-9]{8,250}$")
 
 
 @dataclass(frozen=True)
@@ -119,7 +116,7 @@ async def create_checkout_session(request: web.Request) -> web.StreamResponse:
 
 async def success(request: web.Request) -> web.Response:
     session_id = request.query.get("session_id", "")
-    if not SESSION_ID.fullmatch(session_id):
+    if not CHECKOUT_SESSION_ID.fullmatch(session_id):
         return page("Unknown order", "<p>That is not a Checkout Session id.</p>", status=400)
     try:
         session = await request.app[STRIPE].v1.checkout.sessions.retrieve_async(session_id)
@@ -156,7 +153,7 @@ async def _request_fulfillment(request: web.Request, session_id: str, livemode: 
     doc = {
         "id": f"req_{uuid.uuid4().hex}",
         "object": "event",
-        "type": REQUESTED,
+        "type": FULFILLMENT_REQUESTED,
         "created": int(time.time()),
         "livemode": livemode,
         "api_version": None,

@@ -12,14 +12,15 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, HeadersType
 
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, ConfirmTimeout, Unroutable
-
-HEADER_EVENT_ID = "stripe-event-id"
-HEADER_EVENT_TYPE = "stripe-event-type"
-HEADER_LIVEMODE = "stripe-livemode"
-HEADER_CREATED = "stripe-created"
-HEADER_API_VERSION = "stripe-api-version"
-HEADER_ACCOUNT = "stripe-account"
-HEADER_RECEIVED_AT = "received-at"
+from shared.vocabulary import (
+    HEADER_ACCOUNT,
+    HEADER_API_VERSION,
+    HEADER_CREATED,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_LIVEMODE,
+    HEADER_RECEIVED_AT,
+)
 
 JSON = "application/json"
 
@@ -84,16 +85,6 @@ async def publish_confirmed(
         raise BrokerUnavailable("broker refused the message (nack)") from None
     except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
         raise BrokerUnavailable(f"broker connection unusable: {type(exc).__name__}") from None
-
-
-# Headers the worker sets on retried and dead-lettered copies; the DLQ tools read them.
-HEADER_ATTEMPT = "fulfillment-attempt"
-HEADER_FIRST_FAILED_AT = "fulfillment-first-failed-at"
-HEADER_LAST_FAILED_AT = "fulfillment-last-failed-at"
-HEADER_ERROR_TYPE = "fulfillment-error-type"
-HEADER_ERROR_MESSAGE = "fulfillment-error-message"
-HEADER_WORKER_ID = "fulfillment-worker-id"
-HEADER_REPLAYED_FROM = "replayed-from"
 
 
 def copy_message(

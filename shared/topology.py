@@ -15,12 +15,9 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from shared.errors import BrokerUnavailable, ConfigError, FulfillmentError
 from shared.settings import BrokerSettings
+from shared.vocabulary import WORK_BINDINGS
 
 KEPT_DELIVERY_LIMIT = 1_000_000_000
-
-# What the work queue is bound to: Stripe's Checkout events, and the fulfillment requests
-# the ingress's success page publishes (ingress/checkout.py).
-WORK_BINDINGS = ("checkout.session.*", "fulfillment.requested")
 
 
 def _delay_label(delay_s: float) -> str:

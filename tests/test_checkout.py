@@ -12,8 +12,8 @@ import pytest
 import stripe
 
 from fulfillment.stripe_standin import StripeStandIn
-from shared.broker import HEADER_EVENT_TYPE
 from shared.topology import Topology
+from shared.vocabulary import HEADER_EVENT_TYPE
 from tests.conftest import db_fetch, drain, wait_for
 from tests.smtp_sink import SmtpSink
 from tests.test_worker import fulfillment_rows

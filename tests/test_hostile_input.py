@@ -33,11 +33,11 @@ from ingress.app import create_app
 from ingress.main import SERVER_ARGS
 from ingress.settings import IngressSettings
 from ingress.signature import InvalidSignature, verify
-from shared.broker import HEADER_API_VERSION, HEADER_CREATED
 from shared.envelope import EventEnvelope
 from shared.errors import MalformedEvent
 from shared.settings import BrokerSettings
 from shared.topology import Topology
+from shared.vocabulary import HEADER_API_VERSION, HEADER_CREATED
 from tests import stripe_helpers as sh
 from tests.conftest import depths, drain, free_port
 from tests.processes import ingress_process

@@ -20,9 +20,9 @@ from yarl import URL as URL_OF
 
 from ingress.app import create_app
 from ingress.settings import IngressSettings
-from shared.broker import HEADER_ACCOUNT, HEADER_EVENT_ID
 from shared.settings import BrokerSettings
 from shared.topology import Topology
+from shared.vocabulary import HEADER_ACCOUNT, HEADER_EVENT_ID
 from tests import stripe_helpers as sh
 from tests.conftest import bind_refusing_queue, counted, depths, drain, free_port, wait_for
 from tests.processes import RoleProcess, broker_env, fresh_metrics, ingress_process
@@ -185,7 +185,7 @@ async def test_an_oversized_api_version_is_left_out_not_allowed_to_cut_the_conne
     """Adversarial trial: the api_version went into a header unbounded; a signed event with
     a 140 KB one outgrew the broker's frame and cut the shared connection (503 for others
     too). It is informational: too long, it is left out and the event is queued."""
-    from shared.broker import HEADER_API_VERSION
+    from shared.vocabulary import HEADER_API_VERSION
 
     session, base = await start_ingress(replace(ingress_settings, max_body_bytes=1 << 20))
     huge = {**sh.event(), "api_version": "2025-09-30." + "x" * 200_000}

@@ -23,17 +23,17 @@ import asyncpg
 import pytest
 
 from fulfillment.stripe_standin import StripeStandIn
-from shared.broker import (
+from shared.broker import event_message
+from shared.envelope import EventEnvelope
+from shared.topology import Topology
+from shared.vocabulary import (
     HEADER_ERROR_MESSAGE,
     HEADER_ERROR_TYPE,
     HEADER_EVENT_ID,
     HEADER_FIRST_FAILED_AT,
     HEADER_LAST_FAILED_AT,
     HEADER_REPLAYED_FROM,
-    event_message,
 )
-from shared.envelope import EventEnvelope
-from shared.topology import Topology
 from tests import stripe_helpers as sh
 from tests.conftest import (
     bind_refusing_queue,

@@ -14,7 +14,8 @@ import aio_pika
 import pytest
 
 from fulfillment.stripe_standin import StripeStandIn
-from shared.broker import (
+from shared.topology import Topology
+from shared.vocabulary import (
     HEADER_ATTEMPT,
     HEADER_ERROR_MESSAGE,
     HEADER_ERROR_TYPE,
@@ -23,7 +24,6 @@ from shared.broker import (
     HEADER_LAST_FAILED_AT,
     HEADER_WORKER_ID,
 )
-from shared.topology import Topology
 from tests import stripe_helpers as sh
 from tests.conftest import counted, db_fetch, depth, drain, wait_for
 from tests.smtp_sink import SmtpSink

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,37 +39,31 @@ from tenacity.stop import stop_base
 
 from shared import runtime
 from shared.backoff import compute_backoff
-from shared.broker import (
-    HEADER_ATTEMPT,
-    HEADER_ERROR_MESSAGE,
-    HEADER_ERROR_TYPE,
-    HEADER_EVENT_ID,
-    HEADER_FIRST_FAILED_AT,
-    HEADER_LAST_FAILED_AT,
-    HEADER_WORKER_ID,
-    copy_message,
-    publish_confirmed,
-    utc_now_iso,
-)
+from shared.broker import copy_message, publish_confirmed, utc_now_iso
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError, TransientError
 from shared.logging import get_logger, mask_secrets
 from shared.stripe_client import AIOHTTPClient, make_client
 from shared.topology import Topology, connect_error
+from shared.vocabulary import (
+    CHECKOUT_SESSION_ID,
+    FULFILL_TYPES,
+    FULFILLMENT_REQUESTED,
+    HEADER_ATTEMPT,
+    HEADER_ERROR_MESSAGE,
+    HEADER_ERROR_TYPE,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_FIRST_FAILED_AT,
+    HEADER_LAST_FAILED_AT,
+    HEADER_WORKER_ID,
+    PAYMENT_FAILED_TYPES,
+)
 from worker import db, mail, metrics
 from worker.fulfillment import EffectsLog, Fulfiller, Outcome
 from worker.settings import WorkerSettings
 
 log = get_logger(__name__)
-
-FULFILL = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
-PAYMENT_FAILED = ("checkout.session.async_payment_failed",)
-# published by the ingress's Checkout success page, not by Stripe (ingress/checkout.py)
-REQUESTED = ("fulfillment.requested",)
-
-
-# Stripe's ids are a prefix and letters, digits and underscores; nothing else may reach a URL.
-_SESSION_ID = re.compile(r"cs_[A-Za-z0-9_]{1,250}")
 
 
 # The longest Retry-After honoured by waiting in process (with the message held); a longer
@@ -121,13 +114,13 @@ def parse(message: AbstractIncomingMessage) -> Delivery:
     event = EventEnvelope.from_dict(doc)
     obj = (doc.get("data") or {}).get("object") if isinstance(doc.get("data"), dict) else None
     session_id = None
-    if event.type.startswith("checkout.session.") or event.type in REQUESTED:
+    if event.type.startswith("checkout.session.") or event.type == FULFILLMENT_REQUESTED:
         # Stripe always says "object": "checkout.session"; without it the cs_ id is enough,
         # as the session is read from Stripe anyway (which 404s an id that is no session)
         if not isinstance(obj, dict) or obj.get("object", "checkout.session") != "checkout.session":
             raise MalformedEvent(f"{event.type} event without a checkout.session in data.object")
         session_id = obj.get("id")
-        if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        if not isinstance(session_id, str) or not CHECKOUT_SESSION_ID.fullmatch(session_id):
             raise MalformedEvent("data.object.id is not a Checkout Session id (cs_…)")
     return Delivery(event, session_id, attempt)
 
@@ -169,7 +162,7 @@ class Worker:
         """Migrate, connect, declare, and start consuming."""
         s = self.settings
         metrics.start_at_zero(
-            FULFILL + PAYMENT_FAILED + REQUESTED,
+            tuple(sorted(FULFILL_TYPES | PAYMENT_FAILED_TYPES)),
             (mail.confirmation_email.__name__, mail.payment_failed_email.__name__),
         )
         await db.migrate(s.database_url)
@@ -267,7 +260,7 @@ class Worker:
     async def _process(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
         headers = message.headers or {}
-        event_type = str(headers.get("stripe-event-type") or message.routing_key or "unknown")
+        event_type = str(headers.get(HEADER_EVENT_TYPE) or message.routing_key or "unknown")
         bound = log.bind(
             event_id=headers.get(HEADER_EVENT_ID),
             event_type=event_type,
@@ -313,9 +306,9 @@ class Worker:
         assert fulfiller is not None and self._pool is not None
         event = delivery.event
         handler: Callable[[str, EventEnvelope, EffectsLog], Awaitable[Outcome]] | None = None
-        if event.type in FULFILL or event.type in REQUESTED:
+        if event.type in FULFILL_TYPES:
             handler = fulfiller.fulfill
-        elif event.type in PAYMENT_FAILED:
+        elif event.type in PAYMENT_FAILED_TYPES:
             handler = fulfiller.payment_failed
         if handler is None or delivery.session_id is None:
             return Outcome("ignored")

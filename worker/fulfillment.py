@@ -32,24 +32,28 @@ from aio_pika.abc import AbstractExchange
 from asyncpg.pool import PoolConnectionProxy
 
 from shared.backoff import compute_backoff
-from shared.broker import HEADER_EVENT_ID, JSON, publish_confirmed
+from shared.broker import JSON, publish_confirmed
 from shared.envelope import EventEnvelope
 from shared.errors import ConfirmTimeout, PermanentError, TransientError, Unroutable
 from shared.logging import get_logger
 from shared.stripe_client import StripeNotFound, classify
+from shared.vocabulary import (
+    HEADER_CHECKOUT_SESSION_ID,
+    HEADER_DEDUPE_ID,
+    HEADER_EVENT_ID,
+    ORDER_FULFILLED,
+    OUTBOUND_PAYMENT_FAILED,
+    PAYMENT_SUCCEEDED,
+    SESSION_COMPLETED,
+)
 from worker import db, mail, metrics
 from worker.order import Order
 from worker.settings import SmtpSettings
 
 log = get_logger(__name__)
 
-HEADER_DEDUPE_ID = "fulfillment-id"
-
 Effect = Callable[[Order], Awaitable[str]]
 Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
-
-SESSION_COMPLETED = "checkout.session.completed"
-PAYMENT_SUCCEEDED = "checkout.session.async_payment_succeeded"
 
 # The effects of a fulfillment, in order; each is recorded under its name once done. The
 # message the rest of the business acts on (shipping, access) goes first: a courtesy email
@@ -443,11 +447,11 @@ class Fulfiller:
                 "amount_tax": order.amount_tax,
             },
         }
-        return await self._publish("order.fulfilled", event, order, body)
+        return await self._publish(ORDER_FULFILLED, event, order, body)
 
     async def _publish_failed(self, event: EventEnvelope, order: Order) -> str:
         return await self._publish(
-            "payment.failed", event, order, {"customer_email": order.customer_email}
+            OUTBOUND_PAYMENT_FAILED, event, order, {"customer_email": order.customer_email}
         )
 
     async def _publish(
@@ -478,7 +482,7 @@ class Fulfiller:
             headers={
                 HEADER_DEDUPE_ID: dedupe_id,
                 HEADER_EVENT_ID: event.id,
-                "checkout-session-id": order.session_id,
+                HEADER_CHECKOUT_SESSION_ID: order.session_id,
             },
         )
         # Subscribers bind their own queues (pub/sub). Mandatory: with none bound for it the

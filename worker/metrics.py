@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 
 from shared import runtime
 from shared.settings import listen_error
+from shared.vocabulary import OUTBOUND_TYPES
 
 PROCESSED = Counter(
     "worker_messages_total",
@@ -44,7 +45,6 @@ UNROUTED = Counter(
     "them (recorded as such in fulfillment_steps; bind the subscriber's queue first).",
     ["type"],
 )
-OUTBOUND_TYPES = ("order.fulfilled", "payment.failed")
 
 
 def start_at_zero(event_types: tuple[str, ...], email_purposes: tuple[str, ...]) -> None:

@@ -1,7 +1,7 @@
 # Two commands do everything from nothing: `make run` and `make test`.
 VENV ?= .venv
 # The interpreter the venv is made from. Its build matters for speed: e.g.
-# `make bench PYTHON=/usr/bin/python3.11 VENV=.venv-system` (README, Benchmarks).
+# `make bench PYTHON=/usr/bin/python3.11 VENV=.venv-system` (docs/benchmarks.md).
 PYTHON ?= python3
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9

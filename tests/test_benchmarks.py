@@ -2,7 +2,7 @@
 
 Tiny runs: these check that the scripts work (every request confirmed, every session
 fulfilled, the tables printed, the throwaway database dropped), not how fast
-anything is. The figures come from full runs, in the README.
+anything is. The figures come from full runs, in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ OPS = ROOT / "ops"
 K8S = OPS / "k8s"
 ALERTS = OPS / "prometheus" / "alerts.yaml"
 DASHBOARD = OPS / "grafana" / "dashboard.json"
-RUNBOOK = OPS / "RUNBOOK.md"
+RUNBOOK = ROOT / "docs" / "operations.md"
 COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = OPS / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -388,8 +388,8 @@ def test_each_alert_links_to_a_heading_of_the_runbook_that_exists() -> None:
 
     for rule in alert_rules():
         url, _, anchor = rule["annotations"]["runbook_url"].partition("#")
-        assert url.endswith("ops/RUNBOOK.md"), rule["alert"]
-        assert anchor in anchors, f"{rule['alert']}: no heading for #{anchor} in RUNBOOK.md"
+        assert url.endswith("docs/operations.md"), rule["alert"]
+        assert anchor in anchors, f"{rule['alert']}: no heading for #{anchor} in docs/operations.md"
         assert anchor == rule["alert"].lower()
 
 

@@ -148,10 +148,10 @@ def _every_setting(env: dict[str, str]) -> tuple[object, ...]:
     )
 
 
-def test_the_readme_settings_table_states_the_defaults_the_code_uses() -> None:
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+def test_the_settings_reference_states_the_defaults_the_code_uses() -> None:
+    reference = (Path(__file__).parents[1] / "docs" / "settings.md").read_text()
     stated: dict[str, str] = {}
-    rows = re.findall(r"^\| (`[A-Z_]+`(?: / `[A-Z_]+`)*) \| (`[^|]+`) \|", readme, re.M)
+    rows = re.findall(r"^\| (`[A-Z_]+`(?: / `[A-Z_]+`)*) \| (`[^|]+`) \|", reference, re.M)
     for names, defaults in rows:
         for name, default in zip(names.split(" / "), defaults.split(" / "), strict=True):
             stated[name.strip("`")] = default.strip("`")
@@ -162,7 +162,7 @@ def test_the_readme_settings_table_states_the_defaults_the_code_uses() -> None:
     for name, default in stated.items():
         if name in elsewhere:
             continue
-        # setting the variable to what the README says it defaults to changes nothing
+        # setting the variable to what docs/settings.md says it defaults to changes nothing
         assert _every_setting({name: default}) == _every_setting({}), name
         # and the variable is one these settings read (else the line above proves nothing):
         # another value is refused or makes a difference

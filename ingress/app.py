@@ -63,15 +63,15 @@ class BodyAllowance:
         self.budget = budget
         self.taken = 0
 
-    def cover(self, size: int) -> None:
-        """The body is now ``size`` bytes long: take what it needs, or refuse it (503)."""
+    def cover(self, size: int) -> bool:
+        """The body is now ``size`` bytes long: take what it needs; False if the budget
+        cannot cover it (the body is then refused)."""
         more = size - BodyBudget.FREE_BYTES - self.taken
         if more > 0:
             if not self.budget.take(more):
-                raise Rejected(
-                    503, "overloaded", "too many request bodies in flight, retry later", close=True
-                )
+                return False
             self.taken += more
+        return True
 
     def release(self) -> None:
         self.budget.give_back(self.taken)
@@ -202,8 +202,13 @@ async def read_body(
                 size += len(chunk)
                 if size > limit:
                     raise _too_large(limit)
-                if allowance is not None:
-                    allowance.cover(size)
+                if allowance is not None and not allowance.cover(size):
+                    raise Rejected(
+                        503,
+                        "overloaded",
+                        "too many request bodies in flight, retry later",
+                        close=True,
+                    )
                 chunks.append(chunk)
     except TimeoutError:
         raise Rejected(

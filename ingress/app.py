@@ -13,6 +13,7 @@ from ingress import metrics
 from ingress.checkout import CheckoutSettings
 from ingress.checkout import install as install_checkout
 from ingress.guards import BodyAllowance, BodyBudget, Drain, ReplayGuard
+from ingress.keys import BUDGET, DRAIN, PUBLISHER, REPLAYS, SETTINGS
 from ingress.publisher import EventPublisher
 from ingress.settings import IngressSettings
 from ingress.signature import InvalidSignature, verify
@@ -21,12 +22,6 @@ from shared.errors import BrokerUnavailable, MalformedEvent
 from shared.logging import LogSampler, get_logger
 
 log = get_logger(__name__)
-
-SETTINGS = web.AppKey("settings", IngressSettings)
-PUBLISHER = web.AppKey("publisher", EventPublisher)
-BUDGET = web.AppKey("body_budget", BodyBudget)
-REPLAYS = web.AppKey("replay_guard", ReplayGuard)
-DRAIN = web.AppKey("drain", Drain)
 
 _ACCEPTED = b'{"received":true}'
 

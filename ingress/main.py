@@ -6,8 +6,9 @@ from typing import Any
 
 from aiohttp import web
 
-from ingress.app import DRAIN, create_app
+from ingress.app import create_app
 from ingress.checkout import CheckoutSettings
+from ingress.keys import DRAIN
 from ingress.settings import IngressSettings
 from shared import runtime
 from shared.logging import configure_logging, get_logger, register_secrets

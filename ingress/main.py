@@ -11,6 +11,7 @@ from ingress.checkout import CheckoutSettings
 from ingress.keys import DRAIN
 from ingress.settings import IngressSettings
 from shared import runtime
+from shared.http_server import quiet_unparseable_requests
 from shared.logging import configure_logging, get_logger, register_secrets
 from shared.settings import listen_error
 
@@ -36,6 +37,7 @@ SHUTDOWN_AFTER_DRAIN_S = 2.0
 def run(settings: IngressSettings | None = None) -> None:
     """Serve until a signal; in-flight requests finish (200 confirmed or 503) before exit."""
     configure_logging("ingress")
+    quiet_unparseable_requests()
     settings = settings or IngressSettings.from_env()
     register_secrets(settings.webhook_secrets)
     checkout = CheckoutSettings.from_env()

@@ -1,4 +1,5 @@
-"""The aiohttp application: Stripe webhooks in, confirmed broker messages out."""
+"""The ingress application assembled: its routes, middlewares and flow control, and the
+health, readiness and metrics views (the webhook itself is ingress/webhook.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from ingress.keys import BUDGET, DRAIN, PUBLISHER, REPLAYS, SETTINGS
 from ingress.publisher import EventPublisher
 from ingress.settings import IngressSettings
 from ingress.webhook import error_response, expect_continue, receive_webhook
+
+# Below a readiness probe's usual timeout (Kubernetes: 1 s by default, 2 s in ops/k8s).
+READYZ_PROBE_TIMEOUT_S = 0.8
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -31,10 +35,6 @@ async def readyz(request: web.Request) -> web.Response:
     else:
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "not ready", "reason": reason}, status=503)
-
-
-# Below a readiness probe's usual timeout (Kubernetes: 1 s by default, 2 s in ops/k8s).
-READYZ_PROBE_TIMEOUT_S = 0.8
 
 
 async def metrics_view(request: web.Request) -> web.Response:

@@ -10,13 +10,13 @@ from collections import OrderedDict
 
 
 class BodyBudget:
-    """The bytes of request bodies held at once, bounded: many slow uploads (each holds its
-    body until read or timed out) grew one process by 600 MB (adversarial trial).
+    """The bytes of request bodies held at once, bounded: each slow upload holds its body
+    until read or timed out, so many at once could otherwise grow a process without limit.
 
     Only bytes received count, and only beyond each body's first ``FREE_BYTES``: a webhook
     (a few KB) never waits on it, and a client must send real bytes to use it up (counting
-    what a request declared let header-only connections refuse every webhook). A body that
-    would pass the bound is refused with 503, and its connection closed."""
+    what a request declares would let header-only connections refuse every webhook). A
+    body that would pass the bound is refused with 503, and its connection closed."""
 
     FREE_BYTES = 64 * 1024
 
@@ -61,10 +61,10 @@ class ReplayGuard:
 
     Stripe signs every delivery attempt anew (a new timestamp, so a new signature), so the
     same signed content twice is not Stripe retrying but a captured request replayed: it is
-    answered 200 (the event was queued) without queuing it again. Replays cost a Stripe
-    API read each in the workers (adversarial trial: 2,000 in 1.3 s). Bounded memory: the
-    oldest are forgotten first; each process has its own, so a replay spread over N
-    processes can still be queued N times, harmlessly (the workers are idempotent).
+    answered 200 (the event was queued) without queuing it again, since each replay would
+    cost the workers a Stripe API read. Bounded memory: the oldest are forgotten first;
+    each process has its own, so a replay spread over N processes can still be queued N
+    times, harmlessly (the workers are idempotent).
     """
 
     def __init__(self, window_s: float, max_entries: int = 100_000) -> None:
@@ -75,7 +75,7 @@ class ReplayGuard:
     @staticmethod
     def key(timestamp: int, raw: bytes) -> bytes:
         """What Stripe signed (``"{t}.{body}"``), not the header: extra ``v1=`` entries
-        or separators make a new header that still verifies (review)."""
+        or separators make a new header that still verifies."""
         signed = hashlib.blake2b(f"{timestamp}.".encode(), digest_size=16)
         signed.update(raw)
         return signed.digest()
@@ -94,11 +94,9 @@ class ReplayGuard:
 
 
 class Drain:
-    """The webhook requests being handled, so that a stopping ingress can let each finish,
-    its body included, before it closes connections. (aiohttp's own shutdown closes every
-    connection first, and a closed one drops the bytes still arriving: a body half
-    received at SIGTERM was never finished and got 408 ten seconds later; outside-in trial.)
-    """
+    """The requests being handled, so that a stopping ingress can let each finish, its
+    body included, before it closes connections: aiohttp's own shutdown closes every
+    connection first, dropping the rest of a body still arriving."""
 
     def __init__(self) -> None:
         self.in_flight = 0

@@ -62,9 +62,9 @@ async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -
         event_loop=runtime.loop_name(),
     )
     app = create_app(settings, checkout=checkout)
-    # A webhook in flight ends within its body's read timeout and the publish timeout;
-    # past that, only as a backstop, it is cut. Our drain waits for the webhooks; what
-    # aiohttp's shutdown then waits for (other routes' requests) gets a short while.
+    # Our drain waits for the webhooks, each done within its body's read timeout and the
+    # publish timeout (cut after that, as a backstop); what aiohttp's shutdown then waits
+    # for (other routes' requests) gets a short while.
     drain_s = settings.broker.publish_timeout_s + settings.read_timeout_s + 5
     runner = web.AppRunner(
         app, access_log=None, shutdown_timeout=SHUTDOWN_AFTER_DRAIN_S, **SERVER_ARGS

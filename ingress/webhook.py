@@ -23,8 +23,8 @@ _ACCEPTED = b'{"received":true}'
 
 
 # A flood of bad requests (a wrong secret after a rotation, a scanner) must not become a
-# flood of log lines: one line per second per reason. Rendering a line per rejection was
-# a quarter of the ingress's CPU on that path. Keys are our own reason codes: bounded.
+# flood of log lines, costly to render: one line per second per reason. Keys are our own
+# reason codes: bounded.
 _REJECTIONS_LOGGED = LogSampler(interval_s=1.0)
 
 
@@ -56,7 +56,7 @@ async def read_body(
     try:
         if request.content.is_eof():
             # The whole body came with the headers (a webhook usually does): nothing to
-            # wait for, so no timer (setting one up was ~5% of a request's CPU).
+            # wait for, so no timer: setting one up is a visible part of a request's cost.
             body = request.content.read_nowait(-1)
             if len(body) > limit:
                 raise _too_large(limit)
@@ -91,11 +91,10 @@ async def read_body(
             close=True,
         ) from None
     except (web.RequestPayloadError, HttpProcessingError):
-        # aiohttp found the body itself broken while we read it (bad chunked framing after
-        # the headers, which its pure-Python parser reports as TransferEncodingError; its C
-        # parser does not report it, so the read times out): the client's fault, not a 500.
-        # Nothing more is read from it: aiohttp would read on after the answer, meet the
-        # same error and log it as an unhandled one.
+        # The body itself is broken (bad chunked framing after the headers: aiohttp's
+        # pure-Python parser raises TransferEncodingError, its C parser lets the read time
+        # out): the client's fault, not a 500, and nothing more is read from it, or aiohttp
+        # would meet the same error after the answer and log it as unhandled.
         request.content.feed_eof()
         raise Rejected(
             400,
@@ -178,8 +177,8 @@ async def receive_webhook(request: web.Request) -> web.StreamResponse:
     finally:
         metrics.IN_FLIGHT.dec()
     metrics.REQUESTS.labels(outcome).inc()
-    # DEBUG: at thousands per second an INFO line per event costs ~10% of throughput;
-    # the worker logs every event it handles, and metrics count what was queued here.
+    # DEBUG, not INFO: a line per event is costly at thousands per second, and the worker
+    # logs every event it handles while the metrics count what was queued here.
     log.debug(
         "webhook queued" if outcome == "accepted" else "webhook replayed, not queued again",
         event_id=event.id,

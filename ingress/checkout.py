@@ -21,6 +21,7 @@ from typing import Any
 import stripe
 from aiohttp import web
 
+from ingress.keys import PUBLISHER
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, ConfigError
 from shared.logging import get_logger
@@ -148,8 +149,6 @@ async def success(request: web.Request) -> web.Response:
 
 
 async def _request_fulfillment(request: web.Request, session_id: str, livemode: bool) -> bool:
-    from ingress.app import PUBLISHER  # ingress.app imports this module
-
     doc = {
         "id": f"req_{uuid.uuid4().hex}",
         "object": "event",

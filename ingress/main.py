@@ -6,10 +6,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ingress.app import DRAIN, create_app
+from ingress.app import create_app
 from ingress.checkout import CheckoutSettings
+from ingress.keys import DRAIN
 from ingress.settings import IngressSettings
 from shared import runtime
+from shared.http_server import quiet_unparseable_requests
 from shared.logging import configure_logging, get_logger, register_secrets
 from shared.settings import listen_error
 
@@ -35,6 +37,7 @@ SHUTDOWN_AFTER_DRAIN_S = 2.0
 def run(settings: IngressSettings | None = None) -> None:
     """Serve until a signal; in-flight requests finish (200 confirmed or 503) before exit."""
     configure_logging("ingress")
+    quiet_unparseable_requests()
     settings = settings or IngressSettings.from_env()
     register_secrets(settings.webhook_secrets)
     checkout = CheckoutSettings.from_env()
@@ -59,9 +62,9 @@ async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -
         event_loop=runtime.loop_name(),
     )
     app = create_app(settings, checkout=checkout)
-    # A webhook in flight ends within its body's read timeout and the publish timeout;
-    # past that, only as a backstop, it is cut. Our drain waits for the webhooks; what
-    # aiohttp's shutdown then waits for (other routes' requests) gets a short while.
+    # Our drain waits for the webhooks, each done within its body's read timeout and the
+    # publish timeout (cut after that, as a backstop); what aiohttp's shutdown then waits
+    # for (other routes' requests) gets a short while.
     drain_s = settings.broker.publish_timeout_s + settings.read_timeout_s + 5
     runner = web.AppRunner(
         app, access_log=None, shutdown_timeout=SHUTDOWN_AFTER_DRAIN_S, **SERVER_ARGS

@@ -155,8 +155,8 @@ class EventPublisher:
                 self._channel = self._exchange = None
                 metrics.BROKER_UP.set(0)
                 if connection is not None and not connection.is_closed:
-                    # bounded: a broker that stopped answering never sends Close-Ok, and an
-                    # unbounded close here kept a SIGTERMed ingress from exiting (chaos run)
+                    # bounded: a broker that stopped answering never sends Close-Ok, and a
+                    # SIGTERMed ingress must still exit
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT_S)
             await asyncio.sleep(

@@ -35,7 +35,7 @@ class IngressSettings:
     retry_after_s: int = 10
     read_timeout_s: float = 10.0
     # request body bytes this process holds at once beyond each body's first 64 KiB: a bound
-    # on its memory that many slow uploads cannot pass (ingress/app.py BodyBudget)
+    # on its memory that many slow uploads cannot pass (ingress/guards.py BodyBudget)
     max_buffered_bytes: int = 64 * 1024 * 1024
 
     @classmethod

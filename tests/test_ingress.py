@@ -821,7 +821,7 @@ async def test_bad_chunked_framing_after_the_headers_is_a_400_with_aiohttps_pyth
 async def test_the_drain_waits_for_a_request_that_came_in_as_another_left() -> None:
     """One request left (the idle signal set) and another came in before the waiter woke:
     the drain must go on waiting, or connections close under the newcomer (review)."""
-    from ingress.app import Drain
+    from ingress.guards import Drain
 
     drain_ = Drain()
     drain_.enter()
@@ -933,11 +933,11 @@ def test_the_rejection_log_admits_one_line_per_reason_per_interval_and_counts_th
 def test_the_replay_memory_forgets_after_its_window_and_beyond_its_size(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from ingress import app
+    from ingress import guards
 
     now = [100.0]
-    monkeypatch.setattr(app.time, "monotonic", lambda: now[0])
-    guard = app.ReplayGuard(window_s=600, max_entries=3)
+    monkeypatch.setattr(guards.time, "monotonic", lambda: now[0])
+    guard = guards.ReplayGuard(window_s=600, max_entries=3)
     first, second = guard.key(1, b"{}"), guard.key(1, b"[]")
     assert guard.key(2, b"{}") != first
 

@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 import structlog
+from aiohttp.http_exceptions import BadStatusLine
 
+import shared.http_server as http_server
 import shared.logging as shared_logging
+from shared.http_server import quiet_unparseable_requests
 from shared.logging import configure_logging, get_logger, mask_secrets, register_secrets
 from shared.settings import LogSettings
 
@@ -234,3 +237,46 @@ def test_secrets_nested_in_containers_or_bytes_are_masked(
     get_logger("tests").info("nested", value=value)
 
     assert_no_secret(capsys.readouterr().err)
+
+
+@pytest.fixture
+def server_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[logging.Logger]:
+    """aiohttp.server's logger, its filters put back after the test; a fresh sampler."""
+    monkeypatch.setattr(http_server, "_UNPARSEABLE_LOGGED", shared_logging.LogSampler(3600))
+    log = logging.getLogger("aiohttp.server")
+    filters = log.filters[:]
+    yield log
+    log.filters[:] = filters
+
+
+def test_a_request_aiohttp_cannot_parse_is_one_sampled_warning_line_without_traceback(
+    capsys: pytest.CaptureFixture[str], server_log: logging.Logger
+) -> None:
+    configure_logging("ingress", LogSettings(format="json"))
+    quiet_unparseable_requests()
+    quiet_unparseable_requests()  # once per process however often it is called
+    assert sum(isinstance(f, http_server._UnparseableRequests) for f in server_log.filters) == 1
+
+    for _ in range(4):  # a scanner's flood: one line for the interval
+        server_log.error(
+            "Error handling request from %s", "203.0.113.9", exc_info=BadStatusLine(b"GARBAGE")
+        )
+
+    (line,) = json_lines(capsys.readouterr().err)
+    assert (line["event"], line["level"]) == ("malformed HTTP request refused", "warning")
+    assert line["remote"] == "203.0.113.9"
+    assert line["error"].startswith("BadStatusLine: ")
+    assert "exception" not in line
+
+
+def test_a_handler_crash_logged_by_aiohttp_stays_an_error_with_its_traceback(
+    capsys: pytest.CaptureFixture[str], server_log: logging.Logger
+) -> None:
+    configure_logging("ingress", LogSettings(format="json"))
+    quiet_unparseable_requests()
+
+    server_log.error("Error handling request from %s", "203.0.113.9", exc_info=RuntimeError("bug"))
+
+    (line,) = json_lines(capsys.readouterr().err)
+    assert (line["event"], line["level"]) == ("Error handling request from 203.0.113.9", "error")
+    assert "RuntimeError: bug" in line["exception"]

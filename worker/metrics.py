@@ -6,6 +6,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 from shared import runtime
+from shared.http_server import quiet_unparseable_requests
 from shared.settings import listen_error
 from shared.vocabulary import OUTBOUND_TYPES
 
@@ -62,6 +63,7 @@ def start_at_zero(event_types: tuple[str, ...], email_purposes: tuple[str, ...])
 
 async def start_server(host: str, port: int) -> web.AppRunner:
     """Serve /metrics and /healthz; port 0 picks a free one."""
+    quiet_unparseable_requests()
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -99,7 +99,7 @@ async def create_checkout_session(request: web.Request) -> web.StreamResponse:
     }
     if settings.customer:
         # an existing customer: Checkout prefills their details and, per Stripe's rules,
-        # their saved card (see the README)
+        # their saved card (see docs/http.md)
         params["customer"] = settings.customer
     try:
         session = await request.app[STRIPE].v1.checkout.sessions.create_async(params=params)  # type: ignore[arg-type]

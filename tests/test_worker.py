@@ -1185,9 +1185,9 @@ async def test_a_list_of_line_items_that_never_ends_is_dead_lettered_not_fetched
     """Adversarial trial: an answer that kept saying has_more was paged through forever
     (13,567 calls in 20 s, memory growing). Bounded far above Checkout's 100 items; the
     bound is lowered here so that a 23-item session crosses it."""
-    from worker import fulfillment
+    from worker import flow
 
-    monkeypatch.setattr(fulfillment, "MAX_LINE_ITEMS", 15)
+    monkeypatch.setattr(flow, "MAX_LINE_ITEMS", 15)
     sid = standin.add_session(line_items=[(f"Item {i:02}", 1, 100) for i in range(23)])["id"]
     await start_worker(worker_settings)
 
@@ -1836,7 +1836,7 @@ async def test_a_connection_lost_inside_the_session_lock_surfaces_as_the_origina
 
     from shared.errors import TransientError
     from worker import db
-    from worker.fulfillment import Fulfiller
+    from worker.flow import Fulfiller
 
     pool = await db.create_pool(database_url, max_size=2)  # the worker's own: no reset
     fulfiller = Fulfiller(pool, None, None, worker_settings.smtp, publish_timeout_s=1)  # type: ignore[arg-type]
@@ -1866,7 +1866,7 @@ async def test_a_handler_cancelled_inside_the_session_lock_leaves_the_session_fr
     import asyncpg
 
     from worker import db
-    from worker.fulfillment import Fulfiller
+    from worker.flow import Fulfiller
 
     sid = "cs_test_cancelled_inside_lock"
     try_lock = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
@@ -2080,7 +2080,7 @@ async def test_recording_an_effect_after_the_locks_connection_died_stops_the_eve
     import asyncpg
 
     from worker import db
-    from worker.fulfillment import _UPSERT_STATE, Fulfiller, SessionLockLost
+    from worker.flow import _UPSERT_STATE, Fulfiller, SessionLockLost
 
     sid = "cs_test_lock_lost_mid_way"
     pool = await db.create_pool(database_url, max_size=2)

@@ -60,7 +60,7 @@ from shared.vocabulary import (
     PAYMENT_FAILED_TYPES,
 )
 from worker import db, mail, metrics
-from worker.fulfillment import EffectsLog, Fulfiller, Outcome
+from worker.flow import EffectsLog, Fulfiller, Outcome
 from worker.settings import WorkerSettings
 
 log = get_logger(__name__)

@@ -1185,9 +1185,9 @@ async def test_a_list_of_line_items_that_never_ends_is_dead_lettered_not_fetched
     """Adversarial trial: an answer that kept saying has_more was paged through forever
     (13,567 calls in 20 s, memory growing). Bounded far above Checkout's 100 items; the
     bound is lowered here so that a 23-item session crosses it."""
-    from worker import flow
+    from worker import stripe_reader
 
-    monkeypatch.setattr(flow, "MAX_LINE_ITEMS", 15)
+    monkeypatch.setattr(stripe_reader, "MAX_LINE_ITEMS", 15)
     sid = standin.add_session(line_items=[(f"Item {i:02}", 1, 100) for i in range(23)])["id"]
     await start_worker(worker_settings)
 

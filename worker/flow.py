@@ -16,36 +16,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeAlias
 
-import aio_pika
 import asyncpg
 import stripe
 from aio_pika.abc import AbstractExchange
 from asyncpg.pool import PoolConnectionProxy
 
 from shared.backoff import compute_backoff
-from shared.broker import JSON, publish_confirmed
 from shared.envelope import EventEnvelope
-from shared.errors import ConfirmTimeout, PermanentError, TransientError, Unroutable
+from shared.errors import PermanentError, TransientError
 from shared.logging import get_logger
 from shared.vocabulary import (
-    HEADER_CHECKOUT_SESSION_ID,
-    HEADER_DEDUPE_ID,
-    HEADER_EVENT_ID,
-    ORDER_FULFILLED,
-    OUTBOUND_PAYMENT_FAILED,
     PAYMENT_SUCCEEDED,
     SESSION_COMPLETED,
 )
 from worker import db, mail, metrics
 from worker.order import Order
+from worker.outbound import Outbound
 from worker.settings import SmtpSettings
 from worker.stripe_reader import StripeReader
 
@@ -106,10 +98,9 @@ class Fulfiller:
         """``live_key``: whether STRIPE_API_KEY is a live-mode key (None: not known)."""
         self._pool = pool
         self._stripe = StripeReader(stripe_client, live_key=live_key)
-        self._out = out_exchange
+        self._outbound = Outbound(out_exchange, publish_timeout_s=publish_timeout_s)
         self._smtp = smtp
         self._mailer = mail.Mailer(smtp)
-        self._publish_timeout_s = publish_timeout_s
 
     async def close(self) -> None:
         await self._mailer.close()
@@ -177,7 +168,10 @@ class Fulfiller:
                     tuple(
                         zip(
                             FULFILLED_STEPS,
-                            (partial(self._publish_fulfilled, event), self._send_confirmation),
+                            (
+                                partial(self._outbound.order_fulfilled, event),
+                                self._send_confirmation,
+                            ),
                             strict=True,
                         )
                     ),
@@ -215,7 +209,7 @@ class Fulfiller:
                     steps,
                     effects_log,
                     (  # the message first, as for a fulfillment
-                        ("payment_failed_message", partial(self._publish_failed, event)),
+                        ("payment_failed_message", partial(self._outbound.payment_failed, event)),
                         ("payment_failed_email", self._send_failure),
                     ),
                 )
@@ -341,96 +335,6 @@ class Fulfiller:
             )
             return f"failed: {exc}"[:1000]
         return f"sent {message['Message-ID']}"
-
-    async def _publish_fulfilled(self, event: EventEnvelope, order: Order) -> str:
-        body = {
-            "items": [
-                {
-                    "id": i.id,
-                    "description": i.description,
-                    "price": i.price_id,
-                    "quantity": i.quantity,
-                    "amount_subtotal": i.amount_subtotal,
-                    "amount_total": i.amount_total,
-                    "currency": i.currency,
-                }
-                for i in order.items
-            ],
-            "customer": order.customer_id,
-            "customer_email": order.customer_email,
-            "mode": order.mode,
-            "subscription": order.subscription,
-            "amount_subtotal": order.amount_subtotal,
-            "total_details": {
-                "amount_discount": order.amount_discount,
-                "amount_shipping": order.amount_shipping,
-                "amount_tax": order.amount_tax,
-            },
-        }
-        return await self._publish(ORDER_FULFILLED, event, order, body)
-
-    async def _publish_failed(self, event: EventEnvelope, order: Order) -> str:
-        return await self._publish(
-            OUTBOUND_PAYMENT_FAILED, event, order, {"customer_email": order.customer_email}
-        )
-
-    async def _publish(
-        self, kind: str, event: EventEnvelope, order: Order, extra: dict[str, Any]
-    ) -> str:
-        """One outbound message, confirmed. ``fulfillment-id`` is the same on every copy
-        (receivers deduplicate on it); ``stripe-event-id`` names the event being handled
-        when it was published (after a crash, the event that resumed the fulfillment)."""
-        dedupe_id = f"{kind}:{order.session_id}"
-        body = {
-            "id": dedupe_id,
-            "type": kind,
-            "checkout_session_id": order.session_id,
-            "amount_total": order.amount_total,
-            "currency": order.currency,
-            "livemode": order.livemode,
-            "account": order.account,
-            "created": int(time.time()),
-            **extra,
-        }
-        message = aio_pika.Message(
-            json.dumps(body).encode(),
-            content_type=JSON,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=uuid.uuid4().hex,
-            type=kind,
-            app_id="fulfillment-worker",
-            headers={
-                HEADER_DEDUPE_ID: dedupe_id,
-                HEADER_EVENT_ID: event.id,
-                HEADER_CHECKOUT_SESSION_ID: order.session_id,
-            },
-        )
-        # Subscribers bind their own queues (pub/sub). Mandatory: with none bound for it the
-        # broker returns it rather than dropping it unseen, and that is said and recorded.
-        try:
-            await publish_confirmed(self._out, message, kind, timeout_s=self._publish_timeout_s)
-        except Unroutable:
-            metrics.UNROUTED.labels(kind).inc()
-            log.warning(
-                "outbound message had no subscriber: no queue is bound for it, so nobody got "
-                "it; recorded as such",
-                checkout_session_id=order.session_id,
-                fulfillment_id=dedupe_id,
-                exchange=self._out.name,
-            )
-            return f"unrouted {dedupe_id}: no queue was bound for {kind} on {self._out.name}"
-        except ConfirmTimeout:
-            # Its fate is unknown (a stalled broker may yet deliver it) and it is not
-            # recorded, so the retry publishes it again: a repeat, with the same id
-            metrics.UNCONFIRMED.labels(kind).inc()
-            log.warning(
-                "outbound message not confirmed in time; it may have gone out and will be "
-                "published again",
-                checkout_session_id=order.session_id,
-                fulfillment_id=dedupe_id,
-            )
-            raise
-        return f"published {dedupe_id}"
 
 
 _UNLOCK = "SELECT pg_advisory_unlock(hashtextextended($1, 0))"

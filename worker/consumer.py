@@ -61,7 +61,10 @@ from shared.vocabulary import (
 )
 from worker import db, mail, metrics
 from worker.flow import EffectsLog, Fulfiller, Outcome
+from worker.outbound import Outbound
 from worker.settings import WorkerSettings
+from worker.store import Store
+from worker.stripe_reader import StripeReader
 
 log = get_logger(__name__)
 
@@ -194,12 +197,10 @@ class Worker:
         )
         out = await channel.get_exchange(self.topology.out_exchange)
         self._fulfiller = Fulfiller(
-            self._pool,
-            client,
-            out,
+            Store(self._pool),
+            StripeReader(client, live_key=s.stripe.live_key),
+            Outbound(out, publish_timeout_s=s.broker.publish_timeout_s),
             s.smtp,
-            publish_timeout_s=s.broker.publish_timeout_s,
-            live_key=s.stripe.live_key,
         )
         self._queue = await channel.get_queue(self.topology.work_queue)
         self._consumer_tag = await self._queue.consume(self._on_message)

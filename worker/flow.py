@@ -14,20 +14,11 @@ after crashes at any instant. Per session:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeAlias
 
-import asyncpg
-import stripe
-from aio_pika.abc import AbstractExchange
-from asyncpg.pool import PoolConnectionProxy
-
-from shared.backoff import compute_backoff
 from shared.envelope import EventEnvelope
 from shared.errors import PermanentError, TransientError
 from shared.logging import get_logger
@@ -35,38 +26,21 @@ from shared.vocabulary import (
     PAYMENT_SUCCEEDED,
     SESSION_COMPLETED,
 )
-from worker import db, mail, metrics
+from worker import mail, metrics
 from worker.order import Order
 from worker.outbound import Outbound
 from worker.settings import SmtpSettings
+from worker.store import LockedSession, Store
 from worker.stripe_reader import StripeReader
 
 log = get_logger(__name__)
 
 Effect = Callable[[Order], Awaitable[str]]
-Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
 # The effects of a fulfillment, in order; each is recorded under its name once done. The
 # message the rest of the business acts on (shipping, access) goes first: a courtesy email
 # held up by an SMTP outage or a recipient's deferral must not hold it up for hours.
 FULFILLED_STEPS = ("order_fulfilled_message", "confirmation_email")
-
-# How long to keep trying to record an effect that was done before giving up (and
-# letting the message be retried, which repeats the effect).
-RECORD_RETRY_S = 20.0
-
-
-class SessionLockLost(TransientError):
-    """Raised when the connection holding a session's lock failed mid-way; retry the event."""
-
-
-@dataclass
-class Held:
-    """A pooled connection holding one session's advisory lock."""
-
-    conn: Conn
-    session_id: str
-    released: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,19 +60,11 @@ class Fulfiller:
     """Handlers for the Checkout events; every method is idempotent per session."""
 
     def __init__(
-        self,
-        pool: asyncpg.Pool,
-        stripe_client: stripe.StripeClient,
-        out_exchange: AbstractExchange,
-        smtp: SmtpSettings,
-        *,
-        publish_timeout_s: float,
-        live_key: bool | None = None,
+        self, store: Store, stripe: StripeReader, outbound: Outbound, smtp: SmtpSettings
     ) -> None:
-        """``live_key``: whether STRIPE_API_KEY is a live-mode key (None: not known)."""
-        self._pool = pool
-        self._stripe = StripeReader(stripe_client, live_key=live_key)
-        self._outbound = Outbound(out_exchange, publish_timeout_s=publish_timeout_s)
+        self._store = store
+        self._stripe = stripe
+        self._outbound = outbound
         self._smtp = smtp
         self._mailer = mail.Mailer(smtp)
 
@@ -126,14 +92,10 @@ class Fulfiller:
             # A setup-mode Checkout only saved a payment method for later: nothing was sold,
             # so there is no order to record, confirm or announce, though its payment_status
             # (no_payment_required) reads like a free order's. Recorded as handled.
-            async with self._pool.acquire() as conn:
-                await conn.execute(
-                    _RECORD_EVENT_SQL, event.id, event.type, session_id, "not_an_order"
-                )
+            await self._store.record_event(event, session_id, "not_an_order")
             return Outcome("not_an_order")
-        async with self._locked(session_id) as held:
-            conn = held.conn
-            state, steps = await _read_state(conn, session_id)
+        async with self._store.locked(session_id) as held:
+            state, steps = await held.read_state()
             # (a fulfilled session stays one: an "unpaid" read racing the payment is stale,
             # and the effects still owed go on below)
             if order.payment_status == "unpaid" and state != "fulfilled":
@@ -146,7 +108,7 @@ class Fulfiller:
                         "event says its delayed payment succeeded"
                     )
                 if state in (None, "new"):
-                    await _set_state(conn, order, event.id, "awaiting_payment")
+                    await held.set_state(order, event.id, "awaiting_payment")
                 outcome = Outcome("awaiting_payment")
             else:
                 created = state != "fulfilled"
@@ -159,9 +121,9 @@ class Fulfiller:
                             checkout_session_id=session_id,
                             amount_total=order.amount_total,
                         )
-                    await _record_fulfillment(conn, order, event.id)
+                    await held.record_fulfillment(order, event.id)
                 await self._run_effects(
-                    conn,
+                    held,
                     order,
                     steps,
                     effects_log,
@@ -182,7 +144,7 @@ class Fulfiller:
                 # the log may also hold a failed-payment attempt's steps, hence the filter
                 did = created or any(step in FULFILLED_STEPS for step, _ in effects_log)
                 outcome = Outcome("fulfilled" if did else "already_fulfilled")
-            await _finish(held, event, outcome.name)
+            await held.finish(event, outcome.name)
         return outcome
 
     async def payment_failed(
@@ -195,16 +157,15 @@ class Fulfiller:
         if order.payment_status != "unpaid":
             # Stripe's current word wins over a stale event: a paid session is fulfilled.
             return await self.fulfill(session_id, event, effects_log)
-        async with self._locked(session_id) as held:
-            conn = held.conn
-            state, steps = await _read_state(conn, session_id)
+        async with self._store.locked(session_id) as held:
+            state, steps = await held.read_state()
             if state == "fulfilled":
                 outcome = Outcome("ignored_fulfilled")
             else:
                 if state != "payment_failed":
-                    await _set_state(conn, order, event.id, "payment_failed")
+                    await held.set_state(order, event.id, "payment_failed")
                 await self._run_effects(
-                    conn,
+                    held,
                     order,
                     steps,
                     effects_log,
@@ -214,7 +175,7 @@ class Fulfiller:
                     ),
                 )
                 outcome = Outcome("payment_failed")
-            await _finish(held, event, outcome.name)
+            await held.finish(event, outcome.name)
         return outcome
 
     async def _settled_before(self, session_id: str, event: EventEnvelope, outcome: str) -> bool:
@@ -223,42 +184,11 @@ class Fulfiller:
         skipped. A session's later events (async_payment_succeeded, the landing page's
         fulfillment.requested, a stale failure) would otherwise spend Stripe's rate limit
         (100 reads/s in live mode by default). One round trip; no lock, as nothing is done."""
-        async with self._pool.acquire() as conn:
-            recorded = await conn.fetchval(
-                _SETTLED_SQL,
-                event.id,
-                event.type,
-                session_id,
-                outcome,
-                list(FULFILLED_STEPS),
-            )
-        return bool(recorded)
-
-    @contextlib.asynccontextmanager
-    async def _locked(self, session_id: str) -> AsyncIterator[Held]:
-        """A connection holding the session's advisory lock: one worker at a time per session.
-
-        A session-level lock (not a transaction's) so that each step can be committed as
-        soon as it is done while the lock is still held. If the worker dies, PostgreSQL
-        drops the lock with the connection. ``_finish`` releases it with its last write.
-        """
-        lock = "SELECT pg_advisory_lock(hashtextextended($1, 0))"
-        async with self._pool.acquire() as conn:
-            held = Held(conn, session_id)
-            try:
-                await conn.execute(lock, session_id)
-                yield held
-                if not held.released:
-                    await conn.execute(_UNLOCK, session_id)
-                    held.released = True
-            except BaseException:
-                if not held.released:
-                    await _release_in_doubt(held)
-                raise
+        return await self._store.settled_before(session_id, event, outcome, FULFILLED_STEPS)
 
     async def _run_effects(
         self,
-        conn: Conn,
+        held: LockedSession,
         order: Order,
         already_done: frozenset[str],
         effects_log: EffectsLog,
@@ -271,44 +201,10 @@ class Fulfiller:
                 continue
             detail = await effect(order)
             effects_log.append((step, detail))  # done, even if recording it fails
-            await self._record_step(conn, order.session_id, step, detail)
+            await held.record_step(step, detail)
             # DEBUG: the outcome line lists every effect with its detail (one line per
             # message); this one is for tracing a handler that died mid-way
             log.debug("effect done", checkout_session_id=order.session_id, step=step, detail=detail)
-
-    async def _record_step(self, conn: Conn, session_id: str, step: str, detail: str) -> None:
-        """Record a done effect, insisting through a database blip: failing here means the
-        message is retried and the effect done again (the chaos run counted those)."""
-        sql = (
-            "INSERT INTO fulfillment_steps (checkout_session_id, step, detail) "
-            "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
-        )
-        deadline = time.monotonic() + RECORD_RETRY_S
-        attempt = 0
-        while True:
-            attempt += 1
-            budget = max(0.5, deadline - time.monotonic())
-            try:
-                if _alive(conn):
-                    # the lock is still held on it (a timeout or a cancelled statement
-                    # leaves the session alone): record there and carry on
-                    await conn.execute(sql, session_id, step, detail, timeout=budget)
-                    return
-                # The connection holding the lock is gone, and the lock with it. The insert
-                # needs no lock (it is idempotent): a fresh connection, bounded, since every
-                # other handler may be in here too.
-                async with self._pool.acquire(timeout=budget) as fresh:
-                    await fresh.execute(sql, session_id, step, detail, timeout=budget)
-                break
-            except db.TRANSIENT_ERRORS as exc:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("recording an effect failed; retrying", step=step, error=str(exc)[:200])
-                await asyncio.sleep(compute_backoff(attempt, base_s=0.2, max_s=2.0))
-        # Recorded, but the session's lock went with its connection: doing the next effect
-        # now could race another worker. Retry the event instead; it takes the lock again
-        # and resumes after this step.
-        raise SessionLockLost(f"the session lock's connection failed after {step} was done")
 
     async def _send_confirmation(self, order: Order) -> str:
         return await self._send(order, mail.confirmation_email)
@@ -335,152 +231,3 @@ class Fulfiller:
             )
             return f"failed: {exc}"[:1000]
         return f"sent {message['Message-ID']}"
-
-
-_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended($1, 0))"
-
-
-async def _release_in_doubt(held: Held) -> None:
-    """Free the lock after a failure, whose own error must not replace the real one.
-
-    The pool does not reset connections on release (db.create_pool), so a connection
-    that may still hold the lock (the unlock failed, or we were cancelled while the lock
-    was being granted) is closed: the server then frees everything it held. A connection
-    that died already (a database restart) dropped the lock with it.
-    """
-    try:
-        await asyncio.wait_for(held.conn.execute(_UNLOCK, held.session_id), timeout=5)
-        held.released = True
-    except BaseException as exc:  # any doubt: close it
-        # (a connection the server dropped is already detached from its proxy)
-        with contextlib.suppress(Exception):
-            held.conn.terminate()
-        if isinstance(exc, asyncio.CancelledError):
-            raise  # a stop() meanwhile must not be lost
-
-
-def _alive(conn: Conn) -> bool:
-    """Whether the connection is still open (a dropped one is detached from its proxy)."""
-    try:
-        return not conn.is_closed()
-    except asyncpg.InterfaceError:
-        return False
-
-
-async def _read_state(conn: Conn, session_id: str) -> tuple[str | None, frozenset[str]]:
-    """The session's state (None if never seen) and the steps already recorded."""
-    row = await conn.fetchrow(
-        """SELECT s.state,
-                  array(SELECT f.step FROM fulfillment_steps f
-                        WHERE f.checkout_session_id = s.checkout_session_id) AS steps
-           FROM checkout_sessions s WHERE s.checkout_session_id = $1""",
-        session_id,
-    )
-    if row is None:
-        return None, frozenset()
-    return row["state"], frozenset(row["steps"])
-
-
-# The session's state: $1 session id, $2 state, $3 payment_status, $4 customer_email,
-# $5 the event that set it. Alone (_set_state) or as the first step of _record_fulfillment.
-_UPSERT_STATE = """INSERT INTO checkout_sessions
-           (checkout_session_id, state, payment_status, customer_email, last_event_id)
-       VALUES ($1, $2, $3, $4, $5)
-       ON CONFLICT (checkout_session_id) DO UPDATE SET state = EXCLUDED.state,
-           payment_status = EXCLUDED.payment_status, last_event_id = EXCLUDED.last_event_id,
-           updated_at = now()"""
-
-
-async def _set_state(conn: Conn, order: Order, event_id: str, state: str) -> None:
-    await conn.execute(
-        _UPSERT_STATE, order.session_id, state, order.payment_status, order.customer_email, event_id
-    )
-
-
-async def _record_fulfillment(conn: Conn, order: Order, event_id: str) -> None:
-    """The session's state, its fulfillments row and line items: one statement, so one
-    round trip and atomic (the foreign keys are checked at its end)."""
-    items = order.items
-    await conn.execute(
-        _RECORD_FULFILLMENT_SQL,
-        order.session_id,
-        "fulfilled",
-        order.payment_status,
-        order.customer_email,
-        event_id,
-        order.customer_id,
-        order.customer_name,
-        order.amount_total,
-        order.currency,
-        order.livemode,
-        order.account,
-        [i.id for i in items],
-        [i.description for i in items],
-        [i.price_id for i in items],
-        [i.quantity for i in items],
-        [i.unit_amount for i in items],
-        [i.amount_total for i in items],
-        [i.currency for i in items],
-        order.amount_subtotal,
-        order.amount_discount,
-        order.amount_shipping,
-        order.amount_tax,
-        order.mode,
-        order.subscription,
-        [i.amount_subtotal for i in items],
-    )
-
-
-# An event handled: $1 event id, $2 type, $3 session id, $4 outcome; {source} says whether.
-# The first handling's outcome stays (a duplicate's "already_fulfilled" must not hide the
-# event that fulfilled); the latest is kept beside it, with a count.
-_UPSERT_PROCESSED = """INSERT INTO processed_events
-               (event_id, event_type, checkout_session_id, outcome, last_outcome)
-           SELECT $1, $2, $3, $4, $4 FROM {source}
-           ON CONFLICT (event_id) DO UPDATE SET last_outcome = EXCLUDED.outcome,
-               last_processed_at = now(), times_handled = processed_events.times_handled + 1
-           RETURNING 1"""
-
-_RECORD_FULFILLMENT_SQL = f"""WITH s AS ({_UPSERT_STATE} RETURNING checkout_session_id
-           ), f AS (
-               INSERT INTO fulfillments (checkout_session_id, customer_id, customer_email,
-                   customer_name, amount_total, currency, payment_status, livemode, event_id,
-                   stripe_account, amount_subtotal, amount_discount, amount_shipping,
-                   amount_tax, mode, subscription_id)
-               SELECT checkout_session_id, $6, $4, $7, $8, $9, $3, $10, $5, $11,
-                   $19, $20, $21, $22, $23, $24 FROM s
-               RETURNING checkout_session_id
-           )
-           INSERT INTO fulfillment_line_items (checkout_session_id, line_item_id, description,
-               price_id, quantity, unit_amount, amount_total, currency, amount_subtotal)
-           SELECT f.checkout_session_id, i.* FROM f,
-               unnest($12::text[], $13::text[], $14::text[], $15::bigint[], $16::bigint[],
-                      $17::bigint[], $18::text[], $25::bigint[]) AS i"""
-
-# Only when the session is fulfilled with every effect recorded ($5): see _settled_before.
-_SETTLED_SQL = f"""WITH done AS (
-                       SELECT 1 FROM checkout_sessions s
-                       WHERE s.checkout_session_id = $3 AND s.state = 'fulfilled'
-                         AND array(SELECT f.step FROM fulfillment_steps f
-                                   WHERE f.checkout_session_id = $3) @> $5::text[]
-                   ), p AS ({_UPSERT_PROCESSED.format(source="done")})
-                   SELECT count(*) FROM p"""
-
-_RECORD_EVENT_SQL = _UPSERT_PROCESSED.format(source="(VALUES (1)) AS always")
-
-_FINISH_SQL = f"""WITH p AS ({_RECORD_EVENT_SQL})
-           SELECT pg_advisory_unlock(hashtextextended($3, 0))
-           FROM (SELECT count(*) FROM p) AS done"""
-
-
-async def _finish(held: Held, event: EventEnvelope, outcome: str) -> None:
-    """Remember that the event was handled (for backfill and audit) and release the
-    session's lock, in one round trip; the insert runs first (the unlock reads its result)."""
-    await held.conn.execute(
-        _FINISH_SQL,
-        event.id,
-        event.type,
-        held.session_id,
-        outcome,
-    )
-    held.released = True

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, fields
 from typing import TypeAlias
 
 import asyncpg
@@ -21,7 +23,7 @@ from shared.envelope import EventEnvelope
 from shared.errors import TransientError
 from shared.logging import get_logger
 from worker import db
-from worker.order import Order
+from worker.order import LineItem, Order
 
 log = get_logger(__name__)
 
@@ -115,7 +117,6 @@ class LockedSession:
     async def record_fulfillment(self, order: Order, event_id: str) -> None:
         """The session's state, its fulfillments row and line items: one statement, so one
         round trip and atomic (the foreign keys are checked at its end)."""
-        items = order.items
         await self.conn.execute(
             _RECORD_FULFILLMENT_SQL,
             order.session_id,
@@ -123,26 +124,8 @@ class LockedSession:
             order.payment_status,
             order.customer_email,
             event_id,
-            order.customer_id,
-            order.customer_name,
-            order.amount_total,
-            order.currency,
-            order.livemode,
-            order.account,
-            [i.id for i in items],
-            [i.description for i in items],
-            [i.price_id for i in items],
-            [i.quantity for i in items],
-            [i.unit_amount for i in items],
-            [i.amount_total for i in items],
-            [i.currency for i in items],
-            order.amount_subtotal,
-            order.amount_discount,
-            order.amount_shipping,
-            order.amount_tax,
-            order.mode,
-            order.subscription,
-            [i.amount_subtotal for i in items],
+            _json(FulfillmentRow.of(order, event_id)),
+            _json([LineItemRow.of(item) for item in order.items]),
         )
 
     async def record_step(self, step: str, detail: str) -> None:
@@ -209,6 +192,95 @@ class LockedSession:
                 raise  # a stop() meanwhile must not be lost
 
 
+@dataclass(frozen=True, slots=True)
+class FulfillmentRow:
+    """An order's row in ``fulfillments``: one field per column written, named as it."""
+
+    checkout_session_id: str
+    customer_id: str | None
+    customer_email: str | None
+    customer_name: str | None
+    amount_total: int
+    currency: str
+    payment_status: str
+    livemode: bool
+    event_id: str
+    stripe_account: str | None
+    amount_subtotal: int
+    amount_discount: int
+    amount_shipping: int
+    amount_tax: int
+    mode: str
+    subscription_id: str | None
+
+    @classmethod
+    def of(cls, order: Order, event_id: str) -> FulfillmentRow:
+        return cls(
+            checkout_session_id=order.session_id,
+            customer_id=order.customer_id,
+            customer_email=order.customer_email,
+            customer_name=order.customer_name,
+            amount_total=order.amount_total,
+            currency=order.currency,
+            payment_status=order.payment_status,
+            livemode=order.livemode,
+            event_id=event_id,
+            stripe_account=order.account,
+            amount_subtotal=order.amount_subtotal,
+            amount_discount=order.amount_discount,
+            amount_shipping=order.amount_shipping,
+            amount_tax=order.amount_tax,
+            mode=order.mode,
+            subscription_id=order.subscription,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LineItemRow:
+    """A line item's row in ``fulfillment_line_items`` (beside its session id), by column."""
+
+    line_item_id: str
+    description: str | None
+    price_id: str | None
+    quantity: int | None
+    unit_amount: int | None
+    amount_total: int
+    currency: str
+    amount_subtotal: int
+
+    @classmethod
+    def of(cls, item: LineItem) -> LineItemRow:
+        return cls(
+            line_item_id=item.id,
+            description=item.description,
+            price_id=item.price_id,
+            quantity=item.quantity,
+            unit_amount=item.unit_amount,
+            amount_total=item.amount_total,
+            currency=item.currency,
+            amount_subtotal=item.amount_subtotal,
+        )
+
+
+def _columns(row_type: type[FulfillmentRow | LineItemRow], qualifier: str = "") -> str:
+    """The row type's columns for SQL, each prefixed with ``qualifier``."""
+    return ", ".join(qualifier + f.name for f in fields(row_type))
+
+
+def _json(rows: FulfillmentRow | list[LineItemRow]) -> str:
+    """Rows as jsonb_populate_record(set) reads them: objects keyed by column.
+
+    Not ASCII-escaped: a string asyncpg cannot encode as UTF-8 fails here as it would as text.
+    """
+    if isinstance(rows, list):
+        return json.dumps([_by_column(row) for row in rows], ensure_ascii=False)
+    return json.dumps(_by_column(rows), ensure_ascii=False)
+
+
+def _by_column(row: FulfillmentRow | LineItemRow) -> dict[str, object]:
+    return {f.name: getattr(row, f.name) for f in fields(row)}
+
+
 def _alive(conn: Conn) -> bool:
     """Whether the connection is still open (a dropped one is detached from its proxy)."""
     try:
@@ -249,21 +321,18 @@ _UPSERT_PROCESSED = """INSERT INTO processed_events
                last_processed_at = now(), times_handled = processed_events.times_handled + 1
            RETURNING 1"""
 
+# The state as _UPSERT_STATE has it ($1-$5), then the fulfillments row ($6) and its line
+# items ($7), each as JSON keyed by column; the rows' columns are the fields of their type.
 _RECORD_FULFILLMENT_SQL = f"""WITH s AS ({_UPSERT_STATE} RETURNING checkout_session_id
            ), f AS (
-               INSERT INTO fulfillments (checkout_session_id, customer_id, customer_email,
-                   customer_name, amount_total, currency, payment_status, livemode, event_id,
-                   stripe_account, amount_subtotal, amount_discount, amount_shipping,
-                   amount_tax, mode, subscription_id)
-               SELECT checkout_session_id, $6, $4, $7, $8, $9, $3, $10, $5, $11,
-                   $19, $20, $21, $22, $23, $24 FROM s
+               INSERT INTO fulfillments ({_columns(FulfillmentRow)})
+               SELECT {_columns(FulfillmentRow, "r.")} FROM s,
+                   jsonb_populate_record(NULL::fulfillments, $6::jsonb) AS r
                RETURNING checkout_session_id
            )
-           INSERT INTO fulfillment_line_items (checkout_session_id, line_item_id, description,
-               price_id, quantity, unit_amount, amount_total, currency, amount_subtotal)
-           SELECT f.checkout_session_id, i.* FROM f,
-               unnest($12::text[], $13::text[], $14::text[], $15::bigint[], $16::bigint[],
-                      $17::bigint[], $18::text[], $25::bigint[]) AS i"""
+           INSERT INTO fulfillment_line_items (checkout_session_id, {_columns(LineItemRow)})
+           SELECT f.checkout_session_id, {_columns(LineItemRow, "i.")} FROM f,
+               jsonb_populate_recordset(NULL::fulfillment_line_items, $7::jsonb) AS i"""
 
 # Only when the session is fulfilled with every effect recorded ($5): see settled_before.
 _SETTLED_SQL = f"""WITH done AS (

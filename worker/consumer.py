@@ -58,9 +58,10 @@ from shared.vocabulary import (
     HEADER_LAST_FAILED_AT,
     HEADER_WORKER_ID,
     PAYMENT_FAILED_TYPES,
+    Outcome,
 )
 from worker import db, mail, metrics
-from worker.flow import EffectsLog, Fulfiller, Outcome
+from worker.flow import EffectsLog, Fulfiller
 from worker.outbound import Outbound
 from worker.settings import WorkerSettings
 from worker.store import Store
@@ -275,10 +276,10 @@ class Worker:
         except asyncio.CancelledError:
             # only stop() cancels, once the grace period is over: unacked, so the broker
             # gives it to another worker. Its outcome line says so, naming the event.
-            metrics.PROCESSED.labels(event_type, "abandoned").inc()
+            metrics.PROCESSED.labels(event_type, Outcome.ABANDONED).inc()
             bound.warning(
                 "event left for redelivery",
-                outcome="abandoned",
+                outcome=Outcome.ABANDONED,
                 effects=_effects_for_log(effects) or None,
                 duration_ms=_ms_since(started),
             )
@@ -287,19 +288,18 @@ class Worker:
             attempt = _attempt(headers)
             if effects:
                 bound = bound.bind(effects=_effects_for_log(effects))
-            outcome_name = await asyncio.shield(
+            outcome = await asyncio.shield(
                 self._fail(message, exc, attempt, event_type, bound, started)
             )
         else:
             await asyncio.shield(_settle(message.ack(), bound))
-            outcome_name = outcome.name
             bound.info(
                 "event handled",
-                outcome=outcome_name,
+                outcome=outcome,
                 effects=_effects_for_log(effects) or None,
                 duration_ms=_ms_since(started),
             )
-        metrics.PROCESSED.labels(event_type, outcome_name).inc()
+        metrics.PROCESSED.labels(event_type, outcome).inc()
         metrics.DURATION.labels(event_type).observe(time.perf_counter() - started)
 
     async def _dispatch(self, delivery: Delivery, effects: EffectsLog) -> Outcome:
@@ -312,7 +312,7 @@ class Worker:
         elif event.type in PAYMENT_FAILED_TYPES:
             handler = fulfiller.payment_failed
         if handler is None or delivery.session_id is None:
-            return Outcome("ignored")
+            return Outcome.IGNORED
         return await handler(delivery.session_id, event, effects)
 
     async def _fail(
@@ -323,7 +323,7 @@ class Worker:
         event_type: str,
         bound: structlog.typing.FilteringBoundLogger,
         started: float,
-    ) -> str:
+    ) -> Outcome:
         """Send the message on to a delay queue or the DLQ, confirmed, then ack the original.
 
         ``started``: when handling began (perf_counter), for the outcome line's duration."""
@@ -342,9 +342,9 @@ class Worker:
         }
         if transient and attempt <= retries:
             queue, delay_s = self.topology.retry_queue_for(attempt, _asked_wait(exc))
-            target, outcome = queue, "retry"
+            target, outcome = queue, Outcome.RETRY
         else:
-            target, outcome = self.topology.dead_queue, "dead_letter"
+            target, outcome = self.topology.dead_queue, Outcome.DEAD_LETTER
         assert self._channel is not None
         try:
             message.channel  # noqa: B018 - raises if the channel it came on is gone
@@ -352,7 +352,7 @@ class Worker:
             # The connection dropped while we worked: the broker redelivers the original,
             # so a copy now would be a second one.
             bound.warning("failed message left for redelivery; its channel is gone")
-            return "requeued"
+            return Outcome.REQUEUED
         try:
             await publish_confirmed(
                 self._channel.default_exchange,
@@ -374,9 +374,9 @@ class Worker:
             await asyncio.sleep(pause_s)
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
-            return "requeued"
+            return Outcome.REQUEUED
         await _settle(message.ack(), bound)
-        if outcome == "retry":
+        if outcome == Outcome.RETRY:
             metrics.RETRIES.labels(event_type).inc()
             bound.warning(
                 "retry scheduled",

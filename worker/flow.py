@@ -15,22 +15,18 @@ after crashes at any instant. Per session:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeAlias
 
 from shared.envelope import EventEnvelope
 from shared.errors import PermanentError, TransientError
 from shared.logging import get_logger
-from shared.vocabulary import (
-    PAYMENT_SUCCEEDED,
-    SESSION_COMPLETED,
-)
+from shared.vocabulary import PAYMENT_SUCCEEDED, SESSION_COMPLETED, Outcome
 from worker import mail, metrics
 from worker.order import Order
 from worker.outbound import Outbound
 from worker.settings import SmtpSettings
-from worker.store import LockedSession, Store
+from worker.store import LockedSession, SessionState, Store
 from worker.stripe_reader import StripeReader
 
 log = get_logger(__name__)
@@ -41,13 +37,6 @@ Effect = Callable[[Order], Awaitable[str]]
 # message the rest of the business acts on (shipping, access) goes first: a courtesy email
 # held up by an SMTP outage or a recipient's deferral must not hold it up for hours.
 FULFILLED_STEPS = ("order_fulfilled_message", "confirmation_email")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What handling one event did, for the log line and metrics."""
-
-    name: str  # fulfilled | already_fulfilled | awaiting_payment | payment_failed | ...
 
 
 # The external effects done while handling one message, as (step, detail) in order, kept
@@ -82,9 +71,9 @@ class Fulfiller:
         # duplicates are rare), so checking first would cost every order a round trip to
         # save a rare API call. Every other event usually follows a fulfillment.
         if event.type != SESSION_COMPLETED and await self._settled_before(
-            session_id, event, "already_fulfilled"
+            session_id, event, Outcome.ALREADY_FULFILLED
         ):
-            return Outcome("already_fulfilled")
+            return Outcome.ALREADY_FULFILLED
         order = await self._stripe.retrieve_for(session_id, event)
         if order.payment_status not in ("paid", "no_payment_required", "unpaid"):
             raise PermanentError(f"unexpected payment_status {order.payment_status!r}")
@@ -92,13 +81,13 @@ class Fulfiller:
             # A setup-mode Checkout only saved a payment method for later: nothing was sold,
             # so there is no order to record, confirm or announce, though its payment_status
             # (no_payment_required) reads like a free order's. Recorded as handled.
-            await self._store.record_event(event, session_id, "not_an_order")
-            return Outcome("not_an_order")
+            await self._store.record_event(event, session_id, Outcome.NOT_AN_ORDER)
+            return Outcome.NOT_AN_ORDER
         async with self._store.locked(session_id) as held:
             state, steps = await held.read_state()
             # (a fulfilled session stays one: an "unpaid" read racing the payment is stale,
             # and the effects still owed go on below)
-            if order.payment_status == "unpaid" and state != "fulfilled":
+            if order.payment_status == "unpaid" and state != SessionState.FULFILLED:
                 if event.type == PAYMENT_SUCCEEDED:
                     # The event says the payment went through, and no later event will
                     # come to fulfill it: shelved as "awaiting payment", the order would be
@@ -107,11 +96,11 @@ class Fulfiller:
                         f"Stripe still says session {session_id} is unpaid, though this "
                         "event says its delayed payment succeeded"
                     )
-                if state in (None, "new"):
-                    await held.set_state(order, event.id, "awaiting_payment")
-                outcome = Outcome("awaiting_payment")
+                if state in (None, SessionState.NEW):
+                    await held.set_state(order, event.id, SessionState.AWAITING_PAYMENT)
+                outcome = Outcome.AWAITING_PAYMENT
             else:
-                created = state != "fulfilled"
+                created = state != SessionState.FULFILLED
                 if created:
                     if not order.items:
                         # Checkout sells at least one item; Stripe's answer is odd, and the
@@ -143,27 +132,27 @@ class Fulfiller:
                 # all of it in an attempt that failed only afterwards (its record or lock);
                 # the log may also hold a failed-payment attempt's steps, hence the filter
                 did = created or any(step in FULFILLED_STEPS for step, _ in effects_log)
-                outcome = Outcome("fulfilled" if did else "already_fulfilled")
-            await held.finish(event, outcome.name)
+                outcome = Outcome.FULFILLED if did else Outcome.ALREADY_FULFILLED
+            await held.finish(event, outcome)
         return outcome
 
     async def payment_failed(
         self, session_id: str, event: EventEnvelope, effects_log: EffectsLog
     ) -> Outcome:
         """Tell the customer once, record it; never for a session already fulfilled."""
-        if await self._settled_before(session_id, event, "ignored_fulfilled"):
-            return Outcome("ignored_fulfilled")
+        if await self._settled_before(session_id, event, Outcome.IGNORED_FULFILLED):
+            return Outcome.IGNORED_FULFILLED
         order = await self._stripe.retrieve_for(session_id, event)
         if order.payment_status != "unpaid":
             # Stripe's current word wins over a stale event: a paid session is fulfilled.
             return await self.fulfill(session_id, event, effects_log)
         async with self._store.locked(session_id) as held:
             state, steps = await held.read_state()
-            if state == "fulfilled":
-                outcome = Outcome("ignored_fulfilled")
+            if state == SessionState.FULFILLED:
+                outcome = Outcome.IGNORED_FULFILLED
             else:
-                if state != "payment_failed":
-                    await held.set_state(order, event.id, "payment_failed")
+                if state != SessionState.PAYMENT_FAILED:
+                    await held.set_state(order, event.id, SessionState.PAYMENT_FAILED)
                 await self._run_effects(
                     held,
                     order,
@@ -174,11 +163,13 @@ class Fulfiller:
                         ("payment_failed_email", self._send_failure),
                     ),
                 )
-                outcome = Outcome("payment_failed")
-            await held.finish(event, outcome.name)
+                outcome = Outcome.PAYMENT_FAILED
+            await held.finish(event, outcome)
         return outcome
 
-    async def _settled_before(self, session_id: str, event: EventEnvelope, outcome: str) -> bool:
+    async def _settled_before(
+        self, session_id: str, event: EventEnvelope, outcome: Outcome
+    ) -> bool:
         """True (and the event recorded as handled) when the session is fulfilled with every
         effect recorded: nothing Stripe could say now changes that, so the API call is
         skipped. A session's later events (async_payment_succeeded, the landing page's

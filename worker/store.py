@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from typing import TypeAlias
 
 import asyncpg
@@ -22,6 +23,7 @@ from shared.backoff import compute_backoff
 from shared.envelope import EventEnvelope
 from shared.errors import TransientError
 from shared.logging import get_logger
+from shared.vocabulary import Outcome
 from worker import db
 from worker.order import LineItem, Order
 
@@ -32,6 +34,15 @@ Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 # How long to keep trying to record an effect that was done before giving up (and
 # letting the message be retried, which repeats the effect).
 RECORD_RETRY_S = 20.0
+
+
+class SessionState(StrEnum):
+    """A session's ``checkout_sessions.state``."""
+
+    NEW = "new"
+    AWAITING_PAYMENT = "awaiting_payment"
+    FULFILLED = "fulfilled"
+    PAYMENT_FAILED = "payment_failed"
 
 
 class SessionLockLost(TransientError):
@@ -45,7 +56,7 @@ class Store:
         self._pool = pool
 
     async def settled_before(
-        self, session_id: str, event: EventEnvelope, outcome: str, steps: Sequence[str]
+        self, session_id: str, event: EventEnvelope, outcome: Outcome, steps: Sequence[str]
     ) -> bool:
         """True (and the event recorded as handled with ``outcome``) when the session is
         fulfilled with every one of ``steps`` recorded. One round trip; no lock, as nothing
@@ -61,7 +72,7 @@ class Store:
             )
         return bool(recorded)
 
-    async def record_event(self, event: EventEnvelope, session_id: str, outcome: str) -> None:
+    async def record_event(self, event: EventEnvelope, session_id: str, outcome: Outcome) -> None:
         """Remember that the event was handled, for one that needed no lock."""
         async with self._pool.acquire() as conn:
             await conn.execute(_RECORD_EVENT_SQL, event.id, event.type, session_id, outcome)
@@ -97,14 +108,14 @@ class LockedSession:
         self.session_id = session_id
         self.released = False
 
-    async def read_state(self) -> tuple[str | None, frozenset[str]]:
+    async def read_state(self) -> tuple[SessionState | None, frozenset[str]]:
         """The session's state (None if never seen) and the steps already recorded."""
         row = await self.conn.fetchrow(_READ_STATE_SQL, self.session_id)
         if row is None:
             return None, frozenset()
-        return row["state"], frozenset(row["steps"])
+        return SessionState(row["state"]), frozenset(row["steps"])
 
-    async def set_state(self, order: Order, event_id: str, state: str) -> None:
+    async def set_state(self, order: Order, event_id: str, state: SessionState) -> None:
         await self.conn.execute(
             _UPSERT_STATE,
             order.session_id,
@@ -120,7 +131,7 @@ class LockedSession:
         await self.conn.execute(
             _RECORD_FULFILLMENT_SQL,
             order.session_id,
-            "fulfilled",
+            SessionState.FULFILLED,
             order.payment_status,
             order.customer_email,
             event_id,
@@ -161,7 +172,7 @@ class LockedSession:
         # and resumes after this step.
         raise SessionLockLost(f"the session lock's connection failed after {step} was done")
 
-    async def finish(self, event: EventEnvelope, outcome: str) -> None:
+    async def finish(self, event: EventEnvelope, outcome: Outcome) -> None:
         """Remember that the event was handled (for backfill and audit) and release the
         session's lock, in one round trip; the insert runs first (the unlock reads its result)."""
         await self.conn.execute(

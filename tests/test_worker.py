@@ -1898,7 +1898,7 @@ def test_a_connection_broken_mid_protocol_counts_as_transient() -> None:
     dropped mid-protocol as InternalClientError; it was dead-lettered as a handler bug."""
     import asyncpg
 
-    from worker.consumer import is_transient
+    from worker.retry import is_transient
 
     assert is_transient(
         asyncpg.InternalClientError(

@@ -34,33 +34,25 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.connection import make_url
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
-from tenacity.stop import stop_base
 
 from shared import runtime
 from shared.backoff import compute_backoff
 from shared.broker import copy_message, publish_confirmed, utc_now_iso
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError, TransientError
-from shared.logging import get_logger, mask_secrets
+from shared.logging import get_logger
 from shared.stripe_client import AIOHTTPClient, make_client
 from shared.topology import Topology, connect_error
 from shared.vocabulary import (
     CHECKOUT_SESSION_ID,
     FULFILL_TYPES,
     FULFILLMENT_REQUESTED,
-    HEADER_ATTEMPT,
-    HEADER_ERROR_MESSAGE,
-    HEADER_ERROR_TYPE,
     HEADER_EVENT_ID,
     HEADER_EVENT_TYPE,
-    HEADER_FIRST_FAILED_AT,
-    HEADER_LAST_FAILED_AT,
-    HEADER_WORKER_ID,
     PAYMENT_FAILED_TYPES,
     Outcome,
 )
-from worker import db, mail, metrics
+from worker import db, mail, metrics, retry
 from worker.flow import EffectsLog, Fulfiller
 from worker.outbound import Outbound
 from worker.settings import WorkerSettings
@@ -68,35 +60,6 @@ from worker.store import Store
 from worker.stripe_reader import StripeReader
 
 log = get_logger(__name__)
-
-
-# The longest Retry-After honoured by waiting in process (with the message held); a longer
-# one sends the message to its delay queue.
-QUICK_RETRY_AFTER_MAX_S = 5.0
-
-
-def _retry_after(state: RetryCallState) -> float:
-    """The Retry-After of the last attempt's error, or 0."""
-    return _asked_wait(state.outcome.exception() if state.outcome is not None else None)
-
-
-def _asked_wait(exc: BaseException | None) -> float:
-    """How long the other side asked us to wait before trying again (0: it did not say)."""
-    return getattr(exc, "retry_after_s", None) or 0.0
-
-
-class _LongRetryAfter(stop_base):
-    """Stop retrying in process when the other side asked for a longer wait than that."""
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        return _retry_after(retry_state) > QUICK_RETRY_AFTER_MAX_S
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether trying again later may succeed (outage, overload), as opposed to never."""
-    if isinstance(exc, PermanentError):
-        return False
-    return isinstance(exc, (TransientError, *db.TRANSIENT_ERRORS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +73,7 @@ class Delivery:
 
 def parse(message: AbstractIncomingMessage) -> Delivery:
     """Read the event and its Checkout Session id; MalformedEvent if it is not usable."""
-    attempt = _attempt(message.headers or {})
+    attempt = retry.attempt_of(message.headers or {})
     try:
         doc = json.loads(message.body)
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -143,15 +106,7 @@ class Worker:
         self._pool: asyncpg.Pool | None = None
         self._http: AIOHTTPClient | None = None
         self._fulfiller: Fulfiller | None = None
-        self._retrying = AsyncRetrying(
-            # a Retry-After longer than a quick retry's wait is waited in a delay queue
-            stop=stop_after_attempt(settings.quick_retries) | _LongRetryAfter(),
-            wait=lambda state: max(
-                compute_backoff(state.attempt_number, base_s=0.2, max_s=2.0), _retry_after(state)
-            ),
-            retry=retry_if_exception(is_transient),
-            reraise=True,
-        )
+        self._retrying = retry.quick_retries(settings.quick_retries)
 
     @property
     def in_flight(self) -> int:
@@ -285,7 +240,7 @@ class Worker:
             )
             raise
         except Exception as exc:
-            attempt = _attempt(headers)
+            attempt = retry.attempt_of(headers)
             if effects:
                 bound = bound.bind(effects=_effects_for_log(effects))
             outcome = await asyncio.shield(
@@ -324,27 +279,19 @@ class Worker:
         bound: structlog.typing.FilteringBoundLogger,
         started: float,
     ) -> Outcome:
-        """Send the message on to a delay queue or the DLQ, confirmed, then ack the original.
+        """Carry out the retry policy's decision: its copy published (confirmed) to a delay
+        queue or the DLQ, then the original acked; the original is left to the broker when
+        that cannot be done.
 
         ``started``: when handling began (perf_counter), for the outcome line's duration."""
-        transient = is_transient(exc)
-        retries = len(self.topology.retry_delays_s)
-        now = utc_now_iso()
-        headers = message.headers or {}
-        reason = {
-            HEADER_ATTEMPT: attempt,
-            HEADER_FIRST_FAILED_AT: headers.get(HEADER_FIRST_FAILED_AT, now),
-            HEADER_LAST_FAILED_AT: now,
-            HEADER_ERROR_TYPE: type(exc).__name__,
-            # masked as log lines are: a dead letter is read by people and tools too
-            HEADER_ERROR_MESSAGE: mask_secrets(str(exc))[:1000] or type(exc).__name__,
-            HEADER_WORKER_ID: self.settings.worker_id,
-        }
-        if transient and attempt <= retries:
-            queue, delay_s = self.topology.retry_queue_for(attempt, _asked_wait(exc))
-            target, outcome = queue, Outcome.RETRY
-        else:
-            target, outcome = self.topology.dead_queue, Outcome.DEAD_LETTER
+        decision = retry.decide(
+            exc,
+            attempt,
+            self.topology,
+            received=message.headers or {},
+            worker_id=self.settings.worker_id,
+            now=utc_now_iso(),
+        )
         assert self._channel is not None
         try:
             message.channel  # noqa: B018 - raises if the channel it came on is gone
@@ -356,8 +303,8 @@ class Worker:
         try:
             await publish_confirmed(
                 self._channel.default_exchange,
-                copy_message(message, reason),
-                target,
+                copy_message(message, decision.headers),
+                decision.queue,
                 timeout_s=self.settings.broker.publish_timeout_s,
             )
         except BrokerUnavailable as publish_error:
@@ -376,31 +323,43 @@ class Worker:
                 await message.nack(requeue=True)
             return Outcome.REQUEUED
         await _settle(message.ack(), bound)
-        if outcome == Outcome.RETRY:
-            metrics.RETRIES.labels(event_type).inc()
-            bound.warning(
-                "retry scheduled",
-                outcome=outcome,
-                attempt=attempt,
-                retry_in_s=delay_s,
-                error_type=type(exc).__name__,
-                error=str(exc),
-                duration_ms=_ms_since(started),
-            )
-        else:
-            kind = "retries_exhausted" if transient else "permanent"
-            metrics.DEAD_LETTERS.labels(event_type, kind).inc()
-            bound.error(
-                "dead-lettered",
-                outcome=outcome,
-                attempt=attempt,
-                reason=kind,
-                error_type=type(exc).__name__,
-                error=str(exc),
-                duration_ms=_ms_since(started),
-                exc_info=exc if not isinstance(exc, TransientError | PermanentError) else None,
-            )
-        return outcome
+        _report(decision, exc, attempt, event_type, bound, started)
+        return decision.outcome
+
+
+def _report(
+    decision: retry.Decision,
+    exc: BaseException,
+    attempt: int,
+    event_type: str,
+    bound: structlog.typing.FilteringBoundLogger,
+    started: float,
+) -> None:
+    """The metrics and the outcome line of a failed message moved as decided."""
+    if decision.outcome is Outcome.RETRY:
+        metrics.RETRIES.labels(event_type).inc()
+        bound.warning(
+            "retry scheduled",
+            outcome=decision.outcome,
+            attempt=attempt,
+            retry_in_s=decision.delay_s,
+            error_type=type(exc).__name__,
+            error=str(exc),
+            duration_ms=_ms_since(started),
+        )
+    else:
+        metrics.DEAD_LETTERS.labels(event_type, decision.reason).inc()
+        bound.error(
+            "dead-lettered",
+            outcome=decision.outcome,
+            attempt=attempt,
+            reason=decision.reason,
+            error_type=type(exc).__name__,
+            error=str(exc),
+            duration_ms=_ms_since(started),
+            # a traceback for what is neither kind of expected failure: a bug
+            exc_info=exc if not isinstance(exc, TransientError | PermanentError) else None,
+        )
 
 
 def _effects_for_log(effects: EffectsLog) -> dict[str, str]:
@@ -423,10 +382,3 @@ async def _settle(ack: Awaitable[Any], bound: structlog.typing.FilteringBoundLog
         await ack
     except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
         bound.warning("ack failed, the broker will redeliver", error=f"{type(exc).__name__}: {exc}")
-
-
-def _attempt(headers: Any) -> int:
-    try:
-        return int(headers.get(HEADER_ATTEMPT, 0)) + 1
-    except (TypeError, ValueError):
-        return 1

@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from shared import runtime
 from shared.settings import listen_error
 from shared.vocabulary import OUTBOUND_TYPES
+from worker.retry import DeadLetterReason
 
 PROCESSED = Counter(
     "worker_messages_total",
@@ -52,7 +53,7 @@ def start_at_zero(event_types: tuple[str, ...], email_purposes: tuple[str, ...])
     samples, so a series born with its first dead letter would not fire an alert on it."""
     for event_type in event_types:
         RETRIES.labels(event_type)
-        for reason in ("permanent", "retries_exhausted"):
+        for reason in DeadLetterReason:
             DEAD_LETTERS.labels(event_type, reason)
     for purpose in email_purposes:
         UNDELIVERABLE_EMAILS.labels(purpose)

@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
 import aiormq
 import asyncpg
 import structlog
@@ -33,7 +32,6 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aio_pika.connection import make_url
 
 from shared import runtime
 from shared.backoff import compute_backoff
@@ -41,8 +39,8 @@ from shared.broker import copy_message, publish_confirmed, utc_now_iso
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError, TransientError
 from shared.logging import get_logger
-from shared.stripe_client import AIOHTTPClient, make_client
-from shared.topology import Topology, connect_error
+from shared.stripe_client import AIOHTTPClient
+from shared.topology import Topology
 from shared.vocabulary import (
     CHECKOUT_SESSION_ID,
     FULFILL_TYPES,
@@ -52,12 +50,10 @@ from shared.vocabulary import (
     PAYMENT_FAILED_TYPES,
     Outcome,
 )
-from worker import db, mail, metrics, retry
+from worker import metrics, retry, startup
 from worker.flow import EffectsLog, Fulfiller
-from worker.outbound import Outbound
 from worker.settings import WorkerSettings
 from worker.store import Store
-from worker.stripe_reader import StripeReader
 
 log = get_logger(__name__)
 
@@ -120,45 +116,16 @@ class Worker:
     async def start(self) -> None:
         """Migrate, connect, declare, and start consuming."""
         s = self.settings
-        metrics.start_at_zero(
-            tuple(sorted(FULFILL_TYPES | PAYMENT_FAILED_TYPES)),
-            (mail.confirmation_email.__name__, mail.payment_failed_email.__name__),
-        )
-        await db.migrate(s.database_url)
-        self._pool = await db.create_pool(s.database_url, max_size=min(s.concurrency, 32))
-        self._http = AIOHTTPClient(timeout=s.stripe.timeout_s)
-        client = make_client(s.stripe, http_client=self._http)
-        # What connect_robust does, keeping the connection from the start: cancelling a
-        # first connect (a SIGTERM while the broker does not answer) leaves aio-pika's
-        # reconnect loop running until the connection is closed, which stop() does.
-        self._connection = aio_pika.RobustConnection(make_url(s.broker.url))
-        try:
-            await self._connection.connect(timeout=10)
-        except Exception as exc:
-            raise connect_error(s.broker, exc) from None
-        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._channel = channel
-        await channel.set_qos(prefetch_count=s.concurrency)
-        await self.topology.declare(channel)
-        # which delay queues exist besides those of the schedule `status` runs with
-        t = self.topology
-        # one row per queue: a schedule may repeat a delay ("10,10,60")
-        delay_of = dict(zip(t.retry_queues, t.retry_delays_s, strict=True))
-        await self._pool.execute(
-            """INSERT INTO delay_queues (name, delay_s)
-               SELECT * FROM unnest($1::text[], $2::float8[])
-               ON CONFLICT (name) DO UPDATE SET last_declared_at = now()""",
-            list(delay_of),
-            list(delay_of.values()),
-        )
-        out = await channel.get_exchange(self.topology.out_exchange)
-        self._fulfiller = Fulfiller(
-            Store(self._pool),
-            StripeReader(client, live_key=s.stripe.live_key),
-            Outbound(out, publish_timeout_s=s.broker.publish_timeout_s),
-            s.smtp,
-        )
-        self._queue = await channel.get_queue(self.topology.work_queue)
+        startup.start_metrics_at_zero()
+        self._pool = await startup.open_database(s)
+        self._http, client = startup.stripe_client(s)
+        self._connection = startup.broker_connection(s.broker)  # kept: stop() closes it
+        await startup.connect(self._connection, s.broker)
+        self._channel = await startup.open_channel(self._connection, prefetch=s.concurrency)
+        store = Store(self._pool)
+        await startup.declare(self._channel, self.topology, store)
+        self._fulfiller = await startup.fulfiller(s, store, client, self._channel, self.topology)
+        self._queue = await self._channel.get_queue(self.topology.work_queue)
         self._consumer_tag = await self._queue.consume(self._on_message)
         log.info(
             "worker consuming",

@@ -23,6 +23,7 @@ from shared.backoff import compute_backoff
 from shared.envelope import EventEnvelope
 from shared.errors import TransientError
 from shared.logging import get_logger
+from shared.topology import Topology
 from shared.vocabulary import Outcome
 from worker import db
 from worker.order import LineItem, Order
@@ -50,7 +51,7 @@ class SessionLockLost(TransientError):
 
 
 class Store:
-    """The session rows of one worker's pool."""
+    """The worker's rows, on its pool."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -71,6 +72,12 @@ class Store:
                 list(steps),
             )
         return bool(recorded)
+
+    async def record_delay_queues(self, topology: Topology) -> None:
+        """Which delay queues exist besides those of the schedule `status` runs with."""
+        # one row per queue: a schedule may repeat a delay ("10,10,60")
+        delay_of = dict(zip(topology.retry_queues, topology.retry_delays_s, strict=True))
+        await self._pool.execute(_RECORD_DELAY_QUEUES_SQL, list(delay_of), list(delay_of.values()))
 
     async def record_event(self, event: EventEnvelope, session_id: str, outcome: Outcome) -> None:
         """Remember that the event was handled, for one that needed no lock."""
@@ -299,6 +306,10 @@ def _alive(conn: Conn) -> bool:
     except asyncpg.InterfaceError:
         return False
 
+
+_RECORD_DELAY_QUEUES_SQL = """INSERT INTO delay_queues (name, delay_s)
+               SELECT * FROM unnest($1::text[], $2::float8[])
+               ON CONFLICT (name) DO UPDATE SET last_declared_at = now()"""
 
 _LOCK = "SELECT pg_advisory_lock(hashtextextended($1, 0))"
 _UNLOCK = "SELECT pg_advisory_unlock(hashtextextended($1, 0))"

@@ -88,53 +88,63 @@ class Fulfiller:
             # (a fulfilled session stays one: an "unpaid" read racing the payment is stale,
             # and the effects still owed go on below)
             if order.payment_status == "unpaid" and state != SessionState.FULFILLED:
-                if event.type == PAYMENT_SUCCEEDED:
-                    # The event says the payment went through, and no later event will
-                    # come to fulfill it: shelved as "awaiting payment", the order would be
-                    # lost in silence. Retried until Stripe agrees, else dead-lettered.
-                    raise TransientError(
-                        f"Stripe still says session {session_id} is unpaid, though this "
-                        "event says its delayed payment succeeded"
-                    )
-                if state in (None, SessionState.NEW):
-                    await held.set_state(order, event.id, SessionState.AWAITING_PAYMENT)
-                outcome = Outcome.AWAITING_PAYMENT
+                outcome = await self._await_payment(held, order, event, state)
             else:
-                created = state != SessionState.FULFILLED
-                if created:
-                    if not order.items:
-                        # Checkout sells at least one item; Stripe's answer is odd, and the
-                        # order is recorded once: said where an operator will see it
-                        log.warning(
-                            "paid order without line items",
-                            checkout_session_id=session_id,
-                            amount_total=order.amount_total,
-                        )
-                    await held.record_fulfillment(order, event.id)
-                await self._run_effects(
-                    held,
-                    order,
-                    steps,
-                    effects_log,
-                    tuple(
-                        zip(
-                            FULFILLED_STEPS,
-                            (
-                                partial(self._outbound.order_fulfilled, event),
-                                self._send_confirmation,
-                            ),
-                            strict=True,
-                        )
-                    ),
-                )
-                # "fulfilled" when this message did any of it: the row, the effects an
-                # earlier delivery left undone (SMTP was down, the worker was killed), or
-                # all of it in an attempt that failed only afterwards (its record or lock);
-                # the log may also hold a failed-payment attempt's steps, hence the filter
-                did = created or any(step in FULFILLED_STEPS for step, _ in effects_log)
-                outcome = Outcome.FULFILLED if did else Outcome.ALREADY_FULFILLED
+                outcome = await self._complete(held, order, event, state, steps, effects_log)
             await held.finish(event, outcome)
         return outcome
+
+    async def _await_payment(
+        self,
+        held: LockedSession,
+        order: Order,
+        event: EventEnvelope,
+        state: SessionState | None,
+    ) -> Outcome:
+        """An unpaid session (a delayed payment method): recorded as awaiting payment."""
+        if event.type == PAYMENT_SUCCEEDED:
+            # The event says the payment went through, and no later event will come to
+            # fulfill it: shelved as "awaiting payment", the order would be lost in
+            # silence. Retried until Stripe agrees, else dead-lettered.
+            raise TransientError(
+                f"Stripe still says session {order.session_id} is unpaid, though this "
+                "event says its delayed payment succeeded"
+            )
+        if state in (None, SessionState.NEW):
+            await held.set_state(order, event.id, SessionState.AWAITING_PAYMENT)
+        return Outcome.AWAITING_PAYMENT
+
+    async def _complete(
+        self,
+        held: LockedSession,
+        order: Order,
+        event: EventEnvelope,
+        state: SessionState | None,
+        steps: frozenset[str],
+        effects_log: EffectsLog,
+    ) -> Outcome:
+        """A paid (or free) session: the order recorded once, then every effect still owed."""
+        created = state != SessionState.FULFILLED
+        if created:
+            if not order.items:
+                # Checkout sells at least one item; Stripe's answer is odd, and the order is
+                # recorded once: said where an operator will see it
+                log.warning(
+                    "paid order without line items",
+                    checkout_session_id=order.session_id,
+                    amount_total=order.amount_total,
+                )
+            await held.record_fulfillment(order, event.id)
+        effects = (partial(self._outbound.order_fulfilled, event), self._send_confirmation)
+        await self._run_effects(
+            held, order, steps, effects_log, tuple(zip(FULFILLED_STEPS, effects, strict=True))
+        )
+        # "fulfilled" when this message did any of it: the row, the effects an earlier
+        # delivery left undone (SMTP was down, the worker was killed), or all of it in an
+        # attempt that failed only afterwards (its record or lock); the log may also hold a
+        # failed-payment attempt's steps, hence the filter
+        did = created or any(step in FULFILLED_STEPS for step, _ in effects_log)
+        return Outcome.FULFILLED if did else Outcome.ALREADY_FULFILLED
 
     async def payment_failed(
         self, session_id: str, event: EventEnvelope, effects_log: EffectsLog

@@ -220,10 +220,9 @@ class Fulfiller:
             message = build(order, self._smtp.sender)
             await self._mailer.send(message)
         except mail.Undeliverable as exc:
-            # The order stands (the row is committed, the customer paid): record the email
-            # as failed and go on to the outbound message, rather than dead-lettering an
-            # event whose replay could never succeed. Counted, logged and kept in
-            # fulfillment_steps for support to follow up.
+            # The order stands (the row is committed, the customer paid): the email is
+            # recorded as failed, for support to follow up, rather than dead-lettering an
+            # event whose replay could never succeed.
             metrics.UNDELIVERABLE_EMAILS.labels(build.__name__).inc()
             log.warning(
                 "email undeliverable; recorded as failed",

@@ -147,8 +147,8 @@ class LockedSession:
         )
 
     async def record_step(self, step: str, detail: str) -> None:
-        """Record a done effect, insisting through a database blip: failing here means the
-        message is retried and the effect done again (the chaos run counted those)."""
+        """Record a done effect, insisting through a database blip, since failing here means
+        the message is retried and the effect done again."""
         session_id = self.session_id
         deadline = time.monotonic() + RECORD_RETRY_S
         attempt = 0

@@ -29,8 +29,8 @@ class StripeReader:
         """The session with all its line items, straight from Stripe.
 
         Through stripe-python's raw request (its HTTP client, retries, authentication and
-        error classes) but reading the JSON as plain dicts: building StripeObject trees for
-        the session and its items was a quarter of a worker's CPU per fulfillment.
+        error classes) but reading the JSON as plain dicts, since building StripeObject trees
+        for the session and its items costs a large share of a fulfillment's CPU.
         ``account``: a connected account's session is read on its behalf (``Stripe-Account``).
         """
         path = f"/v1/checkout/sessions/{quote(session_id, safe='')}"
@@ -59,8 +59,8 @@ class StripeReader:
                 items += data
                 has_more = bool(page.get("has_more"))
                 if len(items) > MAX_LINE_ITEMS:
-                    # Checkout takes at most 100 line items; a list that never ends is not
-                    # Stripe's (without a bound it was fetched forever)
+                    # Checkout takes at most 100 line items, so a list that never ends is
+                    # not Stripe's, and paging it unbounded would never stop
                     raise PermanentError(f"{path} lists more than {MAX_LINE_ITEMS} line items")
             doc["line_items"] = {"object": "list", "data": items, "has_more": False}
         except stripe.StripeError as exc:

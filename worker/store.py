@@ -1,8 +1,9 @@
-"""The worker's database side of a session: its lock, its state and every row recorded for it.
+"""The worker's rows: a session's lock, its state and everything recorded for it.
 
-All of the worker's SQL about sessions lives here. ``Store.locked`` hands out a
-``LockedSession``: a pooled connection holding the session's advisory lock, on which the
-flow reads the state and records the order, each effect and, last, the event handled.
+All of the worker's SQL lives here (``db`` keeps the pool and the migrations runner).
+``Store.locked`` hands out a ``LockedSession``: a pooled connection holding the session's
+advisory lock, on which the flow reads the state and records the order, each effect and,
+last, the event handled.
 """
 
 from __future__ import annotations

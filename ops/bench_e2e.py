@@ -49,7 +49,7 @@ from shared.settings import BrokerSettings  # noqa: E402
 from shared.topology import Topology  # noqa: E402
 from tests import stripe_helpers as sh  # noqa: E402
 from worker.db import migrate  # noqa: E402
-from worker.fulfillment import FULFILLED_STEPS  # noqa: E402
+from worker.flow import FULFILLED_STEPS  # noqa: E402
 
 LAST_STEP = FULFILLED_STEPS[-1]  # a session is done when its last effect is recorded
 

@@ -1185,9 +1185,9 @@ async def test_a_list_of_line_items_that_never_ends_is_dead_lettered_not_fetched
     """Adversarial trial: an answer that kept saying has_more was paged through forever
     (13,567 calls in 20 s, memory growing). Bounded far above Checkout's 100 items; the
     bound is lowered here so that a 23-item session crosses it."""
-    from worker import fulfillment
+    from worker import stripe_reader
 
-    monkeypatch.setattr(fulfillment, "MAX_LINE_ITEMS", 15)
+    monkeypatch.setattr(stripe_reader, "MAX_LINE_ITEMS", 15)
     sid = standin.add_session(line_items=[(f"Item {i:02}", 1, 100) for i in range(23)])["id"]
     await start_worker(worker_settings)
 
@@ -1836,22 +1836,22 @@ async def test_a_connection_lost_inside_the_session_lock_surfaces_as_the_origina
 
     from shared.errors import TransientError
     from worker import db
-    from worker.fulfillment import Fulfiller
+    from worker.store import Store
 
     pool = await db.create_pool(database_url, max_size=2)  # the worker's own: no reset
-    fulfiller = Fulfiller(pool, None, None, worker_settings.smtp, publish_timeout_s=1)  # type: ignore[arg-type]
+    store = Store(pool)
     admin = await asyncpg.connect(database_url)
     original = TransientError("SMTP unavailable")
     try:
         with pytest.raises(TransientError) as caught:
-            async with fulfiller._locked("cs_test_lock_regression") as held:
+            async with store.locked("cs_test_lock_regression") as held:
                 pid = await held.conn.fetchval("SELECT pg_backend_pid()")
                 await admin.execute("SELECT pg_terminate_backend($1)", pid)
                 await asyncio.sleep(0.2)  # the database restarts while we talk to SMTP
                 raise original
         assert caught.value is original
         # and the lock is free again for the next worker
-        async with fulfiller._locked("cs_test_lock_regression") as held:
+        async with store.locked("cs_test_lock_regression") as held:
             assert await held.conn.fetchval("SELECT 1") == 1
     finally:
         await admin.close()
@@ -1866,17 +1866,17 @@ async def test_a_handler_cancelled_inside_the_session_lock_leaves_the_session_fr
     import asyncpg
 
     from worker import db
-    from worker.fulfillment import Fulfiller
+    from worker.store import Store
 
     sid = "cs_test_cancelled_inside_lock"
     try_lock = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
     pool = await db.create_pool(database_url, max_size=1)
-    fulfiller = Fulfiller(pool, None, None, worker_settings.smtp, publish_timeout_s=1)  # type: ignore[arg-type]
+    store = Store(pool)
     admin = await asyncpg.connect(database_url)
     inside = asyncio.Event()
 
     async def handler() -> None:
-        async with fulfiller._locked(sid):
+        async with store.locked(sid):
             inside.set()
             await asyncio.sleep(30)  # an effect in progress
 
@@ -1898,7 +1898,7 @@ def test_a_connection_broken_mid_protocol_counts_as_transient() -> None:
     dropped mid-protocol as InternalClientError; it was dead-lettered as a handler bug."""
     import asyncpg
 
-    from worker.consumer import is_transient
+    from worker.retry import is_transient
 
     assert is_transient(
         asyncpg.InternalClientError(
@@ -2080,20 +2080,20 @@ async def test_recording_an_effect_after_the_locks_connection_died_stops_the_eve
     import asyncpg
 
     from worker import db
-    from worker.fulfillment import _UPSERT_STATE, Fulfiller, SessionLockLost
+    from worker.store import _UPSERT_STATE, SessionLockLost, Store
 
     sid = "cs_test_lock_lost_mid_way"
     pool = await db.create_pool(database_url, max_size=2)
-    fulfiller = Fulfiller(pool, None, None, worker_settings.smtp, publish_timeout_s=1)  # type: ignore[arg-type]
+    store = Store(pool)
     admin = await asyncpg.connect(database_url)
     await admin.execute(_UPSERT_STATE, sid, "fulfilled", "paid", None, "evt_lock_lost")
     try:
         with pytest.raises(SessionLockLost):
-            async with fulfiller._locked(sid) as held:
+            async with store.locked(sid) as held:
                 pid = await held.conn.fetchval("SELECT pg_backend_pid()")
                 await admin.execute("SELECT pg_terminate_backend($1)", pid)
                 await asyncio.sleep(0.2)
-                await fulfiller._record_step(held.conn, sid, "order_fulfilled_message", "done")
+                await held.record_step("order_fulfilled_message", "done")
         assert await fulfillment_steps(database_url, sid) == {"order_fulfilled_message": "done"}
     finally:
         await admin.close()

@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
 import aiormq
 import asyncpg
 import structlog
@@ -33,66 +32,30 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aio_pika.connection import make_url
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
-from tenacity.stop import stop_base
 
 from shared import runtime
 from shared.backoff import compute_backoff
 from shared.broker import copy_message, publish_confirmed, utc_now_iso
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError, TransientError
-from shared.logging import get_logger, mask_secrets
-from shared.stripe_client import AIOHTTPClient, make_client
-from shared.topology import Topology, connect_error
+from shared.logging import get_logger
+from shared.stripe_client import AIOHTTPClient
+from shared.topology import Topology
 from shared.vocabulary import (
     CHECKOUT_SESSION_ID,
     FULFILL_TYPES,
     FULFILLMENT_REQUESTED,
-    HEADER_ATTEMPT,
-    HEADER_ERROR_MESSAGE,
-    HEADER_ERROR_TYPE,
     HEADER_EVENT_ID,
     HEADER_EVENT_TYPE,
-    HEADER_FIRST_FAILED_AT,
-    HEADER_LAST_FAILED_AT,
-    HEADER_WORKER_ID,
     PAYMENT_FAILED_TYPES,
+    Outcome,
 )
-from worker import db, mail, metrics
-from worker.fulfillment import EffectsLog, Fulfiller, Outcome
+from worker import metrics, retry, startup
+from worker.flow import EffectsLog, Fulfiller
 from worker.settings import WorkerSettings
+from worker.store import Store
 
 log = get_logger(__name__)
-
-
-# The longest Retry-After honoured by waiting in process (with the message held); a longer
-# one sends the message to its delay queue.
-QUICK_RETRY_AFTER_MAX_S = 5.0
-
-
-def _retry_after(state: RetryCallState) -> float:
-    """The Retry-After of the last attempt's error, or 0."""
-    return _asked_wait(state.outcome.exception() if state.outcome is not None else None)
-
-
-def _asked_wait(exc: BaseException | None) -> float:
-    """How long the other side asked us to wait before trying again (0: it did not say)."""
-    return getattr(exc, "retry_after_s", None) or 0.0
-
-
-class _LongRetryAfter(stop_base):
-    """Stop retrying in process when the other side asked for a longer wait than that."""
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        return _retry_after(retry_state) > QUICK_RETRY_AFTER_MAX_S
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether trying again later may succeed (outage, overload), as opposed to never."""
-    if isinstance(exc, PermanentError):
-        return False
-    return isinstance(exc, (TransientError, *db.TRANSIENT_ERRORS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +69,7 @@ class Delivery:
 
 def parse(message: AbstractIncomingMessage) -> Delivery:
     """Read the event and its Checkout Session id; MalformedEvent if it is not usable."""
-    attempt = _attempt(message.headers or {})
+    attempt = retry.attempt_of(message.headers or {})
     try:
         doc = json.loads(message.body)
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -139,15 +102,7 @@ class Worker:
         self._pool: asyncpg.Pool | None = None
         self._http: AIOHTTPClient | None = None
         self._fulfiller: Fulfiller | None = None
-        self._retrying = AsyncRetrying(
-            # a Retry-After longer than a quick retry's wait is waited in a delay queue
-            stop=stop_after_attempt(settings.quick_retries) | _LongRetryAfter(),
-            wait=lambda state: max(
-                compute_backoff(state.attempt_number, base_s=0.2, max_s=2.0), _retry_after(state)
-            ),
-            retry=retry_if_exception(is_transient),
-            reraise=True,
-        )
+        self._retrying = retry.quick_retries(settings.quick_retries)
 
     @property
     def in_flight(self) -> int:
@@ -161,47 +116,16 @@ class Worker:
     async def start(self) -> None:
         """Migrate, connect, declare, and start consuming."""
         s = self.settings
-        metrics.start_at_zero(
-            tuple(sorted(FULFILL_TYPES | PAYMENT_FAILED_TYPES)),
-            (mail.confirmation_email.__name__, mail.payment_failed_email.__name__),
-        )
-        await db.migrate(s.database_url)
-        self._pool = await db.create_pool(s.database_url, max_size=min(s.concurrency, 32))
-        self._http = AIOHTTPClient(timeout=s.stripe.timeout_s)
-        client = make_client(s.stripe, http_client=self._http)
-        # What connect_robust does, keeping the connection from the start: cancelling a
-        # first connect (a SIGTERM while the broker does not answer) leaves aio-pika's
-        # reconnect loop running until the connection is closed, which stop() does.
-        self._connection = aio_pika.RobustConnection(make_url(s.broker.url))
-        try:
-            await self._connection.connect(timeout=10)
-        except Exception as exc:
-            raise connect_error(s.broker, exc) from None
-        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._channel = channel
-        await channel.set_qos(prefetch_count=s.concurrency)
-        await self.topology.declare(channel)
-        # which delay queues exist besides those of the schedule `status` runs with
-        t = self.topology
-        # one row per queue: a schedule may repeat a delay ("10,10,60")
-        delay_of = dict(zip(t.retry_queues, t.retry_delays_s, strict=True))
-        await self._pool.execute(
-            """INSERT INTO delay_queues (name, delay_s)
-               SELECT * FROM unnest($1::text[], $2::float8[])
-               ON CONFLICT (name) DO UPDATE SET last_declared_at = now()""",
-            list(delay_of),
-            list(delay_of.values()),
-        )
-        out = await channel.get_exchange(self.topology.out_exchange)
-        self._fulfiller = Fulfiller(
-            self._pool,
-            client,
-            out,
-            s.smtp,
-            publish_timeout_s=s.broker.publish_timeout_s,
-            live_key=s.stripe.live_key,
-        )
-        self._queue = await channel.get_queue(self.topology.work_queue)
+        startup.start_metrics_at_zero()
+        self._pool = await startup.open_database(s)
+        self._http, client = startup.stripe_client(s)
+        self._connection = startup.broker_connection(s.broker)  # kept: stop() closes it
+        await startup.connect(self._connection, s.broker)
+        self._channel = await startup.open_channel(self._connection, prefetch=s.concurrency)
+        store = Store(self._pool)
+        await startup.declare(self._channel, self.topology, store)
+        self._fulfiller = await startup.fulfiller(s, store, client, self._channel, self.topology)
+        self._queue = await self._channel.get_queue(self.topology.work_queue)
         self._consumer_tag = await self._queue.consume(self._on_message)
         log.info(
             "worker consuming",
@@ -274,31 +198,30 @@ class Worker:
         except asyncio.CancelledError:
             # only stop() cancels, once the grace period is over: unacked, so the broker
             # gives it to another worker. Its outcome line says so, naming the event.
-            metrics.PROCESSED.labels(event_type, "abandoned").inc()
+            metrics.PROCESSED.labels(event_type, Outcome.ABANDONED).inc()
             bound.warning(
                 "event left for redelivery",
-                outcome="abandoned",
+                outcome=Outcome.ABANDONED,
                 effects=_effects_for_log(effects) or None,
                 duration_ms=_ms_since(started),
             )
             raise
         except Exception as exc:
-            attempt = _attempt(headers)
+            attempt = retry.attempt_of(headers)
             if effects:
                 bound = bound.bind(effects=_effects_for_log(effects))
-            outcome_name = await asyncio.shield(
+            outcome = await asyncio.shield(
                 self._fail(message, exc, attempt, event_type, bound, started)
             )
         else:
             await asyncio.shield(_settle(message.ack(), bound))
-            outcome_name = outcome.name
             bound.info(
                 "event handled",
-                outcome=outcome_name,
+                outcome=outcome,
                 effects=_effects_for_log(effects) or None,
                 duration_ms=_ms_since(started),
             )
-        metrics.PROCESSED.labels(event_type, outcome_name).inc()
+        metrics.PROCESSED.labels(event_type, outcome).inc()
         metrics.DURATION.labels(event_type).observe(time.perf_counter() - started)
 
     async def _dispatch(self, delivery: Delivery, effects: EffectsLog) -> Outcome:
@@ -311,7 +234,7 @@ class Worker:
         elif event.type in PAYMENT_FAILED_TYPES:
             handler = fulfiller.payment_failed
         if handler is None or delivery.session_id is None:
-            return Outcome("ignored")
+            return Outcome.IGNORED
         return await handler(delivery.session_id, event, effects)
 
     async def _fail(
@@ -322,28 +245,20 @@ class Worker:
         event_type: str,
         bound: structlog.typing.FilteringBoundLogger,
         started: float,
-    ) -> str:
-        """Send the message on to a delay queue or the DLQ, confirmed, then ack the original.
+    ) -> Outcome:
+        """Carry out the retry policy's decision: its copy published (confirmed) to a delay
+        queue or the DLQ, then the original acked; the original is left to the broker when
+        that cannot be done.
 
         ``started``: when handling began (perf_counter), for the outcome line's duration."""
-        transient = is_transient(exc)
-        retries = len(self.topology.retry_delays_s)
-        now = utc_now_iso()
-        headers = message.headers or {}
-        reason = {
-            HEADER_ATTEMPT: attempt,
-            HEADER_FIRST_FAILED_AT: headers.get(HEADER_FIRST_FAILED_AT, now),
-            HEADER_LAST_FAILED_AT: now,
-            HEADER_ERROR_TYPE: type(exc).__name__,
-            # masked as log lines are: a dead letter is read by people and tools too
-            HEADER_ERROR_MESSAGE: mask_secrets(str(exc))[:1000] or type(exc).__name__,
-            HEADER_WORKER_ID: self.settings.worker_id,
-        }
-        if transient and attempt <= retries:
-            queue, delay_s = self.topology.retry_queue_for(attempt, _asked_wait(exc))
-            target, outcome = queue, "retry"
-        else:
-            target, outcome = self.topology.dead_queue, "dead_letter"
+        decision = retry.decide(
+            exc,
+            attempt,
+            self.topology,
+            received=message.headers or {},
+            worker_id=self.settings.worker_id,
+            now=utc_now_iso(),
+        )
         assert self._channel is not None
         try:
             message.channel  # noqa: B018 - raises if the channel it came on is gone
@@ -351,12 +266,12 @@ class Worker:
             # The connection dropped while we worked: the broker redelivers the original,
             # so a copy now would be a second one.
             bound.warning("failed message left for redelivery; its channel is gone")
-            return "requeued"
+            return Outcome.REQUEUED
         try:
             await publish_confirmed(
                 self._channel.default_exchange,
-                copy_message(message, reason),
-                target,
+                copy_message(message, decision.headers),
+                decision.queue,
                 timeout_s=self.settings.broker.publish_timeout_s,
             )
         except BrokerUnavailable as publish_error:
@@ -373,33 +288,45 @@ class Worker:
             await asyncio.sleep(pause_s)
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
-            return "requeued"
+            return Outcome.REQUEUED
         await _settle(message.ack(), bound)
-        if outcome == "retry":
-            metrics.RETRIES.labels(event_type).inc()
-            bound.warning(
-                "retry scheduled",
-                outcome=outcome,
-                attempt=attempt,
-                retry_in_s=delay_s,
-                error_type=type(exc).__name__,
-                error=str(exc),
-                duration_ms=_ms_since(started),
-            )
-        else:
-            kind = "retries_exhausted" if transient else "permanent"
-            metrics.DEAD_LETTERS.labels(event_type, kind).inc()
-            bound.error(
-                "dead-lettered",
-                outcome=outcome,
-                attempt=attempt,
-                reason=kind,
-                error_type=type(exc).__name__,
-                error=str(exc),
-                duration_ms=_ms_since(started),
-                exc_info=exc if not isinstance(exc, TransientError | PermanentError) else None,
-            )
-        return outcome
+        _report(decision, exc, attempt, event_type, bound, started)
+        return decision.outcome
+
+
+def _report(
+    decision: retry.Decision,
+    exc: BaseException,
+    attempt: int,
+    event_type: str,
+    bound: structlog.typing.FilteringBoundLogger,
+    started: float,
+) -> None:
+    """The metrics and the outcome line of a failed message moved as decided."""
+    if decision.outcome is Outcome.RETRY:
+        metrics.RETRIES.labels(event_type).inc()
+        bound.warning(
+            "retry scheduled",
+            outcome=decision.outcome,
+            attempt=attempt,
+            retry_in_s=decision.delay_s,
+            error_type=type(exc).__name__,
+            error=str(exc),
+            duration_ms=_ms_since(started),
+        )
+    else:
+        metrics.DEAD_LETTERS.labels(event_type, decision.reason).inc()
+        bound.error(
+            "dead-lettered",
+            outcome=decision.outcome,
+            attempt=attempt,
+            reason=decision.reason,
+            error_type=type(exc).__name__,
+            error=str(exc),
+            duration_ms=_ms_since(started),
+            # a traceback for what is neither kind of expected failure: a bug
+            exc_info=exc if not isinstance(exc, TransientError | PermanentError) else None,
+        )
 
 
 def _effects_for_log(effects: EffectsLog) -> dict[str, str]:
@@ -422,10 +349,3 @@ async def _settle(ack: Awaitable[Any], bound: structlog.typing.FilteringBoundLog
         await ack
     except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
         bound.warning("ack failed, the broker will redeliver", error=f"{type(exc).__name__}: {exc}")
-
-
-def _attempt(headers: Any) -> int:
-    try:
-        return int(headers.get(HEADER_ATTEMPT, 0)) + 1
-    except (TypeError, ValueError):
-        return 1

@@ -15,7 +15,7 @@ from shared.settings import redact_url
 log = get_logger(__name__)
 
 # What a database outage, restart or overload looks like to asyncpg: trying again later may
-# work. Used by the consumer's retry decision and by the fulfiller's own insistence.
+# work. Used by the retry policy and by the store's insistence on recording an effect.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,  # also asyncpg's command_timeout
@@ -28,8 +28,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.QueryCanceledError,
     asyncpg.LockNotAvailableError,
-    # what asyncpg raises on a connection the server dropped mid-protocol (seen in the chaos
-    # run when PostgreSQL restarts): "cannot switch to state …; another operation in progress"
+    # what asyncpg raises on a connection the server dropped mid-protocol (a PostgreSQL
+    # restart): "cannot switch to state …; another operation in progress"
     asyncpg.InternalClientError,
 )
 
@@ -153,9 +153,9 @@ async def create_pool(url: str, *, max_size: int) -> asyncpg.Pool:
             max_size=max_size,
             timeout=10,
             command_timeout=COMMAND_TIMEOUT_S,
-            # asyncpg's default reset costs a round trip per release (a seventh of a
-            # fulfillment's). The only session state the worker leaves is a session's
-            # advisory lock, and Fulfiller._locked releases it or closes the connection.
+            # asyncpg's default reset costs a round trip per release, and the only session
+            # state the worker leaves is a session's advisory lock, which Store.locked
+            # releases or closes the connection over.
             reset=_no_reset,
             # the server notices a worker host that vanished and frees its session locks
             server_settings={

@@ -9,6 +9,7 @@ from shared import runtime
 from shared.http_server import quiet_unparseable_requests
 from shared.settings import listen_error
 from shared.vocabulary import OUTBOUND_TYPES
+from worker.retry import DeadLetterReason
 
 PROCESSED = Counter(
     "worker_messages_total",
@@ -53,7 +54,7 @@ def start_at_zero(event_types: tuple[str, ...], email_purposes: tuple[str, ...])
     samples, so a series born with its first dead letter would not fire an alert on it."""
     for event_type in event_types:
         RETRIES.labels(event_type)
-        for reason in ("permanent", "retries_exhausted"):
+        for reason in DeadLetterReason:
             DEAD_LETTERS.labels(event_type, reason)
     for purpose in email_purposes:
         UNDELIVERABLE_EMAILS.labels(purpose)

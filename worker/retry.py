@@ -1,0 +1,158 @@
+"""The retry policy: what becomes of a message whose handling failed, decided without a broker.
+
+Two stages, as in dramatiq's Retries middleware:
+
+* in process: a transient error is tried again a few times at once (``quick_retries``);
+* then ``decide``: a transient failure goes to the delay queue for its attempt (its TTL
+  sends it back to the work queue), until the schedule runs out; a permanent one, or one
+  past the schedule, goes to the dead-letter queue. The decision carries the headers the
+  copy is published with; the consumer only carries it out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity.stop import stop_base
+
+from shared.backoff import compute_backoff
+from shared.errors import PermanentError, TransientError
+from shared.logging import mask_secrets
+from shared.topology import Topology
+from shared.vocabulary import (
+    HEADER_ATTEMPT,
+    HEADER_ERROR_MESSAGE,
+    HEADER_ERROR_TYPE,
+    HEADER_FIRST_FAILED_AT,
+    HEADER_LAST_FAILED_AT,
+    HEADER_WORKER_ID,
+    Outcome,
+)
+from worker import db
+
+# The longest Retry-After honoured by waiting in process (with the message held); a longer
+# one sends the message to its delay queue.
+QUICK_RETRY_AFTER_MAX_S = 5.0
+
+# A dead letter's error message is cut to this many characters.
+ERROR_MESSAGE_MAX_CHARS = 1000
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again later may succeed (outage, overload), as opposed to never."""
+    if isinstance(exc, PermanentError):
+        return False
+    return isinstance(exc, (TransientError, *db.TRANSIENT_ERRORS))
+
+
+def asked_wait(exc: BaseException | None) -> float:
+    """How long the other side asked us to wait before trying again (0: it did not say)."""
+    return getattr(exc, "retry_after_s", None) or 0.0
+
+
+def attempt_of(headers: Mapping[str, Any]) -> int:
+    """Which attempt this delivery is: 1 for a first one, else one more than its copy says."""
+    try:
+        return int(headers.get(HEADER_ATTEMPT, 0)) + 1
+    except (TypeError, ValueError):
+        return 1
+
+
+# --- in process ------------------------------------------------------------------------
+
+
+def _retry_after(state: RetryCallState) -> float:
+    """The Retry-After of the last attempt's error, or 0."""
+    return asked_wait(state.outcome.exception() if state.outcome is not None else None)
+
+
+class _LongRetryAfter(stop_base):
+    """Stop retrying in process when the other side asked for a longer wait than that."""
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return _retry_after(retry_state) > QUICK_RETRY_AFTER_MAX_S
+
+
+def quick_retries(attempts: int) -> AsyncRetrying:
+    """Up to ``attempts`` tries in process for transient errors, with a short backoff (or the
+    Retry-After asked for, if longer); the last error is raised as it is."""
+    return AsyncRetrying(
+        # a Retry-After longer than a quick retry's wait is waited in a delay queue
+        stop=stop_after_attempt(attempts) | _LongRetryAfter(),
+        wait=lambda state: max(
+            compute_backoff(state.attempt_number, base_s=0.2, max_s=2.0), _retry_after(state)
+        ),
+        retry=retry_if_exception(is_transient),
+        reraise=True,
+    )
+
+
+# --- through the broker ----------------------------------------------------------------
+
+
+class DeadLetterReason(StrEnum):
+    """Why a message was dead-lettered (the ``reason`` of its log line and metric)."""
+
+    PERMANENT = "permanent"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a failed message's copy goes, and what it says about why."""
+
+    outcome: Outcome  # RETRY or DEAD_LETTER
+    queue: str  # the delay queue, or the dead-letter queue
+    delay_s: float | None  # the delay queue's delay; None for a dead letter
+    reason: DeadLetterReason | None  # None for a retry
+    headers: dict[str, Any]  # the failure headers the copy carries
+
+
+def decide(
+    exc: BaseException,
+    attempt: int,
+    topology: Topology,
+    *,
+    received: Mapping[str, Any],
+    worker_id: str,
+    now: str,
+) -> Decision:
+    """The retry policy for ``exc`` on the ``attempt``-th delivery (1-based) of a message
+    that came with headers ``received``; ``now`` is the failure's time as headers carry it.
+
+    A transient failure is retried while the schedule (one delay queue per delay) lasts,
+    in the queue whose delay is at least the Retry-After the other side asked for.
+    """
+    headers = failure_headers(exc, attempt, received=received, worker_id=worker_id, now=now)
+    transient = is_transient(exc)
+    if transient and attempt <= len(topology.retry_delays_s):
+        queue, delay_s = topology.retry_queue_for(attempt, asked_wait(exc))
+        return Decision(Outcome.RETRY, queue, delay_s, None, headers)
+    reason = DeadLetterReason.RETRIES_EXHAUSTED if transient else DeadLetterReason.PERMANENT
+    return Decision(Outcome.DEAD_LETTER, topology.dead_queue, None, reason, headers)
+
+
+def failure_headers(
+    exc: BaseException,
+    attempt: int,
+    *,
+    received: Mapping[str, Any],
+    worker_id: str,
+    now: str,
+) -> dict[str, Any]:
+    """What a retried or dead-lettered copy says about its failures; the first failure's
+    time is kept from the copy it came as."""
+    return {
+        HEADER_ATTEMPT: attempt,
+        HEADER_FIRST_FAILED_AT: received.get(HEADER_FIRST_FAILED_AT, now),
+        HEADER_LAST_FAILED_AT: now,
+        HEADER_ERROR_TYPE: type(exc).__name__,
+        # masked as log lines are: a dead letter is read by people and tools too
+        HEADER_ERROR_MESSAGE: mask_secrets(str(exc))[:ERROR_MESSAGE_MAX_CHARS]
+        or type(exc).__name__,
+        HEADER_WORKER_ID: worker_id,
+    }

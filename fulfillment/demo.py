@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from devkit.stripe import HostedCheckout
+from devkit.stripe.app import StripeStandIn, signature_header
 from fulfillment.dlq import list_dead_letters
-from fulfillment.standin_checkout import HostedCheckout
-from fulfillment.stripe_standin import StripeStandIn, signature_header
 from fulfillment.up import say
 from shared.settings import BrokerSettings, env_port
 from worker.order import format_amount

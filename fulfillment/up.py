@@ -191,7 +191,7 @@ def _plan_local(env: dict[str, str], *, force_standin: bool = False) -> LocalPla
             f"no STRIPE_WEBHOOK_SECRETS: sign test events with {env['STRIPE_WEBHOOK_SECRETS']}"
         )
     if force_standin or not has_key:
-        from fulfillment.stripe_standin import ADMIN
+        from devkit.stripe.app import ADMIN
 
         plan.standin_port = env_port(env, "STANDIN_PORT", 12111)
         env["STRIPE_API_KEY"] = "sk_test_local_standin"
@@ -243,7 +243,7 @@ async def _start_local(plan: LocalPlan, broker: BrokerSettings) -> LocalStack:
     if plan.standin_port is not None:
         from aiohttp import web
 
-        from fulfillment.stripe_standin import StripeStandIn
+        from devkit.stripe import StripeStandIn
 
         stack.standin = StripeStandIn()
         runner = web.AppRunner(stack.standin.app(), access_log=None)
@@ -264,7 +264,7 @@ async def _start_local(plan: LocalPlan, broker: BrokerSettings) -> LocalStack:
             raise
         plan.notes.append("outbound messages: a local subscriber prints each one")
     if plan.mail_sink:
-        from fulfillment.mailsink import start_mail_sink
+        from devkit.mailsink import start_mail_sink
 
         server = await start_mail_sink(
             "127.0.0.1", MAIL_SINK_PORT, lambda line: print(f"mail     | {line}")

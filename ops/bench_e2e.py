@@ -44,10 +44,10 @@ from bench_ingress import (  # noqa: E402
     print_cpu,
 )
 
+from devkit import signing as sh  # noqa: E402
 from shared import runtime  # noqa: E402
 from shared.settings import BrokerSettings  # noqa: E402
 from shared.topology import Topology  # noqa: E402
-from tests import stripe_helpers as sh  # noqa: E402
 from worker.db import migrate  # noqa: E402
 from worker.flow import FULFILLED_STEPS  # noqa: E402
 
@@ -157,7 +157,7 @@ async def main() -> None:
             [
                 py,
                 "-m",
-                "fulfillment.stripe_standin",
+                "devkit.stripe",
                 "--port",
                 str(standin_port),
                 "--latency-s",

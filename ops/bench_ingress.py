@@ -40,12 +40,12 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from devkit import signing as sh  # noqa: E402
 from shared import runtime  # noqa: E402
 from shared.broker import event_message  # noqa: E402
 from shared.envelope import EventEnvelope  # noqa: E402
 from shared.settings import BrokerSettings  # noqa: E402
 from shared.topology import Topology  # noqa: E402
-from tests import stripe_helpers as sh  # noqa: E402
 
 
 def free_port() -> int:

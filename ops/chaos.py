@@ -47,10 +47,10 @@ import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 from bench_ingress import HttpConnection, free_port  # noqa: E402
 
+from devkit import signing as sh  # noqa: E402
 from shared import runtime  # noqa: E402
 from shared.settings import BrokerSettings  # noqa: E402
 from shared.topology import Topology  # noqa: E402
-from tests import stripe_helpers as sh  # noqa: E402
 from worker.db import migrate  # noqa: E402
 
 
@@ -169,11 +169,11 @@ class Fleet:
 
     def start_sink(self, port: int, record: Path) -> None:
         self.sink = self._spawn(
-            "smtp", ["fulfillment.mailsink", "--port", str(port), "--record", str(record)]
+            "smtp", ["devkit.mailsink", "--port", str(port), "--record", str(record)]
         )
 
     def start_standin(self, port: int) -> None:
-        self.standin = self._spawn("standin", ["fulfillment.stripe_standin", "--port", str(port)])
+        self.standin = self._spawn("standin", ["devkit.stripe", "--port", str(port)])
 
     def all(self) -> list[subprocess.Popen[bytes]]:
         return [p for p in (*self.workers, self.ingress, self.sink, self.standin) if p is not None]

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 import stripe
 
-from fulfillment.stripe_standin import StripeStandIn
+from devkit.stripe import StripeStandIn
 from shared.topology import Topology
 from shared.vocabulary import HEADER_EVENT_TYPE
 from tests.conftest import db_fetch, drain, wait_for

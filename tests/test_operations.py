@@ -22,7 +22,8 @@ import aio_pika
 import asyncpg
 import pytest
 
-from fulfillment.stripe_standin import StripeStandIn
+from devkit import signing as sh
+from devkit.stripe import StripeStandIn
 from shared.broker import event_message
 from shared.envelope import EventEnvelope
 from shared.topology import Topology
@@ -34,7 +35,6 @@ from shared.vocabulary import (
     HEADER_LAST_FAILED_AT,
     HEADER_REPLAYED_FROM,
 )
-from tests import stripe_helpers as sh
 from tests.conftest import (
     bind_refusing_queue,
     db_fetch,

@@ -13,7 +13,8 @@ from typing import Any
 import aio_pika
 import pytest
 
-from fulfillment.stripe_standin import StripeStandIn
+from devkit import signing as sh
+from devkit.stripe import StripeStandIn
 from shared.topology import Topology
 from shared.vocabulary import (
     HEADER_ATTEMPT,
@@ -24,7 +25,6 @@ from shared.vocabulary import (
     HEADER_LAST_FAILED_AT,
     HEADER_WORKER_ID,
 )
-from tests import stripe_helpers as sh
 from tests.conftest import counted, db_fetch, depth, drain, wait_for
 from tests.smtp_sink import SmtpSink
 from tests.tcp_proxy import TcpProxy
@@ -969,7 +969,7 @@ async def test_a_session_answered_without_its_line_items_expanded_is_fulfilled_w
 ) -> None:
     """Found by an outside-in trial: a Stripe stand-in that ignored ``expand[]`` got a paid
     order recorded and mailed with no items at all."""
-    from fulfillment import stripe_standin
+    from devkit.stripe import app as stripe_standin
 
     read_list = stripe_standin._list_param
     monkeypatch.setattr(

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from devkit.stripe import StripeStandIn
 from fulfillment.dlq import list_dead_letters
-from fulfillment.stripe_standin import StripeStandIn
 from shared.topology import Topology
 from tests.conftest import db_fetch, depth, depth_is, drain, free_port, wait_for
 from tests.processes import RoleProcess, fresh_metrics, worker_env

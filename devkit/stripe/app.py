@@ -1,6 +1,6 @@
 """A local stand-in for the parts of Stripe's API that fulfillment reads, with fault injection.
 
-Objects are built from Stripe's published fixtures (:mod:`fulfillment.fixtures`); errors carry
+Objects are built from Stripe's published fixtures (:mod:`devkit.fixtures`); errors carry
 the JSON shape stripe-python maps onto its own exception classes, so the real client (pointed
 here through ``base_addresses={"api": base_url}`` or ``stripe.api_base``) behaves as against
 Stripe: 404 -> ``InvalidRequestError``, 401 -> ``AuthenticationError``, 429 -> ``RateLimitError``,
@@ -16,7 +16,7 @@ Served endpoints (all ``GET``, ``Authorization: Bearer sk_...`` required)::
     /v1/events/{id}
     /v1/customers/{id}
 
-Run standalone with seeded demo sessions: ``python -m fulfillment.stripe_standin --port 12111``.
+Run standalone with seeded demo sessions: ``python -m devkit.stripe --port 12111``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any
 
 from aiohttp import web
 
-from fulfillment.fixtures import fixture
+from devkit.fixtures import fixture
 
 __all__ = ["StripeStandIn", "main", "serve"]
 
@@ -501,7 +501,7 @@ class StripeStandIn:
         app.router.add_get("/v1/events", self._list_events)
         app.router.add_get("/v1/events/{id}", self._get_event)
         app.router.add_get("/v1/customers/{id}", self._get_customer)
-        # Checkout (fulfillment/standin_checkout.py), answered once ``checkout`` is set
+        # Checkout (devkit/stripe/checkout.py), answered once ``checkout`` is set
         for method, path, name in (
             ("POST", "/v1/checkout/sessions", "create_session"),
             ("GET", "/v1/prices/{id}", "get_price"),

@@ -9,7 +9,7 @@ import secrets
 import time
 from typing import Any
 
-from fulfillment.fixtures import fixture
+from devkit.fixtures import fixture
 
 
 def new_secret() -> str:

@@ -39,7 +39,7 @@ async def start_mail_sink(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m fulfillment.mailsink --port 1025 [--record FILE]``: a sink in its own process.
+    """``python -m devkit.mailsink --port 1025 [--record FILE]``: a sink in its own process.
 
     With ``--record`` each accepted message appends ``Message-ID<TAB>To<TAB>Subject`` to
     FILE before the sink answers 250, so a counter survives the sink being restarted.

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from fulfillment.fixtures import fixture
-from fulfillment.stripe_standin import StripeError, StripeStandIn, _new_id, signature_header
+from devkit.fixtures import fixture
+from devkit.stripe.app import StripeError, StripeStandIn, _new_id, signature_header
 from worker.order import format_amount
 
 SESSION_ID_TEMPLATE = "{CHECKOUT_SESSION_ID}"

@@ -1,0 +1,3 @@
+from devkit.stripe.app import main
+
+main()

@@ -18,8 +18,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from devkit.stripe import HostedCheckout
-from devkit.stripe.app import StripeStandIn, signature_header
+from devkit.signing import signature_header
+from devkit.stripe import HostedCheckout, StripeStandIn
 from fulfillment.dlq import list_dead_letters
 from fulfillment.up import say
 from shared.settings import BrokerSettings, env_port

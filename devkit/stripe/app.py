@@ -26,8 +26,6 @@ import asyncio
 import contextlib
 import copy
 import fnmatch
-import hashlib
-import hmac
 import itertools
 import json
 import random
@@ -62,13 +60,6 @@ _ERROR_MESSAGES = {
 
 
 ADMIN = "/_standin"
-
-
-def signature_header(payload: bytes, secret: str, timestamp: int | None = None) -> str:
-    """``Stripe-Signature`` as Stripe computes it: HMAC-SHA256 over ``"{t}.{body}"``."""
-    t = int(time.time()) if timestamp is None else timestamp
-    mac = hmac.new(secret.encode(), f"{t}.".encode() + payload, hashlib.sha256)
-    return f"t={t},v1={mac.hexdigest()}"
 
 
 def _new_id(prefix: str) -> str:

@@ -19,7 +19,8 @@ import aiohttp
 from aiohttp import web
 
 from devkit.fixtures import fixture
-from devkit.stripe.app import StripeError, StripeStandIn, _new_id, signature_header
+from devkit.signing import signature_header
+from devkit.stripe.app import StripeError, StripeStandIn, _new_id
 from worker.order import format_amount
 
 SESSION_ID_TEMPLATE = "{CHECKOUT_SESSION_ID}"

@@ -191,7 +191,7 @@ def _plan_local(env: dict[str, str], *, force_standin: bool = False) -> LocalPla
             f"no STRIPE_WEBHOOK_SECRETS: sign test events with {env['STRIPE_WEBHOOK_SECRETS']}"
         )
     if force_standin or not has_key:
-        from devkit.stripe.app import ADMIN
+        from devkit.stripe import ADMIN
 
         plan.standin_port = env_port(env, "STANDIN_PORT", 12111)
         env["STRIPE_API_KEY"] = "sk_test_local_standin"

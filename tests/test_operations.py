@@ -885,7 +885,7 @@ async def test_backfill_enqueues_only_handled_types_in_the_window_even_if_stripe
     )
     # an API that answers every event, whatever the query asked for
     every = sorted(standin.events.values(), key=lambda e: e["created"], reverse=True)
-    monkeypatch.setattr(standin, "_matching_events", lambda query, account=None: every)
+    monkeypatch.setattr(standin, "matching_events", lambda query, account=None: every)
     since = time.strftime("%Y-%m-%d", time.gmtime(today - 2 * day))
     until = time.strftime("%Y-%m-%d", time.gmtime(today))
 

@@ -971,10 +971,10 @@ async def test_a_session_answered_without_its_line_items_expanded_is_fulfilled_w
     order recorded and mailed with no items at all."""
     from devkit.stripe import app as stripe_standin
 
-    read_list = stripe_standin._list_param
+    read_list = stripe_standin.list_param
     monkeypatch.setattr(
         stripe_standin,
-        "_list_param",
+        "list_param",
         lambda query, name: [] if name == "expand" else read_list(query, name),
     )
     sid = standin.add_session(line_items=[("T-shirt", 2, 2000), ("Mug", 1, 1250)])["id"]

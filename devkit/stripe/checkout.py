@@ -20,7 +20,9 @@ from aiohttp import web
 
 from devkit.fixtures import fixture
 from devkit.signing import signature_header
-from devkit.stripe.app import StripeError, StripeStandIn, _new_id
+from devkit.stripe.app import StripeStandIn
+from devkit.stripe.errors import StripeError
+from devkit.stripe.store import new_id
 from worker.order import format_amount
 
 SESSION_ID_TEMPLATE = "{CHECKOUT_SESSION_ID}"
@@ -48,10 +50,10 @@ class HostedCheckout:
         self, name: str = "T-shirt", unit_amount: int = 2000, currency: str = "usd"
     ) -> dict[str, Any]:
         product = fixture("product")
-        product.update(id=_new_id("prod"), name=name, created=int(time.time()))
+        product.update(id=new_id("prod"), name=name, created=int(time.time()))
         price = fixture("price")
         price.update(
-            id=_new_id("price"), product=product["id"], currency=currency, type="one_time",
+            id=new_id("price"), product=product["id"], currency=currency, type="one_time",
             recurring=None, unit_amount=unit_amount, unit_amount_decimal=str(unit_amount),
             nickname=name, transform_quantity=None,
         )  # fmt: skip

@@ -23,6 +23,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from devkit.mailsink import SmtpSink
 from devkit.stripe import StripeStandIn, serve
 from shared import runtime
 from shared.broker import event_message
@@ -30,7 +31,6 @@ from shared.envelope import EventEnvelope
 from shared.settings import BrokerSettings
 from shared.stripe_client import StripeSettings
 from shared.topology import Topology
-from tests.smtp_sink import SmtpSink
 from worker.consumer import Worker
 from worker.settings import SmtpSettings, WorkerSettings
 

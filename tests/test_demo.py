@@ -10,10 +10,10 @@ import aio_pika
 import pytest
 
 from devkit import signing as sh
+from devkit.mailsink import SmtpSink
 from shared.topology import Topology
 from tests.conftest import free_port
 from tests.processes import RoleProcess, worker_env
-from tests.smtp_sink import SmtpSink
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(120)

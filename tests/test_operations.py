@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 
 from devkit import signing as sh
+from devkit.mailsink import SmtpSink
 from devkit.stripe import StripeStandIn
 from shared.broker import event_message
 from shared.envelope import EventEnvelope
@@ -44,7 +45,6 @@ from tests.conftest import (
     wait_for,
 )
 from tests.processes import RoleProcess, broker_env, run_fulfillment, worker_env
-from tests.smtp_sink import SmtpSink
 from tests.tcp_proxy import TcpProxy
 from tests.test_worker import fulfillment_rows, session_event
 from worker.db import migrate

@@ -14,6 +14,7 @@ import aio_pika
 import pytest
 
 from devkit import signing as sh
+from devkit.mailsink import SmtpSink
 from devkit.stripe import StripeStandIn
 from shared.topology import Topology
 from shared.vocabulary import (
@@ -26,7 +27,6 @@ from shared.vocabulary import (
     HEADER_WORKER_ID,
 )
 from tests.conftest import counted, db_fetch, depth, drain, wait_for
-from tests.smtp_sink import SmtpSink
 from tests.tcp_proxy import TcpProxy
 from worker.settings import WorkerSettings
 

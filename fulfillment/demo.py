@@ -20,8 +20,8 @@ import asyncpg
 
 from devkit.signing import signature_header
 from devkit.stripe import HostedCheckout, StripeStandIn
+from fulfillment.console import say
 from fulfillment.dlq import list_dead_letters
-from fulfillment.up import say
 from shared.settings import BrokerSettings, env_port
 from worker.order import format_amount
 from worker.settings import database_url_from_env

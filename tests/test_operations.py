@@ -1521,7 +1521,7 @@ def test_backfill_waits_as_long_as_asked_between_tries_but_never_over_its_cap() 
 async def test_up_closes_every_local_stand_in_even_when_one_fails_to_close() -> None:
     """Review: the first closer that raised left the others (the stand-in, the mail sink)
     open; now each is tried, the last started first."""
-    from fulfillment.up import LocalStack
+    from fulfillment.local import LocalStack
 
     closed: list[str] = []
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fulfillment.console import say, show
+from fulfillment.dlq import list_dead_letters
 from shared.errors import ConfigError
 from shared.settings import BrokerSettings, env_port, listen_error
 from worker.settings import SmtpSettings
@@ -160,9 +161,12 @@ async def _stand_in_for_stripe(
         await stack.close()
         raise
     if demo:
-        from fulfillment.demo import Demo
+        from devkit.demo import Demo
 
-        scenario = Demo(env, standin)
+        async def dead_letter_ids() -> list[str]:
+            return [letter.event_id for letter in await list_dead_letters(broker)]
+
+        scenario = Demo(env, standin, say=say, dead_letter_ids=dead_letter_ids)
         stack.closers.append(scenario.close)
         stack.scenario = scenario
     return (

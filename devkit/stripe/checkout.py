@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import html
-import json
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,8 +17,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from devkit import signing
 from devkit.fixtures import fixture
-from devkit.signing import signature_header
 from devkit.stripe.app import StripeStandIn
 from devkit.stripe.errors import StripeError
 from devkit.stripe.store import new_id
@@ -178,10 +177,10 @@ class HostedCheckout:
         """Send the event like Stripe: signed, retried until 2xx (a few times here)."""
         if not self.webhook_url or not self.webhook_secret:
             return
-        body = json.dumps(event, indent=2).encode()
+        body = signing.body(event)
         async with aiohttp.ClientSession() as http:
             for attempt in range(5):
-                headers = {"Stripe-Signature": signature_header(body, self.webhook_secret),
+                headers = {"Stripe-Signature": signing.signature_header(body, self.webhook_secret),
                            "Content-Type": "application/json; charset=utf-8"}  # fmt: skip
                 try:
                     async with http.post(self.webhook_url, data=body, headers=headers) as r:

@@ -178,8 +178,8 @@ async def _stand_in_for_stripe(
 async def _print_outbound(broker: BrokerSettings) -> Callable[[], Any]:
     """A queue bound to every outbound message, printing each; returns its closer. Named
     and durable, so a broker restart or a reconnect finds it still bound (an exclusive one
-    went with the connection, and what the workers published meanwhile was returned);
-    the broker deletes it a minute after ``up`` stopped using it."""
+    would go with the connection, and the broker would return what the workers published
+    meanwhile); the broker deletes it a minute after ``up`` stopped using it."""
     import aio_pika
 
     from shared.topology import Topology

@@ -67,7 +67,7 @@ class Child:
             sys.executable, "-m", "fulfillment", *self.args,
             env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             # Signals come from us, not from the terminal: a Ctrl-C reaching a child still
-            # importing its modules was a KeyboardInterrupt traceback and an exit 1
+            # importing its modules would end it in a KeyboardInterrupt traceback, exit 1
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )  # fmt: skip
@@ -283,7 +283,8 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     after the summary.
     """
     # Ctrl-C or SIGTERM from the start: while the broker and database are checked too
-    # (asyncio's own Ctrl-C handling cancelled whatever ran then, and a retry swallowed it)
+    # (asyncio's own Ctrl-C handling would cancel whatever runs then, and a retry could
+    # swallow that cancellation)
     stopping = runtime.stop_requested()
     env = dict(os.environ)
     if sys.stdout.isatty():

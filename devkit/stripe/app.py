@@ -71,7 +71,7 @@ class StripeStandIn(StripeObjects, Faults):
             ("POST", "/pay/{id}", "pay"),
         ):
             app.router.add_route(method, path, self._checkout_route(name))
-        # Control routes, for a stand-in running in another process (benchmarks, demo, chaos).
+        # Control routes, for a stand-in in another process (ops/ scripts, `fulfillment up`).
         app.router.add_post(f"{ADMIN}/sessions", self._admin_add_session)
         app.router.add_post(f"{ADMIN}/sessions/{{id}}/payment_status", self._admin_set_status)
         app.router.add_post(f"{ADMIN}/faults", self._admin_faults)

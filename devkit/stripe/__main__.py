@@ -13,9 +13,10 @@ from devkit.stripe.app import ADMIN, StripeStandIn
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
+        prog="python -m devkit.stripe",
         description="Serve a local Stripe API stand-in. Seed and fault it over HTTP: "
         f"POST {ADMIN}/sessions, POST {ADMIN}/sessions/ID/payment_status, "
-        f"POST {ADMIN}/faults, GET {ADMIN}/stats."
+        f"POST {ADMIN}/faults, GET {ADMIN}/stats.",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=12111)

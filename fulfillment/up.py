@@ -13,35 +13,22 @@ local mail sink prints each email it receives.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import secrets
 import signal
 import socket
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
+from fulfillment.console import prefix, say
+from fulfillment.local import MAIL_SINK_PORT, LocalPlan, plan_local, start_local
 from shared import runtime
 from shared.backoff import compute_backoff
 from shared.errors import ConfigError, FulfillmentError
 from shared.settings import MAX_PORT, BrokerSettings, env_float, env_port, listen_error
 from shared.topology import declare_on_broker
 from worker.db import migrate
-from worker.settings import SmtpSettings
 
 RABBITMQ_HINT = "start it: rabbitmq-server -detached"
-
-
-def say(line: str) -> None:
-    print(f"up       | {line}", flush=True)
-
-
-def _listening(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
-        return True
-    return False
 
 
 if sys.platform == "linux":
@@ -80,7 +67,7 @@ class Child:
             sys.executable, "-m", "fulfillment", *self.args,
             env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             # Signals come from us, not from the terminal: a Ctrl-C reaching a child still
-            # importing its modules was a KeyboardInterrupt traceback and an exit 1
+            # importing its modules would end it in a KeyboardInterrupt traceback, exit 1
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )  # fmt: skip
@@ -88,9 +75,9 @@ class Child:
 
     async def _pump(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
-        prefix = f"{self.name:<8} | "
+        name = prefix(self.name)
         while line := await process.stdout.readline():
-            sys.stdout.write(prefix + line.decode(errors="replace"))
+            sys.stdout.write(name + line.decode(errors="replace"))
             sys.stdout.flush()
 
     async def supervise(self, stopping: asyncio.Event) -> None:
@@ -130,90 +117,6 @@ class Child:
         return code
 
 
-@dataclass
-class LocalStack:
-    """What ``up`` runs in its own process besides the children: stand-ins, and their closers."""
-
-    closers: list[Callable[[], Any]] = field(default_factory=list)
-    standin: Any = None  # the StripeStandIn, when Stripe is stood in for
-
-    async def close(self) -> None:
-        """Every closer, the last started first, each bounded: one that fails or hangs (a
-        broker that stopped answering) does not keep the others open or ``up`` running."""
-        for close in reversed(self.closers):
-            try:
-                result = close()
-                if asyncio.iscoroutine(result):
-                    await asyncio.wait_for(result, timeout=5)
-            except Exception as exc:
-                say(f"closing a local stand-in failed: {type(exc).__name__}: {exc}")
-
-
-# Where the local mail sink listens: the port of the workers' default SMTP_URL.
-MAIL_SINK_PORT = SmtpSettings.port
-
-
-@dataclass
-class LocalPlan:
-    """What ``up`` stands in for, decided (and written into the children's environment)
-    before anything starts, so that every setting can be checked first."""
-
-    standin_port: int | None = None  # the Stripe API stand-in's, when Stripe is stood in for
-    mail_sink: bool = False  # on MAIL_SINK_PORT
-    notes: list[str] = field(default_factory=list)  # said once things start
-
-
-def _plan_local(env: dict[str, str], *, force_standin: bool = False) -> LocalPlan:
-    """Fill in local stand-ins for Stripe and a mail relay where none is configured."""
-    plan = LocalPlan()
-    has_secret, has_key = bool(env.get("STRIPE_WEBHOOK_SECRETS")), bool(env.get("STRIPE_API_KEY"))
-    if has_key and not has_secret and not force_standin:
-        # real Stripe would get a 400 for every webhook (signed with a secret we lack)
-        raise ConfigError(
-            "STRIPE_API_KEY is set but STRIPE_WEBHOOK_SECRETS is not: set the endpoint's "
-            "signing secret too, or neither for a local run"
-        )
-    if has_secret and not has_key and not force_standin:
-        # real events name sessions the local stand-in never heard of
-        raise ConfigError(
-            "STRIPE_WEBHOOK_SECRETS is set but STRIPE_API_KEY is not: set a key too, or "
-            "neither for a local run"
-        )
-    if env.get("CHECKOUT_PRICE") and not has_key and not force_standin:
-        # the stand-in knows no price of the user's, and sells only in the demo
-        raise ConfigError(
-            "CHECKOUT_PRICE is set but STRIPE_API_KEY is not: the Checkout pages need Stripe "
-            "(the local stand-in sells only in `fulfillment up --demo`)"
-        )
-    if not has_secret:
-        env["STRIPE_WEBHOOK_SECRETS"] = "whsec_local" + secrets.token_hex(16)
-        plan.notes.append(
-            f"no STRIPE_WEBHOOK_SECRETS: sign test events with {env['STRIPE_WEBHOOK_SECRETS']}"
-        )
-    if force_standin or not has_key:
-        from fulfillment.stripe_standin import ADMIN
-
-        plan.standin_port = env_port(env, "STANDIN_PORT", 12111)
-        env["STRIPE_API_KEY"] = "sk_test_local_standin"
-        env["STRIPE_API_BASE"] = f"http://127.0.0.1:{plan.standin_port}"
-        plan.notes.append(
-            f"Stripe: the local stand-in at {env['STRIPE_API_BASE']} answers the API"
-            f" (seed sessions with POST {ADMIN}/sessions)"
-        )
-    if not env.get("SMTP_URL") and not _listening("127.0.0.1", MAIL_SINK_PORT):
-        plan.mail_sink = True
-        env["SMTP_URL"] = f"smtp://127.0.0.1:{MAIL_SINK_PORT}"
-        plan.notes.append(
-            f"no SMTP_URL and nothing on localhost:{MAIL_SINK_PORT}: a local mail sink "
-            "prints each email"
-        )
-    elif not env.get("SMTP_URL"):
-        plan.notes.append(
-            f"mail: to what already listens on localhost:{MAIL_SINK_PORT} (SMTP_URL's default)"
-        )
-    return plan
-
-
 @dataclass(frozen=True)
 class Checked:
     """What ``up`` itself needs of the children's settings."""
@@ -235,71 +138,6 @@ def _check_settings(env: dict[str, str], metrics_port: int) -> Checked:
     CheckoutSettings.from_env(env)
     worker = WorkerSettings.from_env({**env, "WORKER_METRICS_PORT": str(metrics_port)})
     return Checked(ingress.host, worker.metrics_host, worker.broker, worker.database_url)
-
-
-async def _start_local(plan: LocalPlan, broker: BrokerSettings) -> LocalStack:
-    """Start what the plan stands in for."""
-    stack = LocalStack()
-    if plan.standin_port is not None:
-        from aiohttp import web
-
-        from fulfillment.stripe_standin import StripeStandIn
-
-        stack.standin = StripeStandIn()
-        runner = web.AppRunner(stack.standin.app(), access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, "127.0.0.1", plan.standin_port).start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise listen_error("STANDIN_PORT", "127.0.0.1", plan.standin_port, exc) from None
-        stack.closers.append(runner.cleanup)
-        # standing in for Stripe, so a local run: a subscriber to the outbound messages too,
-        # printing each (nothing else is bound to them here, and the broker returns what no
-        # queue is bound for)
-        try:
-            stack.closers.append(await _print_outbound(broker))
-        except BaseException:
-            await stack.close()
-            raise
-        plan.notes.append("outbound messages: a local subscriber prints each one")
-    if plan.mail_sink:
-        from fulfillment.mailsink import start_mail_sink
-
-        server = await start_mail_sink(
-            "127.0.0.1", MAIL_SINK_PORT, lambda line: print(f"mail     | {line}")
-        )
-        stack.closers.append(server.close)
-    for note in plan.notes:
-        say(note)
-    return stack
-
-
-async def _print_outbound(broker: BrokerSettings) -> Callable[[], Any]:
-    """A queue bound to every outbound message, printing each; returns its closer. Named
-    and durable, so a broker restart or a reconnect finds it still bound (an exclusive one
-    went with the connection, and what the workers published meanwhile was returned);
-    the broker deletes it a minute after ``up`` stopped using it."""
-    import aio_pika
-
-    from shared.topology import Topology
-    from shared.vocabulary import HEADER_DEDUPE_ID
-
-    topology = Topology.from_settings(broker)
-    connection = await aio_pika.connect_robust(broker.url)
-    channel = await connection.channel()
-    queue = await channel.declare_queue(
-        topology.named("up.outbound"), durable=True, arguments={"x-expires": 60_000}
-    )
-    await queue.bind(topology.out_exchange, routing_key="#")
-
-    async def show(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        async with message.process():
-            dedupe_id = str((message.headers or {}).get(HEADER_DEDUPE_ID))
-            print(f"out      | {message.type} fulfillment-id={dedupe_id}")
-
-    await queue.consume(show)
-    return connection.close
 
 
 async def _preflight(broker: BrokerSettings, database_url: str) -> bool:
@@ -445,26 +283,21 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     after the summary.
     """
     # Ctrl-C or SIGTERM from the start: while the broker and database are checked too
-    # (asyncio's own Ctrl-C handling cancelled whatever ran then, and a retry swallowed it)
+    # (asyncio's own Ctrl-C handling would cancel whatever runs then, and a retry could
+    # swallow that cancellation)
     stopping = runtime.stop_requested()
     env = dict(os.environ)
     if sys.stdout.isatty():
         env.setdefault("LOG_FORMAT", "console")
     # a bad value stops us before anything starts
     port, metrics_port = _ports(env, workers)
-    plan = _plan_local(env, force_standin=demo)
+    plan = plan_local(env, demo=demo)
     checked = _check_settings(env, metrics_port)
     _check_ports_free(_listeners(checked, workers, port, metrics_port, plan))
     ready = await runtime.unless_stopped(_preflight(checked.broker, checked.database_url), stopping)
     if not ready:
         return 1 if ready is False else _stopped_before_start()
-    stack = await _start_local(plan, checked.broker)
-    scenario = None
-    if demo:
-        from fulfillment.demo import Demo
-
-        scenario = Demo(env, stack.standin)
-        stack.closers.append(scenario.close)
+    stack = await start_local(plan, env, checked.broker)
     if stopping.is_set():
         await stack.close()
         return _stopped_before_start()
@@ -474,8 +307,9 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     for child in children:
         await child.start()
     tasks = [asyncio.ensure_future(child.supervise(stopping)) for child in children]
-    if scenario is not None:
-        tasks.append(asyncio.ensure_future(scenario.run(stopping, keep_running=keep_running)))
+    if stack.scenario is not None:
+        scenario = stack.scenario.run(stopping, keep_running=keep_running)
+        tasks.append(asyncio.ensure_future(scenario))
     await asyncio.gather(*tasks)
 
     say("stopping: the ingress answers what it holds, workers finish theirs")

@@ -32,25 +32,15 @@ import aio_pika
 import aiohttp
 import asyncpg
 
+from devkit import signing
+from devkit.load import HttpConnection, cpu_snapshot, free_port, pct, pids_named, print_cpu
+from shared import runtime
+from shared.settings import BrokerSettings
+from shared.topology import Topology
+from worker.db import migrate
+from worker.flow import FULFILLED_STEPS
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "ops")]
-
-from bench_ingress import (  # noqa: E402
-    HttpConnection,
-    cpu_snapshot,
-    free_port,
-    pct,
-    pids_named,
-    print_cpu,
-)
-
-from shared import runtime  # noqa: E402
-from shared.settings import BrokerSettings  # noqa: E402
-from shared.topology import Topology  # noqa: E402
-from tests import stripe_helpers as sh  # noqa: E402
-from worker.db import migrate  # noqa: E402
-from worker.flow import FULFILLED_STEPS  # noqa: E402
-
 LAST_STEP = FULFILLED_STEPS[-1]  # a session is done when its last effect is recorded
 
 
@@ -133,7 +123,7 @@ async def main() -> None:
     subscriber = topology.named("subscriber")
 
     standin_port, smtp_port, ingress_port = free_port(), free_port(), free_port()
-    secret = sh.new_secret()
+    secret = signing.new_secret()
     env = {
         **os.environ,
         "RABBITMQ_URL": rabbit,
@@ -157,7 +147,7 @@ async def main() -> None:
             [
                 py,
                 "-m",
-                "fulfillment.stripe_standin",
+                "devkit.stripe",
                 "--port",
                 str(standin_port),
                 "--latency-s",
@@ -206,12 +196,14 @@ async def main() -> None:
             await queue.bind(topology.out_exchange, routing_key="#")
         bodies = []
         for sid in session_ids:
-            raw = sh.body(sh.event("checkout.session.completed", sh.checkout_session(sid)))
+            raw = signing.body(
+                signing.event("checkout.session.completed", signing.checkout_session(sid))
+            )
             bodies.append(
                 (
                     raw,
                     {
-                        "Stripe-Signature": sh.signature_header(raw, secret),
+                        "Stripe-Signature": signing.signature_header(raw, secret),
                         "Content-Type": "application/json",
                     },
                 )

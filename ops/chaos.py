@@ -39,19 +39,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aio_pika
+import aiohttp
+import asyncpg
+
+from devkit import signing
+from devkit.load import HttpConnection, free_port
+from shared import runtime
+from shared.settings import BrokerSettings
+from shared.topology import Topology
+from worker.db import migrate
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "ops")]
-
-import aio_pika  # noqa: E402
-import aiohttp  # noqa: E402
-import asyncpg  # noqa: E402
-from bench_ingress import HttpConnection, free_port  # noqa: E402
-
-from shared import runtime  # noqa: E402
-from shared.settings import BrokerSettings  # noqa: E402
-from shared.topology import Topology  # noqa: E402
-from tests import stripe_helpers as sh  # noqa: E402
-from worker.db import migrate  # noqa: E402
 
 
 @dataclass
@@ -169,11 +168,11 @@ class Fleet:
 
     def start_sink(self, port: int, record: Path) -> None:
         self.sink = self._spawn(
-            "smtp", ["fulfillment.mailsink", "--port", str(port), "--record", str(record)]
+            "smtp", ["devkit.mailsink", "--port", str(port), "--record", str(record)]
         )
 
     def start_standin(self, port: int) -> None:
-        self.standin = self._spawn("standin", ["fulfillment.stripe_standin", "--port", str(port)])
+        self.standin = self._spawn("standin", ["devkit.stripe", "--port", str(port)])
 
     def all(self) -> list[subprocess.Popen[bytes]]:
         return [p for p in (*self.workers, self.ingress, self.sink, self.standin) if p is not None]
@@ -211,33 +210,41 @@ def build_workload(cfg: ChaosConfig, rng: random.Random, token: str) -> Workload
         if kind < 0.70:
             seeds.append({"id": sid, "payment_status": "paid", "customer_email": email})
             paid.add(sid)
-            events.append((1, sh.event("checkout.session.completed", sh.checkout_session(sid))))
+            events.append(
+                (1, signing.event("checkout.session.completed", signing.checkout_session(sid)))
+            )
             if rng.random() < 0.3:
                 events.append(
                     (
                         1,
-                        sh.event(
-                            "checkout.session.async_payment_succeeded", sh.checkout_session(sid)
+                        signing.event(
+                            "checkout.session.async_payment_succeeded",
+                            signing.checkout_session(sid),
                         ),
                     )
                 )
         elif kind < 0.85:
             seeds.append({"id": sid, "payment_status": "unpaid", "customer_email": email})
             delayed.add(sid)
-            unpaid = sh.checkout_session(sid, payment_status="unpaid")
-            events.append((1, sh.event("checkout.session.completed", unpaid)))
+            unpaid = signing.checkout_session(sid, payment_status="unpaid")
+            events.append((1, signing.event("checkout.session.completed", unpaid)))
             events.append(
-                (2, sh.event("checkout.session.async_payment_succeeded", sh.checkout_session(sid)))
+                (
+                    2,
+                    signing.event(
+                        "checkout.session.async_payment_succeeded", signing.checkout_session(sid)
+                    ),
+                )
             )
         else:
             seeds.append({"id": sid, "payment_status": "unpaid", "customer_email": email})
             failed.add(sid)
-            unpaid = sh.checkout_session(sid, payment_status="unpaid")
-            events.append((1, sh.event("checkout.session.completed", unpaid)))
-            events.append((2, sh.event("checkout.session.async_payment_failed", unpaid)))
+            unpaid = signing.checkout_session(sid, payment_status="unpaid")
+            events.append((1, signing.event("checkout.session.completed", unpaid)))
+            events.append((2, signing.event("checkout.session.async_payment_failed", unpaid)))
     for i in range(n_poison):
-        event = sh.event(
-            "checkout.session.completed", sh.checkout_session(f"cs_test_poison_{token}_{i}")
+        event = signing.event(
+            "checkout.session.completed", signing.checkout_session(f"cs_test_poison_{token}_{i}")
         )
         poison.add(event["id"])
         events.append((1, event))
@@ -273,7 +280,7 @@ async def send_all(
             wait = start + i * interval - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            raw = sh.body(event)
+            raw = signing.body(event)
             report.sent += 1
             delay = 0.05
             while time.monotonic() < deadline:
@@ -281,7 +288,7 @@ async def send_all(
                 # a replay, absorbed by the ingress instead of testing the workers' dedupe
                 deliveries[event["id"]] += 1
                 signed_at = int(time.time()) - deliveries[event["id"]]
-                headers = {"Stripe-Signature": sh.signature_header(raw, secret, timestamp=signed_at),
+                headers = {"Stripe-Signature": signing.signature_header(raw, secret, timestamp=signed_at),
                            "Content-Type": "application/json"}  # fmt: skip
                 try:
                     status = await asyncio.wait_for(conn.post("/webhooks/stripe", raw, headers), 15)
@@ -472,7 +479,7 @@ async def run_chaos(cfg: ChaosConfig, log_dir: Path | None = None) -> Report:
     await connection.close()
 
     standin_port, smtp_port, ingress_port = free_port(), free_port(), free_port()
-    secret = sh.new_secret()
+    secret = signing.new_secret()
     env = {
         **os.environ,
         "RABBITMQ_URL": cfg.rabbitmq_url, "BROKER_PREFIX": prefix, "RETRY_DELAYS_S": cfg.retry_delays,

@@ -23,14 +23,14 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from fulfillment.stripe_standin import StripeStandIn, serve
+from devkit.mailsink import SmtpSink
+from devkit.stripe import StripeStandIn, serve
 from shared import runtime
 from shared.broker import event_message
 from shared.envelope import EventEnvelope
 from shared.settings import BrokerSettings
 from shared.stripe_client import StripeSettings
 from shared.topology import Topology
-from tests.smtp_sink import SmtpSink
 from worker.consumer import Worker
 from worker.settings import SmtpSettings, WorkerSettings
 
@@ -395,7 +395,7 @@ async def checkout_stack(
     stand-in's hosted page delivering signed webhooks to that ingress."""
     from aiohttp.test_utils import TestServer
 
-    from fulfillment.standin_checkout import HostedCheckout
+    from devkit.stripe import HostedCheckout
     from ingress.app import create_app
     from ingress.checkout import CheckoutSettings
     from ingress.settings import IngressSettings

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from devkit.mailsink import SmtpSink
 from tests.conftest import IN_CI, db_fetch, wait_for
-from tests.smtp_sink import SmtpSink
 from tests.test_worker import fulfillment_rows
 from worker.settings import WorkerSettings
 

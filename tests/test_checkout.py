@@ -11,11 +11,11 @@ import aiohttp
 import pytest
 import stripe
 
-from fulfillment.stripe_standin import StripeStandIn
+from devkit.mailsink import SmtpSink
+from devkit.stripe import StripeStandIn
 from shared.topology import Topology
 from shared.vocabulary import HEADER_EVENT_TYPE
 from tests.conftest import db_fetch, drain, wait_for
-from tests.smtp_sink import SmtpSink
 from tests.test_worker import fulfillment_rows
 from worker.settings import WorkerSettings
 

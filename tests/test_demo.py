@@ -9,11 +9,11 @@ from typing import Any
 import aio_pika
 import pytest
 
+from devkit import signing as sh
+from devkit.mailsink import SmtpSink
 from shared.topology import Topology
-from tests import stripe_helpers as sh
 from tests.conftest import free_port
 from tests.processes import RoleProcess, worker_env
-from tests.smtp_sink import SmtpSink
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(120)
@@ -71,7 +71,7 @@ async def test_the_local_mail_sink_shows_each_email_with_its_text() -> None:
 
     import aiosmtplib
 
-    from fulfillment.mailsink import start_mail_sink
+    from devkit.mailsink import start_mail_sink
 
     lines: list[str] = []
     port = free_port()

@@ -29,6 +29,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from devkit import signing as sh
 from ingress.app import create_app
 from ingress.main import SERVER_ARGS
 from ingress.settings import IngressSettings
@@ -38,7 +39,6 @@ from shared.errors import MalformedEvent
 from shared.settings import BrokerSettings
 from shared.topology import Topology
 from shared.vocabulary import HEADER_API_VERSION, HEADER_CREATED
-from tests import stripe_helpers as sh
 from tests.conftest import depths, drain, free_port
 from tests.processes import ingress_process
 

@@ -18,12 +18,12 @@ import pytest
 from aiohttp.test_utils import TestServer
 from yarl import URL as URL_OF
 
+from devkit import signing as sh
 from ingress.app import create_app
 from ingress.settings import IngressSettings
 from shared.settings import BrokerSettings
 from shared.topology import Topology
 from shared.vocabulary import HEADER_ACCOUNT, HEADER_EVENT_ID
-from tests import stripe_helpers as sh
 from tests.conftest import bind_refusing_queue, counted, depths, drain, free_port, wait_for
 from tests.processes import RoleProcess, broker_env, fresh_metrics, ingress_process
 from tests.tcp_proxy import TcpProxy

@@ -22,7 +22,9 @@ import aio_pika
 import asyncpg
 import pytest
 
-from fulfillment.stripe_standin import StripeStandIn
+from devkit import signing as sh
+from devkit.mailsink import SmtpSink
+from devkit.stripe import StripeStandIn
 from shared.broker import event_message
 from shared.envelope import EventEnvelope
 from shared.topology import Topology
@@ -34,7 +36,6 @@ from shared.vocabulary import (
     HEADER_LAST_FAILED_AT,
     HEADER_REPLAYED_FROM,
 )
-from tests import stripe_helpers as sh
 from tests.conftest import (
     bind_refusing_queue,
     db_fetch,
@@ -44,7 +45,6 @@ from tests.conftest import (
     wait_for,
 )
 from tests.processes import RoleProcess, broker_env, run_fulfillment, worker_env
-from tests.smtp_sink import SmtpSink
 from tests.tcp_proxy import TcpProxy
 from tests.test_worker import fulfillment_rows, session_event
 from worker.db import migrate
@@ -885,7 +885,7 @@ async def test_backfill_enqueues_only_handled_types_in_the_window_even_if_stripe
     )
     # an API that answers every event, whatever the query asked for
     every = sorted(standin.events.values(), key=lambda e: e["created"], reverse=True)
-    monkeypatch.setattr(standin, "_matching_events", lambda query, account=None: every)
+    monkeypatch.setattr(standin, "matching_events", lambda query, account=None: every)
     since = time.strftime("%Y-%m-%d", time.gmtime(today - 2 * day))
     until = time.strftime("%Y-%m-%d", time.gmtime(today))
 
@@ -1521,7 +1521,7 @@ def test_backfill_waits_as_long_as_asked_between_tries_but_never_over_its_cap() 
 async def test_up_closes_every_local_stand_in_even_when_one_fails_to_close() -> None:
     """Review: the first closer that raised left the others (the stand-in, the mail sink)
     open; now each is tried, the last started first."""
-    from fulfillment.up import LocalStack
+    from fulfillment.local import LocalStack
 
     closed: list[str] = []
 

@@ -26,14 +26,14 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 import shared.logging as shared_logging
-from fulfillment.stripe_standin import StripeStandIn
+from devkit import signing as sh
+from devkit.mailsink import SmtpSink, _Handler
+from devkit.stripe import StripeStandIn
 from shared.logging import configure_logging, get_logger, register_secrets
 from shared.settings import BrokerSettings, LogSettings
 from shared.topology import Topology
-from tests import stripe_helpers as sh
 from tests.conftest import free_port, wait_for
 from tests.processes import RoleProcess, broker_env, worker_env
-from tests.smtp_sink import SmtpSink, _Handler
 from tests.test_worker import session_event
 from worker.settings import WorkerSettings
 

@@ -7,8 +7,8 @@ import time
 import pytest
 import stripe
 
+from devkit import signing as sh
 from ingress.signature import InvalidSignature, verify
-from tests import stripe_helpers as sh
 
 TOLERANCE_S = 300
 SECRET = sh.new_secret()

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 import stripe
 
-from fulfillment.fixtures import fixture
-from fulfillment.stripe_standin import StripeStandIn, serve
+from devkit.fixtures import fixture
+from devkit.stripe import StripeStandIn, serve
 
 
 @pytest.fixture
@@ -423,7 +423,7 @@ async def test_main_serves_demo_sessions(http: stripe.AIOHTTPClient) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "fulfillment.stripe_standin",
+        "devkit.stripe",
         "--port",
         str(port),
         stdout=asyncio.subprocess.PIPE,
@@ -456,7 +456,7 @@ async def test_main_serves_demo_sessions(http: stripe.AIOHTTPClient) -> None:
 async def test_the_control_routes_seed_sessions_and_faults_from_another_process() -> None:
     import aiohttp
 
-    from fulfillment.stripe_standin import StripeStandIn, serve
+    from devkit.stripe import StripeStandIn, serve
 
     standin = StripeStandIn(seed=3)
     async with serve(standin) as base, aiohttp.ClientSession() as http:

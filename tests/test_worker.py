@@ -13,7 +13,9 @@ from typing import Any
 import aio_pika
 import pytest
 
-from fulfillment.stripe_standin import StripeStandIn
+from devkit import signing as sh
+from devkit.mailsink import SmtpSink
+from devkit.stripe import StripeStandIn
 from shared.topology import Topology
 from shared.vocabulary import (
     HEADER_ATTEMPT,
@@ -24,9 +26,7 @@ from shared.vocabulary import (
     HEADER_LAST_FAILED_AT,
     HEADER_WORKER_ID,
 )
-from tests import stripe_helpers as sh
 from tests.conftest import counted, db_fetch, depth, drain, wait_for
-from tests.smtp_sink import SmtpSink
 from tests.tcp_proxy import TcpProxy
 from worker.settings import WorkerSettings
 
@@ -969,12 +969,12 @@ async def test_a_session_answered_without_its_line_items_expanded_is_fulfilled_w
 ) -> None:
     """Found by an outside-in trial: a Stripe stand-in that ignored ``expand[]`` got a paid
     order recorded and mailed with no items at all."""
-    from fulfillment import stripe_standin
+    from devkit.stripe import app as stripe_standin
 
-    read_list = stripe_standin._list_param
+    read_list = stripe_standin.list_param
     monkeypatch.setattr(
         stripe_standin,
-        "_list_param",
+        "list_param",
         lambda query, name: [] if name == "expand" else read_list(query, name),
     )
     sid = standin.add_session(line_items=[("T-shirt", 2, 2000), ("Mug", 1, 1250)])["id"]

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
+from devkit.mailsink import SmtpSink
+from devkit.stripe import StripeStandIn
 from fulfillment.dlq import list_dead_letters
-from fulfillment.stripe_standin import StripeStandIn
 from shared.topology import Topology
 from tests.conftest import db_fetch, depth, depth_is, drain, free_port, wait_for
 from tests.processes import RoleProcess, fresh_metrics, worker_env
-from tests.smtp_sink import SmtpSink
 from tests.tcp_proxy import TcpProxy
 from tests.test_worker import fulfillment_rows, session_event
 from worker.settings import WorkerSettings

@@ -1,4 +1,14 @@
-"""A real SMTP server (aiosmtpd) that keeps what it receives, and can be stopped and restarted."""
+"""SMTP sinks for development: each accepts mail as a relay would, and prints, records or
+keeps it instead of delivering it.
+
+* :func:`start_mail_sink`: a server in the caller's event loop that prints each message,
+  one line with its recipients, subject and Message-ID, then its text, indented (what
+  ``fulfillment up`` runs when no relay is configured).
+* ``python -m devkit.mailsink``: the same in its own process; with ``--record`` it appends
+  one line per message to a file instead, so a count survives the sink being restarted.
+* :class:`SmtpSink`: a server in its own thread that keeps every message and can be told
+  to refuse, defer or stall, and be stopped and started again on the same port (the tests').
+"""
 
 from __future__ import annotations
 
@@ -12,9 +22,85 @@ from email.message import EmailMessage
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+from shared import runtime
+
+ACCEPTED = "250 Message accepted for delivery"
+
+
+def _parse(content: bytes) -> EmailMessage:
+    # UTF-8, not ASCII: with SMTPUTF8 the headers may be UTF-8 (RFC 6532)
+    text = content.decode("utf-8", errors="surrogateescape")
+    return email.message_from_string(text, policy=email.policy.default)
+
+
+class _Report:
+    def __init__(self, report: Callable[[str], None]) -> None:
+        self.report = report
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        message = _parse(envelope.content)
+        self.report(
+            f"to={','.join(envelope.rcpt_tos)} subject={message['Subject']!r} "
+            f"message-id={message['Message-ID']}"
+        )
+        text = message.get_body(preferencelist=("plain",))
+        if text is not None:
+            for line in text.get_content().splitlines():
+                self.report(f"  {line}")
+        return ACCEPTED
+
+
+class _Record:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        message = _parse(envelope.content)
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write(f"{message['Message-ID']}\t{message['To']}\t{message['Subject']}\n")
+            out.flush()
+        return ACCEPTED
+
+
+async def start_mail_sink(
+    host: str, port: int, report: Callable[[str], None]
+) -> asyncio.AbstractServer:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: SMTP(_Report(report)), host, port)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m devkit.mailsink --port 1025 [--record FILE]``: a sink in its own process.
+
+    With ``--record`` each accepted message appends ``Message-ID<TAB>To<TAB>Subject`` to
+    FILE before the sink answers 250, so a counter survives the sink being restarted.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=1025)
+    parser.add_argument("--record", help="append one line per accepted message to this file")
+    args = parser.parse_args(argv)
+
+    def report(line: str) -> None:
+        print(line, flush=True)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        handler = _Record(args.record) if args.record else _Report(report)
+        server = await loop.create_server(lambda: SMTP(handler), args.host, args.port)
+        async with server:
+            await server.serve_forever()
+
+    runtime.run(serve())
 
 
 class _Handler:
+    """:class:`SmtpSink`'s answers: its faults at each step, else it keeps the message."""
+
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
@@ -52,17 +138,14 @@ class _Handler:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.sink.data_answer is not None:
             return self.sink.data_answer  # refused (or deferred) once the content is in
-        # UTF-8 (not ASCII) for the bytes: with SMTPUTF8, headers may be UTF-8 (RFC 6532)
-        message = email.message_from_string(
-            envelope.content.decode("utf-8"), policy=email.policy.default
-        )
+        message = _parse(envelope.content)
         with self.sink.lock:
-            self.sink.messages.append(message)  # type: ignore[arg-type]
+            self.sink.messages.append(message)
             self.sink.peers.append(session.peer)
         hook, self.sink.after_data = self.sink.after_data, None
         if hook is not None:
             await hook()  # runs once, after the message is kept and before the 250
-        return "250 Message accepted for delivery"
+        return ACCEPTED
 
 
 class SmtpSink:
@@ -111,3 +194,7 @@ class SmtpSink:
                     return list(self.messages)
             time.sleep(0.05)
         raise AssertionError(f"expected {count} emails, got {len(self.messages)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,8 @@
-"""Sign and build webhook payloads exactly as Stripe does, from Stripe's published fixtures."""
+"""Sign and build webhook payloads exactly as Stripe does, from Stripe's published fixtures.
+
+The one ``Stripe-Signature`` maker: the stand-in's Checkout, the demo, ``ops/`` and the
+tests all sign with it.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from fulfillment.fixtures import fixture
+from devkit.fixtures import fixture
 
 
 def new_secret() -> str:
@@ -17,9 +22,10 @@ def new_secret() -> str:
 
 
 def signature_header(
-    payload: bytes, secrets_: list[str] | str, *, timestamp: int | None = None
+    payload: bytes, secrets_: Sequence[str] | str, *, timestamp: int | None = None
 ) -> str:
-    """``t=…,v1=…[,v1=…]``: one v1 per secret, each an HMAC-SHA256 over ``"{t}.{body}"``."""
+    """``t=…,v1=…[,v1=…]``: one v1 per secret, each an HMAC-SHA256 over ``"{t}.{body}"``,
+    as Stripe signs for an endpoint whose secret is being rolled."""
     if isinstance(secrets_, str):
         secrets_ = [secrets_]
     t = int(time.time()) if timestamp is None else timestamp

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import html
-import json
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,8 +17,11 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from fulfillment.fixtures import fixture
-from fulfillment.stripe_standin import StripeError, StripeStandIn, _new_id, signature_header
+from devkit import signing
+from devkit.fixtures import fixture
+from devkit.stripe.app import StripeStandIn
+from devkit.stripe.errors import StripeError
+from devkit.stripe.store import new_id
 from worker.order import format_amount
 
 SESSION_ID_TEMPLATE = "{CHECKOUT_SESSION_ID}"
@@ -47,10 +49,10 @@ class HostedCheckout:
         self, name: str = "T-shirt", unit_amount: int = 2000, currency: str = "usd"
     ) -> dict[str, Any]:
         product = fixture("product")
-        product.update(id=_new_id("prod"), name=name, created=int(time.time()))
+        product.update(id=new_id("prod"), name=name, created=int(time.time()))
         price = fixture("price")
         price.update(
-            id=_new_id("price"), product=product["id"], currency=currency, type="one_time",
+            id=new_id("price"), product=product["id"], currency=currency, type="one_time",
             recurring=None, unit_amount=unit_amount, unit_amount_decimal=str(unit_amount),
             nickname=name, transform_quantity=None,
         )  # fmt: skip
@@ -175,10 +177,10 @@ class HostedCheckout:
         """Send the event like Stripe: signed, retried until 2xx (a few times here)."""
         if not self.webhook_url or not self.webhook_secret:
             return
-        body = json.dumps(event, indent=2).encode()
+        body = signing.body(event)
         async with aiohttp.ClientSession() as http:
             for attempt in range(5):
-                headers = {"Stripe-Signature": signature_header(body, self.webhook_secret),
+                headers = {"Stripe-Signature": signing.signature_header(body, self.webhook_secret),
                            "Content-Type": "application/json; charset=utf-8"}  # fmt: skip
                 try:
                     async with http.post(self.webhook_url, data=body, headers=headers) as r:

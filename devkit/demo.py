@@ -1,28 +1,29 @@
-"""``fulfillment demo``: the whole stack with Stripe stood in, and a realistic mix of orders.
+"""``fulfillment demo``'s Stripe side: a realistic mix of orders, played as Stripe would.
 
 Sample customers and sessions are shaped from Stripe's published fixtures; signed events
 go through the ingress exactly as Stripe would send them (paid at once, delayed then
 succeeded, failed, duplicates, one for a session Stripe does not know), and a table shows
 each session as the workers get to it, then a summary. The Checkout pages are on too:
 open the printed URL, click Checkout, pay on the stand-in's hosted page.
+
+``fulfillment up --demo`` starts it beside the stand-in and hands it how to speak (``say``)
+and how to read the dead-letter queue, so that nothing here imports the CLI.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import asyncpg
 
-from fulfillment.dlq import list_dead_letters
-from fulfillment.standin_checkout import HostedCheckout
-from fulfillment.stripe_standin import StripeStandIn, signature_header
-from fulfillment.up import say
-from shared.settings import BrokerSettings, env_port
+from devkit import signing
+from devkit.stripe import HostedCheckout, StripeStandIn
+from shared.settings import env_port
 from worker.order import format_amount
 from worker.settings import database_url_from_env
 
@@ -34,9 +35,18 @@ EXPECTED = {"paid": "fulfilled", "delayed": "fulfilled", "failed": "payment_fail
 
 
 class Demo:
-    def __init__(self, env: dict[str, str], standin: StripeStandIn) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        standin: StripeStandIn,
+        *,
+        say: Callable[[str], None],
+        dead_letter_ids: Callable[[], Awaitable[list[str]]],
+    ) -> None:
         self.env = env
         self.standin = standin
+        self.say = say
+        self.dead_letter_ids = dead_letter_ids  # the event ids now in the dead-letter queue
         port = env_port(env, "INGRESS_PORT", 8080)
         self.base = f"http://127.0.0.1:{port}"
         self.secret = env["STRIPE_WEBHOOK_SECRETS"].split(",")[0].strip()
@@ -70,8 +80,8 @@ class Demo:
         await self.hosted.close()
 
     async def _send(self, http: aiohttp.ClientSession, event: dict[str, Any]) -> int:
-        body = json.dumps(event, indent=2).encode()
-        headers = {"Stripe-Signature": signature_header(body, self.secret),
+        body = signing.body(event)
+        headers = {"Stripe-Signature": signing.signature_header(body, self.secret),
                    "Content-Type": "application/json"}  # fmt: skip
         self.sent_ids.add(event["id"])
         for _ in range(20):  # like Stripe: again until 2xx
@@ -92,7 +102,7 @@ class Demo:
         finally:
             if keep_running:
                 url = f"{self.env['PUBLIC_URL']}/"
-                say(f"demo done; buy with the saved card at {url} (Ctrl-C stops)")
+                self.say(f"demo done; buy with the saved card at {url} (Ctrl-C stops)")
             else:
                 stopping.set()
 
@@ -130,7 +140,7 @@ class Demo:
                 else:
                     continue
                 sent += bool(await self._send(http, event))
-            say(f"demo: {sent} signed events sent through the ingress")
+            self.say(f"demo: {sent} signed events sent through the ingress")
         await self._watch()
 
     async def _watch(self, timeout_s: float = 60) -> None:
@@ -153,7 +163,7 @@ class Demo:
                 table = self._table(rows)
                 if table != last:
                     for line in table:
-                        say(f"demo: {line}")
+                        self.say(f"demo: {line}")
                     last = table
                 done = all(
                     rows.get(sid) is not None and rows[sid]["state"] == EXPECTED[kind]
@@ -197,10 +207,10 @@ class Demo:
             ids,
         )
         # this demo's own: the queue may hold letters of earlier runs, or of anything else
-        letters = await list_dead_letters(BrokerSettings.from_env(self.env))
-        dead = sum(dl.event_id in self.sent_ids for dl in letters)
+        letters = await self.dead_letter_ids()
+        dead = sum(event_id in self.sent_ids for event_id in letters)
         others = len(letters) - dead
-        say(
+        self.say(
             f"demo summary: fulfilled {fulfilled}, emails sent {emails}, "
             f"failed payments {failed}, dead letters {dead}"
             + (f" (the dead-letter queue holds {others} more from before)" if others else "")

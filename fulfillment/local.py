@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from fulfillment.console import say, show
 from fulfillment.dlq import list_dead_letters
 from shared.errors import ConfigError
+from shared.http_server import quiet_unparseable_requests
 from shared.settings import BrokerSettings, env_port, listen_error
 from worker.settings import SmtpSettings
 
@@ -143,6 +144,7 @@ async def _stand_in_for_stripe(
 
     from devkit.stripe import ADMIN, StripeStandIn
 
+    quiet_unparseable_requests()  # the stand-in is an aiohttp server of this process
     standin = StripeStandIn()
     runner = web.AppRunner(standin.app(), access_log=None)
     await runner.setup()

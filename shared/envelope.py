@@ -67,9 +67,8 @@ class EventEnvelope:
             created = 0
         api_version = doc.get("api_version")
         if not isinstance(api_version, str) or not 0 < (_utf8_size(api_version) or 0) <= 64:
-            # informational only (Stripe's are like "2025-09-30.clover"), and an unbounded
-            # header value could outgrow the broker's frame: a signed event with one that
-            # big got every publish on the shared connection cut off (adversarial trial)
+            # informational only (Stripe's are like "2025-09-30.clover"); an unbounded header
+            # value could outgrow the broker's frame and close the shared connection
             api_version = None
         account = doc.get("account")
         if account is not None and not (

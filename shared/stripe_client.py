@@ -73,7 +73,7 @@ class AIOHTTPClient(stripe.AIOHTTPClient):
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             # an answer cut off mid-body surfaces here as aiohttp's own error, which
-            # stripe-python does not wrap: as a connection error, it is retried (review)
+            # stripe-python does not wrap: as a connection error, it is retried
             raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
                 f"connection to Stripe failed mid-answer: {type(exc).__name__}: {exc}",
                 should_retry=True,

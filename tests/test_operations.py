@@ -44,9 +44,9 @@ from tests.conftest import (
     free_port,
     wait_for,
 )
+from tests.pipeline import fulfillment_rows, session_event
 from tests.processes import RoleProcess, broker_env, run_fulfillment, worker_env
 from tests.tcp_proxy import TcpProxy
-from tests.test_worker import fulfillment_rows, session_event
 from worker.db import migrate
 from worker.settings import WorkerSettings
 

@@ -27,54 +27,18 @@ from shared.vocabulary import (
     HEADER_WORKER_ID,
 )
 from tests.conftest import counted, db_fetch, depth, drain, wait_for
+from tests.pipeline import (
+    both_steps,
+    fulfillment_rows,
+    fulfillment_steps,
+    session_event,
+    settle,
+    stored_items,
+)
 from tests.tcp_proxy import TcpProxy
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def session_event(
-    standin: StripeStandIn, event_type: str, session_id: str, **kw: Any
-) -> dict[str, Any]:
-    """An event around the stand-in's current view of the session, as Stripe would send."""
-    session = {k: v for k, v in standin.sessions[session_id].items() if k != "line_items"}
-    return sh.event(event_type, session, **kw)
-
-
-async def stored_items(database_url: str, session_id: str) -> list[tuple[Any, ...]]:
-    """The session's line items as recorded: (description, quantity, amount_total), by name."""
-    rows = await db_fetch(
-        database_url,
-        "SELECT description, quantity, amount_total FROM fulfillment_line_items "
-        "WHERE checkout_session_id = $1 ORDER BY description",
-        session_id,
-    )
-    return [tuple(r) for r in rows]
-
-
-async def fulfillment_rows(database_url: str, session_id: str) -> list[Any]:
-    return await db_fetch(
-        database_url, "SELECT * FROM fulfillments WHERE checkout_session_id = $1", session_id
-    )
-
-
-async def settle(worker: Any, topology: Topology, channel: Any, seconds: float = 0.5) -> None:
-    """Wait until the work queue is empty and nothing is in flight for a while."""
-    quiet_since = None
-    loop = asyncio.get_running_loop()
-    while True:
-        q = await (await channel.get_underlay_channel()).queue_declare(
-            topology.work_queue, passive=True
-        )
-        busy = q.message_count or worker.in_flight
-        now = loop.time()
-        if busy:
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = now
-        elif now - quiet_since >= seconds:
-            return
-        await asyncio.sleep(0.05)
 
 
 async def test_a_paid_completed_session_gives_one_row_one_email_and_one_order_fulfilled(
@@ -1481,26 +1445,11 @@ def test_a_customer_email_that_is_not_one_bare_address_is_undeliverable(address:
         confirmation_email(order, "Shop <orders@shop.test>")
 
 
-async def both_steps(database_url: str, session_id: str) -> dict[str, str] | None:
-    """The session's recorded steps once both effects are recorded, else None."""
-    steps = await fulfillment_steps(database_url, session_id)
-    return steps if len(steps) == 2 else None
-
-
 async def order_went_on(worker: Any, topology: Topology, channel: Any, outbound: str) -> None:
     """Whatever became of the email: the order was announced once, nothing dead-lettered."""
     await settle(worker, topology, channel)
     assert [m.routing_key for m in await drain(channel, outbound)] == ["order.fulfilled"]
     assert await drain(channel, topology.dead_queue) == []
-
-
-async def fulfillment_steps(database_url: str, session_id: str) -> dict[str, str]:
-    rows = await db_fetch(
-        database_url,
-        "SELECT step, detail FROM fulfillment_steps WHERE checkout_session_id = $1",
-        session_id,
-    )
-    return {r["step"]: r["detail"] for r in rows}
 
 
 @pytest.mark.parametrize(

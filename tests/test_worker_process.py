@@ -14,9 +14,9 @@ from devkit.stripe import StripeStandIn
 from fulfillment.dlq import list_dead_letters
 from shared.topology import Topology
 from tests.conftest import db_fetch, depth, depth_is, drain, free_port, wait_for
+from tests.pipeline import fulfillment_rows, session_event
 from tests.processes import RoleProcess, fresh_metrics, worker_env
 from tests.tcp_proxy import TcpProxy
-from tests.test_worker import fulfillment_rows, session_event
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(120)

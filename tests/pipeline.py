@@ -9,6 +9,7 @@ the steps those tests repeat, so that a test reads as the behaviour it checks.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
@@ -20,7 +21,7 @@ from devkit import signing as sh
 from devkit.mailsink import SmtpSink
 from devkit.stripe import StripeStandIn
 from shared.topology import Topology
-from tests.conftest import Publish, StartWorker, db_fetch, drain, wait_for
+from tests.conftest import Publish, StartWorker, db_fetch, depth, drain, wait_for
 from worker.consumer import Worker
 from worker.settings import WorkerSettings
 
@@ -128,6 +129,24 @@ class Pipeline:
         await self.send(COMPLETED, session_id)
         return session_id
 
+    async def dead_letter_unknown_sessions(self, n: int) -> list[dict[str, Any]]:
+        """n events for sessions Stripe does not know, dead-lettered at once by a worker
+        started for them and stopped after; the events."""
+        events = [
+            sh.event(COMPLETED, sh.checkout_session(f"cs_test_unknown_{i}_{time.time_ns()}"))
+            for i in range(n)
+        ]
+        worker = await self.start()
+        for event in events:
+            await self.publish(event)
+
+        async def all_dead() -> bool:
+            return await depth(self.channel, self.topology.dead_queue) >= n
+
+        await wait_for(all_dead)
+        await worker.stop(grace_s=2)
+        return events
+
     async def settle(self, worker: Worker, seconds: float = 0.5) -> None:
         """Wait until the work queue is empty and nothing is in flight for a while."""
         await settle(worker, self.topology, self.channel, seconds)
@@ -178,6 +197,10 @@ class Pipeline:
     async def outbound_messages(self) -> list[AbstractIncomingMessage]:
         """The outbound messages published since the last call (taken from the capture)."""
         return await drain(self.channel, self.outbound)
+
+    async def queued(self) -> list[AbstractIncomingMessage]:
+        """The messages in the work queue now (taken from it)."""
+        return await drain(self.channel, self.topology.work_queue)
 
     async def dead_letters(self) -> list[AbstractIncomingMessage]:
         """The messages in the dead-letter queue now (taken from it)."""

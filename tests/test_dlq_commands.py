@@ -44,8 +44,8 @@ from tests.conftest import (
     free_port,
     wait_for,
 )
-from tests.pipeline import fulfillment_rows, session_event
-from tests.processes import RoleProcess, broker_env, run_fulfillment, worker_env
+from tests.pipeline import Pipeline, fulfillment_rows, session_event
+from tests.processes import RoleProcess, acli, broker_env, cli, run_fulfillment, worker_env
 from tests.tcp_proxy import TcpProxy
 from worker.db import migrate
 from worker.settings import WorkerSettings
@@ -53,61 +53,10 @@ from worker.settings import WorkerSettings
 pytestmark = pytest.mark.timeout(90)
 
 
-def cli(
-    settings: WorkerSettings, *args: str, input_: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run ``fulfillment ARGS`` as a user would, with the test's broker, database and Stripe."""
-    env = {**os.environ, **worker_env(settings), "LOG_FORMAT": "json"}
-    return run_fulfillment(*args, env=env, input_=input_)
-
-
-async def acli(settings: WorkerSettings, *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(cli, settings, *args)
-
-
-async def dead_letter_unknown_sessions(
-    n: int,
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
-) -> list[dict[str, Any]]:
-    """n events for sessions Stripe does not know: the worker dead-letters each at once."""
-    events = [
-        sh.event(
-            "checkout.session.completed",
-            sh.checkout_session(f"cs_test_unknown_{i}_{time.time_ns()}"),
-        )
-        for i in range(n)
-    ]
-    worker = await start_worker(worker_settings)
-    for event in events:
-        await publish(event)
-
-    async def all_dead() -> bool:
-        q = await (await channel.get_underlay_channel()).queue_declare(
-            topology.dead_queue, passive=True
-        )
-        return (q.message_count or 0) >= n
-
-    await wait_for(all_dead)
-    await worker.stop(grace_s=2)
-    return events
-
-
 async def test_dlq_list_shows_why_oldest_failure_first_and_leaves_every_dead_letter(
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
+    pipeline: Pipeline, worker_settings: WorkerSettings
 ) -> None:
-    events = await dead_letter_unknown_sessions(
-        3, standin, worker_settings, start_worker, publish, channel, topology
-    )
+    events = await pipeline.dead_letter_unknown_sessions(3)
 
     first = await acli(worker_settings, "dlq", "list", "--json")
     second = await acli(worker_settings, "dlq", "list", "--json", "--limit", "2")
@@ -125,7 +74,7 @@ async def test_dlq_list_shows_why_oldest_failure_first_and_leaves_every_dead_let
     assert {d["event_id"]: d["checkout_session_id"] for d in letters} == sessions
     assert [d["event_id"] for d in json.loads(second.stdout)] == listed[:2]
     assert listed[0] in table.stdout and "StripeNotFound" in table.stdout
-    remaining = await drain(channel, topology.dead_queue)
+    remaining = await pipeline.dead_letters()
     assert sorted(m.headers[HEADER_EVENT_ID] for m in remaining) == sorted(listed)
 
 
@@ -164,16 +113,9 @@ async def test_status_and_list_find_the_oldest_dead_letter_however_often_they_re
 
 
 async def test_dlq_show_prints_the_headers_and_the_pretty_body(
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
+    pipeline: Pipeline, worker_settings: WorkerSettings
 ) -> None:
-    [event] = await dead_letter_unknown_sessions(
-        1, standin, worker_settings, start_worker, publish, channel, topology
-    )
+    [event] = await pipeline.dead_letter_unknown_sessions(1)
 
     shown = await acli(worker_settings, "dlq", "show", event["id"])
     missing = await acli(worker_settings, "dlq", "show", "evt_not_there")
@@ -183,7 +125,7 @@ async def test_dlq_show_prints_the_headers_and_the_pretty_body(
     assert f'"id": "{event["id"]}"' in shown.stdout
     # exit 1, as replay and purge of an id not in the DLQ (2 is a usage error)
     assert missing.returncode == 1 and "not in the DLQ: evt_not_there" in missing.stderr
-    assert len(await drain(channel, topology.dead_queue)) == 1
+    assert len(await pipeline.dead_letters()) == 1
 
 
 async def test_a_dead_letter_without_an_event_id_is_named_by_its_message_and_can_be_picked(
@@ -221,20 +163,11 @@ async def test_a_dead_letter_without_an_event_id_is_named_by_its_message_and_can
 
 
 async def test_replay_after_a_fix_fulfills_and_replaying_a_fulfilled_session_is_a_no_op(
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
-    database_url: str,
+    pipeline: Pipeline, worker_settings: WorkerSettings
 ) -> None:
-    [event] = await dead_letter_unknown_sessions(
-        1, standin, worker_settings, start_worker, publish, channel, topology
-    )
+    [event] = await pipeline.dead_letter_unknown_sessions(1)
     sid = event["data"]["object"]["id"]
-    standin.add_session(sid)  # the cause is fixed: Stripe knows the session now
+    pipeline.standin.add_session(sid)  # the cause is fixed: Stripe knows the session now
 
     dry = await acli(worker_settings, "dlq", "replay", "--all", "--dry-run")
     assert "1 dead letter(s) would be replayed" in dry.stdout
@@ -242,9 +175,9 @@ async def test_replay_after_a_fix_fulfills_and_replaying_a_fulfilled_session_is_
     assert replayed.returncode == 0, replayed.stderr
     assert "replayed 1 of 1" in replayed.stdout
 
-    worker = await start_worker(worker_settings)
-    await wait_for(lambda: fulfillment_rows(database_url, sid))
-    await asyncio.to_thread(smtp.wait, 1)
+    worker = await pipeline.start()
+    await pipeline.fulfilled(sid)
+    await pipeline.mails(1)
 
     # the same event dead again (say a worker crashed after fulfilling): replaying changes nothing
     copy = aio_pika.Message(
@@ -252,55 +185,40 @@ async def test_replay_after_a_fix_fulfills_and_replaying_a_fulfilled_session_is_
         headers={HEADER_EVENT_ID: event["id"], "stripe-event-type": event["type"]},
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )
-    await channel.default_exchange.publish(copy, topology.dead_queue)
+    await pipeline.channel.default_exchange.publish(copy, pipeline.topology.dead_queue)
     again = await acli(worker_settings, "dlq", "replay", "--type", "checkout.session.completed")
     assert "replayed 1 of 1" in again.stdout
     await wait_for(
-        lambda: db_fetch(
-            database_url,
+        lambda: pipeline.rows(
             "SELECT 1 FROM processed_events WHERE event_id = $1 "
             "AND last_outcome = 'already_fulfilled' AND outcome = 'fulfilled'",
             event["id"],
         )
     )
     await worker.stop(grace_s=2)
-    assert len(await fulfillment_rows(database_url, sid)) == 1
-    assert len(smtp.for_session(sid)) == 1
-    assert await drain(channel, topology.dead_queue) == []
+    assert len(await pipeline.fulfillments(sid)) == 1
+    assert len(pipeline.mails_for(sid)) == 1
+    assert await pipeline.dead_letters() == []
 
 
 async def test_a_replayed_copy_starts_over_and_says_where_it_came_from(
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
+    pipeline: Pipeline, worker_settings: WorkerSettings
 ) -> None:
-    [event] = await dead_letter_unknown_sessions(
-        1, standin, worker_settings, start_worker, publish, channel, topology
-    )
+    [event] = await pipeline.dead_letter_unknown_sessions(1)
 
     assert (await acli(worker_settings, "dlq", "replay", event["id"])).returncode == 0
 
-    [message] = await drain(channel, topology.work_queue)
-    assert message.headers[HEADER_REPLAYED_FROM] == topology.dead_queue
+    [message] = await pipeline.queued()
+    assert message.headers[HEADER_REPLAYED_FROM] == pipeline.topology.dead_queue
     assert "fulfillment-attempt" not in message.headers
     assert "fulfillment-error-type" not in message.headers
     assert json.loads(message.body)["id"] == event["id"]
 
 
 async def test_purge_refuses_without_yes_and_removes_only_what_it_is_told_with_yes(
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
+    pipeline: Pipeline, worker_settings: WorkerSettings
 ) -> None:
-    events = await dead_letter_unknown_sessions(
-        2, standin, worker_settings, start_worker, publish, channel, topology
-    )
+    events = await pipeline.dead_letter_unknown_sessions(2)
 
     refused = await acli(worker_settings, "dlq", "purge", "--all")
     assert refused.returncode != 0 and "--yes" in refused.stderr
@@ -312,21 +230,14 @@ async def test_purge_refuses_without_yes_and_removes_only_what_it_is_told_with_y
         log.get("event") == "dead letter purged" and log.get("event_id") == events[0]["id"]
         for log in map(json.loads, filter(None, purged.stderr.splitlines()))
     )
-    remaining = await drain(channel, topology.dead_queue)
+    remaining = await pipeline.dead_letters()
     assert [m.headers[HEADER_EVENT_ID] for m in remaining] == [events[1]["id"]]
 
 
 async def test_replay_and_purge_of_event_ids_not_in_the_dlq_say_so_and_exit_1(
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
+    pipeline: Pipeline, worker_settings: WorkerSettings
 ) -> None:
-    [event] = await dead_letter_unknown_sessions(
-        1, standin, worker_settings, start_worker, publish, channel, topology
-    )
+    [event] = await pipeline.dead_letter_unknown_sessions(1)
 
     dry = await acli(worker_settings, "dlq", "replay", event["id"], "evt_typo", "--dry-run")
     purge_typo = await acli(worker_settings, "dlq", "purge", "evt_typo", "--yes")
@@ -338,9 +249,7 @@ async def test_replay_and_purge_of_event_ids_not_in_the_dlq_say_so_and_exit_1(
         assert "running at the same time" in result.stderr  # letters it holds look missing
     assert "1 dead letter(s) would be replayed" in dry.stdout and event["id"] in dry.stdout
     assert "purged 0" in purge_typo.stdout and "replayed 0 of 0" in replay_typo.stdout
-    assert [m.headers[HEADER_EVENT_ID] for m in await drain(channel, topology.dead_queue)] == [
-        event["id"]
-    ]
+    assert [m.headers[HEADER_EVENT_ID] for m in await pipeline.dead_letters()] == [event["id"]]
 
 
 async def put_dead_letters(
@@ -598,22 +507,13 @@ def test_a_port_another_program_holds_is_one_line_naming_the_setting(
 
 
 async def test_status_reports_queue_depths_consumers_dead_letters_and_recent_fulfillments(
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
-    database_url: str,
+    pipeline: Pipeline, worker_settings: WorkerSettings
 ) -> None:
-    await dead_letter_unknown_sessions(
-        1, standin, worker_settings, start_worker, publish, channel, topology
-    )
-    sid = standin.add_session()["id"]
-    worker = await start_worker(worker_settings)
-    await publish(session_event(standin, "checkout.session.completed", sid))
-    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    topology = pipeline.topology
+    await pipeline.dead_letter_unknown_sessions(1)
+    worker = await pipeline.start()
+    sid = await pipeline.complete()
+    await pipeline.fulfilled(sid)
 
     result = await acli(worker_settings, "status", "--json")
     text = await acli(worker_settings, "status")
@@ -627,7 +527,7 @@ async def test_status_reports_queue_depths_consumers_dead_letters_and_recent_ful
     assert report["fulfillments_last_hour"] >= 1
     assert 0 <= report["oldest_dead_letter_age_s"] < 120
     assert "oldest dead letter:" in text.stdout and topology.dead_queue in text.stdout
-    assert len(await drain(channel, topology.dead_queue)) == 1  # peeking kept it
+    assert len(await pipeline.dead_letters()) == 1  # peeking kept it
 
 
 async def test_status_counts_the_work_queues_consumers_waiting_sessions_and_the_last_hour(
@@ -781,16 +681,9 @@ def test_backfill_refuses_an_empty_window_rather_than_finding_nothing_in_it(
 
 
 async def test_piping_dlq_output_into_head_is_quiet(
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
+    pipeline: Pipeline, worker_settings: WorkerSettings
 ) -> None:
-    await dead_letter_unknown_sessions(
-        40, standin, worker_settings, start_worker, publish, channel, topology
-    )
+    await pipeline.dead_letter_unknown_sessions(40)
     env = {**os.environ, **worker_env(worker_settings)}
 
     def run(command: str) -> subprocess.CompletedProcess[str]:

@@ -11,16 +11,9 @@ import pytest
 from devkit.mailsink import SmtpSink
 from devkit.stripe import StripeStandIn
 from shared.topology import Topology
-from shared.vocabulary import (
-    HEADER_ERROR_MESSAGE,
-)
+from shared.vocabulary import HEADER_ERROR_MESSAGE
 from tests.conftest import db_fetch, drain, wait_for
-from tests.pipeline import (
-    fulfillment_rows,
-    fulfillment_steps,
-    session_event,
-    settle,
-)
+from tests.pipeline import fulfillment_rows, fulfillment_steps, session_event, settle
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(60)

@@ -14,18 +14,9 @@ import pytest
 from devkit.mailsink import SmtpSink
 from devkit.stripe import StripeStandIn
 from shared.topology import Topology
-from shared.vocabulary import (
-    HEADER_ERROR_TYPE,
-    HEADER_EVENT_ID,
-)
+from shared.vocabulary import HEADER_ERROR_TYPE, HEADER_EVENT_ID
 from tests.conftest import counted, db_fetch, drain, wait_for
-from tests.pipeline import (
-    fulfillment_rows,
-    fulfillment_steps,
-    session_event,
-    settle,
-    stored_items,
-)
+from tests.pipeline import fulfillment_rows, fulfillment_steps, session_event, settle, stored_items
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(60)

@@ -26,11 +26,7 @@ from shared.vocabulary import (
     HEADER_WORKER_ID,
 )
 from tests.conftest import counted, db_fetch, depth, drain, wait_for
-from tests.pipeline import (
-    fulfillment_rows,
-    session_event,
-    settle,
-)
+from tests.pipeline import fulfillment_rows, session_event, settle
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(60)

@@ -12,13 +12,7 @@ from devkit.mailsink import SmtpSink
 from devkit.stripe import StripeStandIn
 from shared.topology import Topology
 from tests.conftest import counted, depth, drain, wait_for
-from tests.pipeline import (
-    both_steps,
-    fulfillment_rows,
-    fulfillment_steps,
-    session_event,
-    settle,
-)
+from tests.pipeline import both_steps, fulfillment_rows, fulfillment_steps, session_event, settle
 from tests.tcp_proxy import TcpProxy
 from worker.settings import WorkerSettings
 

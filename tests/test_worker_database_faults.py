@@ -11,11 +11,7 @@ from devkit.mailsink import SmtpSink
 from devkit.stripe import StripeStandIn
 from shared.topology import Topology
 from tests.conftest import wait_for
-from tests.pipeline import (
-    fulfillment_steps,
-    session_event,
-    settle,
-)
+from tests.pipeline import fulfillment_steps, session_event, settle
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(60)

@@ -178,7 +178,8 @@ TOO_LARGE = frozenset({413})
 HEADER_REFUSED = frozenset({400, 431})
 
 
-def _sig(raw: bytes, timestamp: int | None = None, secret: str = SECRET) -> str:
+def sign(raw: bytes, timestamp: int | None = None, secret: str = SECRET) -> str:
+    """A Stripe-Signature header for ``raw`` (with the ingress's secret unless told)."""
     return sh.signature_header(raw, secret, timestamp=timestamp)
 
 
@@ -244,7 +245,7 @@ class Hostile:
 
     def signed(self, kind: str, raw: bytes, **kw: Any) -> Case:
         """A body signed with the right secret: what is wrong is the body itself."""
-        headers = [("Content-Type", "application/json"), ("Stripe-Signature", _sig(raw))]
+        headers = [("Content-Type", "application/json"), ("Stripe-Signature", sign(raw))]
         return Case(kind, http(raw, headers), kw.pop("expect", BAD_REQUEST), **kw)
 
     def with_signature(self, kind: str, value: bytes | str, **kw: Any) -> Case:
@@ -277,15 +278,15 @@ class Hostile:
 
     def k_wrong_secret(self) -> Case:
         raw = self.event()
-        return self.with_signature("wrong secret", _sig(raw, secret=sh.new_secret()))
+        return self.with_signature("wrong secret", sign(raw, secret=sh.new_secret()))
 
     def k_signature_of_another_body(self) -> Case:
-        return self.with_signature("signature of another body", _sig(self.event() + b" "))
+        return self.with_signature("signature of another body", sign(self.event() + b" "))
 
     def k_many_v1(self) -> Case:
         raw = self.event()
         entries = [f"v1={self.hex64()}" for _ in range(self.rng.randint(20, 110))]
-        other = _sig(raw, secret=sh.new_secret()).split(",", 1)[1]
+        other = sign(raw, secret=sh.new_secret()).split(",", 1)[1]
         entries.insert(self.rng.randrange(len(entries)), other)
         return self.with_signature("many v1 entries", f"t={int(time.time())}," + ",".join(entries))
 
@@ -293,12 +294,12 @@ class Hostile:
         now = int(time.time())
         raw = self.event()
         first = self.rng.choice([str(now - 10_000), "", "x", str(now + 10_000), "-1"])
-        v1 = _sig(raw, now).split(",", 1)[1]  # right for t=now, but the first t counts
+        v1 = sign(raw, now).split(",", 1)[1]  # right for t=now, but the first t counts
         return self.with_signature("t= repeated", f"t={first},t={now},{v1}")
 
     def k_negative_timestamp(self) -> Case:
         raw = self.event()
-        return self.with_signature("negative timestamp", _sig(raw, -self.rng.randint(0, 10**12)))
+        return self.with_signature("negative timestamp", sign(raw, -self.rng.randint(0, 10**12)))
 
     def k_huge_timestamp(self) -> Case:
         raw = self.event()
@@ -318,12 +319,12 @@ class Hostile:
     def k_stale_timestamp(self) -> Case:
         raw = self.event()
         t = int(time.time()) - self.rng.randint(TOLERANCE_S + 60, 10**9)
-        return self.with_signature("timestamp too old", _sig(raw, t))
+        return self.with_signature("timestamp too old", sign(raw, t))
 
     def k_future_timestamp(self) -> Case:
         raw = self.event()
         t = int(time.time()) + self.rng.randint(TOLERANCE_S + 60, 10**9)
-        return self.with_signature("timestamp in the future", _sig(raw, t))
+        return self.with_signature("timestamp in the future", sign(raw, t))
 
     def k_timestamp_not_an_integer(self) -> Case:
         t = self.rng.choice(["", "abc", "1.5", "0x10", "1e9", "--1", ARABIC_DIGITS, "NaN", "∞"])
@@ -332,7 +333,7 @@ class Hostile:
     def k_incomplete_header(self) -> Case:
         now = int(time.time())
         raw = self.event()
-        v1 = _sig(raw, now).split(",", 1)[1]
+        v1 = sign(raw, now).split(",", 1)[1]
         value = self.rng.choice(
             [
                 v1,
@@ -453,7 +454,7 @@ class Hostile:
 
     def k_oversized_body(self) -> Case:
         raw = b" " * self.rng.randint(LIMIT + 1, 2 * LIMIT)
-        headers = [("Content-Type", "application/json"), ("Stripe-Signature", _sig(raw))]
+        headers = [("Content-Type", "application/json"), ("Stripe-Signature", sign(raw))]
         return Case("oversized body", http(raw, headers), TOO_LARGE, may_close=True)
 
     def k_oversized_chunked(self) -> Case:
@@ -467,7 +468,7 @@ class Hostile:
     def k_small_chunked(self) -> Case:
         raw = self.event()
         cuts = [self.rng.randrange(len(raw)) for _ in range(self.rng.randint(0, 20))]
-        headers = [("Stripe-Signature", _sig(raw, secret=sh.new_secret()))]
+        headers = [("Stripe-Signature", sign(raw, secret=sh.new_secret()))]
         return Case(
             "chunked, wrong secret", http(raw, headers, framing="chunked", chunks=cuts), BAD_REQUEST
         )
@@ -478,7 +479,7 @@ class Hostile:
 
     def k_gzip_bomb(self) -> Case:
         # the ingress inflates no body: an encoded one is refused from its head alone
-        headers = [("Stripe-Signature", _sig(self.bomb)), ("Content-Encoding", "gzip")]
+        headers = [("Stripe-Signature", sign(self.bomb)), ("Content-Encoding", "gzip")]
         return Case("gzip bomb", http(self.bomb, headers), UNSUPPORTED, may_close=True)
 
     def k_content_encoding(self) -> Case:
@@ -486,7 +487,7 @@ class Hostile:
         raw = self.event()
         body = self.rng.choice([self.rng.randbytes(self.rng.randint(1, 500)), gzip.compress(raw)])
         # a compressed event signed over its inflated bytes: not the bytes that came
-        signature = self.rng.choice([f"t=1,v1={self.hex64()}", _sig(raw)])
+        signature = self.rng.choice([f"t=1,v1={self.hex64()}", sign(raw)])
         encoding = self.rng.choice(encodings)
         headers = [("Stripe-Signature", signature), ("Content-Encoding", encoding)]
         # identity is no encoding: then the bytes that came are checked, and fail
@@ -511,7 +512,7 @@ class Hostile:
         raw = self.rng.choice([self.event(), b"id=evt_1&type=x&object=event", b"<event/>"])
         # the ingress accepts a signed event whatever its content type: sign events wrongly
         secret = sh.new_secret() if raw in self.events else SECRET
-        signature = _sig(raw, secret=secret)
+        signature = sign(raw, secret=secret)
         headers = [("Content-Type", content_type), ("Stripe-Signature", signature)]
         return Case("wrong content type", http(raw, headers), BAD_REQUEST, may_close=True)
 
@@ -519,8 +520,8 @@ class Hostile:
 
     def k_duplicate_signature_headers(self) -> Case:
         raw = self.event()
-        bad = self.rng.choice(["garbage", _sig(raw, secret=sh.new_secret()), ""])
-        headers = [("Stripe-Signature", bad), ("Stripe-Signature", _sig(raw))]
+        bad = self.rng.choice(["garbage", sign(raw, secret=sh.new_secret()), ""])
+        headers = [("Stripe-Signature", bad), ("Stripe-Signature", sign(raw))]
         return Case("duplicate Stripe-Signature", http(raw, headers), BAD_REQUEST)
 
     def k_many_headers(self) -> Case:
@@ -677,7 +678,7 @@ def assert_all_refused(tally: Tally) -> None:
     )
 
 
-async def _slow_client(
+async def slow_client(
     port: int, head: bytes, parts: Sequence[bytes], gap_s: float, *, wait_close: bool = True
 ) -> tuple[int, float, float]:
     """Send ``head``, then ``parts`` ``gap_s`` apart, then stall.
@@ -715,6 +716,6 @@ async def _slow_client(
             await writer.wait_closed()
 
 
-def _slow_head(framing: bytes, *, signature: bool = True) -> bytes:
+def slow_head(framing: bytes, *, signature: bool = True) -> bytes:
     sig = f"Stripe-Signature: t={int(time.time())},v1={'0' * 64}\r\n" if signature else ""
     return f"POST {URL} HTTP/1.1\r\nHost: 127.0.0.1\r\n{sig}".encode() + framing + b"\r\n"

@@ -48,12 +48,12 @@ from tests.hostile_requests import (
     Hostile,
     RawClient,
     Tally,
-    _sig,
-    _slow_client,
-    _slow_head,
     assert_all_refused,
     fire,
     http,
+    sign,
+    slow_client,
+    slow_head,
 )
 from tests.processes import ingress_process
 
@@ -67,7 +67,7 @@ async def assert_still_serves(port: int, channel: Any, topology: Topology) -> No
     client = RawClient(port)
     try:
         status = await client.send(
-            http(raw, [("Content-Type", "application/json"), ("Stripe-Signature", _sig(raw))])
+            http(raw, [("Content-Type", "application/json"), ("Stripe-Signature", sign(raw))])
         )
     finally:
         await client.close()
@@ -129,16 +129,16 @@ async def test_slow_bodies_are_cut_off_by_the_read_timeout_with_408_and_a_close(
     raw = sh.body(sh.event())
     length = b"Content-Length: %d\r\n" % len(raw)
     stalls = [  # part of the body, then nothing
-        _slow_client(ingress_port, _slow_head(length), [raw[:n]], 0)
+        slow_client(ingress_port, slow_head(length), [raw[:n]], 0)
         for n in (0, 1, 100, len(raw) - 1)
     ]
     trickles = [  # a byte at a time, never fast enough
-        _slow_client(ingress_port, _slow_head(length), [raw[i : i + 1] for i in range(60)], gap_s)
+        slow_client(ingress_port, slow_head(length), [raw[i : i + 1] for i in range(60)], gap_s)
         for gap_s in [rng.uniform(0.02, 0.2) for _ in range(8)]
     ]
     chunk = b"%x\r\n%s\r\n" % (50, raw[:50])
     chunked = [  # chunks, never the last one
-        _slow_client(ingress_port, _slow_head(b"Transfer-Encoding: chunked\r\n"), [chunk] * n, 0.05)
+        slow_client(ingress_port, slow_head(b"Transfer-Encoding: chunked\r\n"), [chunk] * n, 0.05)
         for n in [rng.randint(1, 5) for _ in range(8)]
     ]
 
@@ -150,9 +150,9 @@ async def test_slow_bodies_are_cut_off_by_the_read_timeout_with_408_and_a_close(
         # closed soon after, not lingering (aiohttp's default: reading on for 10 s)
         assert closed_after < READ_TIMEOUT_S + LINGER_S + 2
     # without a signature the body is never waited for: 400 at once
-    status, _, elapsed = await _slow_client(
+    status, _, elapsed = await slow_client(
         ingress_port,
-        _slow_head(b"Content-Length: 1000\r\n", signature=False),
+        slow_head(b"Content-Length: 1000\r\n", signature=False),
         [b"x"],
         0,
         wait_close=False,
@@ -219,7 +219,7 @@ async def test_signed_events_with_fields_amqp_cannot_carry_get_400_or_are_queued
         doc = sh.event()
         doc[field] = value
         raw = json.dumps(doc).encode()
-        return http(raw, [("Stripe-Signature", _sig(raw))])
+        return http(raw, [("Stripe-Signature", sign(raw))])
 
     client = RawClient(ingress_port)
     try:
@@ -285,12 +285,12 @@ async def test_expect_100_continue_is_refused_from_the_head_before_the_body_is_i
         return await asyncio.wait_for(reader.readline(), 5), reader, writer
 
     raw = sh.body(sh.event())
-    signed = f"POST {URL} HTTP/1.1\r\nHost: x\r\nStripe-Signature: {_sig(raw)}\r\n".encode()
+    signed = f"POST {URL} HTTP/1.1\r\nHost: x\r\nStripe-Signature: {sign(raw)}\r\n".encode()
     expect = b"Expect: 100-continue\r\n\r\n"
     refused = [
         (signed + b"Content-Length: %d\r\n" % (LIMIT + 1) + expect, 413),
         (signed + b"Content-Encoding: gzip\r\nContent-Length: 9\r\n" + expect, 415),
-        (_slow_head(b"Content-Length: 9\r\nExpect: 100-continue\r\n", signature=False), 400),
+        (slow_head(b"Content-Length: 9\r\nExpect: 100-continue\r\n", signature=False), 400),
     ]
     refused.append((signed + b"Content-Length: 2\r\nExpect: something-else\r\n\r\n", 417))
     for head, status in refused:
@@ -323,25 +323,25 @@ async def test_a_compressed_body_is_refused_never_inflated(
     client = RawClient(ingress_port)
     try:
         # signed over what it inflates to (Stripe never compresses): refused, not verified
-        headers = [("Stripe-Signature", _sig(raw)), ("Content-Encoding", "gzip")]
+        headers = [("Stripe-Signature", sign(raw)), ("Content-Encoding", "gzip")]
         assert await client.send(http(compressed, headers)) == 415
         # signed over the bytes sent, and a header that says they are gzip: not sent as
         # Stripe sends, and what a receiver would make of them is anyone's guess
-        headers = [("Stripe-Signature", _sig(raw)), ("Content-Encoding", "gzip")]
+        headers = [("Stripe-Signature", sign(raw)), ("Content-Encoding", "gzip")]
         assert await client.send(http(raw, headers)) == 415
         # gzip that inflates far past the limit
         bomb = gzip.compress(b"{" * (32 * 1024 * 1024), 9)
-        headers = [("Stripe-Signature", _sig(bomb)), ("Content-Encoding", "gzip")]
+        headers = [("Stripe-Signature", sign(bomb)), ("Content-Encoding", "gzip")]
         assert await client.send(http(bomb, headers)) == 415
         # no encoding, said so: as if the header were not there
-        headers = [("Stripe-Signature", _sig(raw)), ("Content-Encoding", "identity")]
+        headers = [("Stripe-Signature", sign(raw)), ("Content-Encoding", "identity")]
         assert await client.send(http(raw, headers)) == 200
         assert len(await drain(channel, topology.work_queue)) == 1
         # a broken chunk arriving after the handler started reading: aiohttp's parser
         # fails on it without telling the body stream, so the handler waits for the timeout
-        status, closed_after, _ = await _slow_client(
+        status, closed_after, _ = await slow_client(
             ingress_port,
-            _slow_head(b"Transfer-Encoding: chunked\r\n"),
+            slow_head(b"Transfer-Encoding: chunked\r\n"),
             [b"5\r\nhello\r\n", b"zz\r\nbroken\r\n0\r\n\r\n"],
             0.1,
         )
@@ -411,13 +411,13 @@ async def test_a_real_ingress_process_keeps_its_memory_flat_under_ten_thousand_b
 
         assert process.process.returncode is None
         # a stalled body: 408 after the read timeout, the connection closed soon after
-        status, closed_after, elapsed = await _slow_client(
-            port, _slow_head(b"Content-Length: 1000\r\n"), [b"{"], 0
+        status, closed_after, elapsed = await slow_client(
+            port, slow_head(b"Content-Length: 1000\r\n"), [b"{"], 0
         )
         assert status == 408 and elapsed < READ_TIMEOUT_S + 2
         assert closed_after < READ_TIMEOUT_S + LINGER_S + 2
         # clients gone mid-upload: counted and sampled as refusals, no error tracebacks
-        head = _slow_head(b"Content-Length: 1000\r\n")
+        head = slow_head(b"Content-Length: 1000\r\n")
         for _ in range(50):
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(head + b"{" * 100)

@@ -6,43 +6,29 @@ import asyncio
 import json
 import uuid
 from dataclasses import replace
-from typing import Any
 
 import aio_pika
 import pytest
 
-from devkit.mailsink import SmtpSink
-from devkit.stripe import StripeStandIn
-from shared.topology import Topology
 from shared.vocabulary import HEADER_ERROR_TYPE, HEADER_EVENT_ID
-from tests.conftest import counted, db_fetch, drain, wait_for
-from tests.pipeline import fulfillment_rows, fulfillment_steps, session_event, settle, stored_items
-from worker.settings import WorkerSettings
+from tests.conftest import counted, db_fetch, wait_for
+from tests.pipeline import COMPLETED, FAILED, SUCCEEDED, Pipeline
 
 pytestmark = pytest.mark.timeout(60)
 
 
 async def test_a_paid_completed_session_gives_one_row_one_email_and_one_order_fulfilled(
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    outbound: str,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
-    session = standin.add_session(
+    session = pipeline.standin.add_session(
         line_items=[("T-shirt", 2, 2000), ("Mug", 1, 1250)], customer_email="ada@example.com"
     )
     sid = session["id"]
-    await start_worker(worker_settings)
+    await pipeline.start()
 
-    completed = session_event(standin, "checkout.session.completed", sid)
-    await publish(completed)
+    completed = await pipeline.send(COMPLETED, sid)
 
-    rows = await wait_for(lambda: fulfillment_rows(database_url, sid))
+    rows = await pipeline.fulfilled(sid)
     assert len(rows) == 1
     row = rows[0]
     assert (row["amount_total"], row["currency"], row["customer_email"]) == (
@@ -50,16 +36,16 @@ async def test_a_paid_completed_session_gives_one_row_one_email_and_one_order_fu
         "usd",
         "ada@example.com",
     )
-    assert await stored_items(database_url, sid) == [("Mug", 1, 1250), ("T-shirt", 2, 4000)]
+    assert await pipeline.items(sid) == [("Mug", 1, 1250), ("T-shirt", 2, 4000)]
 
-    [mail] = await asyncio.to_thread(smtp.wait, 1)
+    [mail] = await pipeline.mails(1)
     assert mail["To"] == "ada@example.com"
     assert mail["Message-ID"] == f"<order.{sid}@shop.test>"
     text = mail.get_content()
     assert "2 x T-shirt" in text and "1 x Mug" in text
     assert "Total: 52.50 USD" in text
 
-    [out] = await wait_for(lambda: drain(channel, outbound))
+    [out] = await wait_for(pipeline.outbound_messages)
     assert out.routing_key == "order.fulfilled"
     assert out.headers["fulfillment-id"] == f"order.fulfilled:{sid}"
     assert out.headers["stripe-event-id"] == completed["id"]
@@ -77,23 +63,14 @@ async def test_a_paid_completed_session_gives_one_row_one_email_and_one_order_fu
 
 @pytest.mark.parametrize("tax_included", [False, True])
 async def test_a_subscription_with_a_metered_price_discount_shipping_and_tax_is_told_right(
-    tax_included: bool,
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    outbound: str,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    tax_included: bool, pipeline: Pipeline
 ) -> None:
     """A metered price has no quantity (Stripe sends null): stored as NULL and shown
     without one, not as 1. The email's lines add up to the total, with Stripe's figures:
     items before discounts and taxes (an item's amount_total is after them), then
     subtotal, discount, shipping and tax, added or included. order.fulfilled says it
     started a subscription."""
-    session = standin.add_session(
+    session = pipeline.standin.add_session(
         mode="subscription",
         line_items=[("Pro plan", 1, 2900), ("API calls", None, 2)],
         discount=500,
@@ -104,13 +81,13 @@ async def test_a_subscription_with_a_metered_price_discount_shipping_and_tax_is_
     sid = session["id"]
     total = 2900 - 500 + 499 + (0 if tax_included else 120)
     assert session["amount_total"] == total
-    await start_worker(worker_settings)
+    await pipeline.start()
 
-    await publish(session_event(standin, "checkout.session.completed", sid))
+    await pipeline.send(COMPLETED, sid)
 
-    [row] = await wait_for(lambda: fulfillment_rows(database_url, sid))
+    [row] = await pipeline.fulfilled(sid)
     plan_after = 2900 - 500 + (0 if tax_included else 120)  # Stripe's item amount_total
-    assert await stored_items(database_url, sid) == [
+    assert await pipeline.items(sid) == [
         ("API calls", None, 0),
         ("Pro plan", 1, plan_after),
     ]
@@ -118,14 +95,13 @@ async def test_a_subscription_with_a_metered_price_discount_shipping_and_tax_is_
     breakdown = ("amount_subtotal", "amount_discount", "amount_shipping", "amount_tax")
     assert [row[c] for c in breakdown] == [2900, 500, 499, 120]
     assert (row["mode"], row["subscription_id"]) == ("subscription", session["subscription"])
-    subtotals = await db_fetch(
-        database_url,
+    subtotals = await pipeline.rows(
         "SELECT description, amount_subtotal FROM fulfillment_line_items "
         "WHERE checkout_session_id = $1 ORDER BY description",
         sid,
     )
     assert [tuple(r) for r in subtotals] == [("API calls", 0), ("Pro plan", 2900)]
-    [mail] = await asyncio.to_thread(smtp.wait, 1)
+    [mail] = await pipeline.mails(1)
     text = mail.get_content()
     assert "Thank you for your subscription. It is confirmed and active." in text
     assert "on its way" not in text  # a subscription is not shipped
@@ -135,7 +111,7 @@ async def test_a_subscription_with_a_metered_price_discount_shipping_and_tax_is_
     tax_line = "Tax included: 1.20 USD" if tax_included else "Tax: 1.20 USD"
     assert tax_line in text and f"Total: {total / 100:.2f} USD" in text
 
-    [out] = await wait_for(lambda: drain(channel, outbound))
+    [out] = await wait_for(pipeline.outbound_messages)
     body = json.loads(out.body)
     assert (body["mode"], body["subscription"]) == ("subscription", session["subscription"])
     assert body["subscription"].startswith("sub_")
@@ -153,41 +129,32 @@ async def test_a_subscription_with_a_metered_price_discount_shipping_and_tax_is_
 
 
 async def test_duplicates_and_both_success_events_for_one_session_fulfill_it_once(
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    outbound: str,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
-    sid = standin.add_session()["id"]
-    first = await start_worker(worker_settings)
-    await start_worker(replace(worker_settings, worker_id="test-worker-2"))
-    completed = session_event(standin, "checkout.session.completed", sid)
+    sid = pipeline.standin.add_session()["id"]
+    first = await pipeline.start()
+    await pipeline.start(replace(pipeline.settings, worker_id="test-worker-2"))
+    completed = pipeline.event(COMPLETED, sid)
 
     await asyncio.gather(
-        *(publish(completed) for _ in range(20)),
-        publish(session_event(standin, "checkout.session.async_payment_succeeded", sid)),
+        *(pipeline.publish(completed) for _ in range(20)),
+        pipeline.publish(pipeline.event(SUCCEEDED, sid)),
     )
 
-    await wait_for(lambda: fulfillment_rows(database_url, sid))
-    await settle(first, topology, channel)
-    assert len(await fulfillment_rows(database_url, sid)) == 1
-    assert len(smtp.for_session(sid)) == 1
-    assert len(await drain(channel, outbound)) == 1
+    await pipeline.fulfilled(sid)
+    await pipeline.settle(first)
+    assert len(await pipeline.fulfillments(sid)) == 1
+    assert len(pipeline.mails_for(sid)) == 1
+    assert len(await pipeline.outbound_messages()) == 1
     # one row per event; each handling counted, the first one's outcome kept
-    handled = await db_fetch(
-        database_url,
+    handled = await pipeline.rows(
         "SELECT event_id, outcome, times_handled FROM processed_events "
         "WHERE checkout_session_id = $1",
         sid,
     )
     by_event = {r["event_id"]: r for r in handled}
     assert len(by_event) == 2 and by_event[completed["id"]]["times_handled"] == 20
-    [row] = await fulfillment_rows(database_url, sid)
+    [row] = await pipeline.fulfillments(sid)
     assert by_event[row["event_id"]]["outcome"] == "fulfilled"  # the event that fulfilled
     assert sorted(r["outcome"] for r in handled) == ["already_fulfilled", "fulfilled"]
 
@@ -215,45 +182,33 @@ async def test_workers_on_the_code_before_migration_0004_can_still_record_events
 
 
 async def test_events_for_a_session_fulfilled_in_full_do_not_call_stripe_again(
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
     """Stripe's rate limit is the scarce resource: once a session is fulfilled with every
     effect recorded, its later events (async_payment_succeeded, the landing page's
     fulfillment.requested, a stale failure) are recorded as handled without an API call.
     (A repeated `completed` still asks Stripe: it is nearly always a session's first
     event, and checking first would cost every order a database round trip.)"""
-    sid = standin.add_session()["id"]
-    worker = await start_worker(worker_settings)
-    await publish(session_event(standin, "checkout.session.completed", sid))
+    standin = pipeline.standin
+    worker = await pipeline.start()
+    sid = await pipeline.complete()
 
-    async def both_steps() -> bool:
-        return len(await fulfillment_steps(database_url, sid)) == 2
-
-    await wait_for(both_steps)
-    await settle(worker, topology, channel)
+    await wait_for(lambda: pipeline.both_steps(sid))
+    await pipeline.settle(worker)
     calls = standin.request_count
 
     later = [
-        session_event(standin, "fulfillment.requested", sid),
-        session_event(standin, "checkout.session.async_payment_succeeded", sid),
-        session_event(standin, "checkout.session.async_payment_failed", sid),
+        pipeline.event("fulfillment.requested", sid),
+        pipeline.event(SUCCEEDED, sid),
+        pipeline.event(FAILED, sid),
     ]
     for event in later:
-        await publish(event)
-    await settle(worker, topology, channel)
+        await pipeline.publish(event)
+    await pipeline.settle(worker)
 
     assert standin.request_count == calls
-    outcomes = await db_fetch(
-        database_url,
-        "SELECT event_id, outcome FROM processed_events WHERE checkout_session_id = $1",
-        sid,
+    outcomes = await pipeline.rows(
+        "SELECT event_id, outcome FROM processed_events WHERE checkout_session_id = $1", sid
     )
     by_id = {r["event_id"]: r["outcome"] for r in outcomes}
     assert [by_id[e["id"]] for e in later] == [
@@ -261,22 +216,15 @@ async def test_events_for_a_session_fulfilled_in_full_do_not_call_stripe_again(
         "already_fulfilled",
         "ignored_fulfilled",
     ]
-    assert len(smtp.for_session(sid)) == 1
+    assert len(pipeline.mails_for(sid)) == 1
 
 
 async def test_a_setup_mode_session_is_not_an_order_and_sends_nothing(
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    outbound: str,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
     """Checkout in setup mode only saves a card: no_payment_required, like a free order,
     but nothing was sold. No order, no "order confirmed" email, no order.fulfilled."""
+    standin = pipeline.standin
     setup = standin.add_session(mode="setup", customer_email="sam@example.com")
     assert (setup["payment_status"], setup["amount_total"], standin.line_items[setup["id"]]) == (
         "no_payment_required",
@@ -284,21 +232,19 @@ async def test_a_setup_mode_session_is_not_an_order_and_sends_nothing(
         [],
     )
     free = standin.add_session(line_items=[("Sample", 1, 0)], payment_status="no_payment_required")
-    worker = await start_worker(worker_settings)
+    worker = await pipeline.start()
 
-    completed = session_event(standin, "checkout.session.completed", setup["id"])
-    await publish(completed)
-    await publish(session_event(standin, "checkout.session.completed", free["id"]))
+    completed = await pipeline.send(COMPLETED, setup["id"])
+    await pipeline.send(COMPLETED, free["id"])
 
-    await wait_for(lambda: fulfillment_rows(database_url, free["id"]))  # a free order is one
-    await settle(worker, topology, channel)
-    assert await fulfillment_rows(database_url, setup["id"]) == []
-    assert smtp.for_session(setup["id"]) == [] and len(smtp.for_session(free["id"])) == 1
-    assert [m.headers["checkout-session-id"] for m in await drain(channel, outbound)] == [
+    await pipeline.fulfilled(free["id"])  # a free order is one
+    await pipeline.settle(worker)
+    assert await pipeline.fulfillments(setup["id"]) == []
+    assert pipeline.mails_for(setup["id"]) == [] and len(pipeline.mails_for(free["id"])) == 1
+    assert [m.headers["checkout-session-id"] for m in await pipeline.outbound_messages()] == [
         free["id"]
     ]
-    rows = await db_fetch(
-        database_url,
+    rows = await pipeline.rows(
         "SELECT event_id, outcome FROM processed_events WHERE checkout_session_id = $1",
         setup["id"],
     )
@@ -306,60 +252,46 @@ async def test_a_setup_mode_session_is_not_an_order_and_sends_nothing(
 
 
 async def test_a_connected_accounts_session_is_read_on_its_behalf_and_recorded_with_it(
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    outbound: str,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
     """Stripe Connect: a session created on a connected account exists only there, so its
     event (with "account") is fulfilled by reading it with Stripe-Account; the same
     session asked for on the platform is not found."""
     account = "acct_1Connected0001"
-    sid = standin.add_session(line_items=[("Lamp", 1, 4500)], account=account)["id"]
-    connected = session_event(standin, "checkout.session.completed", sid)
+    sid = pipeline.standin.add_session(line_items=[("Lamp", 1, 4500)], account=account)["id"]
+    connected = pipeline.event(COMPLETED, sid)
     connected["account"] = account
-    platform = session_event(standin, "checkout.session.completed", sid)
-    await start_worker(worker_settings)
+    platform = pipeline.event(COMPLETED, sid)
+    await pipeline.start()
 
-    await publish(connected)
-    [row] = await wait_for(lambda: fulfillment_rows(database_url, sid))
+    await pipeline.publish(connected)
+    [row] = await pipeline.fulfilled(sid)
     assert (row["stripe_account"], row["amount_total"]) == (account, 4500)
-    assert await stored_items(database_url, sid) == [("Lamp", 1, 4500)]
-    [mail] = await asyncio.to_thread(smtp.wait, 1)
+    assert await pipeline.items(sid) == [("Lamp", 1, 4500)]
+    [mail] = await pipeline.mails(1)
     assert "1 x Lamp" in mail.get_content()
-    [out] = await wait_for(lambda: drain(channel, outbound))
+    [out] = await wait_for(pipeline.outbound_messages)
     assert json.loads(out.body)["account"] == account
 
-    await publish(platform)
-    [letter] = await wait_for(lambda: drain(channel, topology.dead_queue))
+    await pipeline.publish(platform)
+    [letter] = await wait_for(pipeline.dead_letters)
     assert letter.headers[HEADER_EVENT_ID] == platform["id"]
     assert letter.headers[HEADER_ERROR_TYPE] == "StripeNotFound"
 
 
 async def test_other_checkout_and_unhandled_types_are_acked_and_counted(
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
-    sid = standin.add_session()["id"]
-    worker = await start_worker(worker_settings)
+    sid = pipeline.standin.add_session()["id"]
+    worker = await pipeline.start()
 
     ignored = {"event_type": "checkout.session.expired", "outcome": "ignored"}
     before = counted("worker_messages_total", **ignored)
 
-    await publish(session_event(standin, "checkout.session.expired", sid))
-    await settle(worker, topology, channel)
+    await pipeline.send("checkout.session.expired", sid)
+    await pipeline.settle(worker)
 
-    assert await fulfillment_rows(database_url, sid) == []
-    assert await drain(channel, topology.dead_queue) == []
-    assert standin.request_count == 0
+    assert await pipeline.fulfillments(sid) == []
+    assert await pipeline.dead_letters() == []
+    assert pipeline.standin.request_count == 0
     assert counted("worker_messages_total", **ignored) - before == 1

@@ -11,11 +11,10 @@ from typing import Any
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
 from devkit import signing as sh
-from devkit.mailsink import SmtpSink
 from devkit.stripe import StripeStandIn
-from shared.topology import Topology
 from shared.vocabulary import (
     HEADER_ATTEMPT,
     HEADER_ERROR_MESSAGE,
@@ -25,32 +24,25 @@ from shared.vocabulary import (
     HEADER_LAST_FAILED_AT,
     HEADER_WORKER_ID,
 )
-from tests.conftest import counted, db_fetch, depth, drain, wait_for
-from tests.pipeline import fulfillment_rows, session_event, settle
+from tests.conftest import counted, depth, wait_for
+from tests.pipeline import COMPLETED, Pipeline
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(60)
 
 
 async def test_stripe_errors_at_first_are_retried_in_process_then_fulfilled(
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
-    sid = standin.add_session()["id"]
-    standin.fail_next(1, 429)
-    await start_worker(worker_settings)
+    sid = pipeline.standin.add_session()["id"]
+    pipeline.standin.fail_next(1, 429)
+    await pipeline.start()
 
-    await publish(session_event(standin, "checkout.session.completed", sid))
+    await pipeline.send(COMPLETED, sid)
 
-    await wait_for(lambda: fulfillment_rows(database_url, sid))
-    assert len(await drain(channel, topology.dead_queue)) == 0
-    assert standin.request_count >= 2
+    await pipeline.fulfilled(sid)
+    assert len(await pipeline.dead_letters()) == 0
+    assert pipeline.standin.request_count >= 2
 
 
 @pytest.mark.parametrize(
@@ -58,17 +50,7 @@ async def test_stripe_errors_at_first_are_retried_in_process_then_fulfilled(
     [(1.5, False, False), (30.0, True, False), (1.5, False, True), (30.0, True, True)],
 )
 async def test_a_retry_after_is_waited_in_process_when_short_and_in_a_delay_queue_when_long(
-    retry_after: float,
-    through_delay_queue: bool,
-    from_gateway: bool,
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    retry_after: float, through_delay_queue: bool, from_gateway: bool, pipeline: Pipeline
 ) -> None:
     """Stripe sends no Retry-After, but a gateway in front of it may: a short one is waited
     before the quick retry (not 0.1 s later), a long one in a delay queue, where the
@@ -78,6 +60,7 @@ async def test_a_retry_after_is_waited_in_process_when_short_and_in_a_delay_queu
     def sent_to_delay_queues() -> float:
         return counted("worker_retries_total", event_type="checkout.session.completed")
 
+    standin = pipeline.standin
     sid = standin.add_session()["id"]
     if from_gateway:
         page = b"<html><body>503 Service Temporarily Unavailable</body></html>"
@@ -85,19 +68,19 @@ async def test_a_retry_after_is_waited_in_process_when_short_and_in_a_delay_queu
     else:
         standin.fail_next(1, 429, retry_after=retry_after)
     before = sent_to_delay_queues()
-    await start_worker(worker_settings)
+    await pipeline.start()
     started = time.monotonic()
 
-    await publish(session_event(standin, "checkout.session.completed", sid))
+    await pipeline.send(COMPLETED, sid)
 
-    await wait_for(lambda: fulfillment_rows(database_url, sid), timeout_s=20)
+    await pipeline.fulfilled(sid, timeout_s=20)
     assert sent_to_delay_queues() - before == (1 if through_delay_queue else 0)
     if not through_delay_queue:
         assert time.monotonic() - started >= retry_after
     else:  # not the first delay queue's 0.5 s: the longest, nearest to what was asked
-        assert worker_settings.broker.retry_delays_s == (0.5, 1.0)
+        assert pipeline.settings.broker.retry_delays_s == (0.5, 1.0)
         assert time.monotonic() - started >= 1.0
-    assert await drain(channel, topology.dead_queue) == []
+    assert await pipeline.dead_letters() == []
 
 
 _STRIPE_BODY = {"error": {"type": "invalid_request_error", "message": "as Stripe says"}}
@@ -218,58 +201,46 @@ async def test_an_answer_cut_off_mid_body_is_a_connection_error_retried() -> Non
 
 
 async def test_stripe_away_for_longer_goes_through_a_delay_queue_and_then_fulfills(
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
-    sid = standin.add_session()["id"]
-    standin.fail_next(4, 500)  # two quick tries, a delay, two more, a second delay, then up
-    worker = await start_worker(worker_settings)
+    sid = pipeline.standin.add_session()["id"]
+    pipeline.standin.fail_next(
+        4, 500
+    )  # two quick tries, a delay, two more, a second delay, then up
+    worker = await pipeline.start()
 
-    await publish(session_event(standin, "checkout.session.completed", sid))
+    await pipeline.send(COMPLETED, sid)
 
     # the second attempt's failure waits in the second delay queue, not the first again
-    await wait_for(lambda: depth(channel, topology.retry_queues[1]), timeout_s=10)
-    rows = await wait_for(lambda: fulfillment_rows(database_url, sid), timeout_s=20)
+    await wait_for(lambda: depth(pipeline.channel, pipeline.topology.retry_queues[1]), timeout_s=10)
+    rows = await pipeline.fulfilled(sid, timeout_s=20)
     assert len(rows) == 1
-    await settle(worker, topology, channel)
-    assert len(smtp.for_session(sid)) == 1
-    assert await drain(channel, topology.dead_queue) == []
-    processed = await db_fetch(
-        database_url, "SELECT outcome FROM processed_events WHERE checkout_session_id = $1", sid
+    await pipeline.settle(worker)
+    assert len(pipeline.mails_for(sid)) == 1
+    assert await pipeline.dead_letters() == []
+    processed = await pipeline.rows(
+        "SELECT outcome FROM processed_events WHERE checkout_session_id = $1", sid
     )
     assert [r["outcome"] for r in processed] == ["fulfilled"]
 
 
 async def test_an_unknown_session_or_malformed_body_is_dead_lettered_at_once_with_reasons(
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
-    good = standin.add_session()["id"]
-    unknown = sh.event("checkout.session.completed", sh.checkout_session("cs_test_unknown_123"))
-    await start_worker(worker_settings)
+    good = pipeline.standin.add_session()["id"]
+    unknown = sh.event(COMPLETED, sh.checkout_session("cs_test_unknown_123"))
+    await pipeline.start()
 
-    await publish(unknown)
-    await publish(b"{not json")
-    await publish(session_event(standin, "checkout.session.completed", good))
+    await pipeline.publish(unknown)
+    await pipeline.publish(b"{not json")
+    await pipeline.send(COMPLETED, good)
 
-    await wait_for(lambda: fulfillment_rows(database_url, good))
+    await pipeline.fulfilled(good)
 
-    async def dead() -> list[Any]:
+    async def dead() -> list[AbstractIncomingMessage]:
         return (
-            await drain(channel, topology.dead_queue)
-            if (await depth(channel, topology.dead_queue)) >= 2
+            await pipeline.dead_letters()
+            if (await depth(pipeline.channel, pipeline.topology.dead_queue)) >= 2
             else []
         )
 
@@ -288,34 +259,29 @@ async def test_an_unknown_session_or_malformed_body_is_dead_lettered_at_once_wit
 
 
 async def test_a_live_event_with_a_test_key_is_retried_and_says_why_not_session_not_found(
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
     """Adversarial trial: a live endpoint's events with a test-mode key were dead-lettered
     at once as unknown sessions (Stripe's test mode cannot see live objects): a setting
     to fix, so retried and named, then replayable from the DLQ once fixed."""
-    assert worker_settings.stripe.api_key.startswith("sk_test_")
+    assert pipeline.settings.stripe.api_key.startswith("sk_test_")
     live_session = sh.checkout_session("cs_live_a1b2c3d4e5f6", livemode=True)
-    live = {**sh.event("checkout.session.completed", live_session), "livemode": True}
-    test = sh.event("checkout.session.completed", sh.checkout_session())
+    live = {**sh.event(COMPLETED, live_session), "livemode": True}
+    test = sh.event(COMPLETED, sh.checkout_session())
     by_reason = {
         reason: {"event_type": "checkout.session.completed", "reason": reason}
         for reason in ("retries_exhausted", "permanent")
     }
     before = {r: counted("worker_dead_letters_total", **labels) for r, labels in by_reason.items()}
-    await start_worker(worker_settings)
+    await pipeline.start()
 
-    await publish(live)
-    await publish(test)
+    await pipeline.publish(live)
+    await pipeline.publish(test)
 
-    found: list[Any] = []
+    found: list[AbstractIncomingMessage] = []
 
-    async def both_dead() -> list[Any] | None:
-        found.extend(await drain(channel, topology.dead_queue))  # draining takes them
+    async def both_dead() -> list[AbstractIncomingMessage] | None:
+        found.extend(await pipeline.dead_letters())  # draining takes them
         return found if len(found) == 2 else None
 
     letters = {m.headers[HEADER_EVENT_ID]: m.headers for m in await wait_for(both_dead)}
@@ -331,51 +297,42 @@ async def test_a_live_event_with_a_test_key_is_retried_and_says_why_not_session_
         datetime.fromisoformat(letters[live["id"]][header])
         for header in (HEADER_FIRST_FAILED_AT, HEADER_LAST_FAILED_AT)
     )
-    assert (last - first).total_seconds() >= sum(worker_settings.broker.retry_delays_s)
+    assert (last - first).total_seconds() >= sum(pipeline.settings.broker.retry_delays_s)
     for reason, labels in by_reason.items():
         assert counted("worker_dead_letters_total", **labels) - before[reason] == 1, reason
 
 
 async def test_a_test_event_on_a_live_key_is_an_unknown_session_dead_lettered_at_once(
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
     """Review: a live Connect endpoint also receives connected accounts' test events, which
     a live key cannot read and nobody needs fulfilled: not a setting to fix, so not
     retried for hours; dead-lettered at once as the unknown session it is."""
-    stripe_settings = replace(worker_settings.stripe, api_key="sk_live_" + "x" * 24)
-    await start_worker(replace(worker_settings, stripe=stripe_settings))
-    test = sh.event("checkout.session.completed", sh.checkout_session("cs_test_connected_1"))
-    await publish({**test, "account": "acct_1Connected0001"})
+    stripe_settings = replace(pipeline.settings.stripe, api_key="sk_live_" + "x" * 24)
+    await pipeline.start(replace(pipeline.settings, stripe=stripe_settings))
+    test = sh.event(COMPLETED, sh.checkout_session("cs_test_connected_1"))
+    await pipeline.publish({**test, "account": "acct_1Connected0001"})
 
-    [letter] = await wait_for(lambda: drain(channel, topology.dead_queue))
+    [letter] = await wait_for(pipeline.dead_letters)
     assert letter.headers[HEADER_ERROR_TYPE] == "StripeNotFound"
     assert letter.headers[HEADER_ATTEMPT] == 1
 
 
 async def test_a_secret_in_an_error_is_masked_in_the_dead_letter_as_in_the_log(
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
     """Adversarial trial: an API error echoing the key was masked in the log line but
     stored whole in the dead letter's error header, which `dlq list/show` print."""
-    key = worker_settings.stripe.api_key
-    sid = standin.add_session()["id"]
+    key = pipeline.settings.stripe.api_key
     error = {"error": {"type": "invalid_request_error", "message": f"Bad request with {key}"}}
-    standin.answer_next(1, json.dumps(error).encode(), status=400, content_type="application/json")
-    await start_worker(worker_settings)
+    pipeline.standin.answer_next(
+        1, json.dumps(error).encode(), status=400, content_type="application/json"
+    )
+    await pipeline.start()
 
-    await publish(session_event(standin, "checkout.session.completed", sid))
+    await pipeline.complete()
 
-    [letter] = await wait_for(lambda: drain(channel, topology.dead_queue))
+    [letter] = await wait_for(pipeline.dead_letters)
     message = letter.headers[HEADER_ERROR_MESSAGE]
     assert key not in message and "Bad request with ***" in message
 

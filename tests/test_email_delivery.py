@@ -3,58 +3,47 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from email.mime.text import MIMEText
 
 import pytest
 
 from devkit.mailsink import SmtpSink
-from devkit.stripe import StripeStandIn
-from shared.topology import Topology
-from tests.conftest import counted, db_fetch, drain, wait_for
-from tests.pipeline import both_steps, fulfillment_rows, fulfillment_steps, session_event, settle
+from tests.conftest import counted, wait_for
+from tests.pipeline import COMPLETED, Pipeline
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(60)
 
 
 async def test_smtp_down_is_retried_and_one_email_is_sent_once_it_is_back(
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
-    sid = standin.add_session()["id"]
+    smtp = pipeline.smtp
+    sid = pipeline.standin.add_session()["id"]
     smtp.stop()
-    worker = await start_worker(worker_settings)
+    worker = await pipeline.start()
 
-    completed = session_event(standin, "checkout.session.completed", sid)
-    await publish(completed)
-    await wait_for(lambda: fulfillment_rows(database_url, sid))  # the row does not wait for mail
+    completed = await pipeline.send(COMPLETED, sid)
+    await pipeline.fulfilled(sid)  # the row does not wait for mail
     await asyncio.sleep(1.0)  # at least one retry through a delay queue
     assert smtp.for_session(sid) == []
     smtp.start()
 
-    await asyncio.to_thread(smtp.wait, 1, 15)
-    await settle(worker, topology, channel)
+    await pipeline.mails(1, timeout_s=15)
+    await pipeline.settle(worker)
     assert len(smtp.for_session(sid)) == 1
-    assert len(await fulfillment_rows(database_url, sid)) == 1
-    assert await drain(channel, topology.dead_queue) == []
+    assert len(await pipeline.fulfillments(sid)) == 1
+    assert await pipeline.dead_letters() == []
     # the attempt that sent the email finished the fulfillment: counted as fulfilled, not
     # as a no-op (its row was written by the first attempt)
-    [processed] = await db_fetch(
-        database_url, "SELECT outcome FROM processed_events WHERE event_id = $1", completed["id"]
+    [processed] = await pipeline.rows(
+        "SELECT outcome FROM processed_events WHERE event_id = $1", completed["id"]
     )
     assert processed["outcome"] == "fulfilled"
 
 
-def mail_numbered(n: int) -> Any:
+def mail_numbered(n: int) -> MIMEText:
     """A plain message with subject ``n<n>``, for the mailer's own tests."""
-    from email.mime.text import MIMEText
-
     m = MIMEText(f"message {n}")
     m["From"], m["To"], m["Subject"] = "orders@shop.test", "ada@example.com", f"n{n}"
     return m
@@ -124,48 +113,30 @@ async def test_a_connection_idle_longer_than_its_limit_is_not_used_again(
     assert smtp.peers[0] == smtp.peers[1] != smtp.peers[2]
 
 
-async def order_went_on(worker: Any, topology: Topology, channel: Any, outbound: str) -> None:
-    """Whatever became of the email: the order was announced once, nothing dead-lettered."""
-    await settle(worker, topology, channel)
-    assert [m.routing_key for m in await drain(channel, outbound)] == ["order.fulfilled"]
-    assert await drain(channel, topology.dead_queue) == []
-
-
 @pytest.mark.parametrize(
     ("address", "why"),
     [("gone@example.com", "550"), ("not an address", "no usable customer email")],
 )
 async def test_an_undeliverable_email_is_recorded_as_failed_and_the_order_goes_on(
-    address: str,
-    why: str,
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    outbound: str,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    address: str, why: str, pipeline: Pipeline
 ) -> None:
     """A customer's address the mail server refuses for good (or that is not an address)
     must not dead-letter the event: the row is committed, so a replay could never send
     the order.fulfilled message. The email is recorded as failed; the rest goes on."""
-    smtp.unknown_recipients.add("gone@example.com")
-    sid = standin.add_session(customer_email=address)["id"]
+    pipeline.smtp.unknown_recipients.add("gone@example.com")
     purpose = {"purpose": "confirmation_email"}
     before = counted("worker_emails_undeliverable_total", **purpose)
-    worker = await start_worker(worker_settings)
+    worker = await pipeline.start()
 
-    await publish(session_event(standin, "checkout.session.completed", sid))
+    sid = await pipeline.complete(customer_email=address)
 
-    steps = await wait_for(lambda: both_steps(database_url, sid))
+    steps = await wait_for(lambda: pipeline.both_steps(sid))
     assert steps["confirmation_email"].startswith("failed:")
     assert why in steps["confirmation_email"]
     assert steps["order_fulfilled_message"] == f"published order.fulfilled:{sid}"
-    await order_went_on(worker, topology, channel, outbound)
-    assert smtp.for_session(sid) == []
-    assert len(await fulfillment_rows(database_url, sid)) == 1
+    await pipeline.order_went_on(worker)
+    assert pipeline.mails_for(sid) == []
+    assert len(await pipeline.fulfillments(sid)) == 1
     assert counted("worker_emails_undeliverable_total", **purpose) - before == 1
 
 
@@ -211,31 +182,19 @@ def test_only_a_refusal_about_the_recipient_or_message_writes_an_email_off(
     ],
 )
 async def test_internationalized_customer_addresses_are_sent_or_written_off_never_retried(
-    address: str,
-    smtputf8: bool,
-    delivered_to: str | None,
-    step: str,
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    outbound: str,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    address: str, smtputf8: bool, delivered_to: str | None, step: str, pipeline: Pipeline
 ) -> None:
+    smtp = pipeline.smtp
     smtp.stop()
     smtp.smtputf8 = smtputf8
     smtp.start()
-    sid = standin.add_session(customer_email=address)["id"]
-    worker = await start_worker(worker_settings)
+    worker = await pipeline.start()
 
-    await publish(session_event(standin, "checkout.session.completed", sid))
+    sid = await pipeline.complete(customer_email=address)
 
-    steps = await wait_for(lambda: both_steps(database_url, sid))
+    steps = await wait_for(lambda: pipeline.both_steps(sid))
     assert steps["confirmation_email"].startswith(step), steps
-    await order_went_on(worker, topology, channel, outbound)
+    await pipeline.order_went_on(worker)
     mails = smtp.for_session(sid)
     if delivered_to is None:
         assert mails == []
@@ -246,98 +205,75 @@ async def test_internationalized_customer_addresses_are_sent_or_written_off_neve
 
 
 async def test_a_non_ascii_address_is_retried_not_written_off_when_the_relays_ehlo_failed(
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
     """Review: a relay whose EHLO fails is spoken to with HELO, which lists no extensions,
     so SMTPUTF8 looks missing. That says nothing about the relay (a hiccup, a failover):
     retried, and sent once EHLO works, not written off for good."""
+    smtp = pipeline.smtp
     smtp.stop()
     smtp.smtputf8, smtp.refuse_ehlo = True, True
     smtp.start()
-    sid = standin.add_session(customer_email="zoë@example.com")["id"]
-    worker = await start_worker(worker_settings)
+    worker = await pipeline.start()
 
-    await publish(session_event(standin, "checkout.session.completed", sid))
+    sid = await pipeline.complete(customer_email="zoë@example.com")
 
-    await wait_for(lambda: fulfillment_steps(database_url, sid))
+    await wait_for(lambda: pipeline.steps(sid))
     await asyncio.sleep(1.0)  # tried meanwhile, in process and through a delay queue
-    assert list(await fulfillment_steps(database_url, sid)) == ["order_fulfilled_message"]
+    assert list(await pipeline.steps(sid)) == ["order_fulfilled_message"]
     smtp.refuse_ehlo = False
 
-    [mail] = await asyncio.to_thread(smtp.wait, 1, 15)
+    [mail] = await pipeline.mails(1, timeout_s=15)
     assert mail["To"] == "zoë@example.com"
-    await settle(worker, topology, channel)
-    assert (await fulfillment_steps(database_url, sid))["confirmation_email"].startswith("sent ")
-    assert await drain(channel, topology.dead_queue) == []
+    await pipeline.settle(worker)
+    assert (await pipeline.steps(sid))["confirmation_email"].startswith("sent ")
+    assert await pipeline.dead_letters() == []
 
 
 async def test_a_deferred_email_does_not_hold_up_the_order_fulfilled_message(
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    outbound: str,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
     """The message the business ships on goes first: a recipient's mailbox deferring
     (450), or an SMTP outage, delays only the email, which is retried and sent once."""
+    smtp = pipeline.smtp
     smtp.deferred_recipients.add("later@example.com")
-    sid = standin.add_session(customer_email="later@example.com")["id"]
-    worker = await start_worker(worker_settings)
+    worker = await pipeline.start()
 
-    await publish(session_event(standin, "checkout.session.completed", sid))
+    sid = await pipeline.complete(customer_email="later@example.com")
 
-    [out] = await wait_for(lambda: drain(channel, outbound))
+    [out] = await wait_for(pipeline.outbound_messages)
     assert out.headers["fulfillment-id"] == f"order.fulfilled:{sid}"
     await asyncio.sleep(1.0)  # retried meanwhile, through a delay queue too
-    assert list(await fulfillment_steps(database_url, sid)) == ["order_fulfilled_message"]
+    assert list(await pipeline.steps(sid)) == ["order_fulfilled_message"]
     assert smtp.for_session(sid) == []
 
     smtp.deferred_recipients.clear()
-    await asyncio.to_thread(smtp.wait, 1, 15)
-    await settle(worker, topology, channel)
+    await pipeline.mails(1, timeout_s=15)
+    await pipeline.settle(worker)
     assert len(smtp.for_session(sid)) == 1
-    assert (await fulfillment_steps(database_url, sid))["confirmation_email"].startswith("sent ")
-    assert await drain(channel, outbound) == [] and await drain(channel, topology.dead_queue) == []
+    assert (await pipeline.steps(sid))["confirmation_email"].startswith("sent ")
+    assert await pipeline.outbound_messages() == [] and await pipeline.dead_letters() == []
 
 
 @pytest.mark.parametrize("refusal", ["refuse_sender", "relay_denied"])
 async def test_a_relay_refusing_us_is_retried_not_recorded_as_failed(
-    refusal: str,
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    refusal: str, pipeline: Pipeline
 ) -> None:
     """A 5xx at MAIL FROM (or AUTH), or a 5.7.x policy refusal at RCPT ("relay access
     denied"), is the relay's or our settings' fault, the same for every order: retried
     until fixed, never written off as this customer's failure."""
+    smtp = pipeline.smtp
     setattr(smtp, refusal, True)
-    sid = standin.add_session()["id"]
-    worker = await start_worker(worker_settings)
+    worker = await pipeline.start()
 
-    await publish(session_event(standin, "checkout.session.completed", sid))
-    await wait_for(lambda: fulfillment_rows(database_url, sid))
+    sid = await pipeline.complete()
+    await pipeline.fulfilled(sid)
     await asyncio.sleep(1.0)  # at least one retry through a delay queue
-    assert "confirmation_email" not in await fulfillment_steps(database_url, sid)
+    assert "confirmation_email" not in await pipeline.steps(sid)
     setattr(smtp, refusal, False)
 
-    await asyncio.to_thread(smtp.wait, 1, 15)
-    await settle(worker, topology, channel)
+    await pipeline.mails(1, timeout_s=15)
+    await pipeline.settle(worker)
     assert len(smtp.for_session(sid)) == 1
-    assert (await fulfillment_steps(database_url, sid))["confirmation_email"].startswith("sent ")
-    assert await drain(channel, topology.dead_queue) == []
+    assert (await pipeline.steps(sid))["confirmation_email"].startswith("sent ")
+    assert await pipeline.dead_letters() == []

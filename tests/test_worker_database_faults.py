@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
-from devkit.mailsink import SmtpSink
-from devkit.stripe import StripeStandIn
-from shared.topology import Topology
 from tests.conftest import wait_for
-from tests.pipeline import fulfillment_steps, session_event, settle
+from tests.pipeline import Pipeline, fulfillment_steps
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(60)
@@ -98,40 +94,28 @@ def test_a_connection_broken_mid_protocol_counts_as_transient() -> None:
 
 
 async def test_a_database_blip_right_after_the_email_does_not_send_it_again(
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    database_url: str,
-    topology: Topology,
+    pipeline: Pipeline,
 ) -> None:
     """Regression (chaos run): when recording a sent email failed because PostgreSQL went
     away, the message was retried and the email sent again; now recording insists."""
     import asyncpg
 
-    sid = standin.add_session()["id"]
-
     async def drop_every_database_connection() -> None:
-        conn = await asyncpg.connect(database_url)
+        conn = await asyncpg.connect(pipeline.database_url)
         await conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
         await conn.close()
 
-    smtp.after_data = drop_every_database_connection
-    worker = await start_worker(worker_settings)
+    pipeline.smtp.after_data = drop_every_database_connection
+    worker = await pipeline.start()
 
-    await publish(session_event(standin, "checkout.session.completed", sid))
+    sid = await pipeline.complete()
 
-    async def fulfilled() -> bool:
-        return len(await fulfillment_steps(database_url, sid)) == 2
-
-    await wait_for(fulfilled, timeout_s=20)
-    await settle(worker, topology, channel)
-    assert len(smtp.for_session(sid)) == 1
+    await wait_for(lambda: pipeline.both_steps(sid), timeout_s=20)
+    await pipeline.settle(worker)
+    assert len(pipeline.mails_for(sid)) == 1
 
 
 async def test_recording_an_effect_after_the_locks_connection_died_stops_the_event(

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytest
+from aio_pika.abc import AbstractChannel
 
 from devkit import signing as sh
 from devkit.stripe import StripeStandIn
 from shared.topology import Topology
 from shared.vocabulary import HEADER_EVENT_ID
-from tests.conftest import bind_refusing_queue, db_fetch, drain, wait_for
+from tests.conftest import bind_refusing_queue, drain, wait_for
+from tests.pipeline import Pipeline
 from tests.processes import acli, cli
 from worker.settings import WorkerSettings
 
@@ -19,7 +20,10 @@ pytestmark = pytest.mark.timeout(90)
 
 
 async def test_backfill_waits_out_stripes_429s_and_5xxs_and_stops_at_its_verdicts(
-    standin: StripeStandIn, worker_settings: WorkerSettings, channel: Any, topology: Topology
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    channel: AbstractChannel,
+    topology: Topology,
 ) -> None:
     """Black-box trial: the first 429 or 500 from the events API ended the run (exit 2),
     though a long backfill shares the account's rate limit with busy workers."""
@@ -65,7 +69,10 @@ async def test_a_backfill_stops_at_an_empty_page_that_says_it_has_more(
 
 
 async def test_a_backfill_the_broker_refuses_leaves_its_events_for_the_next_run(
-    standin: StripeStandIn, worker_settings: WorkerSettings, channel: Any, topology: Topology
+    standin: StripeStandIn,
+    worker_settings: WorkerSettings,
+    channel: AbstractChannel,
+    topology: Topology,
 ) -> None:
     """An event is remembered as enqueued only once the broker confirmed it: after a nack,
     the next run enqueues it, rather than skipping it for good."""
@@ -106,14 +113,9 @@ def test_backfill_refuses_an_empty_window_rather_than_finding_nothing_in_it(
 
 
 async def test_backfill_enqueues_only_missing_events_across_pages_and_twice_is_once(
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    channel: Any,
-    topology: Topology,
-    database_url: str,
-    start_worker: Any,
-    publish: Any,
+    pipeline: Pipeline, worker_settings: WorkerSettings
 ) -> None:
+    standin = pipeline.standin
     now = int(time.time())
     missing = [
         standin.add_session_event(standin.add_session()["id"], created=now - 3600 - i)["id"]
@@ -128,12 +130,10 @@ async def test_backfill_enqueues_only_missing_events_across_pages_and_twice_is_o
     )
     processed_sid = standin.add_session()["id"]
     processed = standin.add_session_event(processed_sid, created=now - 3600)
-    worker = await start_worker(worker_settings)
-    await publish(processed)
+    worker = await pipeline.start()
+    await pipeline.publish(processed)
     await wait_for(
-        lambda: db_fetch(
-            database_url, "SELECT 1 FROM processed_events WHERE event_id = $1", processed["id"]
-        )
+        lambda: pipeline.rows("SELECT 1 FROM processed_events WHERE event_id = $1", processed["id"])
     )
     await worker.stop(grace_s=2)
     since = time.strftime("%Y-%m-%d", time.gmtime(now - 2 * 86400))
@@ -147,7 +147,7 @@ async def test_backfill_enqueues_only_missing_events_across_pages_and_twice_is_o
     assert first.returncode == 0, first.stderr
     assert "enqueued 105" in first.stdout and "1 already processed" in first.stdout
     assert "enqueued 0" in second.stdout and "105 already enqueued" in second.stdout
-    queued = await drain(channel, topology.work_queue)
+    queued = await pipeline.queued()
     assert sorted(m.headers[HEADER_EVENT_ID] for m in queued) == sorted(missing)
     for skipped in (delivered["id"], too_old["id"], other["id"]):
         assert skipped not in {m.headers[HEADER_EVENT_ID] for m in queued}
@@ -164,7 +164,7 @@ async def test_backfill_enqueues_only_missing_events_across_pages_and_twice_is_o
 async def test_backfill_enqueues_only_handled_types_in_the_window_even_if_stripe_ignores_filters(
     standin: StripeStandIn,
     worker_settings: WorkerSettings,
-    channel: Any,
+    channel: AbstractChannel,
     topology: Topology,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -7,11 +7,11 @@ import os
 import socket
 import subprocess
 import uuid
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
+from shared.settings import BrokerSettings
 from tests.conftest import free_port
 from tests.processes import broker_env, run_fulfillment, worker_env
 from worker.settings import WorkerSettings
@@ -134,7 +134,7 @@ def own_ports() -> dict[str, str]:
 )
 @pytest.mark.parametrize("command", [["topology"], ["status"], ["worker"], ["up"]])
 def test_a_broker_that_refuses_the_url_says_so_and_does_not_say_start_it(
-    broker_settings: Any, database_url: str, command: list[str], where: str, says: str
+    broker_settings: BrokerSettings, database_url: str, command: list[str], where: str, says: str
 ) -> None:
     """Black-box trial: a wrong password was answered "is it running? (rabbitmq-server
     -detached)", which sends the operator to a broker that runs fine."""
@@ -166,7 +166,7 @@ def test_a_broker_that_refuses_the_url_says_so_and_does_not_say_start_it(
 
 @pytest.mark.parametrize("command", [["migrate"], ["worker"], ["up"]])
 def test_a_database_that_refuses_the_login_says_so_and_does_not_say_start_it(
-    broker_settings: Any, database_url: str, command: list[str]
+    broker_settings: BrokerSettings, database_url: str, command: list[str]
 ) -> None:
     """New-user trial: with no role of that name (the default URL names no user, so the
     login name is taken) the answer was "is it running? start it", twice, for a server
@@ -187,7 +187,9 @@ def test_a_database_that_refuses_the_login_says_so_and_does_not_say_start_it(
     assert "secret-pw" not in result.stderr and "pg_ctlcluster" not in result.stderr
 
 
-def test_up_says_which_service_is_unreachable_and_how_to_start_it(broker_settings: Any) -> None:
+def test_up_says_which_service_is_unreachable_and_how_to_start_it(
+    broker_settings: BrokerSettings,
+) -> None:
     env = {
         **os.environ,
         **broker_env(broker_settings),

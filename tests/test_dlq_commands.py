@@ -14,6 +14,7 @@ from typing import Any
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from devkit import signing as sh
 from shared.broker import event_message
@@ -27,7 +28,7 @@ from shared.vocabulary import (
     HEADER_LAST_FAILED_AT,
     HEADER_REPLAYED_FROM,
 )
-from tests.conftest import depth_is, drain, wait_for
+from tests.conftest import depth, depth_is, drain, wait_for
 from tests.pipeline import Pipeline
 from tests.processes import acli, worker_env
 from worker.settings import WorkerSettings
@@ -61,7 +62,7 @@ async def test_dlq_list_shows_why_oldest_failure_first_and_leaves_every_dead_let
 
 
 async def test_status_and_list_find_the_oldest_dead_letter_however_often_they_read(
-    worker_settings: WorkerSettings, channel: Any, topology: Topology
+    worker_settings: WorkerSettings, channel: AbstractChannel, topology: Topology
 ) -> None:
     """Regression: status peeked at the queue's head, and RabbitMQ 3.10 put each peeked
     letter back behind the others, so the "oldest" age changed with every run (12m, 7m,
@@ -111,23 +112,16 @@ async def test_dlq_show_prints_the_headers_and_the_pretty_body(
 
 
 async def test_a_dead_letter_without_an_event_id_is_named_by_its_message_and_can_be_picked(
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
+    pipeline: Pipeline, worker_settings: WorkerSettings
 ) -> None:
     """Something other than the ingress published a body that is no event: its dead letter
     has no event id to name it by, so it is named msg:<message id>, and only it is picked."""
-    await start_worker(worker_settings)
-    await publish(b"not json at all")
-    await publish(b"[1, 2, 3]")
+    await pipeline.start()
+    await pipeline.publish(b"not json at all")
+    await pipeline.publish(b"[1, 2, 3]")
 
     async def two_dead() -> bool:
-        q = await (await channel.get_underlay_channel()).queue_declare(
-            topology.dead_queue, passive=True
-        )
-        return (q.message_count or 0) == 2
+        return await depth(pipeline.channel, pipeline.topology.dead_queue) == 2
 
     await wait_for(two_dead, timeout_s=20)
     listed = json.loads((await acli(worker_settings, "dlq", "list", "--json")).stdout)
@@ -140,7 +134,7 @@ async def test_a_dead_letter_without_an_event_id_is_named_by_its_message_and_can
     assert shown.returncode == 0, shown.stderr
     assert '"fulfillment-error-type": "MalformedEvent"' in shown.stdout
     assert purged.returncode == 0, purged.stderr
-    [left] = await drain(channel, topology.dead_queue)
+    [left] = await pipeline.dead_letters()
     assert left.message_id == names[1].removeprefix("msg:")
 
 
@@ -235,7 +229,7 @@ async def test_replay_and_purge_of_event_ids_not_in_the_dlq_say_so_and_exit_1(
 
 
 async def put_dead_letters(
-    channel: Any, topology: Topology, *event_types: str
+    channel: AbstractChannel, topology: Topology, *event_types: str
 ) -> list[dict[str, Any]]:
     """One dead letter per type, as a worker leaves it (event headers and failure headers),
     put straight into the DLQ; the events, in order."""
@@ -254,12 +248,12 @@ async def put_dead_letters(
     return events
 
 
-async def dead_ids(channel: Any, topology: Topology) -> list[str]:
+async def dead_ids(channel: AbstractChannel, topology: Topology) -> list[str]:
     return [m.headers[HEADER_EVENT_ID] for m in await drain(channel, topology.dead_queue)]
 
 
 async def test_a_replay_the_broker_does_not_take_keeps_the_dead_letter_and_exits_1(
-    worker_settings: WorkerSettings, channel: Any, topology: Topology
+    worker_settings: WorkerSettings, channel: AbstractChannel, topology: Topology
 ) -> None:
     """The dead copy goes only once the new one is confirmed: with the work queue gone (the
     publish is returned), nothing is lost and the command fails."""
@@ -275,7 +269,7 @@ async def test_a_replay_the_broker_does_not_take_keeps_the_dead_letter_and_exits
 
 
 async def test_dlq_list_and_replay_by_type_pick_only_that_type(
-    worker_settings: WorkerSettings, channel: Any, topology: Topology
+    worker_settings: WorkerSettings, channel: AbstractChannel, topology: Topology
 ) -> None:
     completed, failed = await put_dead_letters(
         channel,
@@ -298,7 +292,7 @@ async def test_dlq_list_and_replay_by_type_pick_only_that_type(
 
 
 async def test_replay_at_a_rate_spaces_the_replays_out(
-    worker_settings: WorkerSettings, channel: Any, topology: Topology
+    worker_settings: WorkerSettings, channel: AbstractChannel, topology: Topology
 ) -> None:
     """--rate 5: five replays take at least four fifths of a second from first to last."""
     await put_dead_letters(channel, topology, *["checkout.session.completed"] * 5)
@@ -316,7 +310,7 @@ async def test_replay_at_a_rate_spaces_the_replays_out(
 
 
 async def test_purge_at_a_terminal_asks_first_and_only_a_yes_purges(
-    worker_settings: WorkerSettings, channel: Any, topology: Topology
+    worker_settings: WorkerSettings, channel: AbstractChannel, topology: Topology
 ) -> None:
     [event] = await put_dead_letters(channel, topology, "checkout.session.completed")
     env = {**os.environ, **worker_env(worker_settings), "LOG_FORMAT": "json"}
@@ -405,7 +399,10 @@ def test_the_dlq_table_keeps_one_line_per_letter_whatever_its_headers_hold() -> 
 
 
 async def test_a_retried_message_that_then_crashes_its_workers_is_shown_as_the_delivery_limit(
-    worker_settings: WorkerSettings, amqp: Any, channel: Any, topology: Topology
+    worker_settings: WorkerSettings,
+    amqp: AbstractRobustConnection,
+    channel: AbstractChannel,
+    topology: Topology,
 ) -> None:
     """Black-box trial: a message back from a delay queue still carries its earlier
     failure's headers; when it then hit the delivery limit, `dlq list` and `show` reported
@@ -450,7 +447,7 @@ async def test_a_retried_message_that_then_crashes_its_workers_is_shown_as_the_d
 
 
 async def test_a_letter_the_broker_moved_for_another_reason_is_listed_with_that_reason(
-    worker_settings: WorkerSettings, channel: Any, topology: Topology
+    worker_settings: WorkerSettings, channel: AbstractChannel, topology: Topology
 ) -> None:
     """Not only the delivery limit: a message that expired on the work queue (a TTL set by
     whoever published it) is the broker's dead letter too, one attempt, no worker."""
@@ -472,7 +469,7 @@ async def test_a_letter_the_broker_moved_for_another_reason_is_listed_with_that_
 
 
 async def test_a_letter_neither_a_worker_nor_the_broker_put_there_is_listed_as_such(
-    worker_settings: WorkerSettings, channel: Any, topology: Topology
+    worker_settings: WorkerSettings, channel: AbstractChannel, topology: Topology
 ) -> None:
     """Something else published straight into the DLQ: no failure headers, no x-death."""
     from fulfillment.dlq import list_dead_letters

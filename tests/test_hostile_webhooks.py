@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aio_pika.abc import AbstractChannel
 from aiohttp.test_utils import TestServer
 
 from devkit import signing as sh
@@ -60,7 +61,7 @@ from tests.processes import ingress_process
 pytestmark = pytest.mark.timeout(120)
 
 
-async def assert_still_serves(port: int, channel: Any, topology: Topology) -> None:
+async def assert_still_serves(port: int, channel: AbstractChannel, topology: Topology) -> None:
     """Nothing was queued by the bad requests; a valid event is still answered 200 and queued."""
     assert (await depths(channel, topology)) == dict.fromkeys(topology.all_queues, 0)
     raw = sh.body(sh.event())
@@ -109,7 +110,7 @@ async def ingress_port(topology: Topology, ingress_settings: IngressSettings) ->
 
 
 async def test_ten_thousand_generated_bad_requests_are_all_refused_with_a_4xx_and_none_queued(
-    ingress_port: int, topology: Topology, channel: Any
+    ingress_port: int, topology: Topology, channel: AbstractChannel
 ) -> None:
     hostile = Hostile(random.Random(SEED))
 
@@ -123,7 +124,7 @@ async def test_ten_thousand_generated_bad_requests_are_all_refused_with_a_4xx_an
 
 
 async def test_slow_bodies_are_cut_off_by_the_read_timeout_with_408_and_a_close(
-    ingress_port: int, topology: Topology, channel: Any
+    ingress_port: int, topology: Topology, channel: AbstractChannel
 ) -> None:
     rng = random.Random(SEED + 1)
     raw = sh.body(sh.event())
@@ -212,7 +213,7 @@ def test_routing_fields_that_cannot_be_amqp_header_values_are_dropped() -> None:
 
 
 async def test_signed_events_with_fields_amqp_cannot_carry_get_400_or_are_queued_never_500(
-    ingress_port: int, topology: Topology, channel: Any
+    ingress_port: int, topology: Topology, channel: AbstractChannel
 ) -> None:
     # these were 500s: pamqp refused to encode the routing key, a header string or integer
     def signed(field: str, value: Any) -> bytes:
@@ -273,7 +274,7 @@ async def test_an_encoded_body_gets_415_not_500_whatever_the_server_decodes(
 
 
 async def test_expect_100_continue_is_refused_from_the_head_before_the_body_is_invited(
-    ingress_port: int, topology: Topology, channel: Any
+    ingress_port: int, topology: Topology, channel: AbstractChannel
 ) -> None:
     """A client that asks first is told 413 (or 415, 400) at once, not invited to upload
     a body that would then be refused; a good request is invited and queued."""
@@ -316,7 +317,7 @@ async def test_expect_100_continue_is_refused_from_the_head_before_the_body_is_i
 
 
 async def test_a_compressed_body_is_refused_never_inflated(
-    ingress_port: int, topology: Topology, channel: Any
+    ingress_port: int, topology: Topology, channel: AbstractChannel
 ) -> None:
     raw = sh.body(sh.event())
     compressed = gzip.compress(raw)
@@ -378,7 +379,7 @@ _AIOHTTP_REFUSALS = (
 
 
 async def test_a_real_ingress_process_keeps_its_memory_flat_under_ten_thousand_bad_requests(
-    topology: Topology, broker_settings: BrokerSettings, channel: Any
+    topology: Topology, broker_settings: BrokerSettings, channel: AbstractChannel
 ) -> None:
     port = free_port()
     process = ingress_process(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import Any
 
 import aio_pika
 import asyncpg
 import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from shared.topology import Topology
-from tests.conftest import db_fetch, free_port
+from tests.conftest import StartWorker, db_fetch, free_port
 from tests.pipeline import Pipeline
 from tests.processes import acli
 from worker.db import migrate
@@ -45,7 +45,10 @@ async def test_status_reports_queue_depths_consumers_dead_letters_and_recent_ful
 
 
 async def test_status_counts_the_work_queues_consumers_waiting_sessions_and_the_last_hour(
-    worker_settings: WorkerSettings, channel: Any, topology: Topology, unmigrated_database_url: str
+    worker_settings: WorkerSettings,
+    channel: AbstractChannel,
+    topology: Topology,
+    unmigrated_database_url: str,
 ) -> None:
     url = unmigrated_database_url
     await migrate(url)
@@ -66,7 +69,7 @@ async def test_status_counts_the_work_queues_consumers_waiting_sessions_and_the_
     finally:
         await conn.close()
 
-    async def hold(message: Any) -> None:  # one worker, as the broker sees it
+    async def hold(message: AbstractIncomingMessage) -> None:  # one worker, as the broker sees it
         pass
 
     work = await channel.get_queue(topology.work_queue)
@@ -110,7 +113,10 @@ async def test_status_against_a_schema_from_before_delay_queues_still_counts_ful
 
 
 async def test_status_shows_the_delay_queues_of_every_schedule_the_workers_declared(
-    worker_settings: WorkerSettings, start_worker: Any, channel: Any, topology: Topology
+    worker_settings: WorkerSettings,
+    start_worker: StartWorker,
+    channel: AbstractChannel,
+    topology: Topology,
 ) -> None:
     """Black-box trial: workers with another RETRY_DELAYS_S declare delay queues of their
     own (a rolling change of schedule), and status showed only its own schedule's, so

@@ -9,13 +9,14 @@ import re
 import signal
 import sys
 import time
-from typing import Any
 
 import pytest
+from aio_pika.abc import AbstractChannel
 
 from devkit import signing as sh
 from devkit.mailsink import SmtpSink
 from devkit.stripe import StripeStandIn
+from shared.settings import BrokerSettings
 from shared.topology import Topology
 from tests.conftest import depth_is, free_port, wait_for
 from tests.pipeline import fulfillment_rows, session_event
@@ -115,7 +116,7 @@ async def test_a_second_ctrl_c_kills_what_up_is_still_waiting_for(
     smtp: SmtpSink,
     worker_settings: WorkerSettings,
     topology: Topology,
-    channel: Any,
+    channel: AbstractChannel,
 ) -> None:
     sid = standin.add_session()["id"]
     secret = sh.new_secret()
@@ -145,7 +146,7 @@ async def test_a_second_ctrl_c_kills_what_up_is_still_waiting_for(
 
 
 async def test_ctrl_c_while_up_checks_the_broker_stops_it_at_once(
-    broker_settings: Any, rabbitmq_url: str
+    broker_settings: BrokerSettings, rabbitmq_url: str
 ) -> None:
     """Regression (outside-in trial): a Ctrl-C in up's first half second was swallowed
     (asyncio cancelled the broker check, whose retry carried on) and up started it all."""

@@ -96,7 +96,7 @@ class Pipeline:
     """The stand-in, the mail sink, workers, a publisher, broker names and the database."""
 
     standin: StripeStandIn
-    stripe_base: str
+    stripe_base: str  # the stand-in's URL, which the worker settings' Stripe client uses
     smtp: SmtpSink
     settings: WorkerSettings
     start_worker: StartWorker
@@ -154,6 +154,7 @@ class Pipeline:
     # --- what came of it ---
 
     async def rows(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """What ``sql`` reads from the test's database now."""
         return await db_fetch(self.database_url, sql, *args)
 
     async def fulfillments(self, session_id: str) -> list[asyncpg.Record]:

@@ -15,8 +15,8 @@ import shutil
 import socket
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -33,6 +33,9 @@ from shared.stripe_client import StripeSettings
 from shared.topology import Topology
 from worker.consumer import Worker
 from worker.settings import SmtpSettings, WorkerSettings
+
+if TYPE_CHECKING:
+    from tests.pipeline import Pipeline
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -298,8 +301,19 @@ def worker_settings(
     )
 
 
+StartWorker = Callable[[WorkerSettings], Awaitable[Worker]]
+
+
+class Publish(Protocol):
+    """The ``publish`` fixture: an event document (or raw bytes) onto the events exchange."""
+
+    def __call__(
+        self, doc: dict[str, Any] | bytes, routing_key: str | None = None
+    ) -> Awaitable[None]: ...
+
+
 @pytest.fixture
-async def start_worker(topology: Topology) -> AsyncIterator[Any]:
+async def start_worker(topology: Topology) -> AsyncIterator[StartWorker]:
     workers: list[Worker] = []
 
     async def start(settings: WorkerSettings) -> Worker:
@@ -327,7 +341,7 @@ async def outbound(
 
 
 @pytest.fixture
-async def publish(topology: Topology, amqp: AbstractRobustConnection) -> Any:
+async def publish(topology: Topology, amqp: AbstractRobustConnection) -> Publish:
     """Publish a Stripe event document to the events exchange, as the ingress would."""
     ch = await amqp.channel(publisher_confirms=True, on_return_raises=True)
     exchange = await ch.get_exchange(topology.events_exchange)
@@ -349,6 +363,36 @@ async def publish(topology: Topology, amqp: AbstractRobustConnection) -> Any:
         )
 
     return send
+
+
+@pytest.fixture
+def pipeline(
+    standin: StripeStandIn,
+    stripe_base: str,
+    smtp: SmtpSink,
+    worker_settings: WorkerSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+    channel: AbstractChannel,
+    topology: Topology,
+    database_url: str,
+    outbound: str,
+) -> Pipeline:
+    """The fixtures above as one, with the steps worker tests repeat (tests/pipeline.py)."""
+    from tests.pipeline import Pipeline  # it imports this module's helpers
+
+    return Pipeline(
+        standin=standin,
+        stripe_base=stripe_base,
+        smtp=smtp,
+        settings=worker_settings,
+        start_worker=start_worker,
+        publish=publish,
+        channel=channel,
+        topology=topology,
+        database_url=database_url,
+        outbound=outbound,
+    )
 
 
 def counted(metric: str, **labels: str) -> float:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from typing import Any
 
+from worker.settings import WorkerSettings
+
 
 def run_fulfillment(
     *args: str,
@@ -27,6 +29,18 @@ def run_fulfillment(
         timeout=timeout_s,
         input=input_,
     )
+
+
+def cli(
+    settings: WorkerSettings, *args: str, input_: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``fulfillment ARGS`` as a user would, with the test's broker, database and Stripe."""
+    env = {**os.environ, **worker_env(settings), "LOG_FORMAT": "json"}
+    return run_fulfillment(*args, env=env, input_=input_)
+
+
+async def acli(settings: WorkerSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(cli, settings, *args)
 
 
 class RoleProcess:

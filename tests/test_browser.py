@@ -12,7 +12,7 @@ import pytest
 
 from devkit.mailsink import SmtpSink
 from tests.conftest import IN_CI, db_fetch, wait_for
-from tests.test_worker import fulfillment_rows
+from tests.pipeline import fulfillment_rows
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(90)

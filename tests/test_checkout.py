@@ -16,7 +16,7 @@ from devkit.stripe import StripeStandIn
 from shared.topology import Topology
 from shared.vocabulary import HEADER_EVENT_TYPE
 from tests.conftest import db_fetch, drain, wait_for
-from tests.test_worker import fulfillment_rows
+from tests.pipeline import fulfillment_rows
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(60)

@@ -33,8 +33,8 @@ from shared.logging import configure_logging, get_logger, register_secrets
 from shared.settings import BrokerSettings, LogSettings
 from shared.topology import Topology
 from tests.conftest import free_port, wait_for
+from tests.pipeline import session_event
 from tests.processes import RoleProcess, broker_env, worker_env
-from tests.test_worker import session_event
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(120)

@@ -151,7 +151,9 @@ def _dlq_list(args: argparse.Namespace) -> int:
     from fulfillment.dlq import list_dead_letters, print_table
 
     _setup("dlq")
-    letters = runtime.run(list_dead_letters(_broker(), event_type=args.type, limit=args.limit))
+    letters = runtime.run(
+        list_dead_letters(_broker(), event_type=args.type, limit=args.limit, unrouted=args.unrouted)
+    )
     if args.json:
         print(json.dumps([dl.summary() for dl in letters], indent=2))
     else:
@@ -203,6 +205,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             rate_per_s=args.rate,
             progress=_progress("replayed"),
+            unrouted=args.unrouted,
         )
     )
     if args.dry_run:
@@ -297,6 +300,12 @@ def _backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNROUTED_HELP = (
+    "instead of dead letters, the handled events no queue took "
+    "(stripe.events.unrouted.handled: sent while the work queue was missing)"
+)
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="fulfillment",
@@ -359,6 +368,7 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--type", help="only this event type")
     p.add_argument("--limit", type=_at_least_one, metavar="N", help="at most N")
+    p.add_argument("--unrouted", action="store_true", help=_UNROUTED_HELP)
     p = add(dsub, "show", _dlq_show, "Show one dead letter's headers and body.",
             "fulfillment dlq show evt_1PgcB2B7WZ01zgkW")  # fmt: skip
     p.add_argument("event_id", metavar="EVENT_ID")
@@ -370,6 +380,7 @@ def build_parser() -> Parser:
     p.add_argument("--all", action="store_true", help="every dead letter")
     p.add_argument("--dry-run", action="store_true", help="say what would be replayed")
     p.add_argument("--rate", type=_above_zero, metavar="N", help="at most N replays per second")
+    p.add_argument("--unrouted", action="store_true", help=_UNROUTED_HELP)
     p = add(dsub, "purge", _dlq_purge, "Delete dead letters for good (asks unless --yes).",
             "fulfillment dlq purge evt_1PgcB2B7WZ01zgkW --yes")  # fmt: skip
     p.add_argument("event_ids", nargs="*", metavar="EVENT_ID")

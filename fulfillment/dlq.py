@@ -225,18 +225,25 @@ def failed_at(dl: DeadLetter) -> float:
     return datetime.fromisoformat(dl.last_failed_at).timestamp() if dl.last_failed_at else 0.0
 
 
+def source_queue(topology: Topology, *, unrouted: bool = False) -> str:
+    """The DLQ, or (``unrouted``) the queue of handled events no queue took, which are
+    listed and replayed as dead letters are."""
+    return topology.unrouted_handled_queue if unrouted else topology.dead_queue
+
+
 @contextlib.asynccontextmanager
 async def dead_letters(
-    settings: BrokerSettings, *, at_most: int | None = None
+    settings: BrokerSettings, *, at_most: int | None = None, unrouted: bool = False
 ) -> AsyncIterator[tuple[AbstractChannel, Topology, Held]]:
-    """The dead letters now in the DLQ (``at_most`` of them), held unacked, oldest failure
-    first; unacked ones go back on exit."""
+    """The dead letters now in the DLQ (or ``source_queue``'s other one), ``at_most`` of
+    them, held unacked, oldest failure first; unacked ones go back on exit."""
     topology = Topology.from_settings(settings)
+    source = source_queue(topology, unrouted=unrouted)
     connection = await connect(settings)
     async with connection:
-        declared = await existing_queue(connection, topology.dead_queue, settings)
+        declared = await existing_queue(connection, source, settings)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        queue = await channel.get_queue(topology.dead_queue, ensure=False)
+        queue = await channel.get_queue(source, ensure=False)
         count = declared.message_count or 0
         if at_most is not None:
             count = min(count, at_most)
@@ -267,9 +274,13 @@ def _matcher(
 
 
 async def list_dead_letters(
-    settings: BrokerSettings, *, event_type: str | None = None, limit: int | None = None
+    settings: BrokerSettings,
+    *,
+    event_type: str | None = None,
+    limit: int | None = None,
+    unrouted: bool = False,
 ) -> list[DeadLetter]:
-    async with dead_letters(settings) as (_, _, held):
+    async with dead_letters(settings, unrouted=unrouted) as (_, _, held):
         letters = [dl for dl, _ in held if event_type is None or dl.event_type == event_type]
     return letters[:limit] if limit is not None else letters
 
@@ -300,18 +311,21 @@ async def replay(
     dry_run: bool = False,
     rate_per_s: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    unrouted: bool = False,
 ) -> ReplayResult:
-    """Move matching dead letters back to the work queue with a fresh attempt count."""
+    """Move matching dead letters (``unrouted``: handled events no queue took) to the work
+    queue with a fresh attempt count."""
     match = _matcher(event_ids, event_type, everything)
     result = ReplayResult()
-    async with dead_letters(settings) as (channel, topology, held):
+    async with dead_letters(settings, unrouted=unrouted) as (channel, topology, held):
         chosen = [(dl, m) for dl, m in held if match(dl)]
         result.matched = len(chosen)
         for n, (dl, message) in enumerate(chosen, 1):
             result.event_ids.append(dl.event_id)
             if dry_run:
                 continue
-            fresh = copy_message(message, {HEADER_REPLAYED_FROM: topology.dead_queue})
+            source = source_queue(topology, unrouted=unrouted)
+            fresh = copy_message(message, {HEADER_REPLAYED_FROM: source})
             for header in _FAILURE_HEADERS:
                 fresh.headers.pop(header, None)
             try:

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# the ``logs`` fixture: what in-process services logged, as JSON lines
+pytest_plugins = ["tests.captured_logs"]
+
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
     """In-process async tests run on the loop the project's processes run on (uvloop)."""
@@ -342,9 +345,14 @@ async def outbound(
 
 @pytest.fixture
 async def publish(topology: Topology, amqp: AbstractRobustConnection) -> Publish:
-    """Publish a Stripe event document to the events exchange, as the ingress would."""
+    """Publish a Stripe event document where the ingress would (Topology.route); bytes (a
+    body that may be no event) as a checkout.session.completed, unless ``routing_key``."""
     ch = await amqp.channel(publisher_confirms=True, on_return_raises=True)
-    exchange = await ch.get_exchange(topology.events_exchange)
+    events = await ch.get_exchange(topology.events_exchange)
+
+    async def to(message: aio_pika.Message, event_type: str) -> None:
+        exchange_name, key = topology.route(event_type)
+        await (events if exchange_name else ch.default_exchange).publish(message, key)
 
     async def send(doc: dict[str, Any] | bytes, routing_key: str | None = None) -> None:
         if isinstance(doc, bytes):
@@ -354,13 +362,11 @@ async def publish(topology: Topology, amqp: AbstractRobustConnection) -> Publish
                 message_id=uuid.uuid4().hex,
                 content_type="application/json",
             )
-            await exchange.publish(message, routing_key or "checkout.session.completed")
+            await to(message, routing_key or "checkout.session.completed")
             return
         raw = json.dumps(doc).encode()
         envelope = EventEnvelope.parse(raw)
-        await exchange.publish(
-            event_message(raw, envelope, source="test"), routing_key or envelope.type
-        )
+        await to(event_message(raw, envelope, source="test"), routing_key or envelope.type)
 
     return send
 

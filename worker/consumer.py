@@ -28,9 +28,9 @@ import asyncpg
 import structlog
 from aio_pika.abc import (
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
+    AbstractRobustQueue,
 )
 
 from shared import runtime
@@ -52,6 +52,7 @@ from shared.vocabulary import (
 )
 from worker import metrics, retry, startup
 from worker.flow import EffectsLog, Fulfiller
+from worker.queue_watch import ConsumerWatch
 from worker.settings import WorkerSettings
 from worker.store import Store
 
@@ -97,7 +98,8 @@ class Worker:
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
-        self._queue: AbstractQueue | None = None
+        self._queue: AbstractRobustQueue | None = None
+        self._watch: ConsumerWatch | None = None
         self._consumer_tag: str | None = None
         self._pool: asyncpg.Pool | None = None
         self._http: AIOHTTPClient | None = None
@@ -123,10 +125,16 @@ class Worker:
         await startup.connect(self._connection, s.broker)
         self._channel = await startup.open_channel(self._connection, prefetch=s.concurrency)
         store = Store(self._pool)
-        await startup.declare(self._channel, self.topology, store)
+        self._queue = await startup.declare(self._channel, self.topology, store)
         self._fulfiller = await startup.fulfiller(s, store, client, self._channel, self.topology)
-        self._queue = await self._channel.get_queue(self.topology.work_queue)
-        self._consumer_tag = await self._queue.consume(self._on_message)
+        self._watch = ConsumerWatch(
+            self._connection,
+            self._channel,
+            self._queue,
+            self._on_message,
+            has_room=lambda: self.in_flight < s.concurrency,
+        )
+        self._consumer_tag = await self._watch.start()
         log.info(
             "worker consuming",
             queue=self.topology.work_queue,
@@ -138,9 +146,8 @@ class Worker:
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking messages, let in-flight ones finish within the grace period, close."""
         grace_s = self.settings.grace_s if grace_s is None else grace_s
-        if self._queue is not None and self._consumer_tag is not None:
-            with contextlib.suppress(Exception):  # bounded: the broker may be away
-                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout=5)
+        if self._watch is not None and self._consumer_tag is not None:
+            await self._watch.stop()  # bounded: the broker may be away
             self._consumer_tag = None
         if self._in_flight:
             log.info("worker draining", in_flight=len(self._in_flight), grace_s=grace_s)

@@ -32,6 +32,7 @@ from shared.settings import BrokerSettings
 from shared.topology import Topology, connect
 from shared.vocabulary import (
     HEADER_ATTEMPT,
+    HEADER_DEAD_LETTER_REASON,
     HEADER_ERROR_MESSAGE,
     HEADER_ERROR_TYPE,
     HEADER_EVENT_ID,
@@ -47,6 +48,7 @@ log = get_logger(__name__)
 # Headers that describe a failed attempt; a replayed copy starts without them.
 _FAILURE_HEADERS = (
     HEADER_ATTEMPT,
+    HEADER_DEAD_LETTER_REASON,
     HEADER_FIRST_FAILED_AT,
     HEADER_LAST_FAILED_AT,
     HEADER_ERROR_TYPE,
@@ -83,6 +85,9 @@ class DeadLetter:
     checkout_session_id: str | None  # what it was about, when its body says
     headers: dict[str, Any] = field(repr=False)
     body: bytes = field(repr=False)
+    # the worker's reason (permanent, retries_exhausted, stripe_not_found); None for the
+    # broker's own dead letters and for older ones
+    reason: str | None = None
 
     @classmethod
     def from_message(cls, message: AbstractIncomingMessage, *, delivery_limit: int) -> DeadLetter:
@@ -148,6 +153,7 @@ class DeadLetter:
             checkout_session_id=_session_id(doc),
             headers=headers,
             body=message.body,
+            reason=None if death else _text_or_none(headers.get(HEADER_DEAD_LETTER_REASON)),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -161,7 +167,12 @@ class DeadLetter:
             "last_failed_at": self.last_failed_at,
             "worker_id": self.worker_id,
             "checkout_session_id": self.checkout_session_id,
+            "reason": self.reason,
         }
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _int(value: Any, default: int) -> int:
@@ -382,7 +393,8 @@ def print_table(letters: Sequence[DeadLetter], out: Any = sys.stdout) -> None:
         return
     print(f"{'EVENT ID':36} {'TYPE':44} {'ATT':>3}  {'LAST FAILURE':25} ERROR", file=out)
     for dl in letters:
-        error = _cell(f"{dl.error_type}: {dl.error}".replace("\n", " "))
+        why = f"{dl.reason}, " if dl.reason else ""  # stripe_not_found, retries_exhausted…
+        error = _cell(f"{why}{dl.error_type}: {dl.error}".replace("\n", " "))
         print(
             f"{_cell(dl.event_id):36} {_cell(dl.event_type):44} {dl.attempts:>3}  "
             f"{_cell(dl.last_failed_at or '-'):25} {error[:100]}",

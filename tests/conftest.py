@@ -300,6 +300,8 @@ def worker_settings(
         metrics_port=0,
         grace_s=5,
         quick_retries=2,
+        stripe_not_found_retries=0,  # an unknown session dead-lettered at once (the rule's
+        # own tests: test_retries_and_dead_letters.py)
         worker_id="test-worker",
     )
 

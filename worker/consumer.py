@@ -37,7 +37,7 @@ from shared import runtime
 from shared.backoff import compute_backoff
 from shared.broker import copy_message, publish_confirmed, utc_now_iso
 from shared.envelope import EventEnvelope
-from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError, TransientError
+from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError
 from shared.logging import get_logger
 from shared.stripe_client import AIOHTTPClient
 from shared.topology import Topology
@@ -265,6 +265,7 @@ class Worker:
             received=message.headers or {},
             worker_id=self.settings.worker_id,
             now=utc_now_iso(),
+            not_found_retries=self.settings.stripe_not_found_retries,
         )
         assert self._channel is not None
         try:
@@ -332,7 +333,9 @@ def _report(
             error=str(exc),
             duration_ms=_ms_since(started),
             # a traceback for what is neither kind of expected failure: a bug
-            exc_info=exc if not isinstance(exc, TransientError | PermanentError) else None,
+            exc_info=exc
+            if not (retry.is_transient(exc) or isinstance(exc, PermanentError))
+            else None,
         )
 
 

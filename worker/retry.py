@@ -22,9 +22,11 @@ from tenacity.stop import stop_base
 from shared.backoff import compute_backoff
 from shared.errors import PermanentError, TransientError
 from shared.logging import mask_secrets
+from shared.stripe_client import StripeNotFound
 from shared.topology import Topology
 from shared.vocabulary import (
     HEADER_ATTEMPT,
+    HEADER_DEAD_LETTER_REASON,
     HEADER_ERROR_MESSAGE,
     HEADER_ERROR_TYPE,
     HEADER_FIRST_FAILED_AT,
@@ -46,7 +48,7 @@ def is_transient(exc: BaseException) -> bool:
     """Whether trying again later may succeed (outage, overload), as opposed to never."""
     if isinstance(exc, PermanentError):
         return False
-    return isinstance(exc, (TransientError, *db.TRANSIENT_ERRORS))
+    return isinstance(exc, TransientError) or db.is_transient(exc)
 
 
 def asked_wait(exc: BaseException | None) -> float:
@@ -95,10 +97,12 @@ def quick_retries(attempts: int) -> AsyncRetrying:
 
 
 class DeadLetterReason(StrEnum):
-    """Why a message was dead-lettered (the ``reason`` of its log line and metric)."""
+    """Why a message was dead-lettered (the ``reason`` of its log line, its metric and its
+    header ``fulfillment-dead-letter-reason``)."""
 
     PERMANENT = "permanent"
     RETRIES_EXHAUSTED = "retries_exhausted"
+    STRIPE_NOT_FOUND = "stripe_not_found"  # a 404 for the session, after its retries
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,19 +124,30 @@ def decide(
     received: Mapping[str, Any],
     worker_id: str,
     now: str,
+    not_found_retries: int = 0,
 ) -> Decision:
     """The retry policy for ``exc`` on the ``attempt``-th delivery (1-based) of a message
     that came with headers ``received``; ``now`` is the failure's time as headers carry it.
 
     A transient failure is retried while the schedule (one delay queue per delay) lasts,
-    in the queue whose delay is at least the Retry-After the other side asked for.
+    in the queue whose delay is at least the Retry-After the other side asked for. Stripe
+    not finding the session named in a (signed) event is rarely final (a key of another
+    mode or account mid-rotation, a read right after creation): retried through the first
+    ``not_found_retries`` delay queues (STRIPE_NOT_FOUND_RETRIES), then dead-lettered as
+    ``stripe_not_found``.
     """
     headers = failure_headers(exc, attempt, received=received, worker_id=worker_id, now=now)
     transient = is_transient(exc)
-    if transient and attempt <= len(topology.retry_delays_s):
+    if isinstance(exc, StripeNotFound):
+        retries = min(not_found_retries, len(topology.retry_delays_s))
+        reason = DeadLetterReason.STRIPE_NOT_FOUND
+    else:
+        retries = len(topology.retry_delays_s) if transient else 0
+        reason = DeadLetterReason.RETRIES_EXHAUSTED if transient else DeadLetterReason.PERMANENT
+    if attempt <= retries:
         queue, delay_s = topology.retry_queue_for(attempt, asked_wait(exc))
         return Decision(Outcome.RETRY, queue, delay_s, None, headers)
-    reason = DeadLetterReason.RETRIES_EXHAUSTED if transient else DeadLetterReason.PERMANENT
+    headers[HEADER_DEAD_LETTER_REASON] = str(reason)
     return Decision(Outcome.DEAD_LETTER, topology.dead_queue, None, reason, headers)
 
 

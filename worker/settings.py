@@ -83,6 +83,8 @@ class WorkerSettings:
     metrics_host: str = "0.0.0.0"
     grace_s: float = 30.0
     quick_retries: int = 3
+    # delay queues a session Stripe answers 404 for goes through before its dead letter
+    stripe_not_found_retries: int = 2
     worker_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
     )
@@ -102,6 +104,12 @@ class WorkerSettings:
             grace_s=env_float(env, "WORKER_GRACE_S", default_of(cls, "grace_s"), minimum=0),
             quick_retries=env_int(
                 env, "WORKER_QUICK_RETRIES", default_of(cls, "quick_retries"), minimum=1
+            ),
+            stripe_not_found_retries=env_int(
+                env,
+                "STRIPE_NOT_FOUND_RETRIES",
+                default_of(cls, "stripe_not_found_retries"),
+                minimum=0,
             ),
             worker_id=env_str(env, "WORKER_ID", "") or default_of(cls, "worker_id"),
         )

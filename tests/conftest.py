@@ -294,7 +294,12 @@ def worker_settings(
         broker=broker_settings,
         database_url=database_url,
         smtp=SmtpSettings(
-            host="127.0.0.1", port=smtp.port, timeout_s=2, sender="Shop <orders@shop.test>"
+            host="127.0.0.1",
+            port=smtp.port,
+            connect_timeout_s=2,
+            timeout_s=2,
+            cooldown_s=0.2,  # below the first delay queue's 0.5 s, as the default is below 10 s
+            sender="Shop <orders@shop.test>",
         ),
         concurrency=8,
         metrics_port=0,

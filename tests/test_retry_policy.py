@@ -176,3 +176,27 @@ def test_the_decision_depends_only_on_its_inputs() -> None:
 )
 def test_the_attempt_is_one_more_than_the_copy_says(headers: dict[str, Any], attempt: int) -> None:
     assert attempt_of(headers) == attempt
+
+
+async def test_a_send_in_doubt_or_a_relay_not_answering_is_not_tried_again_in_process() -> None:
+    """Either would wait out the same timeout again, or send the email twice: the delay
+    queue decides. Other transient errors are tried again at once."""
+    from worker.relay import EmailInDoubt, RelayUnavailable
+    from worker.retry import quick_retries
+
+    for error, calls_expected in (
+        (EmailInDoubt("no reply to the message's end"), 1),
+        (RelayUnavailable("relay not answering"), 1),
+        (TransientError("Stripe 503"), 3),
+    ):
+        calls = 0
+
+        async def failing(error: Exception = error) -> None:
+            nonlocal calls
+            calls += 1
+            raise error
+
+        with pytest.raises(type(error)):
+            await quick_retries(3)(failing)
+        assert calls == calls_expected, error
+        assert _decide(error, 1).outcome is Outcome.RETRY

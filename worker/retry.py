@@ -20,7 +20,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.stop import stop_base
 
 from shared.backoff import compute_backoff
-from shared.errors import PermanentError, TransientError
+from shared.errors import PermanentError, RetryLater, TransientError
 from shared.logging import mask_secrets
 from shared.stripe_client import StripeNotFound
 from shared.topology import Topology
@@ -49,6 +49,12 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, PermanentError):
         return False
     return isinstance(exc, TransientError) or db.is_transient(exc)
+
+
+def retried_in_process(exc: BaseException) -> bool:
+    """Whether a quick retry in process may help: transient, and not one to leave to the
+    delay queues at once (RetryLater)."""
+    return is_transient(exc) and not isinstance(exc, RetryLater)
 
 
 def asked_wait(exc: BaseException | None) -> float:
@@ -80,15 +86,16 @@ class _LongRetryAfter(stop_base):
 
 
 def quick_retries(attempts: int) -> AsyncRetrying:
-    """Up to ``attempts`` tries in process for transient errors, with a short backoff (or the
-    Retry-After asked for, if longer); the last error is raised as it is."""
+    """Up to ``attempts`` tries in process for transient errors (not RetryLater), with a
+    short backoff (or the Retry-After asked for, if longer); the last error is raised as it
+    is."""
     return AsyncRetrying(
         # a Retry-After longer than a quick retry's wait is waited in a delay queue
         stop=stop_after_attempt(attempts) | _LongRetryAfter(),
         wait=lambda state: max(
             compute_backoff(state.attempt_number, base_s=0.2, max_s=2.0), _retry_after(state)
         ),
-        retry=retry_if_exception(is_transient),
+        retry=retry_if_exception(retried_in_process),
         reraise=True,
     )
 

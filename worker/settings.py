@@ -35,7 +35,14 @@ class SmtpSettings:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     use_tls: bool = False
+    # Per stage, as MTAs wait (RFC 5321 4.5.3.2): connecting, the greeting, EHLO, STARTTLS
+    # and AUTH; each reply to MAIL, RCPT and DATA; the reply to the message's end (10 min).
+    connect_timeout_s: float = 10.0
     timeout_s: float = 10.0
+    data_timeout_s: float = 600.0
+    # after the relay failed to take a connection or greet: how long emails are deferred at
+    # once, without trying, before one connection is tried again
+    cooldown_s: float = 5.0
     sender: str = "Orders <orders@localhost>"
     # what we say in EHLO; aiosmtplib would otherwise resolve our FQDN on every connection
     local_hostname: str = field(default_factory=socket.gethostname)
@@ -65,7 +72,14 @@ class SmtpSettings:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             use_tls=parts.scheme == "smtps",
+            connect_timeout_s=env_float(
+                env, "SMTP_CONNECT_TIMEOUT_S", default_of(cls, "connect_timeout_s"), minimum=0.1
+            ),
             timeout_s=env_float(env, "SMTP_TIMEOUT_S", default_of(cls, "timeout_s"), minimum=0.1),
+            data_timeout_s=env_float(
+                env, "SMTP_DATA_TIMEOUT_S", default_of(cls, "data_timeout_s"), minimum=0.1
+            ),
+            cooldown_s=env_float(env, "SMTP_COOLDOWN_S", default_of(cls, "cooldown_s"), minimum=0),
             sender=sender,
         )
 

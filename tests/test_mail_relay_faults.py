@@ -107,6 +107,7 @@ async def test_a_relay_that_takes_connections_and_never_greets_holds_no_order_ba
 
         await wait_for(most_announced, timeout_s=20)
         assert time.monotonic() - started < 20
+        print(f"order.fulfilled for {len(announced)} of 60 after {time.monotonic() - started:.1f}s")
         assert not any(pipeline.mails_for(sid) for sid in sessions)
         await asyncio.sleep(max(0.0, 30 - (time.monotonic() - started)))
         pipeline.smtp.stall_greeting = False

@@ -41,6 +41,11 @@ EMAILS_IN_DOUBT = Counter(
     "the delay queue, same Message-ID.",
     ["purpose"],
 )
+BROKER_BLOCKED = Gauge(
+    "worker_broker_blocked",
+    "1 while the broker blocks this worker's publishes (connection.blocked: a memory or "
+    "disk alarm) and outbound messages wait for connection.unblocked.",
+)
 SMTP_RELAY_DOWN = Gauge(
     "worker_smtp_relay_down",
     "1 while the mail relay does not take connections or greet in time (emails deferred to "

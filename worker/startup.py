@@ -96,6 +96,6 @@ async def fulfiller(
     return Fulfiller(
         store,
         StripeReader(client, live_key=settings.stripe.live_key),
-        Outbound(out, publish_timeout_s=settings.broker.publish_timeout_s),
+        Outbound(out, publish_timeout_s=settings.broker.publish_timeout_s, channel=channel),
         settings.smtp,
     )

@@ -25,6 +25,7 @@ EPILOG = """examples:
   fulfillment dlq list --type checkout.session.completed
   fulfillment dlq replay --all --dry-run
   fulfillment backfill --since 2026-11-01
+  fulfillment checkout-link --customer cus_NffrFeUfNV2Hib
 """
 
 Handler = Callable[[argparse.Namespace], int]
@@ -297,6 +298,19 @@ def _backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(text: str) -> timedelta:
+    from fulfillment.checkout_link import parse_duration
+
+    return parse_duration(text)
+
+
+def _checkout_link(args: argparse.Namespace) -> int:
+    from fulfillment.checkout_link import checkout_link
+
+    print(checkout_link(customer=args.customer, email=args.email, expires_in=args.expires_in))
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="fulfillment",
@@ -375,6 +389,15 @@ def build_parser() -> Parser:
     p.add_argument("event_ids", nargs="*", metavar="EVENT_ID")
     p.add_argument("--all", action="store_true", help="every dead letter")
     p.add_argument("--yes", action="store_true", help="do not ask")
+
+    p = add(sub, "checkout-link", _checkout_link,
+            "Print a signed link to the Checkout page, on PUBLIC_URL, for one customer.",
+            "fulfillment checkout-link --customer cus_NffrFeUfNV2Hib --expires-in 30m")  # fmt: skip
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--customer", metavar="CUS_ID", help="an existing customer (cus_…)")
+    who.add_argument("--email", metavar="ADDRESS", help="a new customer's email, prefilled")
+    p.add_argument("--expires-in", type=_duration, default=timedelta(minutes=30),
+                   metavar="DURATION", help="how long the link works (30m)")  # fmt: skip
 
     p = add(sub, "backfill", _backfill,
             "Enqueue Stripe events of the handled types that were not processed.",

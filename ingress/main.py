@@ -43,6 +43,8 @@ def run(settings: IngressSettings | None = None) -> None:
     checkout = CheckoutSettings.from_env()
     if checkout is not None:
         register_secrets([checkout.stripe.api_key])
+        if checkout.link_secret:
+            register_secrets([checkout.link_secret])
     runtime.run_service(_serve(settings, checkout))
     get_logger(__name__).info("ingress stopped")
 

@@ -41,3 +41,12 @@ for _outcome in OUTCOMES:
 BROKER_UP = Gauge(
     "ingress_broker_connected", "1 while the broker connection and channel are usable."
 )
+
+CLIENT_LIMITED = Counter(
+    "ingress_client_limited_total",
+    "Checkout requests refused 429 because their client was over its limit, by route "
+    "(create_checkout_session, checkout_success).",
+    ["route"],
+)
+for _route in ("create_checkout_session", "checkout_success"):
+    CLIENT_LIMITED.labels(_route)

@@ -1,5 +1,7 @@
 """The ingress application assembled: its routes, middlewares and flow control, and the
-health, readiness and metrics views (the webhook itself is ingress/webhook.py)."""
+health and readiness views (the webhook itself is ingress/webhook.py, the Checkout routes
+ingress/checkout_page.py and ingress/success.py; /metrics is served on a port of its own,
+ingress/metrics.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import stripe
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingress import checkout, checkout_page, success
 from ingress.checkout import CheckoutSettings
@@ -40,10 +41,6 @@ async def readyz(request: web.Request) -> web.Response:
     else:
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "not ready", "reason": reason}, status=503)
-
-
-async def metrics_view(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 @web.middleware
@@ -111,7 +108,6 @@ def create_app(
     app.router.add_post("/webhooks/stripe", receive_webhook, expect_handler=expect_continue)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_view)
     if checkout is not None:
         install_checkout(app, checkout)
     return app

@@ -38,6 +38,9 @@ class IngressSettings:
     # request body bytes this process holds at once beyond each body's first 64 KiB: a bound
     # on its memory that many slow uploads cannot pass (ingress/guards.py BodyBudget)
     max_buffered_bytes: int = 64 * 1024 * 1024
+    # /metrics on a port of its own, kept off the public one
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9090
     # the proxies whose X-Forwarded-For names the client (ingress/clients.py); "*": any
     forwarded_allow_ips: tuple[str, ...] = ()
 
@@ -97,5 +100,7 @@ class IngressSettings:
             read_timeout_s=env_float(
                 env, "INGRESS_READ_TIMEOUT_S", default_of(cls, "read_timeout_s"), minimum=0.1
             ),
+            metrics_host=env_str(env, "INGRESS_METRICS_HOST", default_of(cls, "metrics_host")),
+            metrics_port=env_port(env, "INGRESS_METRICS_PORT", default_of(cls, "metrics_port")),
             forwarded_allow_ips=forwarded,
         )

@@ -103,6 +103,21 @@ def env_float(env: Env, name: str, default: float, *, minimum: float | None = No
     return value
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_bool(env: Env, name: str, default: bool) -> bool:
+    """A yes-or-no setting: true/false, yes/no, on/off or 1/0, in any case."""
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
 def env_list(env: Env, name: str) -> tuple[str, ...]:
     """A comma-separated list; empty items are dropped."""
     raw = _raw(env, name)

@@ -161,20 +161,21 @@ def _dlq_list(args: argparse.Namespace) -> int:
 
 
 def _dlq_show(args: argparse.Namespace) -> int:
-    from fulfillment.dlq import show_dead_letter
+    from fulfillment.dlq import show_dead_letter, shown
 
     _setup("dlq")
     dl = runtime.run(show_dead_letter(_broker(), args.event_id))
     if dl is None:  # as replay and purge say it of an id not found: exit 1
         return _not_found([args.event_id], [])
     print(json.dumps(dl.summary(), indent=2))
+    # JSON escapes control characters; a header of another type (bytes) is shown by repr
     print("\nheaders:")
-    print(json.dumps(dl.headers, indent=2, default=str, sort_keys=True))
+    print(json.dumps(dl.headers, indent=2, default=lambda v: shown(str(v)), sort_keys=True))
     print("\nbody:")
     try:
         print(json.dumps(json.loads(dl.body), indent=2))
-    except (ValueError, UnicodeDecodeError):
-        print(dl.body.decode("utf-8", "replace"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        print(shown(dl.body.decode("utf-8", "replace")))
     return 0
 
 

@@ -113,3 +113,15 @@ def copy_message(
         app_id=message.app_id,
         headers=kept,
     )
+
+
+def bare_copy(message: AbstractIncomingMessage, headers: Mapping[str, object]) -> aio_pika.Message:
+    """A persistent copy of a received message's body with only ``headers``: for a message
+    whose own properties could not be sent again as they came."""
+    return aio_pika.Message(
+        message.body,
+        content_type=JSON,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=uuid.uuid4().hex,
+        headers=dict(headers),  # type: ignore[arg-type]
+    )

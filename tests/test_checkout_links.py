@@ -14,7 +14,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import aiohttp
 import pytest
 
-from devkit.mailsink import SmtpSink
 from devkit.stripe import StripeStandIn
 from ingress.checkout import CheckoutSettings
 from ingress.links import (
@@ -26,10 +25,9 @@ from ingress.links import (
     verify_checkout_link,
 )
 from shared.errors import ConfigError
-from tests.conftest import db_fetch, wait_for
+from tests.pipeline import Pipeline
 from tests.processes import run_fulfillment
 from tests.storefront import LINK_SECRET, Storefront, storefront_fixture  # noqa: F401
-from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -207,15 +205,10 @@ def shop_link(shop: Storefront, **kwargs: Any) -> str:
 
 
 async def test_a_signed_link_checks_out_as_its_customer_and_the_order_is_fulfilled(
-    storefront: Any,
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    database_url: str,
+    storefront: Any, pipeline: Pipeline
 ) -> None:
     shop = await storefront()
-    await start_worker(worker_settings)
+    await pipeline.start()
     link = shop_link(shop, customer=shop.customer["id"])
 
     status, text, fields = await follow(shop, link)
@@ -225,16 +218,10 @@ async def test_a_signed_link_checks_out_as_its_customer_and_the_order_is_fulfill
 
     assert status == 303
     session_id = location.rsplit("/", 1)[1]
-    assert standin.sessions[session_id]["customer"] == shop.customer["id"]
+    assert pipeline.standin.sessions[session_id]["customer"] == shop.customer["id"]
     async with aiohttp.ClientSession() as http, http.post(location) as r:
         assert r.status == 200 and "Thank you" in await r.text()
-    rows = await wait_for(
-        lambda: db_fetch(
-            database_url,
-            "SELECT customer_email FROM fulfillments WHERE checkout_session_id = $1",
-            session_id,
-        )
-    )
+    rows = await pipeline.fulfilled(session_id)
     assert [r["customer_email"] for r in rows] == ["grace@example.com"]
 
 

@@ -12,7 +12,6 @@ import aiohttp
 import pytest
 import structlog
 
-from devkit.mailsink import SmtpSink
 from devkit.stripe import StripeStandIn
 from ingress.checkout import CREATE_LIMIT, LOOKUP_LIMIT
 from ingress.clients import ClientAddress, parse_trusted
@@ -20,9 +19,9 @@ from ingress.limits import ClientBuckets
 from ingress.success import ANSWERS
 from shared.topology import Topology
 from shared.vocabulary import HEADER_EVENT_TYPE
-from tests.conftest import counted, db_fetch, drain, wait_for
+from tests.conftest import counted, drain
+from tests.pipeline import Pipeline
 from tests.storefront import Storefront, from_address, storefront_fixture  # noqa: F401
-from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -202,15 +201,10 @@ async def test_an_unpaid_sessions_reloads_queue_nothing(
 
 
 async def test_sixty_creations_from_one_client_create_at_most_the_burst_while_another_is_served(
-    storefront: Any,
-    standin: StripeStandIn,
-    smtp: SmtpSink,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    database_url: str,
+    storefront: Any, pipeline: Pipeline
 ) -> None:
     shop = await storefront()
-    await start_worker(worker_settings)
+    await pipeline.start()
     burst = shop.checkout.create_burst
 
     async with aiohttp.ClientSession() as flood:
@@ -225,12 +219,7 @@ async def test_sixty_creations_from_one_client_create_at_most_the_burst_while_an
     statuses = [r.status for r in answers]
     assert statuses.count(303) == burst and statuses.count(429) == 60 - burst
     assert shop.session_creations() == burst + 1
-    session_id = created.headers["Location"].rsplit("/", 1)[1]
-    await wait_for(
-        lambda: db_fetch(
-            database_url, "SELECT 1 FROM fulfillments WHERE checkout_session_id = $1", session_id
-        )
-    )
+    await pipeline.fulfilled(created.headers["Location"].rsplit("/", 1)[1])
 
 
 async def test_rotating_x_forwarded_for_without_trusted_proxies_does_not_escape_the_limit(

@@ -16,7 +16,6 @@ import pamqp.encode
 import pytest
 
 from devkit import signing as sh
-from devkit.stripe import StripeStandIn
 from shared.broker import event_message
 from shared.envelope import EventEnvelope
 from shared.topology import Topology
@@ -29,7 +28,8 @@ from shared.vocabulary import (
     HEADER_FIRST_FAILED_AT,
     HEADER_LIVEMODE,
 )
-from tests.conftest import db_fetch, depth, drain, wait_for
+from tests.conftest import depth, drain, wait_for
+from tests.pipeline import COMPLETED, Pipeline
 from tests.processes import run_fulfillment, worker_env
 from worker import consumer, retry
 from worker.settings import WorkerSettings
@@ -123,7 +123,7 @@ async def publish_crafted(
     exchange = await channel.get_exchange(topology.events_exchange)
     raw = json.dumps(doc).encode()
     message = event_message(raw, EventEnvelope.parse(raw), source="crafted", headers=headers)
-    await exchange.publish(message, "checkout.session.completed")
+    await exchange.publish(message, COMPLETED)
     await channel.close()
 
 
@@ -138,30 +138,19 @@ CRAFTED = {
 
 
 async def test_crafted_messages_are_dead_lettered_and_the_next_order_goes_through(
-    doubles: None,
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    amqp: Any,
-    channel: Any,
-    topology: Topology,
-    database_url: str,
+    doubles: None, pipeline: Pipeline, amqp: Any
 ) -> None:
-    worker = await start_worker(dataclasses.replace(worker_settings, concurrency=2))
+    worker = await pipeline.start(dataclasses.replace(pipeline.settings, concurrency=2))
     for n, (name, headers) in enumerate(CRAFTED.items()):
         # about a session Stripe does not know: a permanent failure, so a dead letter
         session = sh.checkout_session(f"cs_test_crafted_{n}")
-        event = sh.event("checkout.session.completed", session, event_id=f"evt_{name}")
-        await publish_crafted(amqp, topology, event, headers)
-    sid = standin.add_session()["id"]
-    session = {k: v for k, v in standin.sessions[sid].items() if k != "line_items"}
-    await publish_crafted(amqp, topology, sh.event("checkout.session.completed", session), {})
+        event = sh.event(COMPLETED, session, event_id=f"evt_{name}")
+        await publish_crafted(amqp, pipeline.topology, event, headers)
+    sid = pipeline.standin.add_session()["id"]
+    await publish_crafted(amqp, pipeline.topology, pipeline.event(COMPLETED, sid), {})
 
-    fulfilled = "SELECT 1 FROM fulfillments WHERE checkout_session_id = $1"
-    await wait_for(lambda: db_fetch(database_url, fulfilled, sid), timeout_s=20)
-    dead = await wait_for(
-        lambda: _all_dead(channel, topology, len(CRAFTED)), timeout_s=20, interval_s=0.2
-    )
+    await pipeline.fulfilled(sid, timeout_s=20)
+    dead = await wait_for(lambda: _all_dead(pipeline, len(CRAFTED)), timeout_s=20, interval_s=0.2)
     assert {m.headers[HEADER_EVENT_ID] for m in dead} == {f"evt_{name}" for name in CRAFTED}
     for message in dead:
         assert message.headers[HEADER_ERROR_TYPE] == "StripeNotFound", message.headers
@@ -170,50 +159,39 @@ async def test_crafted_messages_are_dead_lettered_and_the_next_order_goes_throug
     await wait_for(lambda: worker.in_flight == 0)
 
 
-async def _all_dead(channel: Any, topology: Topology, count: int) -> list[Any]:
+async def _all_dead(pipeline: Pipeline, count: int) -> list[Any]:
     """Every dead letter, once there are ``count``."""
-    if await depth(channel, topology.dead_queue) < count:
+    if await depth(pipeline.channel, pipeline.topology.dead_queue) < count:
         return []
-    return await drain(channel, topology.dead_queue)
+    return await pipeline.dead_letters()
 
 
 async def test_when_no_copy_can_be_sent_the_message_goes_to_the_queues_own_dead_lettering(
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
-    monkeypatch: pytest.MonkeyPatch,
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def refused(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("the broker's tables cannot hold this")  # not a broker outage
 
     monkeypatch.setattr(consumer, "publish_confirmed", refused)
-    worker = await start_worker(worker_settings)
-    await publish(sh.event("checkout.session.completed", sh.checkout_session("cs_test_nocopy")))
+    worker = await pipeline.start()
+    await pipeline.publish(sh.event(COMPLETED, sh.checkout_session("cs_test_nocopy")))
 
-    [message] = await wait_for(lambda: drain(channel, topology.dead_queue), timeout_s=20)
+    [message] = await wait_for(pipeline.dead_letters, timeout_s=20)
     assert message.headers["x-death"][0]["reason"] == "rejected"  # nacked: the broker moved it
     await wait_for(lambda: worker.in_flight == 0)
 
 
 async def test_a_handling_task_that_fails_unexpectedly_still_settles_its_message(
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
-    monkeypatch: pytest.MonkeyPatch,
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("a bug in the retry policy")
 
     monkeypatch.setattr(retry, "decide", broken)
-    worker = await start_worker(worker_settings)
-    await publish(sh.event("checkout.session.completed", sh.checkout_session("cs_test_bug")))
+    worker = await pipeline.start()
+    await pipeline.publish(sh.event(COMPLETED, sh.checkout_session("cs_test_bug")))
 
-    [message] = await wait_for(lambda: drain(channel, topology.dead_queue), timeout_s=20)
+    [message] = await wait_for(pipeline.dead_letters, timeout_s=20)
     assert message.headers["x-death"][0]["reason"] == "rejected"
     await wait_for(lambda: worker.in_flight == 0)
 

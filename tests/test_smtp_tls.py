@@ -17,12 +17,11 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
-from devkit import signing as sh
-from devkit.stripe import StripeStandIn
 from shared.errors import ConfigError, TransientError
 from shared.topology import Topology
 from shared.vocabulary import HEADER_ERROR_MESSAGE
-from tests.conftest import db_fetch, drain, free_port, wait_for
+from tests.conftest import drain, free_port, wait_for
+from tests.pipeline import Pipeline
 from tests.processes import RoleProcess, worker_env
 from worker.mail import Mailer
 from worker.settings import SmtpSettings, WorkerSettings
@@ -169,29 +168,20 @@ async def test_with_starttls_the_password_goes_only_after_it(trusted_certificate
 
 
 async def test_a_worker_with_credentials_and_no_tls_keeps_the_order_and_retries_the_email(
-    standin: StripeStandIn,
-    worker_settings: WorkerSettings,
-    start_worker: Any,
-    publish: Any,
-    channel: Any,
-    topology: Topology,
-    database_url: str,
+    pipeline: Pipeline,
 ) -> None:
     relay = Relay()
     async with relay.running():
-        await start_worker(dataclasses.replace(worker_settings, smtp=relay.settings()))
-        sid = standin.add_session()["id"]
-        await publish(sh.event("checkout.session.completed", standin.sessions[sid]))
+        await pipeline.start(dataclasses.replace(pipeline.settings, smtp=relay.settings()))
+        sid = await pipeline.complete()
+        delay_queue = pipeline.topology.retry_queues[0]
         retried = await wait_for(
-            lambda: drain(channel, topology.retry_queues[0]), timeout_s=20, interval_s=0.2
+            lambda: drain(pipeline.channel, delay_queue), timeout_s=20, interval_s=0.2
         )
 
     [message] = retried
     assert "offers no STARTTLS" in message.headers[HEADER_ERROR_MESSAGE]
-    steps = await db_fetch(
-        database_url, "SELECT step FROM fulfillment_steps WHERE checkout_session_id = $1", sid
-    )
-    assert [s["step"] for s in steps] == ["order_fulfilled_message"]  # the order went on
+    assert list(await pipeline.steps(sid)) == ["order_fulfilled_message"]  # the order went on
     assert b"AUTH" not in relay.sent_by_client.upper() and relay.logins == []
 
 

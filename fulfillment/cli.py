@@ -25,6 +25,7 @@ EPILOG = """examples:
   fulfillment dlq list --type checkout.session.completed
   fulfillment dlq replay --all --dry-run
   fulfillment backfill --since 2026-11-01
+  fulfillment checkout-link --customer cus_NffrFeUfNV2Hib
 """
 
 Handler = Callable[[argparse.Namespace], int]
@@ -160,20 +161,21 @@ def _dlq_list(args: argparse.Namespace) -> int:
 
 
 def _dlq_show(args: argparse.Namespace) -> int:
-    from fulfillment.dlq import show_dead_letter
+    from fulfillment.dlq import show_dead_letter, shown
 
     _setup("dlq")
     dl = runtime.run(show_dead_letter(_broker(), args.event_id))
     if dl is None:  # as replay and purge say it of an id not found: exit 1
         return _not_found([args.event_id], [])
     print(json.dumps(dl.summary(), indent=2))
+    # JSON escapes control characters; a header of another type (bytes) is shown by repr
     print("\nheaders:")
-    print(json.dumps(dl.headers, indent=2, default=str, sort_keys=True))
+    print(json.dumps(dl.headers, indent=2, default=lambda v: shown(str(v)), sort_keys=True))
     print("\nbody:")
     try:
         print(json.dumps(json.loads(dl.body), indent=2))
-    except (ValueError, UnicodeDecodeError):
-        print(dl.body.decode("utf-8", "replace"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        print(shown(dl.body.decode("utf-8", "replace")))
     return 0
 
 
@@ -297,6 +299,19 @@ def _backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(text: str) -> timedelta:
+    from fulfillment.checkout_link import parse_duration
+
+    return parse_duration(text)
+
+
+def _checkout_link(args: argparse.Namespace) -> int:
+    from fulfillment.checkout_link import checkout_link
+
+    print(checkout_link(customer=args.customer, email=args.email, expires_in=args.expires_in))
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="fulfillment",
@@ -375,6 +390,15 @@ def build_parser() -> Parser:
     p.add_argument("event_ids", nargs="*", metavar="EVENT_ID")
     p.add_argument("--all", action="store_true", help="every dead letter")
     p.add_argument("--yes", action="store_true", help="do not ask")
+
+    p = add(sub, "checkout-link", _checkout_link,
+            "Print a signed link to the Checkout page, on PUBLIC_URL, for one customer.",
+            "fulfillment checkout-link --customer cus_NffrFeUfNV2Hib --expires-in 30m")  # fmt: skip
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--customer", metavar="CUS_ID", help="an existing customer (cus_…)")
+    who.add_argument("--email", metavar="ADDRESS", help="a new customer's email, prefilled")
+    p.add_argument("--expires-in", type=_duration, default=timedelta(minutes=30),
+                   metavar="DURATION", help="how long the link works (30m)")  # fmt: skip
 
     p = add(sub, "backfill", _backfill,
             "Enqueue Stripe events of the handled types that were not processed.",

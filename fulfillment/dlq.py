@@ -321,9 +321,13 @@ async def replay(
                     topology.work_queue,
                     timeout_s=settings.publish_timeout_s,
                 )
-            except FulfillmentError as exc:
+            except Exception as exc:  # the broker's, or a header it cannot take back
                 result.failed += 1
-                log.error("replay failed; dead letter kept", event_id=dl.event_id, error=str(exc))
+                log.error(
+                    "replay failed; dead letter kept",
+                    event_id=dl.event_id,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
                 continue
             await message.ack()  # only now: the new copy is confirmed
             result.replayed += 1
@@ -379,6 +383,13 @@ def print_table(letters: Sequence[DeadLetter], out: Any = sys.stdout) -> None:
 def _cell(text: str) -> str:
     """A table cell on one line: a letter may come from anywhere (not only the ingress, which
     refuses control characters), so line breaks and other unprintables are shown escaped."""
+    return shown(text, keep="")
+
+
+def shown(text: str, keep: str = "\n\t") -> str:
+    """``text`` safe for a terminal: every unprintable character but those in ``keep``
+    escaped (``\x1b``, ``\r``, ``\u202e``), so a letter's content cannot move the cursor,
+    recolour or rewrite what is shown."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)

@@ -9,6 +9,7 @@ import aiormq
 import asyncpg
 
 from fulfillment.dlq import age_s, dead_letters, declared_queue, existing_queue
+from shared.logging import mask_secrets
 from shared.settings import BrokerSettings, redact_url
 from shared.topology import Topology, connect
 
@@ -69,9 +70,9 @@ async def _from_database(database_url: str, topology: Topology) -> dict[str, Any
     found: dict[str, Any] = {"database": redact_url(database_url), "other_delay_queues": []}
     try:
         conn = await asyncpg.connect(database_url, timeout=5)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+    except (OSError, asyncpg.PostgresError, asyncpg.ClientConfigurationError, TimeoutError) as exc:
         found["fulfillments_last_hour"] = None
-        found["database_error"] = f"{type(exc).__name__}: {exc}"
+        found["database_error"] = mask_secrets(f"{type(exc).__name__}: {exc}")
         return found
     try:
         found["fulfillments_last_hour"] = await conn.fetchval(

@@ -125,6 +125,8 @@ class Checked:
     metrics_host: str
     broker: BrokerSettings
     database_url: str
+    ingress_metrics_host: str
+    ingress_metrics_port: int
 
 
 def _check_settings(env: dict[str, str], metrics_port: int) -> Checked:
@@ -137,7 +139,14 @@ def _check_settings(env: dict[str, str], metrics_port: int) -> Checked:
     ingress = IngressSettings.from_env(env)
     CheckoutSettings.from_env(env)
     worker = WorkerSettings.from_env({**env, "WORKER_METRICS_PORT": str(metrics_port)})
-    return Checked(ingress.host, worker.metrics_host, worker.broker, worker.database_url)
+    return Checked(
+        ingress.host,
+        worker.metrics_host,
+        worker.broker,
+        worker.database_url,
+        ingress.metrics_host,
+        ingress.metrics_port,
+    )
 
 
 async def _preflight(broker: BrokerSettings, database_url: str) -> bool:
@@ -202,6 +211,14 @@ def _listeners(
             "INGRESS_PORT", checked.ingress_host, port, reuse_port=True, host_setting="INGRESS_HOST"
         )
     ]
+    wanted.append(
+        Listener(
+            "INGRESS_METRICS_PORT",
+            checked.ingress_metrics_host,
+            checked.ingress_metrics_port,
+            host_setting="INGRESS_METRICS_HOST",
+        )
+    )
     if metrics_port:
         wanted += [Listener("WORKER_METRICS_PORT", checked.metrics_host, metrics_port + i,
                             host_setting="WORKER_METRICS_HOST")
@@ -252,9 +269,14 @@ def _children(
     env: dict[str, str], checked: Checked, workers: int, port: int, metrics_port: int
 ) -> list[Child]:
     children = [Child("ingress", ["ingress"], env)]
+    ingress_metrics = (
+        f"http://{checked.ingress_metrics_host}:{checked.ingress_metrics_port}/metrics"
+        if checked.ingress_metrics_port
+        else "a free port (its `ingress metrics listening` line names it)"
+    )
     say(
         f"ingress: POST http://{checked.ingress_host}:{port}/webhooks/stripe "
-        "(healthz, readyz, metrics)"
+        f"(healthz, readyz); metrics on {ingress_metrics}"
     )
     for i in range(1, workers + 1):
         worker_port = metrics_port + i - 1 if metrics_port else 0

@@ -101,13 +101,16 @@ class EventPublisher:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=CLOSE_TIMEOUT_S * 2)
 
-    async def publish(self, raw: bytes, event: EventEnvelope) -> None:
-        """Publish one event and return once the broker confirmed it; else BrokerUnavailable."""
+    async def publish(
+        self, raw: bytes, event: EventEnvelope, *, message_id: str | None = None
+    ) -> None:
+        """Publish one event and return once the broker confirmed it; else BrokerUnavailable.
+        ``message_id``: see shared.broker.event_message."""
         usable = self._usable()
         if usable is None:
             raise BrokerUnavailable("not connected to the broker")
         exchange, _ = usable
-        message = event_message(raw, event, source="fulfillment-ingress")
+        message = event_message(raw, event, source="fulfillment-ingress", message_id=message_id)
         started = time.perf_counter()
         try:
             await publish_confirmed(

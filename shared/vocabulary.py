@@ -14,6 +14,7 @@ from enum import StrEnum
 SESSION_COMPLETED = "checkout.session.completed"
 PAYMENT_SUCCEEDED = "checkout.session.async_payment_succeeded"
 PAYMENT_FAILED = "checkout.session.async_payment_failed"
+SESSION_EXPIRED = "checkout.session.expired"  # routed to the work queue, and ignored there
 # Not Stripe's: published by the ingress's success page (and the tools) to ask the workers
 # to fulfill a session through the same idempotent path as its webhooks.
 FULFILLMENT_REQUESTED = "fulfillment.requested"

@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# Every ingress the tests start (alone or under `up`) serves /metrics on a free port unless
+# a test says which: on the fixed default, runs side by side on one machine would clash.
+os.environ.setdefault("INGRESS_METRICS_PORT", "0")
+
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
     """In-process async tests run on the loop the project's processes run on (uvloop)."""

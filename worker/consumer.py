@@ -35,7 +35,7 @@ from aio_pika.abc import (
 
 from shared import runtime
 from shared.backoff import compute_backoff
-from shared.broker import copy_message, publish_confirmed, utc_now_iso
+from shared.broker import bare_copy, copy_message, publish_confirmed, utc_now_iso
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError, TransientError
 from shared.logging import get_logger
@@ -48,6 +48,7 @@ from shared.vocabulary import (
     HEADER_EVENT_ID,
     HEADER_EVENT_TYPE,
     PAYMENT_FAILED_TYPES,
+    SESSION_EXPIRED,
     Outcome,
 )
 from worker import metrics, retry, startup
@@ -182,11 +183,25 @@ class Worker:
             await asyncio.shield(work)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
+        """Handle one message; whatever goes wrong, it ends acked or nacked (a message left
+        unsettled would hold a place of the prefetch until the connection closed)."""
+        try:
+            await self._handle(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("message handling crashed; dead-lettered by the broker")
+            if not message.processed:
+                with contextlib.suppress(Exception):
+                    # to the work queue's own dead-lettering (at least once, to the DLQ)
+                    await asyncio.shield(message.nack(requeue=False))
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
         headers = message.headers or {}
-        event_type = str(headers.get(HEADER_EVENT_TYPE) or message.routing_key or "unknown")
+        event_type = _label(headers.get(HEADER_EVENT_TYPE) or message.routing_key)
         bound = log.bind(
-            event_id=headers.get(HEADER_EVENT_ID),
+            event_id=_text(headers.get(HEADER_EVENT_ID)),
             event_type=event_type,
             redelivered=bool(message.redelivered),
         )
@@ -251,11 +266,12 @@ class Worker:
         that cannot be done.
 
         ``started``: when handling began (perf_counter), for the outcome line's duration."""
+        received = message.headers or {}
         decision = retry.decide(
             exc,
             attempt,
             self.topology,
-            received=message.headers or {},
+            received=received,
             worker_id=self.settings.worker_id,
             now=utc_now_iso(),
         )
@@ -289,9 +305,62 @@ class Worker:
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
             return Outcome.REQUEUED
+        except Exception as copy_error:
+            # The copy could not be made or sent as it came (a header the broker's tables
+            # cannot hold, from a crafted message): dead-lettered without its own headers.
+            bound.warning("failed message's copy not sent; dead-lettering it cleaned",
+                          error=f"{type(copy_error).__name__}: {copy_error}")  # fmt: skip
+            return await self._dead_letter_cleaned(message, exc, attempt, event_type, bound)
         await _settle(message.ack(), bound)
         _report(decision, exc, attempt, event_type, bound, started)
         return decision.outcome
+
+    async def _dead_letter_cleaned(
+        self,
+        message: AbstractIncomingMessage,
+        exc: BaseException,
+        attempt: int,
+        event_type: str,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> Outcome:
+        """To the DLQ with only the headers we know, each of its type, and why; failing
+        that, nacked to the work queue's own dead-lettering."""
+        assert self._channel is not None
+        received = message.headers or {}
+        headers = {
+            **retry.cleaned_headers(received),
+            **retry.failure_headers(
+                exc, attempt, received={}, worker_id=self.settings.worker_id, now=utc_now_iso()
+            ),
+        }
+        try:
+            await publish_confirmed(
+                self._channel.default_exchange,
+                bare_copy(message, headers),
+                self.topology.dead_queue,
+                timeout_s=self.settings.broker.publish_timeout_s,
+            )
+        except Exception as dead_error:
+            bound.error(
+                "failed message not dead-lettered by us; nacked to the broker's dead-lettering",
+                error=f"{type(dead_error).__name__}: {dead_error}",
+            )
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=False)
+            metrics.DEAD_LETTERS.labels(event_type, retry.DeadLetterReason.PERMANENT).inc()
+            return Outcome.DEAD_LETTER
+        await _settle(message.ack(), bound)
+        metrics.DEAD_LETTERS.labels(event_type, retry.DeadLetterReason.PERMANENT).inc()
+        bound.error(
+            "dead-lettered",
+            outcome=Outcome.DEAD_LETTER,
+            attempt=attempt,
+            reason=retry.DeadLetterReason.PERMANENT,
+            error_type=type(exc).__name__,
+            error=str(exc),
+            headers_cleaned=True,
+        )
+        return Outcome.DEAD_LETTER
 
 
 def _report(
@@ -327,6 +396,23 @@ def _report(
             # a traceback for what is neither kind of expected failure: a bug
             exc_info=exc if not isinstance(exc, TransientError | PermanentError) else None,
         )
+
+
+# Event types a metric is labelled with; any other (a crafted header) counts as "other",
+# so that no message can add series without end.
+_LABELLED_TYPES = FULFILL_TYPES | PAYMENT_FAILED_TYPES | {SESSION_EXPIRED}
+_MAX_HEADER_TEXT = 255
+
+
+def _label(value: Any) -> str:
+    return value if isinstance(value, str) and value in _LABELLED_TYPES else "other"
+
+
+def _text(value: Any) -> str | None:
+    """A header shown in log lines: text, cut short; anything else as its type."""
+    if value is None or isinstance(value, str):
+        return value[:_MAX_HEADER_TEXT] if value else None
+    return f"<{type(value).__name__}>"
 
 
 def _effects_for_log(effects: EffectsLog) -> dict[str, str]:

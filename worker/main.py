@@ -37,4 +37,14 @@ def run(concurrency: int | None = None) -> None:
     register_secrets([settings.stripe.api_key])
     if settings.smtp.password:
         register_secrets([settings.smtp.password])
+    if (
+        settings.smtp.allow_plaintext_auth
+        and settings.smtp.credentials
+        and not settings.smtp.use_tls
+    ):
+        get_logger(__name__).warning(
+            "SMTP_ALLOW_PLAINTEXT_AUTH is on: the SMTP password goes in clear text to a relay "
+            "that offers no STARTTLS; use it only for a relay on this host",
+            smtp_host=settings.smtp.host,
+        )
     runtime.run_service(serve(settings))

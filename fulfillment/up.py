@@ -24,6 +24,7 @@ from fulfillment.local import MAIL_SINK_PORT, LocalPlan, plan_local, start_local
 from shared import runtime
 from shared.backoff import compute_backoff
 from shared.errors import ConfigError, FulfillmentError
+from shared.setting_names import CHECKED_MARK
 from shared.settings import MAX_PORT, BrokerSettings, env_float, env_port, listen_error
 from shared.topology import declare_on_broker
 from worker.db import migrate
@@ -287,6 +288,7 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     # swallow that cancellation)
     stopping = runtime.stop_requested()
     env = dict(os.environ)
+    env[CHECKED_MARK] = "1"  # the children do not repeat what `fulfillment up` warned about
     if sys.stdout.isatty():
         env.setdefault("LOG_FORMAT", "console")
     # a bad value stops us before anything starts

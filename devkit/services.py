@@ -223,9 +223,7 @@ def _prepare(name: str, *, management: bool = False) -> RabbitNode:
             "collect_statistics_interval = 1000\n"
         )
     (root / "rabbitmq.conf").write_text(config)
-    (root / "enabled_plugins").write_text(
-        "[rabbitmq_management].\n" if management else "[].\n"
-    )
+    (root / "enabled_plugins").write_text("[rabbitmq_management].\n" if management else "[].\n")
     for path in (root, *root.rglob("*")):
         shutil.chown(path, "rabbitmq", "rabbitmq")
     return node

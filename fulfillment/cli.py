@@ -11,8 +11,10 @@ from importlib import metadata
 from typing import Any, NoReturn
 
 from fulfillment import commands
+from fulfillment.sendable import KINDS
 from shared.errors import FulfillmentError
 from shared.setting_names import CHECKED_MARK, unknown_settings
+from shared.vocabulary import CHECKOUT_SESSION_ID
 
 EPILOG = """examples:
   fulfillment up --workers 2          # migrate, declare, run the ingress and 2 workers
@@ -74,6 +76,14 @@ def _above_zero(text: str) -> float:
     return value
 
 
+def _session_id(text: str) -> str:
+    if not CHECKOUT_SESSION_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"not a Checkout Session id (cs_test_… or cs_live_…): {text!r}"
+        )
+    return text
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="fulfillment",
@@ -110,6 +120,15 @@ def build_parser() -> Parser:
                    help="worker processes (2)")  # fmt: skip
     p.add_argument("--demo", action="store_true", help="the same as `fulfillment demo`")
     p.add_argument("--keep-running", action="store_true", help="with --demo: stay up after it")
+    p = add(sub, "send", commands.send,
+            "Sign an event of TYPE as Stripe would and post it to the ingress "
+            "(seeding a fitting session in the local Stripe stand-in).",
+            "fulfillment send checkout.session.completed")  # fmt: skip
+    p.add_argument("type", metavar="TYPE", choices=sorted(KINDS), help=", ".join(sorted(KINDS)))
+    p.add_argument("--session", metavar="cs_…", type=_session_id,
+                   help="an existing Checkout Session (default: a new one, seeded)")  # fmt: skip
+    p.add_argument("--url", help="the webhook route (default: INGRESS_HOST/INGRESS_PORT's, "
+                   "on localhost)")  # fmt: skip
     p = add(sub, "demo", commands.demo,
             "Run the stack with a local Stripe stand-in and a realistic mix of orders.",
             "fulfillment demo --keep-running")  # fmt: skip

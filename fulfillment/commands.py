@@ -127,6 +127,16 @@ async def _watch(args: argparse.Namespace, collect: Callable[[], Awaitable[dict[
         await asyncio.sleep(args.watch)
 
 
+def send(args: argparse.Namespace) -> int:
+    from fulfillment.send import send
+
+    sent = runtime.run(send(os.environ, args.type, session_id=args.session, url=args.url))
+    where = f" (seeded in the stand-in at {sent.seeded_in})" if sent.seeded_in else ""
+    print(f"{args.type} {sent.event_id} for {sent.session_id}{where}")
+    print(f"POST {sent.url} -> {sent.status} {' '.join(sent.answer.split())}")
+    return 0 if 200 <= sent.status < 300 else 1
+
+
 # --- dlq -------------------------------------------------------------------------------
 
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
 from shared import runtime
 from shared.errors import FulfillmentError
+from shared.vocabulary import STRIPE_HANDLED_TYPES
 
 if TYPE_CHECKING:
     from shared.settings import BrokerSettings
@@ -159,15 +162,30 @@ def _not_found(args: argparse.Namespace, asked: Sequence[str], found: Sequence[s
     return 1 if missing else 0
 
 
+def _matched_none(args: argparse.Namespace, types: Counter[str]) -> int:
+    """A --type that picked no dead letter says so, and what there is, and exits 1 (as grep
+    does, and as an event id not in the DLQ does): a typo must not read as all clear."""
+    if not types:
+        _say(args, f"no dead letters (none of type {args.type}, nor of any other)")
+        return 1
+    held = ", ".join(f"{name} ({count})" for name, count in types.most_common())
+    close = difflib.get_close_matches(args.type, [*types, *STRIPE_HANDLED_TYPES], n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    _say(args, f"no dead letter of type {args.type}{hint}; the DLQ holds: {held}")
+    return 1
+
+
 def dlq_list(args: argparse.Namespace) -> int:
-    from fulfillment.dlq import list_dead_letters, print_table
+    from fulfillment.dlq import print_table, select_dead_letters
 
     _setup("dlq")
-    letters = runtime.run(list_dead_letters(_broker(), event_type=args.type, limit=args.limit))
+    selection = runtime.run(select_dead_letters(_broker(), event_type=args.type, limit=args.limit))
     if args.json:
-        print(json.dumps([dl.summary() for dl in letters], indent=2))
-    else:
-        print_table(letters)
+        print(json.dumps([dl.summary() for dl in selection.letters], indent=2))
+    if args.type and not selection.letters:
+        return _matched_none(args, selection.types)
+    if not args.json:
+        print_table(selection.letters)
     return 0
 
 
@@ -200,7 +218,7 @@ def _progress(verb: str) -> Callable[[int, int], None]:
 
 
 def dlq_replay(args: argparse.Namespace) -> int:
-    from fulfillment.dlq import replay
+    from fulfillment.dlq import print_table, replay
 
     _setup("dlq")
     if not (args.event_ids or args.type or args.all):
@@ -217,10 +235,12 @@ def dlq_replay(args: argparse.Namespace) -> int:
             progress=_progress("replayed"),
         )
     )
+    if args.type and not result.matched:
+        return _matched_none(args, result.types)
     if args.dry_run:
-        print(f"dry run: {result.matched} dead letter(s) would be replayed")
-        for event_id in result.event_ids:
-            print(f"  {event_id}")
+        print(f"dry run: {result.matched} dead letter(s) would be replayed:")
+        if result.letters:
+            print_table(result.letters)
         return _not_found(args, args.event_ids, result.event_ids)
     print(f"replayed {result.replayed} of {result.matched} matching dead letter(s)", end="")
     print(f"; {result.failed} failed and stayed in the DLQ" if result.failed else "")

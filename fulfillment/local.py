@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from fulfillment.console import say, show
+from fulfillment.console import colour, say, show, table
 from fulfillment.dlq import list_dead_letters
 from shared.errors import ConfigError
 from shared.http_server import quiet_unparseable_requests
@@ -27,6 +27,9 @@ from worker.settings import SmtpSettings
 
 # Where the local mail sink listens: the port of the workers' default SMTP_URL.
 MAIL_SINK_PORT = SmtpSettings.port
+
+# The demo's queues are apart: under this BROKER_PREFIX (or after the one set, with a dot).
+DEMO_PREFIX = "demo"
 
 # The local webhook signing secret, kept under the working directory (git-ignored) so that
 # it stays the same from one `up` to the next, as `stripe listen` keeps one per device.
@@ -64,7 +67,8 @@ def local_secret(*, create: bool) -> tuple[str | None, Path]:
 class Scenario(Protocol):
     """Something ``up`` runs beside its children until it is done or ``stopping`` is set."""
 
-    async def run(self, stopping: asyncio.Event, *, keep_running: bool) -> None: ...
+    async def run(self, stopping: asyncio.Event, *, keep_running: bool) -> bool:
+        """Play it out (True), unless ``up`` cancels it first."""
 
 
 @dataclass
@@ -122,6 +126,11 @@ def plan_local(env: dict[str, str], *, demo: bool = False) -> LocalPlan:
         secret, plan.local_secret = local_secret(create=True)
         assert secret is not None
         env["STRIPE_WEBHOOK_SECRETS"] = secret
+    if demo:
+        # queues of its own: the DLQ on-call watches does not get the demo's dead letter, and
+        # no worker of the same broker and prefix (real Stripe behind it) takes its events
+        prefix = env.get("BROKER_PREFIX", "").strip()
+        env["BROKER_PREFIX"] = f"{prefix}.{DEMO_PREFIX}" if prefix else DEMO_PREFIX
     if demo or not has_key:
         plan.standin_port = env_port(env, "STANDIN_PORT", 12111)
         env["STRIPE_API_KEY"] = "sk_test_local_standin"
@@ -171,6 +180,12 @@ async def start_local(plan: LocalPlan, env: dict[str, str], broker: BrokerSettin
         )
     if plan.standin_port is not None:
         notes.append("outbound messages: a local subscriber prints each one")
+    if plan.demo:
+        prefix = env["BROKER_PREFIX"]
+        notes.append(
+            f"the demo's queues are its own (BROKER_PREFIX={prefix}): see its dead letter with "
+            f"`BROKER_PREFIX={prefix} fulfillment dlq list`"
+        )
     for note in notes:
         say(note)
     return stack
@@ -209,7 +224,14 @@ async def _stand_in_for_stripe(
         async def dead_letter_ids() -> list[str]:
             return [letter.event_id for letter in await list_dead_letters(broker)]
 
-        scenario = Demo(env, standin, say=say, dead_letter_ids=dead_letter_ids)
+        scenario = Demo(
+            env,
+            standin,
+            say=say,
+            table=table("demo"),
+            dead_letter_ids=dead_letter_ids,
+            colour=colour(),
+        )
         stack.closers.append(scenario.close)
         stack.scenario = scenario
     return (

@@ -18,8 +18,9 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Any
 
-from fulfillment.console import prefix, say
+from fulfillment.console import let_go, prefix, say, write
 from fulfillment.local import MAIL_SINK_PORT, LocalPlan, plan_local, start_local
 from shared import runtime
 from shared.backoff import compute_backoff
@@ -78,8 +79,7 @@ class Child:
         assert process.stdout is not None
         name = prefix(self.name)
         while line := await process.stdout.readline():
-            sys.stdout.write(name + line.decode(errors="replace"))
-            sys.stdout.flush()
+            write(name + line.decode(errors="replace").rstrip("\n") + "\n")
 
     async def supervise(self, stopping: asyncio.Event) -> None:
         """Restart the process whenever it exits, until ``stopping`` is set."""
@@ -298,22 +298,28 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     _check_ports_free(_listeners(checked, workers, port, metrics_port, plan))
     ready = await runtime.unless_stopped(_preflight(checked.broker, checked.database_url), stopping)
     if not ready:
-        return 1 if ready is False else _stopped_before_start()
+        return 1 if ready is False else _stopped_before_start(stopping, demo)
     stack = await start_local(plan, env, checked.broker)
     if stopping.is_set():
         await stack.close()
-        return _stopped_before_start()
+        return _stopped_before_start(stopping, demo)
     children = _children(env, checked, workers, port, metrics_port)
     say("Ctrl-C stops everything")
 
     for child in children:
         await child.start()
-    tasks = [asyncio.ensure_future(child.supervise(stopping)) for child in children]
+    tasks: list[asyncio.Future[Any]] = [
+        asyncio.ensure_future(child.supervise(stopping)) for child in children
+    ]
+    played: asyncio.Future[bool | None] | None = None
     if stack.scenario is not None:
+        # cut short at once by a stop signal: nothing more is sent or drawn after Ctrl-C
         scenario = stack.scenario.run(stopping, keep_running=keep_running)
-        tasks.append(asyncio.ensure_future(scenario))
+        played = asyncio.ensure_future(runtime.unless_stopped(scenario, stopping))
+        tasks.append(played)
     await asyncio.gather(*tasks)
 
+    let_go()  # a table kept in place stays as last drawn; what follows goes below it
     say("stopping: the ingress answers what it holds, workers finish theirs")
     say("(Ctrl-C again kills them now: the broker redelivers what a worker had not finished)")
     kill_now = runtime.stop_requested(ignore_for_s=SAME_REQUEST_S)  # a second request
@@ -324,6 +330,8 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     for child, code in unclean:
         say(f"{child.name} exited with {code}")
     say("stopped")
+    if played is not None and not played.result():
+        return stopping.exit_code  # the demo did not finish: 130 after a Ctrl-C
     return 1 if unclean else 0
 
 
@@ -333,6 +341,6 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
 CLEAN = (0, -signal.SIGTERM, -signal.SIGINT)
 
 
-def _stopped_before_start() -> int:
+def _stopped_before_start(stopping: runtime.StopRequest, demo: bool) -> int:
     say("stopped before anything started")
-    return 0
+    return stopping.exit_code if demo else 0  # a demo stopped is a demo not shown

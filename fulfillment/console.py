@@ -23,6 +23,14 @@ def say(line: str) -> None:
     show("up", line)
 
 
+def link_host(host: str) -> str:
+    """The host to put in a link to a server listening on ``host``: one listening on every
+    address is reached here as localhost (0.0.0.0 is no address to browse to)."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        return "localhost"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def colour() -> bool:
     """Whether what ``up`` prints may be coloured: a terminal, unless NO_COLOR is set."""
     return sys.stdout.isatty() and not os.environ.get("NO_COLOR")

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import stripe
 
+from fulfillment.console import link_host
 from fulfillment.local import local_secret
 from fulfillment.sendable import KINDS, Kind
 from shared.errors import ConfigError, FulfillmentError
@@ -55,11 +56,7 @@ def signing_secret(env: Mapping[str, str]) -> str:
 
 def ingress_url(env: Mapping[str, str]) -> str:
     """The webhook route of the ingress the settings describe, on this machine."""
-    host = env_str(env, "INGRESS_HOST", "0.0.0.0")
-    if host in ("0.0.0.0", "::", "[::]"):
-        host = "localhost"  # listening everywhere: reach it here
-    elif ":" in host:
-        host = f"[{host}]"
+    host = link_host(env_str(env, "INGRESS_HOST", "0.0.0.0"))
     return f"http://{host}:{env_port(env, 'INGRESS_PORT', 8080)}/webhooks/stripe"
 
 

@@ -13,14 +13,17 @@ local mail sink prints each email it receives.
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
 import os
 import signal
 import socket
 import sys
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from fulfillment.console import let_go, prefix, say, write
+from fulfillment.console import let_go, link_host, prefix, say, write
 from fulfillment.local import MAIL_SINK_PORT, LocalPlan, plan_local, start_local
 from shared import runtime
 from shared.backoff import compute_backoff
@@ -29,9 +32,6 @@ from shared.setting_names import CHECKED_MARK
 from shared.settings import MAX_PORT, BrokerSettings, env_float, env_port, listen_error
 from shared.topology import declare_on_broker
 from worker.db import migrate
-
-RABBITMQ_HINT = "start it: rabbitmq-server -detached"
-
 
 if sys.platform == "linux":
     import ctypes
@@ -147,18 +147,15 @@ async def _preflight(broker: BrokerSettings, database_url: str) -> bool:
         await declare_on_broker(broker)
     except ConfigError:
         raise  # it answered and refused us, or its queues differ: a setting to fix (exit 2)
-    except FulfillmentError:
-        print(
-            f"fulfillment up: RabbitMQ is not reachable at {broker.display_url}; {RABBITMQ_HINT}",
-            file=sys.stderr,
-        )
+    except FulfillmentError as exc:  # says where it looked, and what to check
+        print(f"fulfillment up: {exc}", file=sys.stderr)
         return False
     try:
         applied = await migrate(database_url)
     except ConfigError:
         raise  # it answered and refused the login: a setting to fix (exit 2)
-    except FulfillmentError as exc:  # says how to start it
-        print(f"fulfillment up: PostgreSQL: {exc}", file=sys.stderr)
+    except FulfillmentError as exc:  # names PostgreSQL, and says how to start it
+        print(f"fulfillment up: {exc}", file=sys.stderr)
         return False
     say(f"database ready ({len(applied)} migration(s) applied); broker topology declared")
     return True
@@ -225,7 +222,29 @@ def _check_ports_free(listeners: list[Listener]) -> None:
             )
         seen[listener.port] = listener.setting
     for listener in listeners:  # then what this machine has listening already
+        if listener.reuse_port and _ours_answers(listener):
+            # the ingress's port can be shared (SO_REUSEPORT): ours would serve beside it
+            raise _another_up(listener)
         _probe(listener)
+
+
+def _ours_answers(listener: Listener) -> bool:
+    """Whether a server of ours (an ingress, or a worker's metrics server) answers there."""
+    url = f"http://{link_host(listener.host)}:{listener.port}/healthz"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+    try:
+        with direct.open(url, timeout=1) as answer:
+            return bool(json.load(answer) == {"status": "ok"})
+    except (OSError, ValueError):
+        return False
+
+
+def _another_up(listener: Listener) -> ConfigError:
+    return ConfigError(
+        f"another `fulfillment up` seems to be running: one of its servers answers on "
+        f"{link_host(listener.host)}:{listener.port} ({listener.setting}); stop it first, or "
+        "give this one other ports (INGRESS_PORT, WORKER_METRICS_PORT, STANDIN_PORT)"
+    )
 
 
 def _probe(listener: Listener) -> None:
@@ -246,6 +265,8 @@ def _probe(listener: Listener) -> None:
             try:
                 probe.bind(address)
             except OSError as exc:
+                if exc.errno == errno.EADDRINUSE and _ours_answers(listener):
+                    raise _another_up(listener) from None
                 raise listener.cannot_listen(exc) from None
 
 
@@ -254,7 +275,7 @@ def _children(
 ) -> list[Child]:
     children = [Child("ingress", ["ingress"], env)]
     say(
-        f"ingress: POST http://{checked.ingress_host}:{port}/webhooks/stripe "
+        f"ingress: POST http://{link_host(checked.ingress_host)}:{port}/webhooks/stripe "
         "(healthz, readyz, metrics)"
     )
     for i in range(1, workers + 1):
@@ -263,11 +284,11 @@ def _children(
             Child(f"worker-{i}", ["worker"], {**env, "WORKER_METRICS_PORT": str(worker_port)})
         )
         where = (
-            f"http://{checked.metrics_host}:{worker_port}/metrics"
+            f"http://{link_host(checked.metrics_host)}:{worker_port}/metrics"
             if worker_port
             else "a free port (its `worker metrics listening` line names it)"
         )
-        say(f"worker-{i}: metrics and healthz on {where}")
+        say(f"worker-{i}: metrics, healthz and readyz on {where}")
     return children
 
 

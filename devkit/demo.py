@@ -24,8 +24,8 @@ import asyncpg
 
 from devkit import signing
 from devkit.stripe import HostedCheckout, StripeStandIn
+from shared.money import format_amount
 from shared.settings import env_port
-from worker.order import format_amount
 from worker.settings import database_url_from_env
 
 CATALOG = [("T-shirt", 2000), ("Mug", 1250), ("Notebook", 1500), ("Sticker pack", 500)]

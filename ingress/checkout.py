@@ -9,6 +9,8 @@ as the webhook (whichever comes first fulfills; the other finds it done).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import html
 import json
 import os
@@ -25,6 +27,7 @@ from ingress.keys import PUBLISHER
 from shared.envelope import EventEnvelope
 from shared.errors import BrokerUnavailable, ConfigError
 from shared.logging import get_logger
+from shared.money import format_amount
 from shared.settings import Env, default_of, env_int, env_str, env_url
 from shared.stripe_client import StripeSettings, make_client
 from shared.vocabulary import CHECKOUT_SESSION_ID, FULFILLMENT_REQUESTED
@@ -69,6 +72,35 @@ CHECKOUT = web.AppKey("checkout", CheckoutSettings)
 STRIPE = web.AppKey("stripe", stripe.StripeClient)
 
 
+@dataclass
+class Offer:
+    """What the page sells, in words; the price's id until Stripe has said more."""
+
+    text: str
+
+
+OFFER = web.AppKey("offer", Offer)
+
+
+async def read_offer(client: stripe.StripeClient, settings: CheckoutSettings) -> str:
+    """The product's name and price (``T-shirt at 20.00 USD``), read from Stripe; the price
+    id as before when Stripe cannot say."""
+    try:
+        price = await client.v1.prices.retrieve_async(
+            settings.price, params={"expand": ["product"]}
+        )
+    except stripe.StripeError as exc:
+        log.warning(
+            "checkout price not read", price=settings.price, error=str(exc.user_message or exc)
+        )
+        return f"the product priced {settings.price}"
+    product = price.product
+    name = getattr(product, "name", None) or price.nickname or settings.price
+    if price.unit_amount is None:  # a price per tier or per unit of usage
+        return str(name)
+    return f"{name} at {format_amount(price.unit_amount, price.currency)}"
+
+
 def page(title: str, body: str, status: int = 200) -> web.Response:
     text = f"""<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:3rem auto}}</style></head>
@@ -79,9 +111,10 @@ def page(title: str, body: str, status: int = 200) -> web.Response:
 async def index(request: web.Request) -> web.Response:
     settings = request.app[CHECKOUT]
     who = "your saved card" if settings.customer else "a card"
+    offer = request.app[OFFER].text
     return page(
         "Checkout",
-        f"""<p>{settings.quantity} x the product priced {html.escape(settings.price)},
+        f"""<p>{settings.quantity} x {html.escape(offer)},
 paid with {who} on Stripe Checkout.</p>
 <form action="/create-checkout-session" method="POST">
 <button id="checkout" type="submit">Checkout</button></form>""",
@@ -176,7 +209,17 @@ def install(app: web.Application, settings: CheckoutSettings) -> None:
     async def stripe_client(app: web.Application) -> AsyncIterator[None]:
         http = stripe.AIOHTTPClient(timeout=settings.stripe.timeout_s)
         app[STRIPE] = make_client(settings.stripe, http_client=http)
+        # read once, in the background: the webhook route must not wait on Stripe to start
+        app[OFFER] = offer = Offer(f"the product priced {settings.price}")
+
+        async def read() -> None:
+            offer.text = await read_offer(app[STRIPE], settings)
+
+        reading = asyncio.create_task(read())
         yield
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
         await http.close_async()  # type: ignore[no-untyped-call]
 
     app.cleanup_ctx.append(stripe_client)

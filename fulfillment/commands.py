@@ -89,14 +89,15 @@ def colour(stream: TextIO) -> bool:
 
 
 def status(args: argparse.Namespace) -> int:
-    from fulfillment.status import collect, management_url
+    from fulfillment.status import DeadLetterScan, collect, management_url
     from worker.settings import database_url_from_env
 
     _setup("status")
     broker = _broker()
     sources = (broker, database_url_from_env(os.environ), management_url(os.environ, broker))
     if args.watch:
-        return runtime.run(_watch(args, lambda: collect(*sources)))
+        scan = DeadLetterScan()  # read again only when their number changes
+        return runtime.run(_watch(args, lambda: collect(*sources, last_scan=scan)))
     report = runtime.run(collect(*sources))
     _show_status(args, report)
     if report.get("database_error"):

@@ -17,7 +17,6 @@ import collections
 import contextlib
 import json
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -373,13 +372,6 @@ async def purge(
                     error_type=dl.error_type,
                 )
     return removed
-
-
-def age_s(dl: DeadLetter, now: float | None = None) -> float | None:
-    """Seconds since the dead letter's last failure."""
-    if dl.last_failed_at is None:
-        return None
-    return (now or time.time()) - failed_at(dl)
 
 
 def print_table(letters: Sequence[DeadLetter], out: Any = sys.stdout) -> None:

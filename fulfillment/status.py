@@ -4,6 +4,7 @@ unacked messages and rates from RabbitMQ's management API where it answers."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -11,7 +12,7 @@ import aiohttp
 import aiormq
 import asyncpg
 
-from fulfillment.dlq import age_s, dead_letters, declared_queue, existing_queue
+from fulfillment.dlq import dead_letters, declared_queue, existing_queue, failed_at
 from shared.settings import BrokerSettings, Env, env_url, redact_url
 from shared.topology import Topology, connect
 
@@ -34,10 +35,25 @@ def management_url(env: Env, broker: BrokerSettings) -> str:
     return env_url(env, "RABBITMQ_MANAGEMENT_URL", default, schemes=("http", "https"))
 
 
+@dataclass
+class DeadLetterScan:
+    """What reading the DLQ found: its depth then, how many letters were read, and when the
+    oldest failed. ``status --watch`` reads the letters again only when the depth changed,
+    since reading holds them (a replay or purge meanwhile would not see them)."""
+
+    depth: int = -1
+    scanned: int = 0
+    oldest_at: float | None = None
+
+
 async def collect(
-    broker: BrokerSettings, database_url: str, management: str | None = None
+    broker: BrokerSettings,
+    database_url: str,
+    management: str | None = None,
+    last_scan: DeadLetterScan | None = None,
 ) -> dict[str, Any]:
-    """Everything ``status`` shows, as one JSON-able document."""
+    """Everything ``status`` shows, as one JSON-able document; ``last_scan`` (updated here)
+    spares reading the dead letters again while their number stays the same."""
     topology = Topology.from_settings(broker)
     report: dict[str, Any] = {
         "broker": broker.display_url,
@@ -64,20 +80,21 @@ async def collect(
             # another RETRY_DELAYS_S's, which its workers recorded (gone if deleted since)
             if (found := await declared_queue(connection, name)) is not None:
                 report["queues"][name] = {**_depth(found), "other_schedule": True}
-        oldest = None
-        scanned = 0
-        if report["queues"][topology.dead_queue]["messages"]:
-            # read them all: a queue's head is not its oldest letter (see fulfillment/dlq.py)
-            async with dead_letters(broker, at_most=STATUS_SCAN_LIMIT) as (_, _, held):
-                ages = [age for dl, _ in held if (age := age_s(dl)) is not None]
-                scanned = len(held)
-            oldest = max(ages, default=None)
+        depth = report["queues"][topology.dead_queue]["messages"]
+        scan = last_scan if last_scan is not None else DeadLetterScan()
+        if depth != scan.depth:
+            scan.depth, scan.scanned, scan.oldest_at = depth, 0, None
+            if depth:
+                # read them all: a queue's head is not its oldest letter (see fulfillment/dlq.py)
+                async with dead_letters(broker, at_most=STATUS_SCAN_LIMIT) as (_, _, held):
+                    failed = [failed_at(dl) for dl, _ in held if dl.last_failed_at is not None]
+                    scan.scanned = len(held)
+                scan.oldest_at = min(failed, default=None)
+        oldest = None if scan.oldest_at is None else time.time() - scan.oldest_at
         report["oldest_dead_letter_age_s"] = round(oldest, 1) if oldest is not None else None
         # not all read (over the limit, or held by another reader): the oldest of those read
-        report["dead_letters_scanned"] = scanned
-        report["oldest_dead_letter_partial"] = (
-            scanned < report["queues"][topology.dead_queue]["messages"] and oldest is not None
-        )
+        report["dead_letters_scanned"] = scan.scanned
+        report["oldest_dead_letter_partial"] = scan.scanned < depth and oldest is not None
     report["consumers"] = report["queues"][topology.work_queue]["consumers"]
     if management is not None:
         report.update(await _from_management(management, broker, list(report["queues"])))

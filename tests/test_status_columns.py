@@ -9,6 +9,9 @@ import contextlib
 import json
 import os
 import re
+import signal
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -19,7 +22,8 @@ from devkit.services import RabbitNode, ServiceUnavailable, private_rabbitmq
 from fulfillment.status import render
 from shared.settings import BrokerSettings
 from shared.topology import Topology
-from tests.conftest import _unavailable, free_port, wait_for
+from shared.vocabulary import HEADER_LAST_FAILED_AT
+from tests.conftest import _unavailable, drain, free_port, wait_for
 from tests.processes import broker_env, run_fulfillment
 from tests.terminal import Terminal
 
@@ -184,3 +188,28 @@ async def test_status_watch_redraws_in_place_on_a_terminal_until_ctrl_c(
     dead_rows = re.findall(rf".*{re.escape(topology.dead_queue)} .*", output)
     assert dead_rows and all(("\x1b[1;31m" in row) == (no_color is None) for row in dead_rows)
     assert "Traceback" not in output
+
+
+async def test_status_watch_reads_the_dead_letters_again_only_when_their_number_changes(
+    broker_settings: BrokerSettings, topology: Topology, database_url: str, channel: Any
+) -> None:
+    """Reading holds the letters for a moment, unseen by a replay or purge meanwhile: a
+    watch every half second must not keep doing that while nothing changes."""
+    failed = {HEADER_LAST_FAILED_AT: time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
+    letter = aio_pika.Message(b"{}", headers=failed)
+    await channel.default_exchange.publish(letter, topology.dead_queue)
+    env = _status_env(broker_settings.url, broker_settings.prefix, database_url)
+    watch = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fulfillment", "status", "--watch", "0.2", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(3)  # over ten rounds
+    finally:
+        watch.send_signal(signal.SIGINT)
+        output, _ = await watch.communicate()
+
+    assert len(re.findall(r"oldest dead letter: \ds old", output.decode())) >= 5
+    [read] = await drain(channel, topology.dead_queue)
+    # delivered once before (the first round's read), not once a round
+    assert (read.headers or {}).get("x-delivery-count") == 1

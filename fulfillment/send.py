@@ -60,21 +60,24 @@ def ingress_url(env: Mapping[str, str]) -> str:
     return f"http://{host}:{env_port(env, 'INGRESS_PORT', 8080)}/webhooks/stripe"
 
 
-async def local_standin(env: Mapping[str, str], http: aiohttp.ClientSession) -> str | None:
-    """The base URL of a Stripe stand-in that answers, or None (Stripe itself)."""
+def standin_base(env: Mapping[str, str]) -> str | None:
+    """Where a local Stripe stand-in would be: STRIPE_API_BASE, else `up`'s on STANDIN_PORT
+    when no STRIPE_API_KEY is set; None for Stripe itself."""
     base = env_str(env, "STRIPE_API_BASE", "")
     if not base:
         if env_str(env, "STRIPE_API_KEY", ""):
             return None  # a key and no other base: real Stripe
         base = f"http://127.0.0.1:{env_port(env, 'STANDIN_PORT', DEFAULT_STANDIN_PORT)}"
     base = base.rstrip("/")
-    if base == STRIPE_API_BASE:
-        return None
+    return None if base == STRIPE_API_BASE else base
+
+
+async def _answers(http: aiohttp.ClientSession, standin: str) -> bool:
+    """Whether a stand-in answers there (its control routes: Stripe has none)."""
     with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-        async with http.get(f"{base}/_standin/stats", timeout=aiohttp.ClientTimeout(2)) as r:
-            if r.status == 200 and "sessions" in await r.json():
-                return base
-    return None
+        async with http.get(f"{standin}/_standin/stats", timeout=aiohttp.ClientTimeout(2)) as r:
+            return r.status == 200 and "sessions" in await r.json()
+    return False
 
 
 async def _seed(http: aiohttp.ClientSession, standin: str, kind: Kind) -> dict[str, Any]:
@@ -118,15 +121,18 @@ async def send(
     secret = signing_secret(env)
     target = url or ingress_url(env)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(TIMEOUT_S)) as http:
-        standin = await local_standin(env, http)
+        candidate = standin_base(env)
+        standin = candidate if candidate and await _answers(http, candidate) else None
         if session_id is not None:
             session = await _read(env, standin, session_id)
         elif standin is not None:
             session = await _seed(http, standin, KINDS[event_type])
         else:
+            where = f" at {candidate}" if candidate else " (STRIPE_API_KEY names real Stripe)"
             raise ConfigError(
-                "no local Stripe stand-in answers (`fulfillment up` without STRIPE_API_KEY "
-                "starts one): give --session cs_… of a session your Stripe account has"
+                f"no local Stripe stand-in answers{where}, and real Stripe knows only its own "
+                "sessions: give --session cs_… of one, or run `fulfillment up` without "
+                "STRIPE_API_KEY (its stand-in listens on STANDIN_PORT)"
             )
         # a snapshot event: the session as it is now (a thin one would refer to it)
         event = signing.event(event_type, session)

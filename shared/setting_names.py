@@ -62,9 +62,12 @@ PREFIXES = (
 )  # fmt: skip
 
 # Names with our prefixes that belong to other programs a machine may have set them for:
-# the RabbitMQ server's own environment, and the Stripe CLI's.
+# the RabbitMQ server's own environment, the Stripe CLI's, and what compose.yaml itself
+# reads (from .env or the shell: the ports and passwords of the containers).
 FOREIGN = frozenset(
     {
+        "INGRESS_BIND", "INGRESS_HOST_PORT", "MAILPIT_UI_PORT", "RABBITMQ_PASSWORD",
+        "RABBITMQ_UI_PORT", "RABBITMQ_METRICS_PORT",
         "RABBITMQ_NODENAME", "RABBITMQ_NODE_IP_ADDRESS", "RABBITMQ_NODE_PORT",
         "RABBITMQ_DIST_PORT", "RABBITMQ_USE_LONGNAME", "RABBITMQ_BASE", "RABBITMQ_HOME",
         "RABBITMQ_CONF_ENV_FILE", "RABBITMQ_CONFIG_FILE", "RABBITMQ_CONFIG_FILES",

@@ -145,3 +145,21 @@ def test_a_command_warns_once_about_each_misspelt_setting_before_it_runs() -> No
     assert lines[2].startswith("fulfillment ingress: STRIPE_WEBHOOK_SECRETS is not set")
     assert len(lines) == 3
     assert "a" * 32 not in result.stderr  # a value is never echoed
+
+
+def test_what_the_deployment_assets_set_or_read_is_a_setting_or_known_to_be_compose_s() -> None:
+    import yaml
+
+    configmap = yaml.safe_load((ROOT / "ops" / "k8s" / "configmap.yaml").read_text())
+    compose_text = (ROOT / "compose.yaml").read_text()
+    compose = yaml.safe_load(compose_text)
+    set_for_ours = {
+        *configmap["data"],
+        *compose["x-app"]["environment"],
+        *compose["services"]["ingress"]["environment"],
+        *compose["services"]["worker"]["environment"],
+    }
+    read_by_compose = set(re.findall(r"\$\{([A-Z_]+)", compose_text))
+
+    assert set_for_ours <= set(SETTINGS)
+    assert unknown_settings(dict.fromkeys(set_for_ours | read_by_compose, "x")) == []

@@ -9,6 +9,7 @@ import difflib
 import json
 import os
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -116,8 +117,18 @@ def _show_status(args: argparse.Namespace, report: dict[str, Any]) -> None:
 async def _watch(args: argparse.Namespace, collect: Callable[[], Awaitable[dict[str, Any]]]) -> int:
     """The status again every ``--watch`` seconds, in place on a terminal, until Ctrl-C."""
     clear = sys.stdout.isatty() and not args.json
+    first = True
     while True:
-        report = await collect()
+        try:
+            report = await collect()
+        except FulfillmentError as exc:
+            if first:
+                raise  # a setting to fix, or nothing there: as without --watch
+            # the broker went away while watching: say so, and look again
+            _say(args, f"{time.strftime('%H:%M:%S')} {exc}")
+            await asyncio.sleep(args.watch)
+            continue
+        first = False
         if clear:
             print("\x1b[H\x1b[2J", end="")  # home, then clear the screen
         if args.json:

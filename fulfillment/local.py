@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import socket
 from collections.abc import Callable
@@ -36,6 +37,19 @@ DEMO_PREFIX = "demo"
 SECRET_FILE = Path(".fulfillment") / "local-webhook-secret"
 
 
+_SECRET = re.compile(r"whsec_\w+")  # one secret: no comma, which would make it two
+
+
+def _make_secret(path: Path) -> str:
+    """A new secret in a new file only this user may read (raises if the file exists)."""
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    secret = "whsec_local" + secrets.token_hex(16)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secret + "\n")
+    return secret
+
+
 def local_secret(*, create: bool) -> tuple[str | None, Path]:
     """The local signing secret and its file; made (readable by this user only) when there
     is none and ``create``, else None."""
@@ -45,18 +59,18 @@ def local_secret(*, create: bool) -> tuple[str | None, Path]:
     except FileNotFoundError:
         if not create:
             return None, path
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        secret = "whsec_local" + secrets.token_hex(16)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            return _make_secret(path), path
         except FileExistsError:  # another `up` made it a moment ago: theirs it is
             return local_secret(create=False)
-        with os.fdopen(fd, "w") as out:
-            out.write(secret + "\n")
-        return secret, path
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot keep a local webhook secret in {path} ({exc.strerror}): run from a "
+                "directory you may write to, or set STRIPE_WEBHOOK_SECRETS"
+            ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read the local webhook secret in {path}: {exc}") from None
-    if not secret.startswith("whsec_") or secret == "whsec_" or not secret.isprintable():
+    if not _SECRET.fullmatch(secret):
         raise ConfigError(
             f"{path} does not hold a whsec_… secret: delete it, and `fulfillment up` makes a "
             "new one"

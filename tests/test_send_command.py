@@ -280,3 +280,21 @@ async def test_up_with_only_a_webhook_secret_runs_locally_with_the_stand_in(
     session_id = re.search(r" for (cs_test_\w+) ", sent.stdout)
     assert session_id is not None
     await wait_for(lambda: smtp.for_session(session_id.group(1)), timeout_s=15)
+
+
+def test_up_refuses_a_local_secret_file_that_holds_no_single_secret(tmp_path: Path) -> None:
+    (tmp_path / SECRET_FILE).parent.mkdir()
+    (tmp_path / SECRET_FILE).write_text("whsec_a,whsec_b\n")  # two, as the variable reads
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_")}
+    env["RABBITMQ_URL"] = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fulfillment", "up"],
+        env=env, capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"fulfillment up: {tmp_path / SECRET_FILE} does not hold a whsec_… secret: delete it, "
+        "and `fulfillment up` makes a new one\n"
+    )

@@ -25,6 +25,7 @@ from shared.topology import Topology
 from shared.vocabulary import HEADER_LAST_FAILED_AT
 from tests.conftest import _unavailable, drain, free_port, wait_for
 from tests.processes import broker_env, run_fulfillment
+from tests.tcp_proxy import TcpProxy
 from tests.terminal import Terminal
 
 pytestmark = pytest.mark.timeout(120)
@@ -213,3 +214,34 @@ async def test_status_watch_reads_the_dead_letters_again_only_when_their_number_
     [read] = await drain(channel, topology.dead_queue)
     # delivered once before (the first round's read), not once a round
     assert (read.headers or {}).get("x-delivery-count") == 1
+
+
+async def test_status_watch_says_when_the_broker_goes_away_and_shows_it_again_when_it_is_back(
+    broker_settings: BrokerSettings, topology: Topology, database_url: str
+) -> None:
+    proxy = TcpProxy.in_front_of(broker_settings.url)
+    await proxy.start()
+    env = _status_env(proxy.url(), broker_settings.prefix, database_url)
+    watch = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fulfillment", "status", "--watch", "0.3", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(1.5)
+        await proxy.cut()  # the broker gone (a closed port)
+        await asyncio.sleep(1.5)
+        await proxy.restore()
+        await asyncio.sleep(1.5)
+        assert watch.returncode is None  # still watching
+    finally:
+        watch.send_signal(signal.SIGINT)
+        out, err = await watch.communicate()
+        await proxy.close()
+
+    assert watch.returncode == 130
+    errors = err.decode().splitlines()
+    assert errors and all(" RabbitMQ is not reachable at " in line for line in errors), errors
+    assert all(line.startswith("fulfillment status: ") for line in errors)
+    # shown before the outage, and again after it
+    tables = out.decode().split("oldest dead letter:")
+    assert len(tables) >= 3

@@ -2,8 +2,9 @@
 
 Planned first (:func:`plan_local`, written into the children's environment) so that every
 setting is checked before anything starts; started once the broker and the database are
-ready (:func:`start_local`). Only here does the product import ``devkit``: the Stripe
-stand-in, the demo and the mail sink, each when the plan asks for it.
+ready (:func:`start_local`). Here the product imports ``devkit`` (as ``send`` does, to
+sign a test event, and nowhere else): the Stripe stand-in, the demo and the mail sink, each
+when the plan asks for it.
 """
 
 from __future__ import annotations

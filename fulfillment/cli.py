@@ -7,7 +7,6 @@ import difflib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from typing import Any, NoReturn
 
 from fulfillment import commands
@@ -32,10 +31,20 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def version() -> str:
+    from importlib import metadata  # only when asked: it takes longer than the rest of the CLI
+
     try:
         return metadata.version("stripe-checkout-fulfillment")
     except metadata.PackageNotFoundError:  # run from a checkout that was never installed
         return "unknown"
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed version, looked up only when asked for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        print(f"fulfillment {version()}")  # on stdout, as argparse's own --version
+        parser.exit(0)
 
 
 class Parser(argparse.ArgumentParser):
@@ -91,7 +100,7 @@ def build_parser() -> Parser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"fulfillment {version()}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(

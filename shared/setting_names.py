@@ -58,7 +58,7 @@ CHECKED_MARK = "_FULFILLMENT_SETTINGS_CHECKED"
 PREFIXES = (
     "STRIPE_", "RABBITMQ_", "BROKER_", "RETRY_", "DELIVERY_", "PUBLISH_", "DATABASE_",
     "SMTP_", "MAIL_", "INGRESS_", "WORKER_", "LOG_", "EVENT_LOOP", "CHECKOUT_", "PUBLIC_",
-    "STANDIN_",
+    "STANDIN_", "FORWARDED_",
 )  # fmt: skip
 
 # Names with our prefixes that belong to other programs a machine may have set them for:

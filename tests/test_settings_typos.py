@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # the packages whose code runs in a `fulfillment` command (devkit: the demo, up's stand-ins)
 PACKAGES = ("shared", "ingress", "worker", "fulfillment", "devkit")
 _NAME = re.compile(r"[A-Z][A-Z0-9_]*\Z")
-_READERS = {"env_str", "env_int", "env_float", "env_port", "env_list", "env_url", "_delays", "_raw"}
+_READERS = {"env_str", "env_int", "env_float", "env_port", "env_list", "env_url", "env_bool",
+            "_delays", "_raw"}  # fmt: skip
 
 
 def _is_env(node: ast.AST) -> bool:

@@ -13,10 +13,10 @@ found by reading them all.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -266,12 +266,27 @@ def _matcher(
     return lambda dl: dl.event_id in wanted
 
 
+@dataclass
+class Selection:
+    """The dead letters a filter picked, and what the DLQ held: how many of each type."""
+
+    letters: list[DeadLetter]
+    types: collections.Counter[str]
+
+
+async def select_dead_letters(
+    settings: BrokerSettings, *, event_type: str | None = None, limit: int | None = None
+) -> Selection:
+    async with dead_letters(settings) as (_, _, held):
+        letters = [dl for dl, _ in held if event_type is None or dl.event_type == event_type]
+        types = collections.Counter(dl.event_type for dl, _ in held)
+    return Selection(letters[:limit] if limit is not None else letters, types)
+
+
 async def list_dead_letters(
     settings: BrokerSettings, *, event_type: str | None = None, limit: int | None = None
 ) -> list[DeadLetter]:
-    async with dead_letters(settings) as (_, _, held):
-        letters = [dl for dl, _ in held if event_type is None or dl.event_type == event_type]
-    return letters[:limit] if limit is not None else letters
+    return (await select_dead_letters(settings, event_type=event_type, limit=limit)).letters
 
 
 async def show_dead_letter(settings: BrokerSettings, event_id: str) -> DeadLetter | None:
@@ -289,6 +304,8 @@ class ReplayResult:
     replayed: int = 0
     failed: int = 0
     event_ids: list[str] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)  # those matched
+    types: collections.Counter[str] = field(default_factory=collections.Counter)  # in the DLQ
 
 
 async def replay(
@@ -307,6 +324,8 @@ async def replay(
     async with dead_letters(settings) as (channel, topology, held):
         chosen = [(dl, m) for dl, m in held if match(dl)]
         result.matched = len(chosen)
+        result.letters = [dl for dl, _ in chosen]
+        result.types.update(dl.event_type for dl, _ in held)
         for n, (dl, message) in enumerate(chosen, 1):
             result.event_ids.append(dl.event_id)
             if dry_run:
@@ -357,13 +376,6 @@ async def purge(
                     error_type=dl.error_type,
                 )
     return removed
-
-
-def age_s(dl: DeadLetter, now: float | None = None) -> float | None:
-    """Seconds since the dead letter's last failure."""
-    if dl.last_failed_at is None:
-        return None
-    return (now or time.time()) - failed_at(dl)
 
 
 def print_table(letters: Sequence[DeadLetter], out: Any = sys.stdout) -> None:

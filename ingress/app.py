@@ -5,6 +5,8 @@ ingress/metrics.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import stripe
@@ -120,10 +122,21 @@ def install_checkout(app: web.Application, settings: CheckoutSettings) -> None:
     app[checkout.CREATE_LIMIT] = ClientBuckets(settings.create_per_min, settings.create_burst)
     app[checkout.LOOKUP_LIMIT] = ClientBuckets(settings.lookup_per_min, settings.lookup_burst)
 
+    app[checkout_page.OFFER] = offer = checkout_page.Offer(f"the product priced {settings.price}")
+
     async def stripe_client(app: web.Application) -> AsyncIterator[None]:
         http = stripe.AIOHTTPClient(timeout=settings.stripe.timeout_s)
-        app[checkout.STRIPE] = make_client(settings.stripe, http_client=http)
+        app[checkout.STRIPE] = client = make_client(settings.stripe, http_client=http)
+
+        async def read() -> None:
+            offer.text = await checkout_page.read_offer(client, settings.price)
+
+        # read once, in the background: the webhook route must not wait on Stripe to start
+        reading = asyncio.create_task(read())
         yield
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
         await http.close_async()  # type: ignore[no-untyped-call]
 
     app.cleanup_ctx.append(stripe_client)

@@ -92,9 +92,6 @@ class CheckoutSettings:
             )
         links = LinkSettings.from_env(env)
 
-        def rate(name: str, default_field: str, minimum: int) -> int:
-            return env_int(env, name, default_of(cls, default_field), minimum=minimum)
-
         return cls(
             stripe=stripe_settings,
             price=price,
@@ -102,10 +99,18 @@ class CheckoutSettings:
             customer=customer,
             public_url=links.public_url,
             link_secret=links.secret,
-            create_per_min=rate("CHECKOUT_CREATE_PER_MIN", "create_per_min", 0),
-            create_burst=rate("CHECKOUT_CREATE_BURST", "create_burst", 1),
-            lookup_per_min=rate("CHECKOUT_LOOKUP_PER_MIN", "lookup_per_min", 0),
-            lookup_burst=rate("CHECKOUT_LOOKUP_BURST", "lookup_burst", 1),
+            create_per_min=env_int(
+                env, "CHECKOUT_CREATE_PER_MIN", default_of(cls, "create_per_min"), minimum=0
+            ),
+            create_burst=env_int(
+                env, "CHECKOUT_CREATE_BURST", default_of(cls, "create_burst"), minimum=1
+            ),
+            lookup_per_min=env_int(
+                env, "CHECKOUT_LOOKUP_PER_MIN", default_of(cls, "lookup_per_min"), minimum=0
+            ),
+            lookup_burst=env_int(
+                env, "CHECKOUT_LOOKUP_BURST", default_of(cls, "lookup_burst"), minimum=1
+            ),
         )
 
 

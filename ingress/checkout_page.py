@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -28,6 +29,7 @@ from ingress.keys import SETTINGS
 from ingress.links import CLAIMS, SIGNATURE, InvalidLink, LinkClaims, verify_checkout_link
 from ingress.pages import page
 from shared.logging import get_logger
+from shared.money import format_amount
 
 log = get_logger(__name__)
 
@@ -35,6 +37,31 @@ FORM = "application/x-www-form-urlencoded"
 # The Checkout form holds a link's few parameters: far less than this.
 FORM_MAX_BYTES = 8192
 _FORM_MAX_FIELDS = 64
+
+
+@dataclass
+class Offer:
+    """What the page sells, in words; the price's id until Stripe has said more."""
+
+    text: str
+
+
+OFFER = web.AppKey("offer", Offer)
+
+
+async def read_offer(client: stripe.StripeClient, price_id: str) -> str:
+    """The product's name and price (``T-shirt at 20.00 USD``), read from Stripe; the price
+    id as before when Stripe cannot say."""
+    try:
+        price = await client.v1.prices.retrieve_async(price_id, params={"expand": ["product"]})
+    except stripe.StripeError as exc:
+        log.warning("checkout price not read", price=price_id, error=str(exc.user_message or exc))
+        return f"the product priced {price_id}"
+    product = price.product
+    name = getattr(product, "name", None) or price.nickname or price_id
+    if price.unit_amount is None:  # a price per tier or per unit of usage
+        return str(name)
+    return f"{name} at {format_amount(price.unit_amount, price.currency)}"
 
 
 async def read_form(request: web.Request) -> MultiDict[str] | web.Response:
@@ -109,7 +136,7 @@ async def index(request: web.Request) -> web.Response:
         who = "a card"
     return page(
         "Checkout",
-        f"""<p>{settings.quantity} x the product priced {html.escape(settings.price)},
+        f"""<p>{settings.quantity} x {html.escape(request.app[OFFER].text)},
 paid with {who} on Stripe Checkout.</p>
 <form action="/create-checkout-session" method="POST">{hidden}
 <button id="checkout" type="submit">Checkout</button></form>""",

@@ -129,17 +129,20 @@ def env_list(env: Env, name: str) -> tuple[str, ...]:
 def env_url(env: Env, name: str, default: str, *, schemes: tuple[str, ...]) -> str:
     """A URL setting whose scheme must be one of ``schemes``; the value is never echoed raw."""
     value = env_str(env, name, default)
+    # no article: "a amqp://", "a http://" read wrong, and which one fits depends on the scheme
     wanted = " or ".join(f"{s}://" for s in schemes)
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError on a bad port (e.g. a password with '/')
     except ValueError:
         raise ConfigError(
-            f"{name} is not a valid {wanted} URL (percent-encode special characters "
-            "in the user name or password)"
+            f"{name} is not a valid URL (percent-encode special characters in the user name "
+            "or password)"
         ) from None
     if parts.scheme not in schemes or not parts.hostname:
-        raise ConfigError(f"{name} must be a {wanted} URL with a host, got {redact_url(value)!r}")
+        raise ConfigError(
+            f"{name} must be a URL starting {wanted} with a host, got {redact_url(value)!r}"
+        )
     return value
 
 

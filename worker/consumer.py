@@ -51,7 +51,7 @@ from shared.vocabulary import (
     SESSION_EXPIRED,
     Outcome,
 )
-from worker import metrics, retry, startup
+from worker import db, metrics, retry, startup
 from worker.flow import EffectsLog, Fulfiller
 from worker.settings import WorkerSettings
 from worker.store import Store
@@ -113,6 +113,20 @@ class Worker:
     def consuming(self) -> bool:
         """Whether the worker takes messages (started, and not stopped)."""
         return self._consumer_tag is not None
+
+    async def unready(self, timeout_s: float = 2.0) -> str | None:
+        """Why the worker cannot take work now, or None: it must be consuming, its broker
+        channel open (not reconnecting), and its database pool must answer."""
+        if not self.consuming:
+            return "not consuming"
+        if self._channel is None or self._channel.is_closed:
+            return "broker channel closed (reconnecting)"
+        assert self._pool is not None
+        try:
+            await asyncio.wait_for(self._pool.fetchval("SELECT 1"), timeout_s)
+        except db.TRANSIENT_ERRORS as exc:  # TimeoutError among them
+            return f"database unusable ({type(exc).__name__})"
+        return None
 
     async def start(self) -> None:
         """Migrate, connect, declare, and start consuming."""

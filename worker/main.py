@@ -12,8 +12,10 @@ from worker.settings import WorkerSettings
 async def serve(settings: WorkerSettings) -> None:
     log = get_logger(__name__)
     stop = runtime.stop_requested()
-    runner = await metrics.start_server(settings.metrics_host, settings.metrics_port)
     worker = Worker(settings)
+    runner = await metrics.start_server(
+        settings.metrics_host, settings.metrics_port, unready=worker.unready
+    )
     try:
         # A signal while starting (a broker or database slow to answer) stops the start:
         # nothing is consumed yet, so there is nothing to finish, and the exit is clean.

@@ -1,6 +1,9 @@
-"""Prometheus metrics of the worker, and the small HTTP server for /metrics and /healthz."""
+"""Prometheus metrics of the worker, and the small HTTP server for /metrics, /healthz and
+/readyz."""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -62,8 +65,11 @@ def start_at_zero(event_types: tuple[str, ...], email_purposes: tuple[str, ...])
         UNROUTED.labels(kind)
 
 
-async def start_server(host: str, port: int) -> web.AppRunner:
-    """Serve /metrics and /healthz; port 0 picks a free one."""
+async def start_server(
+    host: str, port: int, unready: Callable[[], Awaitable[str | None]] | None = None
+) -> web.AppRunner:
+    """Serve /metrics, /healthz and /readyz (ready when ``unready`` gives no reason); port 0
+    picks a free one."""
     quiet_unparseable_requests()
 
     async def metrics(_: web.Request) -> web.Response:
@@ -72,9 +78,16 @@ async def start_server(host: str, port: int) -> web.AppRunner:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def readyz(_: web.Request) -> web.Response:
+        reason = "starting" if unready is None else await unready()
+        if reason is None:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready", "reason": reason}, status=503)
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=runtime.HTTP_KEEPALIVE_S)
     await runner.setup()
     try:

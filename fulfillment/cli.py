@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, NoReturn
 
+from fulfillment.reconcile_command import account_id, duration
 from shared import runtime
 from shared.errors import FulfillmentError
 
@@ -25,6 +26,7 @@ EPILOG = """examples:
   fulfillment dlq list --type checkout.session.completed
   fulfillment dlq replay --all --dry-run
   fulfillment backfill --since 2026-11-01
+  fulfillment reconcile --dry-run     # paid Checkout Sessions with no fulfillment
 """
 
 Handler = Callable[[argparse.Namespace], int]
@@ -297,6 +299,13 @@ def _backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reconcile(args: argparse.Namespace) -> int:
+    from fulfillment.reconcile_command import command
+
+    _setup("reconcile")
+    return command(args)
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="fulfillment",
@@ -384,6 +393,18 @@ def build_parser() -> Parser:
     p.add_argument("--all", action="store_true",
                    help="also events Stripe delivered (default: only undelivered)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="list what would be enqueued")
+
+    p = add(sub, "reconcile", _reconcile,
+            "Queue a fulfillment for every paid Checkout Session that has none.",
+            "fulfillment reconcile --since 7d --dry-run --json")  # fmt: skip
+    p.add_argument("--since", type=duration, metavar="DURATION",
+                   help="sessions created this long ago or later, e.g. 12h or 7d (default: "
+                        "from where the last run left off, else 3d)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="say what it would queue; change nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--account", dest="accounts", action="append", type=account_id,
+                   metavar="ACCT",
+                   help="a connected account's sessions too (repeatable)")  # fmt: skip
     return parser
 
 

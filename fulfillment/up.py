@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from fulfillment.console import prefix, say
 from fulfillment.local import MAIL_SINK_PORT, LocalPlan, plan_local, start_local
+from fulfillment.schedule import Schedule
 from shared import runtime
 from shared.backoff import compute_backoff
 from shared.errors import ConfigError, FulfillmentError
@@ -293,6 +294,7 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     port, metrics_port = _ports(env, workers)
     plan = plan_local(env, demo=demo)
     checked = _check_settings(env, metrics_port)
+    schedule = Schedule.from_env(env)  # reconcile, unless RECONCILE_INTERVAL_S is 0
     _check_ports_free(_listeners(checked, workers, port, metrics_port, plan))
     ready = await runtime.unless_stopped(_preflight(checked.broker, checked.database_url), stopping)
     if not ready:
@@ -307,6 +309,8 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     for child in children:
         await child.start()
     tasks = [asyncio.ensure_future(child.supervise(stopping)) for child in children]
+    if schedule is not None:
+        tasks.append(asyncio.ensure_future(schedule.run(stopping)))
     if stack.scenario is not None:
         scenario = stack.scenario.run(stopping, keep_running=keep_running)
         tasks.append(asyncio.ensure_future(scenario))

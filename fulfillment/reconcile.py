@@ -48,6 +48,8 @@ DEFAULT_SINCE = timedelta(days=3)
 # in the queue behind a backlog, and a copy per run would only lengthen it.
 REQUEUE_AFTER = timedelta(hours=1)
 PAID = frozenset({"paid", "no_payment_required"})
+# What a run reads of each listed session.
+SESSION_FIELDS = ("id", "status", "created", "payment_status", "mode", "livemode")
 SOURCE = "fulfillment-reconcile"
 PLATFORM = ""  # the platform's own account, in reconcile's tables
 
@@ -290,8 +292,9 @@ async def list_complete_sessions(
     """Every complete session created from ``since`` to ``until`` (Unix times, both
     included), oldest first; a connected account's on its behalf."""
     params = {"status": "complete", "created": {"gte": since, "lte": until}}
+    page = partial(_sessions_page, account=account)
     listed = await list_every_page(
-        settings, partial(_sessions_page, account=account), params, noun="Checkout Sessions"
+        settings, page, params, noun="Checkout Sessions", fields=SESSION_FIELDS
     )
     # Stripe filters on its side; checked here too, so that an API (or a stand-in) that
     # ignored a filter cannot make us request fulfillment of an open or unknown session.

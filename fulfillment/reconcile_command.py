@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -28,10 +29,12 @@ def duration(text: str) -> timedelta:
     parts = re.findall(r"(\d+)([smhdw])", wanted)
     if not parts or "".join(n + u for n, u in parts) != wanted:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 90m, 12h, 3d or 2w)")
-    value = timedelta(seconds=sum(int(n) * _UNITS[u] for n, u in parts))
-    if not value:
+    seconds = sum(int(n) * _UNITS[u] for n, u in parts)
+    if not seconds:
         raise argparse.ArgumentTypeError(f"must be longer than 0, got {text!r}")
-    return value
+    if seconds > time.time():
+        raise argparse.ArgumentTypeError(f"reaches back before 1970: {text!r}")
+    return timedelta(seconds=seconds)
 
 
 def account_id(text: str) -> str:

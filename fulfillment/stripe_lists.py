@@ -7,7 +7,7 @@ rather than ending a run that paged through 39 already.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import stripe
@@ -34,9 +34,15 @@ ListPage = Callable[[stripe.StripeClient, dict[str, Any]], Awaitable[Any]]
 
 
 async def list_every_page(
-    settings: StripeSettings, list_page: ListPage, params: dict[str, Any], *, noun: str
+    settings: StripeSettings,
+    list_page: ListPage,
+    params: dict[str, Any],
+    *,
+    noun: str,
+    fields: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every object the list holds, in Stripe's order (newest first), as plain dicts.
+    """Every object the list holds, in Stripe's order (newest first), as plain dicts: only
+    their ``fields`` when given, so that a long list is kept in a fraction of the memory.
 
     Pages of ``PAGE_SIZE`` (``params`` may say less), after the last object of the page
     before (``starting_after``); a failed page is tried ``PAGE_TRIES`` times, its failure
@@ -59,7 +65,9 @@ async def list_every_page(
         while True:
             query = {"limit": PAGE_SIZE, **params, **after}
             page: Any = await retrying(_page, list_page, client, query)
-            found += [item.to_dict(for_json=True) for item in page.data]
+            for item in page.data:
+                doc = item.to_dict(for_json=True)
+                found.append(doc if fields is None else {k: doc.get(k) for k in fields})
             # an empty page cannot name the next one (starting_after is its last object's id)
             if not page.has_more or not page.data:
                 break

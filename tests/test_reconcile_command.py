@@ -326,6 +326,7 @@ async def test_stripe_or_postgresql_out_of_reach_is_one_line_and_exit_2(
         (["--since", "0m"], {}, "must be longer than 0"),
         (["--since", "3 days"], {}, "not a duration: '3 days'"),
         (["--since", "-3d"], {}, "expected one argument"),
+        (["--since", "99999w"], {}, "reaches back before 1970"),
         (["--since", "2m"], {}, "RECONCILE_GRACE_S"),
         (["--account", "acct-1"], {}, "not a connected account id"),
         ([], {"RECONCILE_GRACE_S": "soon"}, "RECONCILE_GRACE_S must be a number"),

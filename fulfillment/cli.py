@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any, NoReturn
 
 from fulfillment import commands
+from fulfillment.reconcile_command import account_id, duration
 from fulfillment.sendable import KINDS
 from shared.errors import FulfillmentError
 from shared.setting_names import CHECKED_MARK, unknown_settings
@@ -27,6 +28,7 @@ EPILOG = """examples:
   fulfillment dlq replay --all --dry-run
   fulfillment backfill --since 2026-11-01
   fulfillment checkout-link --customer cus_NffrFeUfNV2Hib
+  fulfillment reconcile --dry-run     # paid Checkout Sessions with no fulfillment
 """
 
 Handler = Callable[[argparse.Namespace], int]
@@ -210,6 +212,18 @@ def build_parser() -> Parser:
     p.add_argument("--all", action="store_true",
                    help="also events Stripe delivered (default: only undelivered)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="list what would be enqueued")
+
+    p = add(sub, "reconcile", commands.reconcile,
+            "Queue a fulfillment for every paid Checkout Session that has none.",
+            "fulfillment reconcile --since 7d --dry-run --json")  # fmt: skip
+    p.add_argument("--since", type=duration, metavar="DURATION",
+                   help="sessions created this long ago or later, e.g. 12h or 7d (default: "
+                        "from where the last run left off, else 3d)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="say what it would queue; change nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--account", dest="accounts", action="append", type=account_id,
+                   metavar="ACCT",
+                   help="a connected account's sessions too (repeatable)")  # fmt: skip
     return parser
 
 

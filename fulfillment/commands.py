@@ -355,3 +355,10 @@ def checkout_link(args: argparse.Namespace) -> int:
 
     print(checkout_link(customer=args.customer, email=args.email, expires_in=args.expires_in))
     return 0
+
+
+def reconcile(args: argparse.Namespace) -> int:
+    from fulfillment.reconcile_command import command
+
+    _setup("reconcile")
+    return command(args)

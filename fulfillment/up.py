@@ -25,6 +25,7 @@ from typing import Any
 
 from fulfillment.console import let_go, link_host, prefix, say, write
 from fulfillment.local import MAIL_SINK_PORT, LocalPlan, plan_local, start_local
+from fulfillment.schedule import Schedule
 from shared import runtime
 from shared.backoff import compute_backoff
 from shared.errors import ConfigError, FulfillmentError
@@ -338,6 +339,7 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     port, metrics_port = _ports(env, workers)
     plan = plan_local(env, demo=demo)
     checked = _check_settings(env, metrics_port)
+    schedule = Schedule.from_env(env)  # reconcile, unless RECONCILE_INTERVAL_S is 0
     _check_ports_free(_listeners(checked, workers, port, metrics_port, plan))
     ready = await runtime.unless_stopped(_preflight(checked.broker, checked.database_url), stopping)
     if not ready:
@@ -354,6 +356,8 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     tasks: list[asyncio.Future[Any]] = [
         asyncio.ensure_future(child.supervise(stopping)) for child in children
     ]
+    if schedule is not None:
+        tasks.append(asyncio.ensure_future(schedule.run(stopping)))
     played: asyncio.Future[bool | None] | None = None
     if stack.scenario is not None:
         # cut short at once by a stop signal: nothing more is sent or drawn after Ctrl-C

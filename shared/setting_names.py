@@ -58,6 +58,9 @@ SETTINGS = (
     "SMTP_ALLOW_PLAINTEXT_AUTH",
     "INGRESS_METRICS_HOST",
     "INGRESS_METRICS_PORT",
+    "RECONCILE_INTERVAL_S",
+    "RECONCILE_GRACE_S",
+    "RECONCILE_OVERLAP_S",
 )
 
 # Set by `fulfillment up` for its children, so that they do not warn about what it did.
@@ -67,7 +70,7 @@ CHECKED_MARK = "_FULFILLMENT_SETTINGS_CHECKED"
 PREFIXES = (
     "STRIPE_", "RABBITMQ_", "BROKER_", "RETRY_", "DELIVERY_", "PUBLISH_", "DATABASE_",
     "SMTP_", "MAIL_", "INGRESS_", "WORKER_", "LOG_", "EVENT_LOOP", "CHECKOUT_", "PUBLIC_",
-    "STANDIN_", "FORWARDED_",
+    "STANDIN_", "FORWARDED_", "RECONCILE_",
 )  # fmt: skip
 
 # Names with our prefixes that belong to other programs a machine may have set them for:

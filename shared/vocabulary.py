@@ -62,6 +62,8 @@ HEADER_CHECKOUT_SESSION_ID = "checkout-session-id"
 # A Checkout Session id as Stripe makes them (cs_test_… or cs_live_…), and nothing that
 # could change the URL it is put into.
 CHECKOUT_SESSION_ID = re.compile(r"cs_(?:test|live)_[A-Za-z0-9_]{1,250}")
+# A connected account's id (Stripe Connect), as events carry it and Stripe-Account takes it.
+ACCOUNT_ID = re.compile(r"acct_[A-Za-z0-9]{1,250}")
 
 # --- outcomes --------------------------------------------------------------------------
 

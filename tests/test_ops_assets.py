@@ -55,6 +55,7 @@ REQUIRED_ALERTS = {
     "IngressBrokerDisconnected",
     "FulfillmentNoConsumers",
     "WorkerDeadLetterRate",
+    "ReconcileFoundMissingSessions",
 }
 
 
@@ -658,6 +659,32 @@ def test_the_migrate_job_runs_fulfillment_migrate() -> None:
 
     assert container["args"] == ["migrate"]
     assert job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_reconcile_cronjob_runs_fulfillment_reconcile_one_run_at_a_time_as_non_root() -> None:
+    cronjob = k8s_object("CronJob", "fulfillment-reconcile")
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    (container,) = pod["containers"]
+    config_names = {o["metadata"]["name"] for o in k8s_objects() if o["kind"] == "ConfigMap"}
+    worker = only_container(k8s_object("Deployment", "fulfillment-worker"))
+
+    assert container["args"][0] == "reconcile"
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"  # one run pages Stripe at a time
+    minutes = re.fullmatch(r"\*/(\d+) \* \* \* \*", cronjob["spec"]["schedule"])
+    assert minutes, cronjob["spec"]["schedule"]
+    # a stuck run is ended before the next one is due, rather than holding it off
+    assert job["activeDeadlineSeconds"] < int(minutes.group(1)) * 60
+    assert pod["restartPolicy"] in ("Never", "OnFailure")
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    # the workers' own settings: the same broker names, database and Stripe key
+    assert container["envFrom"] == worker["envFrom"]
+    assert {r["configMapRef"]["name"] for r in container["envFrom"] if "configMapRef" in r} <= (
+        config_names
+    )
+    assert container["image"] == worker["image"]
 
 
 def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:

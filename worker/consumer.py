@@ -101,6 +101,7 @@ class Worker:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._pool: asyncpg.Pool | None = None
+        self.store: Store | None = None  # once started
         self._http: AIOHTTPClient | None = None
         self._fulfiller: Fulfiller | None = None
         self._retrying = retry.quick_retries(settings.quick_retries)
@@ -137,7 +138,7 @@ class Worker:
         self._connection = startup.broker_connection(s.broker)  # kept: stop() closes it
         await startup.connect(self._connection, s.broker)
         self._channel = await startup.open_channel(self._connection, prefetch=s.concurrency)
-        store = Store(self._pool)
+        self.store = store = Store(self._pool)
         await startup.declare(self._channel, self.topology, store)
         self._fulfiller = await startup.fulfiller(s, store, client, self._channel, self.topology)
         self._queue = await self._channel.get_queue(self.topology.work_queue)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from shared import runtime
 from shared.logging import configure_logging, get_logger, register_secrets
 from worker import metrics
@@ -16,6 +19,7 @@ async def serve(settings: WorkerSettings) -> None:
     runner = await metrics.start_server(
         settings.metrics_host, settings.metrics_port, unready=worker.unready
     )
+    figures: asyncio.Task[None] | None = None
     try:
         # A signal while starting (a broker or database slow to answer) stops the start:
         # nothing is consumed yet, so there is nothing to finish, and the exit is clean.
@@ -24,11 +28,18 @@ async def serve(settings: WorkerSettings) -> None:
         if not worker.consuming:
             log.info("worker stopping before it started consuming")
             return
+        assert worker.store is not None
+        await metrics.read_reconcile(worker.store.reconcile_figures)  # on the first scrape
+        figures = asyncio.create_task(metrics.follow_reconcile(worker.store.reconcile_figures))
         # the port bound, also when WORKER_METRICS_PORT=0 asked for any free one
         log.info("worker metrics listening", port=runner.addresses[0][1])
         await stop.wait()
         log.info("worker stopping", in_flight=worker.in_flight)
     finally:
+        if figures is not None:
+            figures.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await figures
         await worker.stop()
         await runner.cleanup()
 

@@ -6,8 +6,9 @@ succeeded, failed, duplicates, one for a session Stripe does not know), and a ta
 each session as the workers get to it, then a summary. The Checkout pages are on too:
 open the printed URL, click Checkout, pay on the stand-in's hosted page.
 
-``fulfillment up --demo`` starts it beside the stand-in and hands it how to speak (``say``)
-and how to read the dead-letter queue, so that nothing here imports the CLI.
+``fulfillment up --demo`` starts it beside the stand-in and hands it how to speak (``say``,
+and ``table`` for the one table it keeps up to date) and how to read the dead-letter queue,
+so that nothing here imports the CLI.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import asyncpg
 
 from devkit import signing
 from devkit.stripe import HostedCheckout, StripeStandIn
+from shared.money import format_amount
 from shared.settings import env_port
-from worker.order import format_amount
 from worker.settings import database_url_from_env
 
 CATALOG = [("T-shirt", 2000), ("Mug", 1250), ("Notebook", 1500), ("Sticker pack", 500)]
@@ -32,6 +33,15 @@ PEOPLE = [("Ada Lovelace", "ada"), ("Grace Hopper", "grace"), ("Alan Turing", "a
           ("Katherine Johnson", "katherine")]  # fmt: skip
 # what each demo session should end as
 EXPECTED = {"paid": "fulfilled", "delayed": "fulfilled", "failed": "payment_failed"}
+UNKNOWN = "cs_test_demo_unknown"  # a session Stripe does not know: its event is dead-lettered
+DEAD = "dead letter"
+# the effects recorded for a session (fulfillment_steps), as the table names them
+SHORT = {
+    "confirmation_email": "email", "order_fulfilled_message": "message",
+    "payment_failed_email": "email", "payment_failed_message": "message",
+}  # fmt: skip
+# a row's mark: as expected, not (yet), given up on
+DONE, WAITING, MISSED = "✓", "…", "✗"
 
 
 class Demo:
@@ -41,12 +51,17 @@ class Demo:
         standin: StripeStandIn,
         *,
         say: Callable[[str], None],
+        table: Callable[[list[str], bool], None],
         dead_letter_ids: Callable[[], Awaitable[list[str]]],
+        colour: bool = False,
     ) -> None:
         self.env = env
         self.standin = standin
         self.say = say
+        self.table = table  # the table's lines now, and whether they are the last
         self.dead_letter_ids = dead_letter_ids  # the event ids now in the dead-letter queue
+        self.colour = colour
+        self.unknown_event: str | None = None  # the event id of the dead letter to be
         port = env_port(env, "INGRESS_PORT", 8080)
         self.base = f"http://127.0.0.1:{port}"
         self.secret = env["STRIPE_WEBHOOK_SECRETS"].split(",")[0].strip()
@@ -96,15 +111,15 @@ class Demo:
             await asyncio.sleep(0.5)
         return 0
 
-    async def run(self, stopping: asyncio.Event, *, keep_running: bool) -> None:
-        try:
-            await self._run()
-        finally:
-            if keep_running:
-                url = f"{self.env['PUBLIC_URL']}/"
-                self.say(f"demo done; buy with the saved card at {url} (Ctrl-C stops)")
-            else:
-                stopping.set()
+    async def run(self, stopping: asyncio.Event, *, keep_running: bool) -> bool:
+        """Play the demo to its summary; True then. ``up`` cancels it on Ctrl-C."""
+        await self._run()
+        if keep_running:
+            url = f"{self.env['PUBLIC_URL']}/"
+            self.say(f"demo done; buy with the saved card at {url} (Ctrl-C stops)")
+        else:
+            stopping.set()
+        return True
 
     async def _run(self) -> None:
         async with aiohttp.ClientSession() as http:
@@ -122,9 +137,10 @@ class Demo:
                 sent += bool(await self._send(http, event))
                 if kind == "paid" and sent % 2:
                     sent += bool(await self._send(http, event))  # Stripe redelivers
-            unknown = self.standin.add_session("cs_test_demo_unknown")
+            unknown = self.standin.add_session(UNKNOWN)
             event = self.standin.add_session_event(unknown["id"])
             del self.standin.sessions[unknown["id"]]  # Stripe does not know it: a dead letter
+            self.unknown_event = event["id"]
             sent += bool(await self._send(http, event))
             await asyncio.sleep(1.5)  # the delayed payments resolve a little later
             for sid, kind in self.sessions:
@@ -146,8 +162,11 @@ class Demo:
     async def _watch(self, timeout_s: float = 60) -> None:
         ids = [sid for sid, _ in self.sessions]
         conn = await asyncpg.connect(database_url_from_env(self.env))
+        # read until the unknown session's letter is there, then no more: a read holds the
+        # letters for a moment, and the summary counts from the last one
+        letters: list[str] = []
+        dead = False
         try:
-            last = None
             deadline = time.monotonic() + timeout_s
             while True:
                 rows = {
@@ -160,39 +179,50 @@ class Demo:
                         ids,
                     )
                 }
-                table = self._table(rows)
-                if table != last:
-                    for line in table:
-                        self.say(f"demo: {line}")
-                    last = table
-                done = all(
-                    rows.get(sid) is not None and rows[sid]["state"] == EXPECTED[kind]
-                    and len(rows[sid]["steps"]) == 2
-                    for sid, kind in self.sessions
-                )  # fmt: skip
-                if done or time.monotonic() > deadline:
+                if not dead:
+                    letters = await self.dead_letter_ids()
+                    dead = self.unknown_event in letters
+                done = dead and all(
+                    self._as_expected(rows.get(sid), kind) for sid, kind in self.sessions
+                )
+                over = done or time.monotonic() > deadline
+                self.table(self._table(rows, dead, final=over), over)
+                if over:
                     break
                 await asyncio.sleep(0.5)
-            await self._summary(conn, ids)
+            await self._summary(conn, ids, letters)
         finally:
             await conn.close()
 
-    def _table(self, rows: dict[str, Any]) -> list[str]:
-        lines = [f"{'SESSION':34} {'CUSTOMER':24} {'TOTAL':>10} {'EXPECTED':15} NOW"]
+    @staticmethod
+    def _as_expected(row: Any, kind: str) -> bool:
+        return row is not None and row["state"] == EXPECTED[kind] and len(row["steps"]) == 2
+
+    def _mark(self, ok: bool, final: bool) -> str:
+        mark = DONE if ok else MISSED if final else WAITING
+        if self.colour and mark != WAITING:
+            return f"\x1b[{32 if ok else 31}m{mark}\x1b[0m"
+        return mark
+
+    def _table(self, rows: dict[str, Any], dead: bool, *, final: bool) -> list[str]:
+        lines = [f"  {'SESSION':32} {'CUSTOMER':21} {'TOTAL':>10}  {'EXPECTED':14} NOW"]
         for sid, kind in self.sessions:
             session = self.standin.sessions[sid]
             total = format_amount(session["amount_total"], session["currency"])
             row = rows.get(sid)
+            effects = sorted(SHORT.get(step, step) for step in row["steps"]) if row else []
             now = (
-                "-"
-                if row is None
-                else f"{row['state']} ({', '.join(sorted(row['steps'])) or 'no effects yet'})"
+                "-" if row is None else f"{row['state']} ({', '.join(effects) or 'no effects yet'})"
             )
             email = session["customer_details"]["email"]
-            lines.append(f"{sid[:34]:34} {email:24} {total:>10} {EXPECTED[kind]:15} {now}")
+            mark = self._mark(self._as_expected(row, kind), final)
+            lines.append(f"{mark} {sid:32} {email:21} {total:>10}  {EXPECTED[kind]:14} {now}")
+        unknown = "dead-lettered (Stripe does not know it)" if dead else "-"
+        mark = self._mark(dead, final)
+        lines.append(f"{mark} {UNKNOWN:32} {'-':21} {'-':>10}  {DEAD:14} {unknown}")
         return lines
 
-    async def _summary(self, conn: asyncpg.Connection, ids: list[str]) -> None:
+    async def _summary(self, conn: asyncpg.Connection, ids: list[str], letters: list[str]) -> None:
         fulfilled = await conn.fetchval(
             "SELECT count(*) FROM fulfillments WHERE checkout_session_id = ANY($1)", ids
         )
@@ -207,7 +237,6 @@ class Demo:
             ids,
         )
         # this demo's own: the queue may hold letters of earlier runs, or of anything else
-        letters = await self.dead_letter_ids()
         dead = sum(event_id in self.sent_ids for event_id in letters)
         others = len(letters) - dead
         self.say(

@@ -137,10 +137,17 @@ class RabbitNode:
     port: int
     dist_port: int
     root: Path
+    management_port: int | None = None  # the management plugin's HTTP API, when enabled
 
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def management_url(self) -> str | None:
+        if self.management_port is None:
+            return None
+        return f"http://guest:guest@127.0.0.1:{self.management_port}/"
 
     def env(self) -> dict[str, str]:
         return {
@@ -190,7 +197,7 @@ class RabbitNode:
         self.ctl("await_startup", "--timeout", "90")
 
 
-def _prepare(name: str) -> RabbitNode:
+def _prepare(name: str, *, management: bool = False) -> RabbitNode:
     if not shutil.which("rabbitmq-server") or not shutil.which("rabbitmqctl"):
         raise ServiceUnavailable("RabbitMQ's programs (rabbitmq-server, rabbitmqctl) are missing")
     if os.geteuid() != 0:
@@ -198,14 +205,25 @@ def _prepare(name: str) -> RabbitNode:
         raise ServiceUnavailable("starting a RabbitMQ node of our own needs root here")
     root = Path(tempfile.mkdtemp(prefix=f"fx-rmq-{name.split('@')[0]}-"))
     port = free_port()
-    node = RabbitNode(name=name, port=port, dist_port=free_port(), root=root)
+    node = RabbitNode(
+        name=name,
+        port=port,
+        dist_port=free_port(),
+        root=root,
+        management_port=free_port() if management else None,
+    )
     (root / "mnesia").mkdir()
     (root / "log").mkdir()
     # loopback_users = none: guest may connect from 127.0.0.1 only anyway (the listener)
-    (root / "rabbitmq.conf").write_text(
-        f"listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"
-    )
-    (root / "enabled_plugins").write_text("[].\n")
+    config = f"listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"
+    if management:
+        # statistics every second (5 by default), so that rates show up in a short test
+        config += (
+            f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {node.management_port}\n"
+            "collect_statistics_interval = 1000\n"
+        )
+    (root / "rabbitmq.conf").write_text(config)
+    (root / "enabled_plugins").write_text("[rabbitmq_management].\n" if management else "[].\n")
     for path in (root, *root.rglob("*")):
         shutil.chown(path, "rabbitmq", "rabbitmq")
     return node
@@ -257,14 +275,17 @@ def _wait_gone(node: RabbitNode, timeout_s: float = 30) -> None:
 
 
 @contextlib.contextmanager
-def private_rabbitmq(size: int = 1, *, prefix: str = "fx") -> Iterator[PrivateRabbit]:
-    """``size`` nodes started (and clustered), stopped and removed on exit."""
+def private_rabbitmq(
+    size: int = 1, *, prefix: str = "fx", management: bool = False
+) -> Iterator[PrivateRabbit]:
+    """``size`` nodes started (and clustered), stopped and removed on exit; with
+    ``management`` each serves the management plugin's HTTP API too."""
     token = os.urandom(3).hex()
     names: Sequence[str] = [f"{prefix}-{chr(ord('a') + i)}-{token}@localhost" for i in range(size)]
     rabbit = PrivateRabbit([])
     try:
         for name in names:
-            node = _prepare(name)
+            node = _prepare(name, management=management)
             rabbit.nodes.append(node)
             node.start()
         first = rabbit.nodes[0]

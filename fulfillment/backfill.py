@@ -15,29 +15,18 @@ from datetime import datetime
 from typing import Any
 
 import stripe
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from shared.backoff import compute_backoff
+from fulfillment.stripe_lists import list_every_page
 from shared.broker import event_message, publish_confirmed
 from shared.envelope import EventEnvelope
-from shared.errors import FulfillmentError, TransientError
 from shared.logging import get_logger
 from shared.settings import BrokerSettings
-from shared.stripe_client import AIOHTTPClient, StripeSettings, classify, make_client
+from shared.stripe_client import StripeSettings
 from shared.topology import Topology, connect
 from shared.vocabulary import STRIPE_HANDLED_TYPES
 from worker.db import create_pool
 
 log = get_logger(__name__)
-
-
-# Tries per page of events: what shared.stripe_client.classify calls transient (a 429:
-# the account's read limit is shared with the workers, which may be catching up too; a
-# 5xx, 409, 401/403, a dropped or cut-off answer) is waited out, 4 to 8 s over the tries,
-# rather than ending a run that paged through many already.
-PAGE_TRIES = 5
-# The longest wait between tries, also when Stripe (or a gateway) asks for longer.
-PAGE_WAIT_MAX_S = 30.0
 
 
 @dataclass
@@ -56,32 +45,10 @@ async def list_events(
     created: dict[str, int] = {"gte": int(since.timestamp())}
     if until is not None:
         created["lt"] = int(until.timestamp())
-    params: dict[str, Any] = {"types": list(STRIPE_HANDLED_TYPES), "created": created, "limit": 100}
+    params: dict[str, Any] = {"types": list(STRIPE_HANDLED_TYPES), "created": created}
     if not everything:
         params["delivery_success"] = False
-    # ours: a body cut short becomes an APIConnectionError (retried), not aiohttp's own
-    http = AIOHTTPClient(timeout=stripe_settings.timeout_s)
-    client = make_client(stripe_settings, http_client=http)
-    events: list[dict[str, Any]] = []
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(PAGE_TRIES),
-        wait=_page_wait,
-        retry=retry_if_exception_type(TransientError),
-        before_sleep=_page_retry_logged,
-        reraise=True,
-    )
-    try:
-        after: dict[str, str] = {}
-        while True:
-            page: Any = await retrying(_events_page, client, {**params, **after})
-            events += [event.to_dict(for_json=True) for event in page.data]
-            if not page.has_more or not page.data:
-                break
-            after = {"starting_after": page.data[-1].id}
-    except FulfillmentError as exc:
-        raise FulfillmentError(str(exc)) from None  # one line, no chain
-    finally:
-        await http.close_async()  # type: ignore[no-untyped-call]
+    events = await list_every_page(stripe_settings, _events_page, params, noun="events")
     # Stripe filters on its side; checked here too, so an API (or a stand-in) that ignored
     # a filter could not make us enqueue other types or events outside the window.
     kept = [e for e in events if e.get("type") in STRIPE_HANDLED_TYPES and _in_window(e, created)]
@@ -96,29 +63,8 @@ async def list_events(
 
 
 async def _events_page(client: stripe.StripeClient, params: dict[str, Any]) -> Any:
-    """One page of ``GET /v1/events``; Stripe's errors as ours (transient or permanent)."""
-    try:
-        return await client.v1.events.list_async(params=params)  # type: ignore[arg-type]
-    except stripe.StripeError as exc:
-        raise classify(exc) from exc
-
-
-def _page_wait(state: RetryCallState) -> float:
-    """Growing waits between tries, or what the answer asked for (Retry-After), bounded."""
-    exc = state.outcome.exception() if state.outcome else None
-    asked = getattr(exc, "retry_after_s", None) or 0.0
-    backoff = compute_backoff(state.attempt_number, base_s=0.5, max_s=PAGE_WAIT_MAX_S)
-    return min(max(asked, backoff), PAGE_WAIT_MAX_S)
-
-
-def _page_retry_logged(state: RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome else None
-    log.warning(
-        "listing Stripe events failed; retrying",
-        attempt=state.attempt_number,
-        of=PAGE_TRIES,
-        error=str(exc),
-    )
+    """One page of ``GET /v1/events``."""
+    return await client.v1.events.list_async(params=params)  # type: ignore[arg-type]
 
 
 def _in_window(event: dict[str, Any], created: dict[str, int]) -> bool:

@@ -3,39 +3,70 @@
 from __future__ import annotations
 
 import argparse
-import json
+import difflib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, NoReturn
+from datetime import timedelta
+from typing import Any, NoReturn
 
-from shared import runtime
+from fulfillment import commands
+from fulfillment.reconcile_command import account_id, duration
+from fulfillment.sendable import KINDS
 from shared.errors import FulfillmentError
-
-if TYPE_CHECKING:
-    from shared.settings import BrokerSettings
+from shared.setting_names import CHECKED_MARK, unknown_settings
+from shared.vocabulary import CHECKOUT_SESSION_ID
 
 EPILOG = """examples:
   fulfillment up --workers 2          # migrate, declare, run the ingress and 2 workers
+  fulfillment send checkout.session.completed  # a signed test event to the ingress
   fulfillment demo                    # the same with Stripe stood in, and sample orders
   fulfillment ingress                 # serve POST /webhooks/stripe on $INGRESS_PORT
   fulfillment worker --concurrency 64 # consume the fulfillment queue
-  fulfillment status                  # queue depths, consumers, dead letters
+  fulfillment status --watch          # queue depths, consumers, dead letters
   fulfillment dlq list --type checkout.session.completed
   fulfillment dlq replay --all --dry-run
   fulfillment backfill --since 2026-11-01
+  fulfillment checkout-link --customer cus_NffrFeUfNV2Hib
+  fulfillment reconcile --dry-run     # paid Checkout Sessions with no fulfillment
 """
 
 Handler = Callable[[argparse.Namespace], int]
 
 
+def version() -> str:
+    from importlib import metadata  # only when asked: it takes longer than the rest of the CLI
+
+    try:
+        return metadata.version("stripe-checkout-fulfillment")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed version, looked up only when asked for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        print(f"fulfillment {version()}")  # on stdout, as argparse's own --version
+        parser.exit(0)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, except that a usage error is one line on stderr (then exit 2), as every
-    other error of this command is."""
+    other error of this command is, and an unknown choice gets the nearest one."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        choices = action.choices
+        if choices is None or value in choices:
+            return
+        names = [str(choice) for choice in choices]
+        what = str(action.metavar or action.dest).lower()
+        close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else f" (one of: {', '.join(names)})"
+        raise argparse.ArgumentError(None, f"unknown {what} {value!r}{hint}")
 
 
 def _at_least_one(text: str) -> int:
@@ -58,246 +89,12 @@ def _above_zero(text: str) -> float:
     return value
 
 
-def _one_selection(given: dict[str, object]) -> None:
-    """Refuse a command told to select dead letters in more than one way at once."""
-    chosen = [name for name, value in given.items() if value]
-    if len(chosen) > 1:
-        raise FulfillmentError(f"give one of {', '.join(given)}, not {' and '.join(chosen)}")
-
-
-def _not_found(asked: Sequence[str], found: Sequence[str]) -> int:
-    """Say which of the event ids asked for are not dead letters; the exit code."""
-    missing = [event_id for event_id in asked if event_id not in set(found)]
-    if missing:
-        print(
-            f"not in the DLQ: {' '.join(missing)} (a `status` or `dlq` command running at the "
-            "same time holds the letters it reads until it ends: if one was, try again)",
-            file=sys.stderr,
-        )
-    return 1 if missing else 0
-
-
-def _setup(component: str) -> None:
-    from shared.logging import configure_logging
-
-    configure_logging(component)
-
-
-def _broker() -> BrokerSettings:
-    from shared.settings import BrokerSettings
-
-    return BrokerSettings.from_env()
-
-
-def _up(args: argparse.Namespace) -> int:
-    from fulfillment.up import up
-
-    _setup("up")
-    return runtime.run(up(args.workers, demo=args.demo, keep_running=args.keep_running))
-
-
-def _demo(args: argparse.Namespace) -> int:
-    args.demo = True
-    return _up(args)
-
-
-def _ingress(args: argparse.Namespace) -> int:
-    from ingress.main import run
-
-    run()
-    return 0
-
-
-def _worker(args: argparse.Namespace) -> int:
-    from worker.main import run
-
-    run(concurrency=args.concurrency)
-    return 0
-
-
-def _migrate(args: argparse.Namespace) -> int:
-    from worker.db import migrate
-    from worker.settings import database_url_from_env
-
-    _setup("migrate")
-    applied = runtime.run(migrate(database_url_from_env(os.environ)))
-    print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}")
-    return 0
-
-
-def _topology(args: argparse.Namespace) -> int:
-    from shared.topology import declare_on_broker
-
-    _setup("topology")
-    print(runtime.run(declare_on_broker(_broker())).describe())
-    return 0
-
-
-def _status(args: argparse.Namespace) -> int:
-    from fulfillment.status import collect, render
-    from worker.settings import database_url_from_env
-
-    _setup("status")
-    report = runtime.run(collect(_broker(), database_url_from_env(os.environ)))
-    print(json.dumps(report, indent=2) if args.json else render(report))
-    if report.get("database_error"):
-        # the broker's part is shown; the command did not do all it is for
-        print(f"fulfillment status: database: {report['database_error']}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _dlq_list(args: argparse.Namespace) -> int:
-    from fulfillment.dlq import list_dead_letters, print_table
-
-    _setup("dlq")
-    letters = runtime.run(
-        list_dead_letters(_broker(), event_type=args.type, limit=args.limit, unrouted=args.unrouted)
-    )
-    if args.json:
-        print(json.dumps([dl.summary() for dl in letters], indent=2))
-    else:
-        print_table(letters)
-    return 0
-
-
-def _dlq_show(args: argparse.Namespace) -> int:
-    from fulfillment.dlq import show_dead_letter
-
-    _setup("dlq")
-    dl = runtime.run(show_dead_letter(_broker(), args.event_id))
-    if dl is None:  # as replay and purge say it of an id not found: exit 1
-        return _not_found([args.event_id], [])
-    print(json.dumps(dl.summary(), indent=2))
-    print("\nheaders:")
-    print(json.dumps(dl.headers, indent=2, default=str, sort_keys=True))
-    print("\nbody:")
-    try:
-        print(json.dumps(json.loads(dl.body), indent=2))
-    except (ValueError, UnicodeDecodeError):
-        print(dl.body.decode("utf-8", "replace"))
-    return 0
-
-
-def _progress(verb: str) -> Callable[[int, int], None]:
-    def report(done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            print(f"\r{verb} {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
-        elif done == total or done % 100 == 0:
-            print(f"{verb} {done}/{total}", file=sys.stderr)
-
-    return report
-
-
-def _dlq_replay(args: argparse.Namespace) -> int:
-    from fulfillment.dlq import replay
-
-    _setup("dlq")
-    if not (args.event_ids or args.type or args.all):
-        raise FulfillmentError("say what to replay: EVENT_ID..., --type T or --all")
-    _one_selection({"EVENT_ID...": args.event_ids, "--type": args.type, "--all": args.all})
-    result = runtime.run(
-        replay(
-            _broker(),
-            args.event_ids,
-            event_type=args.type,
-            everything=args.all,
-            dry_run=args.dry_run,
-            rate_per_s=args.rate,
-            progress=_progress("replayed"),
-            unrouted=args.unrouted,
-        )
-    )
-    if args.dry_run:
-        print(f"dry run: {result.matched} dead letter(s) would be replayed")
-        for event_id in result.event_ids:
-            print(f"  {event_id}")
-        return _not_found(args.event_ids, result.event_ids)
-    print(f"replayed {result.replayed} of {result.matched} matching dead letter(s)", end="")
-    print(f"; {result.failed} failed and stayed in the DLQ" if result.failed else "")
-    missing = _not_found(args.event_ids, result.event_ids)
-    return 1 if result.failed or missing else 0
-
-
-def _dlq_purge(args: argparse.Namespace) -> int:
-    from fulfillment.dlq import purge
-
-    _setup("dlq")
-    if not (args.event_ids or args.all):
-        raise FulfillmentError("say what to purge: EVENT_ID... or --all")
-    _one_selection({"EVENT_ID...": args.event_ids, "--all": args.all})
-    what = "ALL dead letters" if args.all else f"{len(args.event_ids)} dead letter(s)"
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise FulfillmentError(f"refusing to purge {what} without --yes")
-        answer = input(f"Permanently delete {what}? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            print("nothing purged")
-            return 1
-    removed = runtime.run(purge(_broker(), args.event_ids, everything=args.all))
-    print(f"purged {len(removed)} dead letter(s)")
-    for dl in removed:
-        print(f"  {dl.event_id} {dl.event_type} ({dl.error_type})")
-    return _not_found(args.event_ids, [dl.event_id for dl in removed])
-
-
-# Stripe's /v1/events returns the last 30 days of events only.
-STRIPE_EVENT_RETENTION = timedelta(days=30)
-
-
-def _date(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
+def _session_id(text: str) -> str:
+    if not CHECKOUT_SESSION_ID.fullmatch(text):
         raise argparse.ArgumentTypeError(
-            f"not a date: {text!r} (use 2026-11-27 or ISO 8601)"
-        ) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _backfill(args: argparse.Namespace) -> int:
-    from fulfillment.backfill import backfill
-    from shared.stripe_client import StripeSettings
-    from worker.settings import database_url_from_env
-
-    _setup("backfill")
-    now = datetime.now(UTC)
-    if args.since >= now:
-        raise FulfillmentError(f"--since {args.since.isoformat()} is in the future")
-    if args.until is not None and args.until <= args.since:
-        raise FulfillmentError(
-            f"--until {args.until.isoformat()} is not after --since {args.since.isoformat()} "
-            "(--until is exclusive): the window is empty"
+            f"not a Checkout Session id (cs_test_… or cs_live_…): {text!r}"
         )
-    if args.since < now - STRIPE_EVENT_RETENTION:
-        print(
-            f"note: Stripe lists events of the last {STRIPE_EVENT_RETENTION.days} days only; "
-            "older ones cannot be backfilled (replay them from the DLQ, or recover from your "
-            "own records)",
-            file=sys.stderr,
-        )
-    result = runtime.run(
-        backfill(
-            StripeSettings.from_env(),
-            _broker(),
-            database_url_from_env(os.environ),
-            since=args.since,
-            until=args.until,
-            everything=args.all,
-            dry_run=args.dry_run,
-            progress=_progress("enqueued"),
-        )
-    )
-    print(
-        f"listed {result.listed} event(s): {result.already_processed} already processed, "
-        f"{result.already_enqueued} already enqueued by a backfill, "
-        f"{'would enqueue' if args.dry_run else 'enqueued'} "
-        f"{len(result.event_ids) if args.dry_run else result.enqueued}"
-    )
-    if args.dry_run:
-        for event_id in result.event_ids:
-            print(f"  {event_id}")
-    return 0
+    return text
 
 
 _UNROUTED_HELP = (
@@ -313,6 +110,7 @@ def build_parser() -> Parser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
@@ -329,50 +127,67 @@ def build_parser() -> Parser:
             epilog=f"example:\n  {example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        # what its errors and warnings start with: `fulfillment dlq list: …`
+        p.set_defaults(prog=p.prog)
         if handler is not None:
             p.set_defaults(handler=handler)
         return p
 
-    p = add(sub, "up", _up, "Migrate, declare the topology, run the ingress and N workers.",
+    p = add(sub, "up", commands.up, "Migrate, declare the topology, run the ingress and N workers.",
             "fulfillment up --workers 2")  # fmt: skip
     p.add_argument("--workers", type=_at_least_one, default=2, metavar="N",
                    help="worker processes (2)")  # fmt: skip
     p.add_argument("--demo", action="store_true", help="the same as `fulfillment demo`")
     p.add_argument("--keep-running", action="store_true", help="with --demo: stay up after it")
-    p = add(sub, "demo", _demo,
+    p = add(sub, "send", commands.send,
+            "Sign an event of TYPE as Stripe would and post it to the ingress "
+            "(seeding a fitting session in the local Stripe stand-in).",
+            "fulfillment send checkout.session.completed")  # fmt: skip
+    p.add_argument("type", metavar="TYPE", choices=sorted(KINDS), help=", ".join(sorted(KINDS)))
+    p.add_argument("--session", metavar="cs_…", type=_session_id,
+                   help="an existing Checkout Session (default: a new one, seeded)")  # fmt: skip
+    p.add_argument("--url", help="the webhook route (default: INGRESS_HOST/INGRESS_PORT's, "
+                   "on localhost)")  # fmt: skip
+    p = add(sub, "demo", commands.demo,
             "Run the stack with a local Stripe stand-in and a realistic mix of orders.",
             "fulfillment demo --keep-running")  # fmt: skip
     p.add_argument("--workers", type=_at_least_one, default=2, metavar="N",
                    help="worker processes (2)")  # fmt: skip
     p.add_argument("--keep-running", action="store_true",
                    help="stay up after the demo (try the Checkout pages)")  # fmt: skip
-    add(sub, "ingress", _ingress, "Run the Stripe webhook HTTP ingress.",
+    add(sub, "ingress", commands.ingress, "Run the Stripe webhook HTTP ingress.",
         "STRIPE_WEBHOOK_SECRETS=whsec_... fulfillment ingress")  # fmt: skip
-    p = add(sub, "worker", _worker, "Run a fulfillment worker (competing consumer).",
+    p = add(sub, "worker", commands.worker, "Run a fulfillment worker (competing consumer).",
             "STRIPE_API_KEY=sk_test_... fulfillment worker --concurrency 64")  # fmt: skip
     p.add_argument("--concurrency", type=_at_least_one, default=None, metavar="N",
                    help="messages in flight (prefetch); $WORKER_CONCURRENCY or 32")  # fmt: skip
-    add(sub, "migrate", _migrate, "Create or upgrade the database schema (safe concurrently).",
+    add(sub, "migrate", commands.migrate,
+        "Create or upgrade the database schema (safe concurrently).",
         "DATABASE_URL=postgresql://localhost/fulfillment fulfillment migrate")  # fmt: skip
-    add(sub, "topology", _topology, "Declare the broker's exchanges and queues (idempotent).",
+    add(sub, "topology", commands.topology,
+        "Declare the broker's exchanges and queues (idempotent).",
         "RABBITMQ_URL=amqp://guest:guest@localhost:5672/ fulfillment topology")  # fmt: skip
-    p = add(sub, "status", _status, "Queue depths, consumers, dead letters, recent fulfillments.",
-            "fulfillment status --json")  # fmt: skip
+    p = add(sub, "status", commands.status,
+            "Queue depths, consumers, dead letters, recent fulfillments.",
+            "fulfillment status --watch 5")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", type=_above_zero, nargs="?", const=2.0, metavar="SECONDS",
+                   help="show it again every SECONDS (2) until Ctrl-C")  # fmt: skip
 
     dlq = add(sub, "dlq", None, "Inspect, replay or purge dead-lettered events.",
               "fulfillment dlq list")  # fmt: skip
     dsub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
-    p = add(dsub, "list", _dlq_list, "List dead letters, oldest failure first (none removed).",
+    p = add(dsub, "list", commands.dlq_list,
+            "List dead letters, oldest failure first (none removed).",
             "fulfillment dlq list --type checkout.session.completed --limit 20")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.add_argument("--type", help="only this event type")
     p.add_argument("--limit", type=_at_least_one, metavar="N", help="at most N")
     p.add_argument("--unrouted", action="store_true", help=_UNROUTED_HELP)
-    p = add(dsub, "show", _dlq_show, "Show one dead letter's headers and body.",
+    p = add(dsub, "show", commands.dlq_show, "Show one dead letter's headers and body.",
             "fulfillment dlq show evt_1PgcB2B7WZ01zgkW")  # fmt: skip
     p.add_argument("event_id", metavar="EVENT_ID")
-    p = add(dsub, "replay", _dlq_replay,
+    p = add(dsub, "replay", commands.dlq_replay,
             "Move dead letters back to the work queue with a fresh attempt count.",
             "fulfillment dlq replay --type checkout.session.completed --rate 50")  # fmt: skip
     p.add_argument("event_ids", nargs="*", metavar="EVENT_ID")
@@ -381,31 +196,62 @@ def build_parser() -> Parser:
     p.add_argument("--dry-run", action="store_true", help="say what would be replayed")
     p.add_argument("--rate", type=_above_zero, metavar="N", help="at most N replays per second")
     p.add_argument("--unrouted", action="store_true", help=_UNROUTED_HELP)
-    p = add(dsub, "purge", _dlq_purge, "Delete dead letters for good (asks unless --yes).",
+    p = add(dsub, "purge", commands.dlq_purge, "Delete dead letters for good (asks unless --yes).",
             "fulfillment dlq purge evt_1PgcB2B7WZ01zgkW --yes")  # fmt: skip
     p.add_argument("event_ids", nargs="*", metavar="EVENT_ID")
     p.add_argument("--all", action="store_true", help="every dead letter")
     p.add_argument("--yes", action="store_true", help="do not ask")
 
-    p = add(sub, "backfill", _backfill,
+    p = add(sub, "checkout-link", commands.checkout_link,
+            "Print a signed link to the Checkout page, on PUBLIC_URL, for one customer.",
+            "fulfillment checkout-link --customer cus_NffrFeUfNV2Hib --expires-in 30m")  # fmt: skip
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--customer", metavar="CUS_ID", help="an existing customer (cus_…)")
+    who.add_argument("--email", metavar="ADDRESS", help="a new customer's email, prefilled")
+    p.add_argument("--expires-in", type=commands.duration, default=timedelta(minutes=30),
+                   metavar="DURATION", help="how long the link works (30m)")  # fmt: skip
+
+    p = add(sub, "backfill", commands.backfill,
             "Enqueue Stripe events of the handled types that were not processed.",
             "fulfillment backfill --since 2026-11-20 --until 2026-11-21 --dry-run")  # fmt: skip
-    p.add_argument("--since", type=_date, required=True, help="start date (UTC unless given)")
-    p.add_argument("--until", type=_date, help="end date, exclusive")
+    p.add_argument("--since", type=commands.date, required=True,
+                   help="start date (UTC unless given)")  # fmt: skip
+    p.add_argument("--until", type=commands.date, help="end date, exclusive")
     p.add_argument("--all", action="store_true",
                    help="also events Stripe delivered (default: only undelivered)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="list what would be enqueued")
+
+    p = add(sub, "reconcile", commands.reconcile,
+            "Queue a fulfillment for every paid Checkout Session that has none.",
+            "fulfillment reconcile --since 7d --dry-run --json")  # fmt: skip
+    p.add_argument("--since", type=duration, metavar="DURATION",
+                   help="sessions created this long ago or later, e.g. 12h or 7d (default: "
+                        "from where the last run left off, else 3d)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="say what it would queue; change nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--account", dest="accounts", action="append", type=account_id,
+                   metavar="ACCT",
+                   help="a connected account's sessions too (repeatable)")  # fmt: skip
     return parser
+
+
+def warn_about_unknown_settings(prog: str) -> None:
+    """Once per command: `up` marks its children's environment, so they do not repeat it."""
+    if os.environ.get(CHECKED_MARK):
+        return
+    for note in unknown_settings(os.environ):
+        print(f"{prog}: warning: {note}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warn_about_unknown_settings(args.prog)
     try:
         code: int = args.handler(args)
         sys.stdout.flush()  # here, where a reader gone away is caught below, not at exit
     except FulfillmentError as exc:
         # one line, whatever the message holds (Stripe's own messages span several)
-        print(f"fulfillment {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"{args.prog}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

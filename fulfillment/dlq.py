@@ -13,10 +13,10 @@ found by reading them all.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -284,6 +284,27 @@ def _matcher(
     return lambda dl: dl.event_id in wanted
 
 
+@dataclass
+class Selection:
+    """The dead letters a filter picked, and what the DLQ held: how many of each type."""
+
+    letters: list[DeadLetter]
+    types: collections.Counter[str]
+
+
+async def select_dead_letters(
+    settings: BrokerSettings,
+    *,
+    event_type: str | None = None,
+    limit: int | None = None,
+    unrouted: bool = False,
+) -> Selection:
+    async with dead_letters(settings, unrouted=unrouted) as (_, _, held):
+        letters = [dl for dl, _ in held if event_type is None or dl.event_type == event_type]
+        types = collections.Counter(dl.event_type for dl, _ in held)
+    return Selection(letters[:limit] if limit is not None else letters, types)
+
+
 async def list_dead_letters(
     settings: BrokerSettings,
     *,
@@ -291,9 +312,10 @@ async def list_dead_letters(
     limit: int | None = None,
     unrouted: bool = False,
 ) -> list[DeadLetter]:
-    async with dead_letters(settings, unrouted=unrouted) as (_, _, held):
-        letters = [dl for dl, _ in held if event_type is None or dl.event_type == event_type]
-    return letters[:limit] if limit is not None else letters
+    selection = await select_dead_letters(
+        settings, event_type=event_type, limit=limit, unrouted=unrouted
+    )
+    return selection.letters
 
 
 async def show_dead_letter(settings: BrokerSettings, event_id: str) -> DeadLetter | None:
@@ -311,6 +333,8 @@ class ReplayResult:
     replayed: int = 0
     failed: int = 0
     event_ids: list[str] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)  # those matched
+    types: collections.Counter[str] = field(default_factory=collections.Counter)  # in the DLQ
 
 
 async def replay(
@@ -331,6 +355,8 @@ async def replay(
     async with dead_letters(settings, unrouted=unrouted) as (channel, topology, held):
         chosen = [(dl, m) for dl, m in held if match(dl)]
         result.matched = len(chosen)
+        result.letters = [dl for dl, _ in chosen]
+        result.types.update(dl.event_type for dl, _ in held)
         for n, (dl, message) in enumerate(chosen, 1):
             result.event_ids.append(dl.event_id)
             if dry_run:
@@ -346,9 +372,13 @@ async def replay(
                     topology.work_queue,
                     timeout_s=settings.publish_timeout_s,
                 )
-            except FulfillmentError as exc:
+            except Exception as exc:  # the broker's, or a header it cannot take back
                 result.failed += 1
-                log.error("replay failed; dead letter kept", event_id=dl.event_id, error=str(exc))
+                log.error(
+                    "replay failed; dead letter kept",
+                    event_id=dl.event_id,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
                 continue
             await message.ack()  # only now: the new copy is confirmed
             result.replayed += 1
@@ -380,13 +410,6 @@ async def purge(
     return removed
 
 
-def age_s(dl: DeadLetter, now: float | None = None) -> float | None:
-    """Seconds since the dead letter's last failure."""
-    if dl.last_failed_at is None:
-        return None
-    return (now or time.time()) - failed_at(dl)
-
-
 def print_table(letters: Sequence[DeadLetter], out: Any = sys.stdout) -> None:
     if not letters:
         print("no dead letters", file=out)
@@ -405,6 +428,13 @@ def print_table(letters: Sequence[DeadLetter], out: Any = sys.stdout) -> None:
 def _cell(text: str) -> str:
     """A table cell on one line: a letter may come from anywhere (not only the ingress, which
     refuses control characters), so line breaks and other unprintables are shown escaped."""
+    return shown(text, keep="")
+
+
+def shown(text: str, keep: str = "\n\t") -> str:
+    """``text`` safe for a terminal: every unprintable character but those in ``keep``
+    escaped (``\x1b``, ``\r``, ``\u202e``), so a letter's content cannot move the cursor,
+    recolour or rewrite what is shown."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)

@@ -2,21 +2,25 @@
 
 Planned first (:func:`plan_local`, written into the children's environment) so that every
 setting is checked before anything starts; started once the broker and the database are
-ready (:func:`start_local`). Only here does the product import ``devkit``: the Stripe
-stand-in, the demo and the mail sink, each when the plan asks for it.
+ready (:func:`start_local`). Here the product imports ``devkit`` (as ``send`` does, to
+sign a test event, and nowhere else): the Stripe stand-in, the demo and the mail sink, each
+when the plan asks for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
 import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
-from fulfillment.console import say, show
+from fulfillment.console import colour, say, show, table
 from fulfillment.dlq import list_dead_letters
 from shared.errors import ConfigError
 from shared.http_server import quiet_unparseable_requests
@@ -26,11 +30,60 @@ from worker.settings import SmtpSettings
 # Where the local mail sink listens: the port of the workers' default SMTP_URL.
 MAIL_SINK_PORT = SmtpSettings.port
 
+# The demo's queues are apart: under this BROKER_PREFIX (or after the one set, with a dot).
+DEMO_PREFIX = "demo"
+
+# The local webhook signing secret, kept under the working directory (git-ignored) so that
+# it stays the same from one `up` to the next, as `stripe listen` keeps one per device.
+SECRET_FILE = Path(".fulfillment") / "local-webhook-secret"
+
+
+_SECRET = re.compile(r"whsec_\w+")  # one secret: no comma, which would make it two
+
+
+def _make_secret(path: Path) -> str:
+    """A new secret in a new file only this user may read (raises if the file exists)."""
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    secret = "whsec_local" + secrets.token_hex(16)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secret + "\n")
+    return secret
+
+
+def local_secret(*, create: bool) -> tuple[str | None, Path]:
+    """The local signing secret and its file; made (readable by this user only) when there
+    is none and ``create``, else None."""
+    path = Path.cwd() / SECRET_FILE
+    try:
+        secret = path.read_text().strip()
+    except FileNotFoundError:
+        if not create:
+            return None, path
+        try:
+            return _make_secret(path), path
+        except FileExistsError:  # another `up` made it a moment ago: theirs it is
+            return local_secret(create=False)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot keep a local webhook secret in {path} ({exc.strerror}): run from a "
+                "directory you may write to, or set STRIPE_WEBHOOK_SECRETS"
+            ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the local webhook secret in {path}: {exc}") from None
+    if not _SECRET.fullmatch(secret):
+        raise ConfigError(
+            f"{path} does not hold a whsec_… secret: delete it, and `fulfillment up` makes a "
+            "new one"
+        )
+    return secret, path
+
 
 class Scenario(Protocol):
     """Something ``up`` runs beside its children until it is done or ``stopping`` is set."""
 
-    async def run(self, stopping: asyncio.Event, *, keep_running: bool) -> None: ...
+    async def run(self, stopping: asyncio.Event, *, keep_running: bool) -> bool:
+        """Play it out (True), unless ``up`` cancels it first."""
 
 
 @dataclass
@@ -57,7 +110,8 @@ class LocalPlan:
     """What ``up`` stands in for, decided (and written into the children's environment)
     before anything starts, so that every setting can be checked first."""
 
-    made_secret: str | None = None  # the webhook secret made up here, when none is set
+    local_secret: Path | None = None  # the file of the secret used when none is set
+    standin_for_secret: bool = False  # STRIPE_WEBHOOK_SECRETS without a key: stand in for the API
     standin_port: int | None = None  # the Stripe API stand-in's, when Stripe is stood in for
     mail_sink: bool = False  # on MAIL_SINK_PORT
     mail_to_default: bool = False  # no SMTP_URL, but something already listens there
@@ -76,11 +130,7 @@ def plan_local(env: dict[str, str], *, demo: bool = False) -> LocalPlan:
             "signing secret too, or neither for a local run"
         )
     if has_secret and not has_key and not demo:
-        # real events name sessions the local stand-in never heard of
-        raise ConfigError(
-            "STRIPE_WEBHOOK_SECRETS is set but STRIPE_API_KEY is not: set a key too, or "
-            "neither for a local run"
-        )
+        plan.standin_for_secret = True  # a local run with a secret of the user's choosing
     if env.get("CHECKOUT_PRICE") and not has_key and not demo:
         # the stand-in knows no price of the user's, and sells only in the demo
         raise ConfigError(
@@ -88,7 +138,14 @@ def plan_local(env: dict[str, str], *, demo: bool = False) -> LocalPlan:
             "(the local stand-in sells only in `fulfillment up --demo`)"
         )
     if not has_secret:
-        plan.made_secret = env["STRIPE_WEBHOOK_SECRETS"] = "whsec_local" + secrets.token_hex(16)
+        secret, plan.local_secret = local_secret(create=True)
+        assert secret is not None
+        env["STRIPE_WEBHOOK_SECRETS"] = secret
+    if demo:
+        # queues of its own: the DLQ on-call watches does not get the demo's dead letter, and
+        # no worker of the same broker and prefix (real Stripe behind it) takes its events
+        prefix = env.get("BROKER_PREFIX", "").strip()
+        env["BROKER_PREFIX"] = f"{prefix}.{DEMO_PREFIX}" if prefix else DEMO_PREFIX
     if demo or not has_key:
         plan.standin_port = env_port(env, "STANDIN_PORT", 12111)
         env["STRIPE_API_KEY"] = "sk_test_local_standin"
@@ -114,8 +171,16 @@ async def start_local(plan: LocalPlan, env: dict[str, str], broker: BrokerSettin
     """Start what the plan stands in for, then say what was filled in and where."""
     stack = LocalStack()
     notes = []
-    if plan.made_secret:
-        notes.append(f"no STRIPE_WEBHOOK_SECRETS: sign test events with {plan.made_secret}")
+    if plan.local_secret:
+        notes.append(
+            f"no STRIPE_WEBHOOK_SECRETS: sign test events with {env['STRIPE_WEBHOOK_SECRETS']} "
+            f"(kept in {plan.local_secret}; `fulfillment send` signs with it)"
+        )
+    if plan.standin_for_secret:
+        notes.append(
+            "STRIPE_WEBHOOK_SECRETS without STRIPE_API_KEY: the local stand-in answers the API "
+            "(it knows only the sessions seeded in it; set STRIPE_API_KEY for real Stripe's)"
+        )
     if plan.standin_port is not None:
         notes.append(await _stand_in_for_stripe(stack, plan.standin_port, plan.demo, env, broker))
     if plan.mail_sink:
@@ -133,6 +198,12 @@ async def start_local(plan: LocalPlan, env: dict[str, str], broker: BrokerSettin
         )
     if plan.standin_port is not None:
         notes.append("outbound messages: a local subscriber prints each one")
+    if plan.demo:
+        prefix = env["BROKER_PREFIX"]
+        notes.append(
+            f"the demo's queues are its own (BROKER_PREFIX={prefix}): see its dead letter with "
+            f"`BROKER_PREFIX={prefix} fulfillment dlq list`"
+        )
     for note in notes:
         say(note)
     return stack
@@ -171,7 +242,14 @@ async def _stand_in_for_stripe(
         async def dead_letter_ids() -> list[str]:
             return [letter.event_id for letter in await list_dead_letters(broker)]
 
-        scenario = Demo(env, standin, say=say, dead_letter_ids=dead_letter_ids)
+        scenario = Demo(
+            env,
+            standin,
+            say=say,
+            table=table("demo"),
+            dead_letter_ids=dead_letter_ids,
+            colour=colour(),
+        )
         stack.closers.append(scenario.close)
         stack.scenario = scenario
     return (

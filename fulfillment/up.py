@@ -13,23 +13,26 @@ local mail sink prints each email it receives.
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
 import os
 import signal
 import socket
 import sys
+import urllib.request
 from dataclasses import dataclass
+from typing import Any
 
-from fulfillment.console import prefix, say
+from fulfillment.console import let_go, link_host, prefix, say, write
 from fulfillment.local import MAIL_SINK_PORT, LocalPlan, plan_local, start_local
+from fulfillment.schedule import Schedule
 from shared import runtime
 from shared.backoff import compute_backoff
 from shared.errors import ConfigError, FulfillmentError
+from shared.setting_names import CHECKED_MARK
 from shared.settings import MAX_PORT, BrokerSettings, env_float, env_port, listen_error
 from shared.topology import declare_on_broker
 from worker.db import migrate
-
-RABBITMQ_HINT = "start it: rabbitmq-server -detached"
-
 
 if sys.platform == "linux":
     import ctypes
@@ -77,8 +80,7 @@ class Child:
         assert process.stdout is not None
         name = prefix(self.name)
         while line := await process.stdout.readline():
-            sys.stdout.write(name + line.decode(errors="replace"))
-            sys.stdout.flush()
+            write(name + line.decode(errors="replace").rstrip("\n") + "\n")
 
     async def supervise(self, stopping: asyncio.Event) -> None:
         """Restart the process whenever it exits, until ``stopping`` is set."""
@@ -125,6 +127,8 @@ class Checked:
     metrics_host: str
     broker: BrokerSettings
     database_url: str
+    ingress_metrics_host: str
+    ingress_metrics_port: int
 
 
 def _check_settings(env: dict[str, str], metrics_port: int) -> Checked:
@@ -137,7 +141,14 @@ def _check_settings(env: dict[str, str], metrics_port: int) -> Checked:
     ingress = IngressSettings.from_env(env)
     CheckoutSettings.from_env(env)
     worker = WorkerSettings.from_env({**env, "WORKER_METRICS_PORT": str(metrics_port)})
-    return Checked(ingress.host, worker.metrics_host, worker.broker, worker.database_url)
+    return Checked(
+        ingress.host,
+        worker.metrics_host,
+        worker.broker,
+        worker.database_url,
+        ingress.metrics_host,
+        ingress.metrics_port,
+    )
 
 
 async def _preflight(broker: BrokerSettings, database_url: str) -> bool:
@@ -146,18 +157,15 @@ async def _preflight(broker: BrokerSettings, database_url: str) -> bool:
         await declare_on_broker(broker)
     except ConfigError:
         raise  # it answered and refused us, or its queues differ: a setting to fix (exit 2)
-    except FulfillmentError:
-        print(
-            f"fulfillment up: RabbitMQ is not reachable at {broker.display_url}; {RABBITMQ_HINT}",
-            file=sys.stderr,
-        )
+    except FulfillmentError as exc:  # says where it looked, and what to check
+        print(f"fulfillment up: {exc}", file=sys.stderr)
         return False
     try:
         applied = await migrate(database_url)
     except ConfigError:
         raise  # it answered and refused the login: a setting to fix (exit 2)
-    except FulfillmentError as exc:  # says how to start it
-        print(f"fulfillment up: PostgreSQL: {exc}", file=sys.stderr)
+    except FulfillmentError as exc:  # names PostgreSQL, and says how to start it
+        print(f"fulfillment up: {exc}", file=sys.stderr)
         return False
     say(f"database ready ({len(applied)} migration(s) applied); broker topology declared")
     return True
@@ -202,6 +210,14 @@ def _listeners(
             "INGRESS_PORT", checked.ingress_host, port, reuse_port=True, host_setting="INGRESS_HOST"
         )
     ]
+    wanted.append(
+        Listener(
+            "INGRESS_METRICS_PORT",
+            checked.ingress_metrics_host,
+            checked.ingress_metrics_port,
+            host_setting="INGRESS_METRICS_HOST",
+        )
+    )
     if metrics_port:
         wanted += [Listener("WORKER_METRICS_PORT", checked.metrics_host, metrics_port + i,
                             host_setting="WORKER_METRICS_HOST")
@@ -224,7 +240,29 @@ def _check_ports_free(listeners: list[Listener]) -> None:
             )
         seen[listener.port] = listener.setting
     for listener in listeners:  # then what this machine has listening already
+        if listener.reuse_port and _ours_answers(listener):
+            # the ingress's port can be shared (SO_REUSEPORT): ours would serve beside it
+            raise _another_up(listener)
         _probe(listener)
+
+
+def _ours_answers(listener: Listener) -> bool:
+    """Whether a server of ours (an ingress, or a worker's metrics server) answers there."""
+    url = f"http://{link_host(listener.host)}:{listener.port}/healthz"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+    try:
+        with direct.open(url, timeout=1) as answer:
+            return bool(json.load(answer) == {"status": "ok"})
+    except (OSError, ValueError):
+        return False
+
+
+def _another_up(listener: Listener) -> ConfigError:
+    return ConfigError(
+        f"another `fulfillment up` seems to be running: one of its servers answers on "
+        f"{link_host(listener.host)}:{listener.port} ({listener.setting}); stop it first, or "
+        "give this one other ports (INGRESS_PORT, WORKER_METRICS_PORT, STANDIN_PORT)"
+    )
 
 
 def _probe(listener: Listener) -> None:
@@ -245,6 +283,8 @@ def _probe(listener: Listener) -> None:
             try:
                 probe.bind(address)
             except OSError as exc:
+                if exc.errno == errno.EADDRINUSE and _ours_answers(listener):
+                    raise _another_up(listener) from None
                 raise listener.cannot_listen(exc) from None
 
 
@@ -252,9 +292,14 @@ def _children(
     env: dict[str, str], checked: Checked, workers: int, port: int, metrics_port: int
 ) -> list[Child]:
     children = [Child("ingress", ["ingress"], env)]
+    ingress_metrics = (
+        f"http://{link_host(checked.ingress_metrics_host)}:{checked.ingress_metrics_port}/metrics"
+        if checked.ingress_metrics_port
+        else "a free port (its `ingress metrics listening` line names it)"
+    )
     say(
-        f"ingress: POST http://{checked.ingress_host}:{port}/webhooks/stripe "
-        "(healthz, readyz, metrics)"
+        f"ingress: POST http://{link_host(checked.ingress_host)}:{port}/webhooks/stripe "
+        f"(healthz, readyz); metrics on {ingress_metrics}"
     )
     for i in range(1, workers + 1):
         worker_port = metrics_port + i - 1 if metrics_port else 0
@@ -262,11 +307,11 @@ def _children(
             Child(f"worker-{i}", ["worker"], {**env, "WORKER_METRICS_PORT": str(worker_port)})
         )
         where = (
-            f"http://{checked.metrics_host}:{worker_port}/metrics"
+            f"http://{link_host(checked.metrics_host)}:{worker_port}/metrics"
             if worker_port
             else "a free port (its `worker metrics listening` line names it)"
         )
-        say(f"worker-{i}: metrics and healthz on {where}")
+        say(f"worker-{i}: metrics, healthz and readyz on {where}")
     return children
 
 
@@ -287,31 +332,41 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     # swallow that cancellation)
     stopping = runtime.stop_requested()
     env = dict(os.environ)
+    env[CHECKED_MARK] = "1"  # the children do not repeat what `fulfillment up` warned about
     if sys.stdout.isatty():
         env.setdefault("LOG_FORMAT", "console")
     # a bad value stops us before anything starts
     port, metrics_port = _ports(env, workers)
     plan = plan_local(env, demo=demo)
     checked = _check_settings(env, metrics_port)
+    schedule = Schedule.from_env(env)  # reconcile, unless RECONCILE_INTERVAL_S is 0
     _check_ports_free(_listeners(checked, workers, port, metrics_port, plan))
     ready = await runtime.unless_stopped(_preflight(checked.broker, checked.database_url), stopping)
     if not ready:
-        return 1 if ready is False else _stopped_before_start()
+        return 1 if ready is False else _stopped_before_start(stopping, demo)
     stack = await start_local(plan, env, checked.broker)
     if stopping.is_set():
         await stack.close()
-        return _stopped_before_start()
+        return _stopped_before_start(stopping, demo)
     children = _children(env, checked, workers, port, metrics_port)
     say("Ctrl-C stops everything")
 
     for child in children:
         await child.start()
-    tasks = [asyncio.ensure_future(child.supervise(stopping)) for child in children]
+    tasks: list[asyncio.Future[Any]] = [
+        asyncio.ensure_future(child.supervise(stopping)) for child in children
+    ]
+    if schedule is not None:
+        tasks.append(asyncio.ensure_future(schedule.run(stopping)))
+    played: asyncio.Future[bool | None] | None = None
     if stack.scenario is not None:
+        # cut short at once by a stop signal: nothing more is sent or drawn after Ctrl-C
         scenario = stack.scenario.run(stopping, keep_running=keep_running)
-        tasks.append(asyncio.ensure_future(scenario))
+        played = asyncio.ensure_future(runtime.unless_stopped(scenario, stopping))
+        tasks.append(played)
     await asyncio.gather(*tasks)
 
+    let_go()  # a table kept in place stays as last drawn; what follows goes below it
     say("stopping: the ingress answers what it holds, workers finish theirs")
     say("(Ctrl-C again kills them now: the broker redelivers what a worker had not finished)")
     kill_now = runtime.stop_requested(ignore_for_s=SAME_REQUEST_S)  # a second request
@@ -322,6 +377,8 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
     for child, code in unclean:
         say(f"{child.name} exited with {code}")
     say("stopped")
+    if played is not None and not played.result():
+        return stopping.exit_code  # the demo did not finish: 130 after a Ctrl-C
     return 1 if unclean else 0
 
 
@@ -331,6 +388,6 @@ async def up(workers: int, *, demo: bool = False, keep_running: bool = False) ->
 CLEAN = (0, -signal.SIGTERM, -signal.SIGINT)
 
 
-def _stopped_before_start() -> int:
+def _stopped_before_start(stopping: runtime.StopRequest, demo: bool) -> int:
     say("stopped before anything started")
-    return 0
+    return stopping.exit_code if demo else 0  # a demo stopped is a demo not shown

@@ -1,20 +1,28 @@
 """The ingress application assembled: its routes, middlewares and flow control, and the
-health, readiness and metrics views (the webhook itself is ingress/webhook.py)."""
+health and readiness views (the webhook itself is ingress/webhook.py, the Checkout routes
+ingress/checkout_page.py and ingress/success.py; /metrics is served on a port of its own,
+ingress/metrics.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import stripe
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ingress import checkout, checkout_page, success
 from ingress.checkout import CheckoutSettings
-from ingress.checkout import install as install_checkout
+from ingress.clients import ClientAddress, parse_trusted
 from ingress.guards import BodyBudget, Drain, ReplayGuard
 from ingress.keys import BUDGET, DRAIN, PUBLISHER, REPLAYS, SETTINGS
+from ingress.limits import ClientBuckets
+from ingress.pages import nosniff
 from ingress.publisher import EventPublisher
 from ingress.settings import IngressSettings
 from ingress.webhook import error_response, expect_continue, receive_webhook
+from shared.stripe_client import make_client
 
 # Below a readiness probe's usual timeout (Kubernetes: 1 s by default, 2 s in ops/k8s).
 READYZ_PROBE_TIMEOUT_S = 0.8
@@ -35,10 +43,6 @@ async def readyz(request: web.Request) -> web.Response:
     else:
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "not ready", "reason": reason}, status=503)
-
-
-async def metrics_view(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 @web.middleware
@@ -93,6 +97,7 @@ def create_app(
     # acceptable until that far behind
     app[REPLAYS] = ReplayGuard(window_s=2 * settings.tolerance_s)
     app[DRAIN] = Drain()
+    app.on_response_prepare.append(nosniff)
 
     async def broker(app: web.Application) -> AsyncIterator[None]:
         publisher = EventPublisher(settings.broker)
@@ -105,7 +110,36 @@ def create_app(
     app.router.add_post("/webhooks/stripe", receive_webhook, expect_handler=expect_continue)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_view)
     if checkout is not None:
         install_checkout(app, checkout)
     return app
+
+
+def install_checkout(app: web.Application, settings: CheckoutSettings) -> None:
+    """The Checkout routes, their per-client limits and their Stripe client."""
+    app[checkout.CHECKOUT] = settings
+    app[checkout.CLIENTS] = ClientAddress(parse_trusted(app[SETTINGS].forwarded_allow_ips))
+    app[checkout.CREATE_LIMIT] = ClientBuckets(settings.create_per_min, settings.create_burst)
+    app[checkout.LOOKUP_LIMIT] = ClientBuckets(settings.lookup_per_min, settings.lookup_burst)
+
+    app[checkout_page.OFFER] = offer = checkout_page.Offer(f"the product priced {settings.price}")
+
+    async def stripe_client(app: web.Application) -> AsyncIterator[None]:
+        http = stripe.AIOHTTPClient(timeout=settings.stripe.timeout_s)
+        app[checkout.STRIPE] = client = make_client(settings.stripe, http_client=http)
+
+        async def read() -> None:
+            offer.text = await checkout_page.read_offer(client, settings.price)
+
+        # read once, in the background: the webhook route must not wait on Stripe to start
+        reading = asyncio.create_task(read())
+        yield
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        await http.close_async()  # type: ignore[no-untyped-call]
+
+    app.cleanup_ctx.append(stripe_client)
+    app.router.add_get("/", checkout_page.index)
+    app.router.add_post("/create-checkout-session", checkout_page.create_checkout_session)
+    success.install(app)

@@ -1,46 +1,74 @@
-"""Optional Checkout routes: a page with a Checkout button for an existing customer,
-session creation, and the success page that also asks for fulfillment.
+"""The Checkout routes' settings, and what their modules share: the app's keys for them
+and the per-client limit.
 
-Enabled when CHECKOUT_PRICE is set. Following Stripe's fulfillment guide, the landing page
-does not trust its query string: it retrieves the session, and it publishes a
-``fulfillment.requested`` message so the workers fulfill through the same idempotent path
-as the webhook (whichever comes first fulfills; the other finds it done).
+The routes are optional, on when CHECKOUT_PRICE is set: a page with a Checkout button and
+session creation (ingress/checkout_page.py), the success page that also asks for
+fulfillment (ingress/success.py). The page is public, so it checks out a guest; an
+existing customer comes through a signed link (ingress/links.py). Each client may ask
+Stripe a few times a minute (ingress/limits.py).
 """
 
 from __future__ import annotations
 
-import html
-import json
 import os
-import time
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import stripe
 from aiohttp import web
 
-from ingress.keys import PUBLISHER
-from shared.envelope import EventEnvelope
-from shared.errors import BrokerUnavailable, ConfigError
-from shared.logging import get_logger
+from ingress import metrics
+from ingress.clients import ClientAddress
+from ingress.limits import ClientBuckets
+from ingress.links import MIN_SECRET_CHARS
+from ingress.pages import too_many_requests
+from shared.errors import ConfigError
+from shared.logging import LogSampler, get_logger
 from shared.settings import Env, default_of, env_int, env_str, env_url
-from shared.stripe_client import StripeSettings, make_client
-from shared.vocabulary import CHECKOUT_SESSION_ID, FULFILLMENT_REQUESTED
+from shared.stripe_client import StripeSettings
 
 log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
+class LinkSettings:
+    """What minting and checking signed links needs: the secret, and where we live."""
+
+    secret: str | None = field(default=None, repr=False)
+    public_url: str = "http://localhost:8080"
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> LinkSettings:
+        env = os.environ if env is None else env
+        secret = env_str(env, "CHECKOUT_LINK_SECRET", "") or None
+        if secret is not None and len(secret) < MIN_SECRET_CHARS:
+            raise ConfigError(
+                f"CHECKOUT_LINK_SECRET must be at least {MIN_SECRET_CHARS} characters "
+                "(make one with: openssl rand -hex 32)"
+            )
+        return cls(
+            secret=secret,
+            public_url=env_url(
+                env, "PUBLIC_URL", default_of(cls, "public_url"), schemes=("http", "https")
+            ).rstrip("/"),
+        )
+
+
+@dataclass(frozen=True)
 class CheckoutSettings:
-    """What the Checkout routes need: the price sold, to whom, and where we live."""
+    """What the Checkout routes need: the price sold, to whom, where we live, how often."""
 
     stripe: StripeSettings
     price: str
     quantity: int = 1
+    # every session's customer when no link names one; refused with a live key
     customer: str | None = None
-    public_url: str = "http://localhost:8080"
+    public_url: str = LinkSettings.public_url
+    link_secret: str | None = field(default=None, repr=False)
+    # per client: sessions created, and success-page lookups that ask Stripe (0: no limit)
+    create_per_min: int = 5
+    create_burst: int = 5
+    lookup_per_min: int = 20
+    lookup_burst: int = 10
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> CheckoutSettings | None:
@@ -51,135 +79,78 @@ class CheckoutSettings:
             return None
         if not price.startswith("price_"):
             raise ConfigError("CHECKOUT_PRICE must be a Price id (price_…)")
+        stripe_settings = StripeSettings.from_env(env)
         customer = env_str(env, "CHECKOUT_CUSTOMER", "") or None
         if customer is not None and not customer.startswith("cus_"):
             raise ConfigError("CHECKOUT_CUSTOMER must be a Customer id (cus_…)")
+        if customer is not None and stripe_settings.live_key:
+            raise ConfigError(
+                "CHECKOUT_CUSTOMER is refused with a live STRIPE_API_KEY: the Checkout page is "
+                "public, so every visitor would check out as that customer, see their details "
+                "and pay with their saved card. Send existing customers signed links instead "
+                "(CHECKOUT_LINK_SECRET; `fulfillment checkout-link`, see docs/http.md)"
+            )
+        links = LinkSettings.from_env(env)
+
         return cls(
-            stripe=StripeSettings.from_env(env),
+            stripe=stripe_settings,
             price=price,
             quantity=env_int(env, "CHECKOUT_QUANTITY", default_of(cls, "quantity"), minimum=1),
             customer=customer,
-            public_url=env_url(
-                env, "PUBLIC_URL", default_of(cls, "public_url"), schemes=("http", "https")
-            ).rstrip("/"),
+            public_url=links.public_url,
+            link_secret=links.secret,
+            create_per_min=env_int(
+                env, "CHECKOUT_CREATE_PER_MIN", default_of(cls, "create_per_min"), minimum=0
+            ),
+            create_burst=env_int(
+                env, "CHECKOUT_CREATE_BURST", default_of(cls, "create_burst"), minimum=1
+            ),
+            lookup_per_min=env_int(
+                env, "CHECKOUT_LOOKUP_PER_MIN", default_of(cls, "lookup_per_min"), minimum=0
+            ),
+            lookup_burst=env_int(
+                env, "CHECKOUT_LOOKUP_BURST", default_of(cls, "lookup_burst"), minimum=1
+            ),
         )
 
 
 CHECKOUT = web.AppKey("checkout", CheckoutSettings)
 STRIPE = web.AppKey("stripe", stripe.StripeClient)
+CLIENTS = web.AppKey("clients", ClientAddress)
+CREATE_LIMIT = web.AppKey("create_limit", ClientBuckets)
+LOOKUP_LIMIT = web.AppKey("lookup_limit", ClientBuckets)
+
+# One line per second per kind of refusal: a flood is counted in the metrics, not logged.
+_REFUSALS_LOGGED = LogSampler(interval_s=1.0)
 
 
-def page(title: str, body: str, status: int = 200) -> web.Response:
-    text = f"""<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:3rem auto}}</style></head>
-<body><h1>{html.escape(title)}</h1>{body}</body></html>"""
-    return web.Response(text=text, status=status, content_type="text/html")
+def refusal_logged(kind: str) -> int | None:
+    """None to leave this refusal's line out, else how many like it were (see LogSampler)."""
+    return _REFUSALS_LOGGED.admit(kind)
 
 
-async def index(request: web.Request) -> web.Response:
-    settings = request.app[CHECKOUT]
-    who = "your saved card" if settings.customer else "a card"
-    return page(
-        "Checkout",
-        f"""<p>{settings.quantity} x the product priced {html.escape(settings.price)},
-paid with {who} on Stripe Checkout.</p>
-<form action="/create-checkout-session" method="POST">
-<button id="checkout" type="submit">Checkout</button></form>""",
-    )
+def client_of(request: web.Request) -> str:
+    """The client a limit counts this request against (ingress/clients.py)."""
+    return request.app[CLIENTS].of(request.remote, request.headers.getall("X-Forwarded-For", ()))
 
 
-async def create_checkout_session(request: web.Request) -> web.StreamResponse:
-    settings = request.app[CHECKOUT]
-    params: dict[str, Any] = {
-        "mode": "payment",
-        "line_items": [{"price": settings.price, "quantity": settings.quantity}],
-        # Stripe fills in the id; the success page needs it to look the session up
-        "success_url": f"{settings.public_url}/checkout/success?session_id={{CHECKOUT_SESSION_ID}}",
-        "cancel_url": f"{settings.public_url}/",
-    }
-    if settings.customer:
-        # an existing customer: Checkout prefills their details and, per Stripe's rules,
-        # their saved card (see docs/http.md)
-        params["customer"] = settings.customer
-    try:
-        session = await request.app[STRIPE].v1.checkout.sessions.create_async(params=params)  # type: ignore[arg-type]
-    except stripe.StripeError as exc:
-        log.warning("checkout session not created", error=str(exc.user_message or exc))
-        return page(
-            "Checkout is unavailable",
-            f"<p>Stripe said: {html.escape(str(exc.user_message or exc))}</p>"
-            '<p><a href="/">Back</a></p>',
-            status=502 if (exc.http_status or 500) >= 500 else 400,
-        )
-    log.info("checkout session created", checkout_session_id=session.id)
-    raise web.HTTPSeeOther(location=str(session.url))
-
-
-async def success(request: web.Request) -> web.Response:
-    session_id = request.query.get("session_id", "")
-    if not CHECKOUT_SESSION_ID.fullmatch(session_id):
-        return page("Unknown order", "<p>That is not a Checkout Session id.</p>", status=400)
-    try:
-        session = await request.app[STRIPE].v1.checkout.sessions.retrieve_async(session_id)
-    except stripe.StripeError as exc:
-        if exc.http_status == 404:
-            return page("Unknown order", "<p>No such Checkout Session.</p>", status=404)
-        return page("Try again shortly", "<p>We could not reach Stripe.</p>", status=502)
-    if session.mode == "setup":
-        # a Checkout that only saved a card (another flow sharing this page): no order
-        return page(
-            "Saved",
-            "<p>Your payment method was saved. Nothing was ordered or charged.</p>"
-            f"<p>Reference: <code>{html.escape(session_id)}</code></p>",
-        )
-    requested = await _request_fulfillment(request, session_id, bool(session.livemode))
-    paid = session.payment_status in ("paid", "no_payment_required")
-    status = (
-        "Your payment went through and your order is being fulfilled; "
-        "a confirmation email is on its way."
-        if paid
-        else "Your payment is processing; we will email you as soon as it succeeds."
-    )
-    note = "" if requested else "<p>(Fulfillment will follow from Stripe's notification.)</p>"
-    return page(
-        "Thank you!",
-        f'<p id="status" data-payment-status="{html.escape(str(session.payment_status))}">'
-        f"{status}</p><p>Order reference: <code>{html.escape(session_id)}</code></p>{note}",
-    )
-
-
-async def _request_fulfillment(request: web.Request, session_id: str, livemode: bool) -> bool:
-    doc = {
-        "id": f"req_{uuid.uuid4().hex}",
-        "object": "event",
-        "type": FULFILLMENT_REQUESTED,
-        "created": int(time.time()),
-        "livemode": livemode,
-        "api_version": None,
-        "data": {"object": {"id": session_id, "object": "checkout.session"}},
-    }
-    raw = json.dumps(doc).encode()
-    try:
-        await request.app[PUBLISHER].publish(raw, EventEnvelope.from_dict(doc))
-    except BrokerUnavailable as exc:
-        # the webhook still fulfills; the page must not fail because of this
+def over_limit(request: web.Request, limit: ClientBuckets, route: str) -> web.Response | None:
+    """429 when this request's client has used up its bucket for ``route``; else None (a
+    token taken)."""
+    if limit.off:
+        return None
+    client = client_of(request)
+    wait_s = limit.take(client)
+    if not wait_s:
+        return None
+    metrics.CLIENT_LIMITED.labels(route).inc()
+    left_out = refusal_logged(f"limited:{route}")
+    if left_out is not None:
         log.warning(
-            "fulfillment request not queued", checkout_session_id=session_id, error=str(exc)
+            "checkout request limited",
+            route=route,
+            client=client,
+            retry_after_s=round(wait_s, 1),
+            similar_not_logged=left_out or None,
         )
-        return False
-    return True
-
-
-def install(app: web.Application, settings: CheckoutSettings) -> None:
-    app[CHECKOUT] = settings
-
-    async def stripe_client(app: web.Application) -> AsyncIterator[None]:
-        http = stripe.AIOHTTPClient(timeout=settings.stripe.timeout_s)
-        app[STRIPE] = make_client(settings.stripe, http_client=http)
-        yield
-        await http.close_async()  # type: ignore[no-untyped-call]
-
-    app.cleanup_ctx.append(stripe_client)
-    app.router.add_get("/", index)
-    app.router.add_post("/create-checkout-session", create_checkout_session)
-    app.router.add_get("/checkout/success", success)
+    return too_many_requests(wait_s)

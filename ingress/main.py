@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ingress import metrics
 from ingress.app import create_app
 from ingress.checkout import CheckoutSettings
 from ingress.keys import DRAIN
@@ -43,6 +44,8 @@ def run(settings: IngressSettings | None = None) -> None:
     checkout = CheckoutSettings.from_env()
     if checkout is not None:
         register_secrets([checkout.stripe.api_key])
+        if checkout.link_secret:
+            register_secrets([checkout.link_secret])
     runtime.run_service(_serve(settings, checkout))
     get_logger(__name__).info("ingress stopped")
 
@@ -56,6 +59,7 @@ async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -
         "ingress starting",
         host=settings.host,
         port=settings.port,
+        metrics_port=settings.metrics_port,
         broker=settings.broker.display_url,
         secrets=len(settings.webhook_secrets),
         tolerance_s=settings.tolerance_s,
@@ -73,6 +77,7 @@ async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -
     # Handlers first: setup waits up to 5 s for a first broker connection, and a signal
     # then must still stop us cleanly (exit 0), not kill us with the default action.
     await runner.setup()
+    metrics_runner: web.AppRunner | None = None
     try:
         if not stopping.is_set():
             site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True)
@@ -82,6 +87,11 @@ async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -
                 raise listen_error(
                     "INGRESS_PORT", settings.host, settings.port, exc, host_setting="INGRESS_HOST"
                 ) from None
+            metrics_runner = await metrics.start_server(
+                settings.metrics_host, settings.metrics_port
+            )
+            # the port bound, also when INGRESS_METRICS_PORT=0 asked for any free one
+            log.info("ingress metrics listening", port=metrics_runner.addresses[0][1])
             await stopping.wait()
             log.info("ingress stopping", in_flight=app[DRAIN].in_flight)
             await site.stop()  # no new connections; those open still finish their request
@@ -91,3 +101,5 @@ async def _serve(settings: IngressSettings, checkout: CheckoutSettings | None) -
             log.info("ingress stopping", in_flight=0)
     finally:
         await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()

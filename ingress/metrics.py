@@ -1,8 +1,14 @@
-"""Prometheus metrics of the ingress (the process's default registry)."""
+"""Prometheus metrics of the ingress (the process's default registry), and the small HTTP
+server for /metrics on INGRESS_METRICS_PORT, apart from the public port."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+from shared import runtime
+from shared.http_server import quiet_unparseable_requests
+from shared.settings import listen_error
 
 REQUESTS = Counter(
     "ingress_webhook_requests_total",
@@ -41,3 +47,33 @@ for _outcome in OUTCOMES:
 BROKER_UP = Gauge(
     "ingress_broker_connected", "1 while the broker connection and channel are usable."
 )
+
+CLIENT_LIMITED = Counter(
+    "ingress_client_limited_total",
+    "Checkout requests refused 429 because their client was over its limit, by route "
+    "(create_checkout_session, checkout_success).",
+    ["route"],
+)
+for _route in ("create_checkout_session", "checkout_success"):
+    CLIENT_LIMITED.labels(_route)
+
+
+async def start_server(host: str, port: int) -> web.AppRunner:
+    """Serve /metrics on ``host``:``port`` (0: any free port), and nothing else."""
+    quiet_unparseable_requests()
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=runtime.HTTP_KEEPALIVE_S)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:  # taken by another process, or not an address of ours
+        await runner.cleanup()
+        raise listen_error(
+            "INGRESS_METRICS_PORT", host, port, exc, host_setting="INGRESS_METRICS_HOST"
+        ) from None
+    return runner

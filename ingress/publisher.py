@@ -109,16 +109,19 @@ class EventPublisher:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=CLOSE_TIMEOUT_S * 2)
 
-    async def publish(self, raw: bytes, event: EventEnvelope) -> None:
+    async def publish(
+        self, raw: bytes, event: EventEnvelope, *, message_id: str | None = None
+    ) -> None:
         """Publish one event and return once the broker confirmed it; else BrokerUnavailable
-        (Unroutable for a handled type while the work queue is missing: see Topology.route)."""
+        (Unroutable for a handled type while the work queue is missing: see Topology.route).
+        ``message_id``: see shared.broker.event_message."""
         usable = self._usable()
         if usable is None:
             raise BrokerUnavailable("not connected to the broker")
         events, channel = usable
         exchange_name, routing_key = self._topology.route(event.type)
         exchange = events if exchange_name else channel.default_exchange
-        message = event_message(raw, event, source="fulfillment-ingress")
+        message = event_message(raw, event, source="fulfillment-ingress", message_id=message_id)
         started = time.perf_counter()
         try:
             await publish_confirmed(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from ingress.clients import parse_trusted
 from shared.errors import ConfigError
 from shared.settings import (
     BrokerSettings,
@@ -37,6 +38,11 @@ class IngressSettings:
     # request body bytes this process holds at once beyond each body's first 64 KiB: a bound
     # on its memory that many slow uploads cannot pass (ingress/guards.py BodyBudget)
     max_buffered_bytes: int = 64 * 1024 * 1024
+    # /metrics on a port of its own, kept off the public one
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9090
+    # the proxies whose X-Forwarded-For names the client (ingress/clients.py); "*": any
+    forwarded_allow_ips: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> IngressSettings:
@@ -73,6 +79,13 @@ class IngressSettings:
             max(default_of(cls, "max_buffered_bytes"), max_body_bytes),
             minimum=max_body_bytes,
         )
+        forwarded = env_list(env, "FORWARDED_ALLOW_IPS")
+        try:
+            parse_trusted(forwarded)
+        except ValueError as exc:
+            raise ConfigError(
+                f"FORWARDED_ALLOW_IPS must list IP addresses or CIDR blocks (or *): {exc}"
+            ) from None
         return cls(
             webhook_secrets=secrets,
             broker=BrokerSettings.from_env(env),
@@ -87,4 +100,7 @@ class IngressSettings:
             read_timeout_s=env_float(
                 env, "INGRESS_READ_TIMEOUT_S", default_of(cls, "read_timeout_s"), minimum=0.1
             ),
+            metrics_host=env_str(env, "INGRESS_METRICS_HOST", default_of(cls, "metrics_host")),
+            metrics_port=env_port(env, "INGRESS_METRICS_PORT", default_of(cls, "metrics_port")),
+            forwarded_allow_ips=forwarded,
         )

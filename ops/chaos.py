@@ -12,11 +12,16 @@ session and per failed payment; one `order.fulfilled` per fulfilled session; the
 exactly the poison events; the delay queues are empty; no unhandled exception in any log.
 Repeated external effects are reported with their cause, never hidden.
 
-    .venv/bin/python ops/chaos.py                       # 5,000 events over 1,250 sessions
-    .venv/bin/python ops/chaos.py --events 1200 --sessions 300 --workers 2
+    .venv/bin/python ops/chaos.py --private-services    # 5,000 events over 1,250 sessions
+    .venv/bin/python ops/chaos.py --private-services --events 1200 --sessions 300 --workers 2
 
-Needs RABBITMQ_URL / DATABASE_URL (defaults: the local services), rabbitmqctl and
-pg_ctlcluster for the broker and database faults (skipped, and said so, without them).
+With --private-services (what the test suite uses) it starts a throwaway PostgreSQL cluster
+and RabbitMQ node of its own (devkit/services.py) and breaks only those: the machine's
+services, and whatever else uses them, are left alone. Without it, it uses RABBITMQ_URL /
+DATABASE_URL (defaults: the local services) and breaks the machine's own: `rabbitmqctl
+close_all_connections` drops every client of that broker, `pg_ctlcluster restart` restarts
+the cluster (each fault skipped, and said so, without its program). Only for a machine
+nothing else uses.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import random
@@ -34,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +52,13 @@ import asyncpg
 
 from devkit import signing
 from devkit.load import HttpConnection, free_port
+from devkit.services import (
+    PrivatePostgres,
+    RabbitNode,
+    ServiceUnavailable,
+    private_postgres,
+    private_rabbitmq,
+)
 from shared import runtime
 from shared.settings import BrokerSettings
 from shared.topology import Topology
@@ -77,6 +91,10 @@ class ChaosConfig:
         )
     )
     seed: int = 7
+    # throwaway instances: when given, the broker and database faults hit these, never the
+    # machine's services (rabbitmq_url and server_url must then point at them)
+    postgres: PrivatePostgres | None = None
+    rabbit_node: RabbitNode | None = None
 
 
 @dataclass
@@ -317,6 +335,59 @@ def _run(*cmd: str) -> bool:
     return subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
 
 
+Fault = Callable[[], bool]
+
+
+def _infrastructure_faults(cfg: ChaosConfig, report: Report) -> tuple[Fault | None, Fault | None]:
+    """How to drop every broker connection and restart PostgreSQL, each True when done: on
+    the throwaway instances when the config has them, else on the machine's own services."""
+    node, server = cfg.rabbit_node, cfg.postgres
+    if (node is None) != (server is None):
+        # half private would break the machine's other service
+        raise ValueError("give both throwaway services (postgres and rabbit_node) or neither")
+    versions = sorted(os.listdir("/etc/postgresql")) if Path("/etc/postgresql").is_dir() else []
+
+    def drop_private() -> bool:
+        assert node is not None
+        return _succeeds(node.ctl, "close_all_connections", "chaos")
+
+    def drop_machines() -> bool:
+        return _run("rabbitmqctl", "close_all_connections", "chaos")
+
+    def restart_private() -> bool:
+        assert server is not None
+        return _succeeds(server.restart)
+
+    def restart_machines() -> bool:
+        return _run("pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", "restart")
+
+    drop: Fault | None = None
+    restart: Fault | None = None
+    if "rabbitmq" in cfg.faults:
+        if node is not None:
+            drop = drop_private
+        elif shutil.which("rabbitmqctl"):
+            drop = drop_machines
+        else:
+            report.faults_skipped.append("rabbitmq (no rabbitmqctl)")
+    if "postgres" in cfg.faults:
+        if server is not None:
+            restart = restart_private
+        elif shutil.which("pg_ctlcluster") and versions:
+            restart = restart_machines
+        else:
+            report.faults_skipped.append("postgres (no pg_ctlcluster)")
+    return drop, restart
+
+
+def _succeeds(action: Callable[..., object], *args: str) -> bool:
+    try:
+        action(*args)
+    except (ServiceUnavailable, subprocess.TimeoutExpired):
+        return False
+    return True
+
+
 async def inject_faults(  # noqa: C901 - one loop over every kind of fault
     cfg: ChaosConfig,
     fleet: Fleet,
@@ -328,20 +399,12 @@ async def inject_faults(  # noqa: C901 - one loop over every kind of fault
     record: Path,
 ) -> None:
     """Abuse the pipeline until ``stop``: each fault at its moment, kills all along."""
-    pg_version = (
-        sorted(os.listdir("/etc/postgresql"))[-1] if Path("/etc/postgresql").is_dir() else None
-    )
     plan = []
-    if "rabbitmq" in cfg.faults:
-        if shutil.which("rabbitmqctl"):
-            plan.append((6.0, "rabbitmq"))
-        else:
-            report.faults_skipped.append("rabbitmq (no rabbitmqctl)")
-    if "postgres" in cfg.faults:
-        if shutil.which("pg_ctlcluster") and pg_version:
-            plan.append((10.0, "postgres"))
-        else:
-            report.faults_skipped.append("postgres (no pg_ctlcluster)")
+    drop_connections, restart_postgres = _infrastructure_faults(cfg, report)
+    if drop_connections is not None:
+        plan.append((6.0, "rabbitmq"))
+    if restart_postgres is not None:
+        plan.append((10.0, "postgres"))
     if "smtp" in cfg.faults:
         plan.append((3.0, "smtp"))
     if "ingress" in cfg.faults:
@@ -373,19 +436,12 @@ async def inject_faults(  # noqa: C901 - one loop over every kind of fault
                 spike_until = 0.0
             while plan and now - started >= plan[0][0]:
                 _, fault = plan.pop(0)
-                if fault == "rabbitmq" and await asyncio.to_thread(
-                    _run, "rabbitmqctl", "close_all_connections", "chaos"
-                ):
-                    report.faults["rabbitmq connections dropped"] += 1
-                elif fault == "postgres" and await asyncio.to_thread(
-                    _run,
-                    "pg_ctlcluster",
-                    "--skip-systemctl-redirect",
-                    pg_version or "",
-                    "main",
-                    "restart",
-                ):
-                    report.faults["postgresql restart"] += 1
+                if fault == "rabbitmq" and drop_connections is not None:
+                    if await asyncio.to_thread(drop_connections):
+                        report.faults["rabbitmq connections dropped"] += 1
+                elif fault == "postgres" and restart_postgres is not None:
+                    if await asyncio.to_thread(restart_postgres):
+                        report.faults["postgresql restart"] += 1
                 elif fault == "smtp" and fleet.sink is not None:
                     fleet.sink.kill()
                     fleet.sink.wait()
@@ -636,11 +692,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--logs", type=Path, help="keep the processes' logs here")
+    parser.add_argument(
+        "--private-services", action="store_true",
+        help="break a throwaway PostgreSQL cluster and RabbitMQ node, not the machine's",
+    )  # fmt: skip
     args = parser.parse_args()
-    cfg = ChaosConfig(
-        events=args.events, sessions=args.sessions, workers=args.workers, seed=args.seed
-    )
-    report = runtime.run(run_chaos(cfg, args.logs))
+    with contextlib.ExitStack() as stack:
+        cfg = ChaosConfig(
+            events=args.events, sessions=args.sessions, workers=args.workers, seed=args.seed
+        )
+        if args.private_services:
+            print("starting a throwaway PostgreSQL cluster and RabbitMQ node...", flush=True)
+            postgres, node = _private(stack)
+            cfg.rabbitmq_url, cfg.server_url = node.url, postgres.url
+            cfg.postgres, cfg.rabbit_node = postgres, node
+        report = runtime.run(run_chaos(cfg, args.logs))
     print(f"\nChaos run: {cfg.events} events over {cfg.sessions} sessions, {cfg.workers} workers\n")
     print(report.table())
     for line in report.unhandled_exceptions[:20]:
@@ -651,6 +717,12 @@ def main() -> None:
         print(f"dead-lettered but not poison: {report.dlq_unexpected[:20]}")
     print("\nRESULT:", "PASS" if report.ok else "FAIL")
     raise SystemExit(0 if report.ok else 1)
+
+
+def _private(stack: contextlib.ExitStack) -> tuple[PrivatePostgres, RabbitNode]:
+    postgres = stack.enter_context(private_postgres())
+    rabbit = stack.enter_context(private_rabbitmq(1, prefix="chaos"))
+    return postgres, rabbit.nodes[0]
 
 
 if __name__ == "__main__":

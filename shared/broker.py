@@ -34,9 +34,16 @@ def utc_now_iso() -> str:
 
 
 def event_message(
-    raw: bytes, event: EventEnvelope, *, source: str, headers: Mapping[str, object] | None = None
+    raw: bytes,
+    event: EventEnvelope,
+    *,
+    source: str,
+    headers: Mapping[str, object] | None = None,
+    message_id: str | None = None,
 ) -> aio_pika.Message:
-    """A persistent message carrying a Stripe event's raw body and its routing fields."""
+    """A persistent message carrying a Stripe event's raw body and its routing fields;
+    ``message_id`` unique per publish unless given (one that stands for the content,
+    which its publisher then never has in flight twice)."""
     all_headers: HeadersType = {
         HEADER_EVENT_ID: event.id,
         HEADER_EVENT_TYPE: event.type,
@@ -55,7 +62,7 @@ def event_message(
         content_type=JSON,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         # unique per publish: aiormq matches returned messages by message_id
-        message_id=uuid.uuid4().hex,
+        message_id=message_id or uuid.uuid4().hex,
         type=event.type,
         app_id=source,
         headers=all_headers,
@@ -106,4 +113,16 @@ def copy_message(
         type=message.type,
         app_id=message.app_id,
         headers=kept,
+    )
+
+
+def bare_copy(message: AbstractIncomingMessage, headers: Mapping[str, object]) -> aio_pika.Message:
+    """A persistent copy of a received message's body with only ``headers``: for a message
+    whose own properties could not be sent again as they came."""
+    return aio_pika.Message(
+        message.body,
+        content_type=JSON,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=uuid.uuid4().hex,
+        headers=dict(headers),  # type: ignore[arg-type]
     )

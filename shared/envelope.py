@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import MalformedEvent
+from shared.vocabulary import ACCOUNT_ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +72,7 @@ class EventEnvelope:
             # value could outgrow the broker's frame and close the shared connection
             api_version = None
         account = doc.get("account")
-        if account is not None and not (
-            isinstance(account, str) and _ACCOUNT_ID.fullmatch(account)
-        ):
+        if account is not None and not (isinstance(account, str) and ACCOUNT_ID.fullmatch(account)):
             # Dropping it would read the session from the platform (not found, or worse,
             # another object): refuse the event instead.
             raise MalformedEvent('event "account" is not a Stripe account id (acct_…)')
@@ -95,9 +94,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 def _not_json(constant: str) -> None:
     """Python's json reads NaN and Infinity, which JSON does not have."""
     raise ValueError(f"{constant} is not JSON")
-
-
-_ACCOUNT_ID = re.compile(r"acct_[A-Za-z0-9]{1,250}")
 
 
 def _utf8_size(value: str) -> int | None:

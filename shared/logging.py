@@ -11,12 +11,16 @@ from typing import Any
 
 import structlog
 
-from shared.settings import LogSettings
+from shared.settings import SECRET_QUERY_PARAMS, LogSettings
 
-# Stripe secret keys, restricted keys and webhook secrets; passwords in URLs.
+# Stripe secret keys, restricted keys and webhook secrets; passwords in URLs, as user:pass@
+# and as a query parameter (?password=…, &sslpassword=…; the names redact_url masks), and
+# the same in a libpq key=value string (password=… ).
+_SECRET_PARAM = "|".join(sorted(SECRET_QUERY_PARAMS, key=len, reverse=True))
 _SECRET_PATTERNS = re.compile(
     r"(?:whsec|sk_live|sk_test|rk_live|rk_test)_[A-Za-z0-9]+"
     r"|(?<=://)([^:/@\s]*):[^@/\s]+(?=@)"
+    rf"|(?i:(?<![\w-])(?:{_SECRET_PARAM})=)(?!\*\*\*)[^&\s#'\",;)]+"
 )
 _known_secrets: set[str] = set()
 
@@ -31,9 +35,14 @@ def mask_secrets(text: str) -> str:
     for secret in _known_secrets:
         if secret in text:
             text = text.replace(secret, "***")
-    return _SECRET_PATTERNS.sub(
-        lambda m: f"{m.group(1)}:***" if m.group(1) is not None else "***", text
-    )
+    return _SECRET_PATTERNS.sub(_masked, text)
+
+
+def _masked(match: re.Match[str]) -> str:
+    if match.group(1) is not None:
+        return f"{match.group(1)}:***"  # user:password@ keeps the user
+    name, equals, _ = match.group().partition("=")
+    return f"{name}=***" if equals else "***"
 
 
 def _mask(value: Any, depth: int = 0) -> Any:

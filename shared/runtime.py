@@ -63,19 +63,34 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 EXIT_WATCHDOG_S = 10
 
 
-def stop_requested(*, ignore_for_s: float = 0.0) -> asyncio.Event:
+class StopRequest(asyncio.Event):
+    """Set by a stop signal; ``signal`` says which one came first (None while unset)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signal: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """What a command ended by this request exits with, by the shell's convention
+        (128 + the signal's number: 130 for Ctrl-C)."""
+        return 128 + (self.signal or signal.SIGINT)
+
+
+def stop_requested(*, ignore_for_s: float = 0.0) -> StopRequest:
     """An event set by SIGTERM or SIGINT, through the running loop's signal handlers
     (replacing earlier ones); a signal within ``ignore_for_s`` from now does not count."""
-    stop = asyncio.Event()
+    stop = StopRequest()
     loop = asyncio.get_running_loop()
     counts_from = loop.time() + ignore_for_s
 
-    def on_signal() -> None:
-        if loop.time() >= counts_from:
+    def on_signal(sig: int) -> None:
+        if loop.time() >= counts_from and not stop.is_set():
+            stop.signal = sig
             stop.set()
 
     for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
     return stop
 
 

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from shared.errors import ConfigError
 
@@ -103,6 +103,21 @@ def env_float(env: Env, name: str, default: float, *, minimum: float | None = No
     return value
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_bool(env: Env, name: str, default: bool) -> bool:
+    """A yes-or-no setting: true/false, yes/no, on/off or 1/0, in any case."""
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
 def env_list(env: Env, name: str) -> tuple[str, ...]:
     """A comma-separated list; empty items are dropped."""
     raw = _raw(env, name)
@@ -114,34 +129,58 @@ def env_list(env: Env, name: str) -> tuple[str, ...]:
 def env_url(env: Env, name: str, default: str, *, schemes: tuple[str, ...]) -> str:
     """A URL setting whose scheme must be one of ``schemes``; the value is never echoed raw."""
     value = env_str(env, name, default)
+    # no article: "a amqp://", "a http://" read wrong, and which one fits depends on the scheme
     wanted = " or ".join(f"{s}://" for s in schemes)
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError on a bad port (e.g. a password with '/')
     except ValueError:
         raise ConfigError(
-            f"{name} is not a valid {wanted} URL (percent-encode special characters "
-            "in the user name or password)"
+            f"{name} is not a valid URL (percent-encode special characters in the user name "
+            "or password)"
         ) from None
     if parts.scheme not in schemes or not parts.hostname:
-        raise ConfigError(f"{name} must be a {wanted} URL with a host, got {redact_url(value)!r}")
+        raise ConfigError(
+            f"{name} must be a URL starting {wanted} with a host, got {redact_url(value)!r}"
+        )
     return value
 
 
+# Query parameters that carry a password or a secret in the URLs we are given (libpq and
+# asyncpg take password and sslpassword; the rest are the usual spellings elsewhere).
+SECRET_QUERY_PARAMS = frozenset(
+    {"password", "sslpassword", "passwd", "pass", "pwd", "secret", "token", "access_token",
+     "api_key", "apikey", "client_secret"}
+)  # fmt: skip
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and error messages."""
+    """The URL with any password replaced (``user:***@``, ``?password=***``), for logs,
+    error messages and command output."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
     if "://" not in url:
         # no scheme: urlsplit finds no netloc, so it cannot tell where a password is
-        return "<URL without scheme>" if "@" in url else url
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+        return "<URL without scheme>" if "@" in url or "=" in url else url
+    if parts.query:
+        parts = parts._replace(query=_redact_query(parts.query))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+    return parts.geturl()
+
+
+def _redact_query(query: str) -> str:
+    """The query with the value of every secret parameter replaced; the rest as it was."""
+    pieces = []
+    for piece in query.split("&"):
+        name, equals, _ = piece.partition("=")
+        if equals and unquote_plus(name).strip().lower() in SECRET_QUERY_PARAMS:
+            piece = f"{name}=***"
+        pieces.append(piece)
+    return "&".join(pieces)
 
 
 def _delays(env: Env, name: str, default: tuple[float, ...]) -> tuple[float, ...]:

@@ -6,9 +6,11 @@ start, and a deployment may also run ``fulfillment topology`` ahead of time.
 
 from __future__ import annotations
 
+import errno
 import functools
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
@@ -323,9 +325,18 @@ def connect_error(settings: BrokerSettings, exc: Exception) -> FulfillmentError:
             f"RABBITMQ_URL: the broker at {where} closed the connection while opening its "
             "virtual host: does it exist, and may this user use it? (its log says why)"
         )
+    parts = urlsplit(settings.url)
+    default_port = 5671 if parts.scheme == "amqps" else 5672
+    port = parts.port or default_port
+    if getattr(exc, "errno", None) == errno.ECONNREFUSED and port != default_port:
+        # RabbitMQ may well run, on its own port: "start it" would send people astray
+        return BrokerUnavailable(
+            f"RabbitMQ is not reachable at {where}: nothing is listening on "
+            f"{parts.hostname}:{port} — is RabbitMQ there, or is the port wrong?"
+        )
     why = str(exc) or f"no answer within {CONNECT_TIMEOUT_S}s"  # a timeout says nothing
     return BrokerUnavailable(
-        f"cannot reach RabbitMQ at {where} ({type(exc).__name__}: {why}); "
+        f"RabbitMQ is not reachable at {where} ({type(exc).__name__}: {why}); "
         "is it running? (rabbitmq-server -detached)"
     )
 

@@ -14,6 +14,7 @@ from enum import StrEnum
 SESSION_COMPLETED = "checkout.session.completed"
 PAYMENT_SUCCEEDED = "checkout.session.async_payment_succeeded"
 PAYMENT_FAILED = "checkout.session.async_payment_failed"
+SESSION_EXPIRED = "checkout.session.expired"  # routed to the work queue, and ignored there
 # Not Stripe's: published by the ingress's success page (and the tools) to ask the workers
 # to fulfill a session through the same idempotent path as its webhooks.
 FULFILLMENT_REQUESTED = "fulfillment.requested"
@@ -63,6 +64,8 @@ HEADER_CHECKOUT_SESSION_ID = "checkout-session-id"
 # A Checkout Session id as Stripe makes them (cs_test_… or cs_live_…), and nothing that
 # could change the URL it is put into.
 CHECKOUT_SESSION_ID = re.compile(r"cs_(?:test|live)_[A-Za-z0-9_]{1,250}")
+# A connected account's id (Stripe Connect), as events carry it and Stripe-Account takes it.
+ACCOUNT_ID = re.compile(r"acct_[A-Za-z0-9]{1,250}")
 
 # --- outcomes --------------------------------------------------------------------------
 

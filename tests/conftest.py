@@ -42,6 +42,10 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # the ``logs`` fixture: what in-process services logged, as JSON lines
 pytest_plugins = ["tests.captured_logs"]
 
+# Every ingress the tests start (alone or under `up`) serves /metrics on a free port unless
+# a test says which: on the fixed default, runs side by side on one machine would clash.
+os.environ.setdefault("INGRESS_METRICS_PORT", "0")
+
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
     """In-process async tests run on the loop the project's processes run on (uvloop)."""

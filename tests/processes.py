@@ -46,9 +46,10 @@ async def acli(settings: WorkerSettings, *args: str) -> subprocess.CompletedProc
 class RoleProcess:
     """``python -m fulfillment <args>`` with its own environment; logs collected as dicts."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], *, cwd: str | None = None) -> None:
         self.args = args
         self.env = {**os.environ, "LOG_FORMAT": "json", **env}
+        self.cwd = cwd
         self.process: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
         self._reader: asyncio.Task[None] | None = None
@@ -60,6 +61,7 @@ class RoleProcess:
             "fulfillment",
             *self.args,
             env=self.env,
+            cwd=self.cwd,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # its own process group, as a command typed in a terminal

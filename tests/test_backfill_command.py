@@ -210,13 +210,13 @@ def test_backfill_waits_as_long_as_asked_between_tries_but_never_over_its_cap() 
     """A Retry-After (a gateway in front of Stripe may send one) is honoured, up to 30 s."""
     from types import SimpleNamespace
 
-    from fulfillment.backfill import PAGE_WAIT_MAX_S, _page_wait
+    from fulfillment.stripe_lists import PAGE_WAIT_MAX_S, page_wait
     from shared.errors import TransientError
 
     def wait_after(attempt: int, retry_after_s: float | None) -> float:
         failed = TransientError("429", retry_after_s=retry_after_s)
         outcome = SimpleNamespace(exception=lambda: failed)
-        return _page_wait(SimpleNamespace(attempt_number=attempt, outcome=outcome))  # type: ignore[arg-type]
+        return page_wait(SimpleNamespace(attempt_number=attempt, outcome=outcome))  # type: ignore[arg-type]
 
     assert 0.25 <= wait_after(1, None) <= 0.5
     assert 4.0 <= wait_after(5, None) <= 8.0  # growing

@@ -129,3 +129,22 @@ def test_end_to_end_benchmark_fulfills_every_session_and_drops_its_database(
     assert "| CPU per fulfilled session | ms | share |" in out
     assert f"{platform.python_implementation()} {platform.python_version()} from" in out
     assert asyncio.run(bench_databases(server)) <= before
+
+
+def test_checkout_benchmark_counts_the_stripe_calls_of_a_success_page_flood(
+    rabbitmq_url: str,
+) -> None:
+    env = {**os.environ, "RABBITMQ_URL": rabbitmq_url}
+    out = run_script("bench_checkout.py", "--requests", "60", "--concurrency", "4", env=env,
+                     timeout_s=120)  # fmt: skip
+    results = json.loads(out.strip().splitlines()[-1])
+    limited = results["made_up_limits_on"]
+    # the burst (10), less the token the paid session's first lookup took, plus refills
+    calls = limited["stripe_calls"]
+    assert 1 <= calls <= 10 and limited["statuses"] == {"404": calls, "429": 60 - calls}
+    assert results["made_up_limits_off"]["stripe_calls"] == 60
+    reloads = results["reloads_of_a_paid_session"]
+    assert reloads["stripe_calls"] == 1 and reloads["queued"] == 1
+    assert reloads["statuses"] == {"200": 60}
+    assert f"| made-up session ids, limits on | {calls * 1000 / 60:,.1f} |" in out
+    assert re.search(r"ingress CPU per refused \(429\) request: \d+\.\d{3} ms", out)

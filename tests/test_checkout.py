@@ -10,11 +10,13 @@ from typing import Any
 import aiohttp
 import pytest
 import stripe
+import structlog
 
 from devkit.mailsink import SmtpSink
 from devkit.stripe import StripeStandIn
+from ingress.success import request_id
 from shared.topology import Topology
-from shared.vocabulary import HEADER_EVENT_TYPE
+from shared.vocabulary import HEADER_EVENT_ID, HEADER_EVENT_TYPE
 from tests.conftest import db_fetch, drain, wait_for
 from tests.pipeline import fulfillment_rows
 from worker.settings import WorkerSettings
@@ -94,18 +96,24 @@ async def test_create_checkout_session_redirects_to_the_hosted_page_for_the_exis
     assert session["customer_details"]["email"] == "grace@example.com"
 
 
-async def test_a_stripe_error_becomes_a_clear_error_page_not_a_stack_trace(
+async def test_a_stripe_error_becomes_a_plain_error_page_and_stripes_text_goes_to_the_log(
     checkout_stack: dict[str, Any], standin: StripeStandIn
 ) -> None:
+    """Stripe's text may name the account, a key's last digits or a customer: it is for the
+    log, not for whoever clicked."""
     standin.customers.clear()  # the configured customer no longer exists
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{checkout_stack['base']}/create-checkout-session", allow_redirects=False
-        ) as r:
-            text = await r.text()
-    assert r.status == 400
-    assert "No such customer" in text and "Traceback" not in text
+    with structlog.testing.capture_logs() as logs:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{checkout_stack['base']}/create-checkout-session", allow_redirects=False
+            ) as r:
+                text = await r.text()
+    assert r.status == 502
+    assert "could not start the checkout" in text
+    assert "No such customer" not in text and "cus_" not in text and "Traceback" not in text
     assert r.headers["Content-Type"].startswith("text/html")
+    [line] = [line for line in logs if line["event"] == "checkout session not created"]
+    assert "No such customer" in line["error"] and line["stripe_status"] == 404
 
 
 async def success_page(checkout_stack: dict[str, Any], session_id: str) -> tuple[int, str]:
@@ -175,15 +183,42 @@ async def test_paying_fulfills_once_although_both_the_webhook_and_the_landing_pa
     assert [status for _, status in checkout_stack["hosted"].deliveries] == [200]
 
 
-async def test_the_success_page_queues_a_fulfillment_request_for_the_session(
+async def test_the_success_page_queues_a_fulfillment_request_for_a_paid_session(
     checkout_stack: dict[str, Any], standin: StripeStandIn, channel: Any, topology: Topology
 ) -> None:
-    session_id = standin.add_session(payment_status="unpaid")["id"]
+    session_id = standin.add_session(payment_status="paid")["id"]
     answered, text = await success_page(checkout_stack, session_id)
-    assert answered == 200 and "processing" in text
+    assert answered == 200 and "went through" in text
     [message] = await drain(channel, topology.work_queue)
     assert message.headers[HEADER_EVENT_TYPE] == "fulfillment.requested"
     assert json.loads(message.body)["data"]["object"]["id"] == session_id
+    # one id per session, so a second request is known as the same one
+    assert message.message_id == message.headers[HEADER_EVENT_ID] == request_id(session_id)
+
+
+@pytest.mark.parametrize(
+    ("status", "payment_status", "says"),
+    [
+        ("complete", "unpaid", "Your payment is processing"),
+        ("open", "unpaid", "nothing has been paid yet"),
+        ("expired", "unpaid", "expired before it was paid"),
+    ],
+)
+async def test_the_success_page_tells_an_unpaid_session_the_truth_and_queues_nothing(
+    checkout_stack: dict[str, Any],
+    standin: StripeStandIn,
+    channel: Any,
+    topology: Topology,
+    status: str,
+    payment_status: str,
+    says: str,
+) -> None:
+    session_id = standin.add_session(payment_status=payment_status)["id"]
+    standin.sessions[session_id]["status"] = status
+    answered, text = await success_page(checkout_stack, session_id)
+    assert answered == 200 and says in text
+    assert "went through" not in text
+    assert await drain(channel, topology.work_queue) == []
 
 
 async def test_the_success_page_of_a_setup_mode_session_promises_no_order(

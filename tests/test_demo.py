@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import aio_pika
@@ -12,11 +14,24 @@ import pytest
 from devkit import signing as sh
 from devkit.mailsink import SmtpSink
 from shared.topology import Topology
-from tests.conftest import free_port
+from tests.conftest import depth, free_port
 from tests.processes import RoleProcess, worker_env
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def demo_topology(
+    worker_settings: WorkerSettings, channel: Any, topology: Topology
+) -> AsyncIterator[Topology]:
+    """The demo's own queues (BROKER_PREFIX=<the test's>.demo), deleted afterwards."""
+    demo = Topology.from_settings(
+        replace(worker_settings.broker, prefix=f"{worker_settings.broker.prefix}.demo")
+    )
+    await demo.declare(channel)
+    yield demo
+    await demo.delete(channel)
 
 
 async def test_the_demo_fulfills_paid_and_delayed_orders_notifies_failures_and_stops(
@@ -24,12 +39,13 @@ async def test_the_demo_fulfills_paid_and_delayed_orders_notifies_failures_and_s
     worker_settings: WorkerSettings,
     database_url: str,
     topology: Topology,
+    demo_topology: Topology,
     channel: Any,
 ) -> None:
     # a dead letter from before (an earlier demo): the summary counts only this run's
     await channel.default_exchange.publish(
         aio_pika.Message(sh.body(sh.event()), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-        topology.dead_queue,
+        demo_topology.dead_queue,
     )
     env = {
         **worker_env(worker_settings),
@@ -54,6 +70,13 @@ async def test_the_demo_fulfills_paid_and_delayed_orders_notifies_failures_and_s
         "fulfilled 9, emails sent 11, failed payments 2, dead letters 1 "
         "(the dead-letter queue holds 1 more from before)"
     )
+    # one table, once (not a terminal: its last state only), every row as expected
+    assert output.count("  SESSION ") == 1
+    rows = re.findall(r"^demo +\| (\S) (cs_test_\w+) ", output, re.M)
+    assert len(rows) == 12 and {mark for mark, _ in rows} == {"✓"}
+    # the demo's dead letter is in its own DLQ; the one on-call watches stays empty
+    assert await depth(channel, topology.dead_queue) == 0
+    assert await depth(channel, demo_topology.dead_queue) == 2
     mails = await asyncio.to_thread(smtp.wait, 11)
     assert len({m["Message-ID"] for m in mails}) == 11
     assert sum(m["Subject"] == "Your payment did not go through" for m in mails) == 2

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-from shared.settings import DEFAULT_RETRY_DELAYS_S
+from shared.settings import DEFAULT_RETRY_DELAYS_S, default_of
 from shared.topology import Topology
 from worker.settings import WorkerSettings
 
@@ -56,6 +56,7 @@ REQUIRED_ALERTS = {
     "FulfillmentNoConsumers",
     "WorkerDeadLetterRate",
     "FulfillmentHandledEventsUnrouted",
+    "ReconcileFoundMissingSessions",
 }
 
 
@@ -213,6 +214,13 @@ def parse_duration_s(text: str) -> float:
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", str(text))
     assert parts and "".join(n + u for n, u in parts) == str(text), f"bad duration {text!r}"
     return sum(float(n) * units[u] for n, u in parts)
+
+
+def default_ingress_metrics_port() -> int:
+    from ingress.settings import IngressSettings
+
+    port: int = default_of(IngressSettings, "metrics_port")
+    return port
 
 
 def default_worker_grace_s() -> float:
@@ -476,7 +484,7 @@ def test_the_image_installs_from_the_lock_without_dev_dependencies_and_runs_fulf
     assert re.search(r"uv sync\b[^&;]*--no-dev", runs)
     assert json.loads(stage["ENTRYPOINT"]) == ["fulfillment"]
     assert json.loads(stage["CMD"]) == ["ingress"]
-    assert set(stage["EXPOSE"].split()) == {"8080", "9100"}
+    assert set(stage["EXPOSE"].split()) == {"8080", "9090", "9100"}
 
 
 def test_the_image_copies_every_package_the_wheel_is_built_from() -> None:
@@ -573,6 +581,7 @@ def test_deployments_run_as_non_root_with_their_probes_config_and_secret() -> No
         "fulfillment-ingress": ("ingress", 8080, "/healthz", "/readyz"),
         "fulfillment-worker": ("worker", 9100, "/healthz", None),
     }
+    scraped = {"fulfillment-ingress": default_ingress_metrics_port(), "fulfillment-worker": 9100}
 
     for name, (role, port, liveness, readiness) in expected.items():
         deployment = k8s_object("Deployment", name)
@@ -592,10 +601,34 @@ def test_deployments_run_as_non_root_with_their_probes_config_and_secret() -> No
         refs = container["envFrom"]
         assert {r["configMapRef"]["name"] for r in refs if "configMapRef" in r} <= config_names
         assert {r["secretRef"]["name"] for r in refs if "secretRef" in r} <= secret_names
-        assert deployment["spec"]["template"]["metadata"]["annotations"][
-            "prometheus.io/port"
-        ] == str(port)
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(scraped[name])
+        assert scraped[name] in ports.values(), f"{name} does not declare its metrics port"
     assert k8s_object("Deployment", "fulfillment-ingress")["spec"]["replicas"] == 2
+
+
+def test_the_ingress_serves_metrics_on_its_own_port_which_no_public_route_reaches() -> None:
+    """/metrics is off the webhook port (IngressSettings.metrics_port): the pods are scraped
+    there, and neither the Service, compose's host ports nor the image's port list for the
+    public side carries it."""
+    metrics_port = default_ingress_metrics_port()
+    ingress = k8s_object("Deployment", "fulfillment-ingress")
+    ports = {p["name"]: p["containerPort"] for p in only_container(ingress)["ports"]}
+    service = k8s_object("Service", "fulfillment-ingress")
+    config = k8s_object("ConfigMap", "fulfillment-config")["data"]
+
+    assert ports == {"http": 8080, "metrics": metrics_port}
+    assert config["INGRESS_METRICS_PORT"] == str(metrics_port)
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    compose_ingress = compose_services()["ingress"]
+    assert compose_ingress["environment"]["INGRESS_METRICS_PORT"] == str(metrics_port)
+    assert all(not str(p).endswith(f":{metrics_port}") for p in compose_ingress["ports"])
+    assert str(metrics_port) in compose_ingress["expose"]
+    env = " ".join(args for keyword, args in dockerfile_instructions() if keyword == "ENV")
+    assert f"INGRESS_METRICS_PORT={metrics_port}" in env
+    assert f":{metrics_port}" in ALERTS.read_text() and f":{metrics_port}/metrics" in (
+        RUNBOOK.read_text()
+    )
 
 
 def test_the_service_sends_port_80_to_the_ingress_pods_http_port() -> None:
@@ -627,6 +660,32 @@ def test_the_migrate_job_runs_fulfillment_migrate() -> None:
 
     assert container["args"] == ["migrate"]
     assert job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_reconcile_cronjob_runs_fulfillment_reconcile_one_run_at_a_time_as_non_root() -> None:
+    cronjob = k8s_object("CronJob", "fulfillment-reconcile")
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    (container,) = pod["containers"]
+    config_names = {o["metadata"]["name"] for o in k8s_objects() if o["kind"] == "ConfigMap"}
+    worker = only_container(k8s_object("Deployment", "fulfillment-worker"))
+
+    assert container["args"][0] == "reconcile"
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"  # one run pages Stripe at a time
+    minutes = re.fullmatch(r"\*/(\d+) \* \* \* \*", cronjob["spec"]["schedule"])
+    assert minutes, cronjob["spec"]["schedule"]
+    # a stuck run is ended before the next one is due, rather than holding it off
+    assert job["activeDeadlineSeconds"] < int(minutes.group(1)) * 60
+    assert pod["restartPolicy"] in ("Never", "OnFailure")
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    # the workers' own settings: the same broker names, database and Stripe key
+    assert container["envFrom"] == worker["envFrom"]
+    assert {r["configMapRef"]["name"] for r in container["envFrom"] if "configMapRef" in r} <= (
+        config_names
+    )
+    assert container["image"] == worker["image"]
 
 
 def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fulfillment.reconcile import ReconcileSettings
 from ingress.checkout import CheckoutSettings
 from ingress.settings import IngressSettings
 from shared.errors import ConfigError
@@ -145,6 +146,7 @@ def _every_setting(env: dict[str, str]) -> tuple[object, ...]:
         IngressSettings.from_env(required),
         CheckoutSettings.from_env(required),
         dataclasses.replace(worker, worker_id=""),
+        ReconcileSettings.from_env(required),
     )
 
 

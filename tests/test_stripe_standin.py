@@ -117,6 +117,63 @@ async def test_line_items_only_when_expanded(
     assert again.payment_status == "unpaid"
 
 
+async def test_sessions_list_newest_first_with_stripes_filters_and_pages(
+    standin: StripeStandIn, client: stripe.StripeClient
+) -> None:
+    for i, status in enumerate(["complete", "open", "complete", "expired", "complete"]):
+        paid = "paid" if status == "complete" else "unpaid"
+        standin.add_session(f"cs_test_{i}", status=status, created=1000 + i, payment_status=paid)
+    standin.add_session("cs_test_same_second", created=1004)  # seeded later: listed first
+    standin.add_session("cs_test_connected", created=1002, account="acct_1")
+
+    async def ids(params: dict[str, Any], **options: Any) -> list[str]:
+        page = await client.v1.checkout.sessions.list_async(params=params, options=options)  # type: ignore[arg-type]
+        assert page.url == "/v1/checkout/sessions"
+        assert all(isinstance(s, stripe.checkout.Session) for s in page.data)
+        return [session.id for session in page.data]
+
+    assert await ids({}) == [
+        "cs_test_same_second", "cs_test_4", "cs_test_3", "cs_test_2", "cs_test_1", "cs_test_0",
+    ]  # fmt: skip
+    assert await ids({"status": "complete"}) == [
+        "cs_test_same_second", "cs_test_4", "cs_test_2", "cs_test_0",
+    ]  # fmt: skip
+    assert await ids({"status": "open"}) == ["cs_test_1"]
+    assert await ids({"created": {"gte": 1001, "lt": 1004}}) == [
+        "cs_test_3",
+        "cs_test_2",
+        "cs_test_1",
+    ]
+    assert await ids({"created": {"gt": 1001, "lte": 1002}}) == ["cs_test_2"]
+    assert await ids({"created": 1003}) == ["cs_test_3"]
+    # a connected account's sessions only on its behalf, and only its own
+    assert await ids({}, stripe_account="acct_1") == ["cs_test_connected"]
+    assert "cs_test_connected" not in await ids({"limit": 100})
+
+    first = await client.v1.checkout.sessions.list_async(params={"status": "complete", "limit": 3})
+    assert [s.id for s in first.data] == ["cs_test_same_second", "cs_test_4", "cs_test_2"]
+    assert first.has_more is True
+    rest = await client.v1.checkout.sessions.list_async(
+        params={"status": "complete", "limit": 3, "starting_after": "cs_test_2"}
+    )
+    assert [s.id for s in rest.data] == ["cs_test_0"] and rest.has_more is False
+    back = await client.v1.checkout.sessions.list_async(
+        params={"status": "complete", "limit": 1, "ending_before": "cs_test_2"}
+    )
+    assert [s.id for s in back.data] == ["cs_test_4"] and back.has_more is True
+    assert "line_items" not in first.data[0]  # only on a retrieve that expands it
+
+    with pytest.raises(stripe.InvalidRequestError) as bad_status:
+        await client.v1.checkout.sessions.list_async(params={"status": "paid"})  # type: ignore[typeddict-item]
+    assert (bad_status.value.http_status, bad_status.value.param) == (400, "status")
+    with pytest.raises(stripe.InvalidRequestError) as bad_limit:
+        await client.v1.checkout.sessions.list_async(params={"limit": 101})
+    assert (bad_limit.value.http_status, bad_limit.value.param) == (400, "limit")
+    with pytest.raises(stripe.InvalidRequestError) as unknown:
+        await client.v1.checkout.sessions.list_async(params={"starting_after": "cs_test_none"})
+    assert unknown.value.http_status == 404
+
+
 async def test_line_items_paginate(standin: StripeStandIn, client: stripe.StripeClient) -> None:
     items = [(f"Item {i}", 1, 100 * (i + 1)) for i in range(12)]
     sid = standin.add_session(line_items=items)["id"]

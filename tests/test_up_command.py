@@ -320,5 +320,5 @@ def test_up_names_the_hosts_its_children_listen_on_as_their_settings_read_them(
 
     out = capsys.readouterr().out
     assert [c.name for c in children] == ["ingress", "worker-1", "worker-2"]
-    assert "POST http://0.0.0.0:8080/webhooks/stripe" in out
-    assert "worker-2: metrics and healthz on http://127.0.0.1:9301/metrics" in out
+    assert "POST http://localhost:8080/webhooks/stripe" in out
+    assert "worker-2: metrics, healthz and readyz on http://127.0.0.1:9301/metrics" in out

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiormq
@@ -30,63 +28,32 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
-    AbstractRobustQueue,
 )
 
 from shared import runtime
 from shared.backoff import compute_backoff
-from shared.broker import copy_message, publish_confirmed, utc_now_iso
+from shared.broker import bare_copy, copy_message, publish_confirmed, utc_now_iso
 from shared.envelope import EventEnvelope
-from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError
+from shared.errors import BrokerUnavailable, PermanentError
 from shared.logging import get_logger
 from shared.stripe_client import AIOHTTPClient
 from shared.topology import Topology
 from shared.vocabulary import (
-    CHECKOUT_SESSION_ID,
     FULFILL_TYPES,
-    FULFILLMENT_REQUESTED,
     HEADER_EVENT_ID,
     HEADER_EVENT_TYPE,
     PAYMENT_FAILED_TYPES,
+    SESSION_EXPIRED,
     Outcome,
 )
-from worker import metrics, retry, startup
+from worker import db, metrics, retry, startup
+from worker.delivery import Delivery, parse
 from worker.flow import EffectsLog, Fulfiller
 from worker.queue_watch import ConsumerWatch
 from worker.settings import WorkerSettings
 from worker.store import Store
 
 log = get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """What a message says, read once."""
-
-    event: EventEnvelope
-    session_id: str | None
-    attempt: int
-
-
-def parse(message: AbstractIncomingMessage) -> Delivery:
-    """Read the event and its Checkout Session id; MalformedEvent if it is not usable."""
-    attempt = retry.attempt_of(message.headers or {})
-    try:
-        doc = json.loads(message.body)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise MalformedEvent("body is not valid JSON") from None
-    event = EventEnvelope.from_dict(doc)
-    obj = (doc.get("data") or {}).get("object") if isinstance(doc.get("data"), dict) else None
-    session_id = None
-    if event.type.startswith("checkout.session.") or event.type == FULFILLMENT_REQUESTED:
-        # Stripe always says "object": "checkout.session"; without it the cs_ id is enough,
-        # as the session is read from Stripe anyway (which 404s an id that is no session)
-        if not isinstance(obj, dict) or obj.get("object", "checkout.session") != "checkout.session":
-            raise MalformedEvent(f"{event.type} event without a checkout.session in data.object")
-        session_id = obj.get("id")
-        if not isinstance(session_id, str) or not CHECKOUT_SESSION_ID.fullmatch(session_id):
-            raise MalformedEvent("data.object.id is not a Checkout Session id (cs_…)")
-    return Delivery(event, session_id, attempt)
 
 
 class Worker:
@@ -98,10 +65,10 @@ class Worker:
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
-        self._queue: AbstractRobustQueue | None = None
         self._watch: ConsumerWatch | None = None
         self._consumer_tag: str | None = None
         self._pool: asyncpg.Pool | None = None
+        self.store: Store | None = None  # once started
         self._http: AIOHTTPClient | None = None
         self._fulfiller: Fulfiller | None = None
         self._retrying = retry.quick_retries(settings.quick_retries)
@@ -115,6 +82,20 @@ class Worker:
         """Whether the worker takes messages (started, and not stopped)."""
         return self._consumer_tag is not None
 
+    async def unready(self, timeout_s: float = 2.0) -> str | None:
+        """Why the worker cannot take work now, or None: it must be consuming, its broker
+        channel open (not reconnecting), and its database pool must answer."""
+        if not self.consuming:
+            return "not consuming"
+        if self._channel is None or self._channel.is_closed:
+            return "broker channel closed (reconnecting)"
+        assert self._pool is not None
+        try:
+            await asyncio.wait_for(self._pool.fetchval("SELECT 1"), timeout_s)
+        except db.TRANSIENT_ERRORS as exc:  # TimeoutError among them
+            return f"database unusable ({type(exc).__name__})"
+        return None
+
     async def start(self) -> None:
         """Migrate, connect, declare, and start consuming."""
         s = self.settings
@@ -124,17 +105,11 @@ class Worker:
         self._connection = startup.broker_connection(s.broker)  # kept: stop() closes it
         await startup.connect(self._connection, s.broker)
         self._channel = await startup.open_channel(self._connection, prefetch=s.concurrency)
-        store = Store(self._pool)
-        self._queue = await startup.declare(self._channel, self.topology, store)
+        self.store = store = Store(self._pool)
+        queue = await startup.declare(self._channel, self.topology, store)
         self._fulfiller = await startup.fulfiller(s, store, client, self._channel, self.topology)
-        self._watch = ConsumerWatch(
-            self._connection,
-            self._channel,
-            self._queue,
-            self._on_message,
-            has_room=lambda: self.in_flight < s.concurrency,
-        )
-        self._consumer_tag = await self._watch.start()
+        self._watch = ConsumerWatch(self._connection, self._channel, queue, self._on_message)
+        self._consumer_tag = await self._watch.start(lambda: self.in_flight < s.concurrency)
         log.info(
             "worker consuming",
             queue=self.topology.work_queue,
@@ -189,11 +164,25 @@ class Worker:
             await asyncio.shield(work)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
+        """Handle one message; whatever goes wrong, it ends acked or nacked (a message left
+        unsettled would hold a place of the prefetch until the connection closed)."""
+        try:
+            await self._handle(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("message handling crashed; dead-lettered by the broker")
+            if not message.processed:
+                with contextlib.suppress(Exception):
+                    # to the work queue's own dead-lettering (at least once, to the DLQ)
+                    await asyncio.shield(message.nack(requeue=False))
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
         headers = message.headers or {}
-        event_type = str(headers.get(HEADER_EVENT_TYPE) or message.routing_key or "unknown")
+        event_type = _label(headers.get(HEADER_EVENT_TYPE) or message.routing_key)
         bound = log.bind(
-            event_id=headers.get(HEADER_EVENT_ID),
+            event_id=_text(headers.get(HEADER_EVENT_ID)),
             event_type=event_type,
             redelivered=bool(message.redelivered),
         )
@@ -258,11 +247,12 @@ class Worker:
         that cannot be done.
 
         ``started``: when handling began (perf_counter), for the outcome line's duration."""
+        received = message.headers or {}
         decision = retry.decide(
             exc,
             attempt,
             self.topology,
-            received=message.headers or {},
+            received=received,
             worker_id=self.settings.worker_id,
             now=utc_now_iso(),
             not_found_retries=self.settings.stripe_not_found_retries,
@@ -297,9 +287,62 @@ class Worker:
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
             return Outcome.REQUEUED
+        except Exception as copy_error:
+            # The copy could not be made or sent as it came (a header the broker's tables
+            # cannot hold, from a crafted message): dead-lettered without its own headers.
+            bound.warning("failed message's copy not sent; dead-lettering it cleaned",
+                          error=f"{type(copy_error).__name__}: {copy_error}")  # fmt: skip
+            return await self._dead_letter_cleaned(message, exc, attempt, event_type, bound)
         await _settle(message.ack(), bound)
         _report(decision, exc, attempt, event_type, bound, started)
         return decision.outcome
+
+    async def _dead_letter_cleaned(
+        self,
+        message: AbstractIncomingMessage,
+        exc: BaseException,
+        attempt: int,
+        event_type: str,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> Outcome:
+        """To the DLQ with only the headers we know, each of its type, and why; failing
+        that, nacked to the work queue's own dead-lettering."""
+        assert self._channel is not None
+        received = message.headers or {}
+        headers = {
+            **retry.cleaned_headers(received),
+            **retry.failure_headers(
+                exc, attempt, received={}, worker_id=self.settings.worker_id, now=utc_now_iso()
+            ),
+        }
+        try:
+            await publish_confirmed(
+                self._channel.default_exchange,
+                bare_copy(message, headers),
+                self.topology.dead_queue,
+                timeout_s=self.settings.broker.publish_timeout_s,
+            )
+        except Exception as dead_error:
+            bound.error(
+                "failed message not dead-lettered by us; nacked to the broker's dead-lettering",
+                error=f"{type(dead_error).__name__}: {dead_error}",
+            )
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=False)
+            metrics.DEAD_LETTERS.labels(event_type, retry.DeadLetterReason.PERMANENT).inc()
+            return Outcome.DEAD_LETTER
+        await _settle(message.ack(), bound)
+        metrics.DEAD_LETTERS.labels(event_type, retry.DeadLetterReason.PERMANENT).inc()
+        bound.error(
+            "dead-lettered",
+            outcome=Outcome.DEAD_LETTER,
+            attempt=attempt,
+            reason=retry.DeadLetterReason.PERMANENT,
+            error_type=type(exc).__name__,
+            error=str(exc),
+            headers_cleaned=True,
+        )
+        return Outcome.DEAD_LETTER
 
 
 def _report(
@@ -333,10 +376,25 @@ def _report(
             error=str(exc),
             duration_ms=_ms_since(started),
             # a traceback for what is neither kind of expected failure: a bug
-            exc_info=exc
-            if not (retry.is_transient(exc) or isinstance(exc, PermanentError))
-            else None,
+            exc_info=None if retry.is_transient(exc) or isinstance(exc, PermanentError) else exc,
         )
+
+
+# Event types a metric is labelled with; any other (a crafted header) counts as "other",
+# so that no message can add series without end.
+_LABELLED_TYPES = FULFILL_TYPES | PAYMENT_FAILED_TYPES | {SESSION_EXPIRED}
+_MAX_HEADER_TEXT = 255
+
+
+def _label(value: Any) -> str:
+    return value if isinstance(value, str) and value in _LABELLED_TYPES else "other"
+
+
+def _text(value: Any) -> str | None:
+    """A header shown in log lines: text, cut short; anything else as its type."""
+    if value is None or isinstance(value, str):
+        return value[:_MAX_HEADER_TEXT] if value else None
+    return f"<{type(value).__name__}>"
 
 
 def _effects_for_log(effects: EffectsLog) -> dict[str, str]:

@@ -79,6 +79,8 @@ async def _connect(url: str) -> asyncpg.Connection:
         return await asyncpg.connect(url, timeout=10)
     except asyncpg.InvalidCatalogNameError:
         raise
+    except asyncpg.ClientConfigurationError as exc:  # a parameter asyncpg cannot use
+        raise ConfigError(f"DATABASE_URL {redact_url(url)} is not usable: {exc}") from None
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise connect_error(url, exc) from None
 

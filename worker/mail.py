@@ -232,21 +232,39 @@ class Mailer:
             data_timeout=s.data_timeout_s,
             hostname=s.host,
             port=s.port,
-            username=s.username,
-            password=s.password,
             use_tls=s.use_tls,
-            start_tls=None,  # STARTTLS when the server offers it
+            # without credentials, STARTTLS when the server offers it; with them, see below
+            start_tls=False if s.credentials else None,
             timeout=s.connect_timeout_s,  # for the connection's set-up; then timeout_s
             local_hostname=s.local_hostname,
             tls_context=self._tls,
         )
         try:
             await client.connect()
+            if s.credentials:
+                await self._log_in(client)
         except BaseException:
             _abort(client)
             raise
         client.timeout = s.timeout_s  # each reply to MAIL, RCPT and DATA
         return client
+
+    async def _log_in(self, client: aiosmtplib.SMTP) -> None:
+        """Send the credentials only over TLS: ``smtps://``, or STARTTLS, which a relay (or
+        a man in the middle) that does not offer it makes a failure, the password unsent."""
+        s = self.settings
+        if not s.use_tls:
+            with contextlib.suppress(aiosmtplib.SMTPHeloError):
+                await client.ehlo()  # no EHLO, so no extensions: no STARTTLS either
+            if client.supports_extension("starttls"):
+                await client.starttls()
+            elif not s.allow_plaintext_auth:
+                raise TransientError(
+                    f"SMTP: the relay at {s.host}:{s.port} offers no STARTTLS, so the "
+                    "password in SMTP_URL was not sent; use smtps://, a relay that offers "
+                    "STARTTLS, or SMTP_ALLOW_PLAINTEXT_AUTH=true for a relay on this host"
+                )
+        await client.login(s.username or "", s.password or "")
 
 
 # RFC 3463 enhanced status: 5.1.x is a bad address, 5.2.x the mailbox, 5.3.x the message

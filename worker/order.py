@@ -7,20 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import TransientError
-
-# Stripe's amounts are in the currency's minor unit: whole units for its zero-decimal
-# currencies, thousandths for its three-decimal ones, hundredths for all others.
-ZERO_DECIMAL = frozenset("bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf".split())
-THREE_DECIMAL = frozenset("bhd jod kwd omr tnd".split())
-
-
-def format_amount(amount: int, currency: str) -> str:
-    code, lower = currency.upper(), currency.lower()
-    if lower in ZERO_DECIMAL:
-        return f"{amount:,} {code}"
-    if lower in THREE_DECIMAL:
-        return f"{amount / 1000:,.3f} {code}"
-    return f"{amount / 100:,.2f} {code}"
+from shared.money import format_amount as format_amount  # its users in worker/ import it here
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,21 +50,21 @@ class ConsumerWatch:
         channel: AbstractRobustChannel,
         queue: AbstractRobustQueue,
         on_message: OnMessage,
-        *,
-        has_room: Callable[[], bool],
     ) -> None:
         self._connection = connection
         self._channel = channel
         self._queue = queue
         self._on_message = on_message
-        self._has_room = has_room
+        self._has_room: Callable[[], bool] = lambda: True
         self.tag: str | None = None
         self._last_delivery = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: asyncio.Task[None] | None = None
 
-    async def start(self) -> str:
-        """Consume; the consumer tag."""
+    async def start(self, has_room: Callable[[], bool]) -> str:
+        """Consume; the consumer tag. ``has_room``: whether the worker could take another
+        message now (its prefetch is not used up)."""
+        self._has_room = has_room
         self.tag = await self._queue.consume(self._delivered)
         await self._hook()
         # a reconnection brings a new underlying channel, without our callback

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -25,12 +26,20 @@ from shared.logging import mask_secrets
 from shared.stripe_client import StripeNotFound
 from shared.topology import Topology
 from shared.vocabulary import (
+    HEADER_ACCOUNT,
+    HEADER_API_VERSION,
     HEADER_ATTEMPT,
+    HEADER_CREATED,
     HEADER_DEAD_LETTER_REASON,
     HEADER_ERROR_MESSAGE,
     HEADER_ERROR_TYPE,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
     HEADER_FIRST_FAILED_AT,
     HEADER_LAST_FAILED_AT,
+    HEADER_LIVEMODE,
+    HEADER_RECEIVED_AT,
+    HEADER_REPLAYED_FROM,
     HEADER_WORKER_ID,
     Outcome,
 )
@@ -62,12 +71,69 @@ def asked_wait(exc: BaseException | None) -> float:
     return getattr(exc, "retry_after_s", None) or 0.0
 
 
+# Headers come from whoever could publish to the queue, so each one read is checked: a
+# count past any schedule is clamped (a crafted "99999999999999999999" must not become a
+# number the broker's tables cannot hold), and anything else that is not what we write
+# counts as absent.
+MAX_ATTEMPT = 1_000_000
+_MAX_DIGITS = 30
+_MAX_TIME_CHARS = 64
+
+
 def attempt_of(headers: Mapping[str, Any]) -> int:
-    """Which attempt this delivery is: 1 for a first one, else one more than its copy says."""
+    """Which attempt this delivery is: 1 for a first one, else one more than its copy says
+    (at most MAX_ATTEMPT; a count that is no whole number counts as none)."""
+    return min(_count(headers.get(HEADER_ATTEMPT)), MAX_ATTEMPT - 1) + 1
+
+
+def _count(value: Any) -> int:
+    """A whole number of 0 or more from a header, else 0."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str):
+        text = value.strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= _MAX_DIGITS):
+            return 0
+        value = int(text)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value) if abs(value) < 2.0**63 else MAX_ATTEMPT
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0
+    return max(value, 0)
+
+
+def _time_of(value: Any) -> str | None:
+    """A failure time as we write it (ISO 8601), else None."""
+    if not isinstance(value, str) or len(value) > _MAX_TIME_CHARS:
+        return None
     try:
-        return int(headers.get(HEADER_ATTEMPT, 0)) + 1
-    except (TypeError, ValueError):
-        return 1
+        datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return value
+
+
+# What a copy keeps of a message's own headers when its headers could not be sent as they
+# came (one the broker's tables cannot hold): those the ingress sets, when they are what it
+# sets. The rest goes; the body keeps the event.
+_KEPT_TEXT = (HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_API_VERSION, HEADER_ACCOUNT,
+              HEADER_RECEIVED_AT, HEADER_REPLAYED_FROM)  # fmt: skip
+_MAX_TEXT_BYTES = 255
+
+
+def cleaned_headers(received: Mapping[str, Any]) -> dict[str, Any]:
+    """The headers of ``received`` that are ours and of the type we write."""
+    kept: dict[str, Any] = {}
+    for name in _KEPT_TEXT:
+        value = received.get(name)
+        if isinstance(value, str) and len(value.encode("utf-8", "replace")) <= _MAX_TEXT_BYTES:
+            kept[name] = value
+    if isinstance(received.get(HEADER_LIVEMODE), bool):
+        kept[HEADER_LIVEMODE] = received[HEADER_LIVEMODE]
+    created = received.get(HEADER_CREATED)
+    if isinstance(created, int) and not isinstance(created, bool) and 0 <= created < 2**63:
+        kept[HEADER_CREATED] = created
+    return kept
 
 
 # --- in process ------------------------------------------------------------------------
@@ -169,8 +235,8 @@ def failure_headers(
     """What a retried or dead-lettered copy says about its failures; the first failure's
     time is kept from the copy it came as."""
     return {
-        HEADER_ATTEMPT: attempt,
-        HEADER_FIRST_FAILED_AT: received.get(HEADER_FIRST_FAILED_AT, now),
+        HEADER_ATTEMPT: min(max(attempt, 1), MAX_ATTEMPT),
+        HEADER_FIRST_FAILED_AT: _time_of(received.get(HEADER_FIRST_FAILED_AT)) or now,
         HEADER_LAST_FAILED_AT: now,
         HEADER_ERROR_TYPE: type(exc).__name__,
         # masked as log lines are: a dead letter is read by people and tools too

@@ -14,6 +14,7 @@ from shared.settings import (
     BrokerSettings,
     Env,
     default_of,
+    env_bool,
     env_float,
     env_int,
     env_port,
@@ -28,7 +29,8 @@ DEFAULT_SMTP_URL = "smtp://localhost:1025"
 
 @dataclass(frozen=True)
 class SmtpSettings:
-    """Mail relay: ``smtp://[user:pass@]host:port`` (STARTTLS if offered) or ``smtps://``."""
+    """Mail relay: ``smtp://[user:pass@]host:port`` (STARTTLS if offered, and required
+    with credentials) or ``smtps://``."""
 
     host: str = "localhost"
     port: int = 1025
@@ -44,6 +46,8 @@ class SmtpSettings:
     # once, without trying, before one connection is tried again
     cooldown_s: float = 5.0
     sender: str = "Orders <orders@localhost>"
+    # credentials over a connection without TLS: only for a relay on this host
+    allow_plaintext_auth: bool = False
     # what we say in EHLO; aiosmtplib would otherwise resolve our FQDN on every connection
     local_hostname: str = field(default_factory=socket.gethostname)
 
@@ -81,7 +85,14 @@ class SmtpSettings:
             ),
             cooldown_s=env_float(env, "SMTP_COOLDOWN_S", default_of(cls, "cooldown_s"), minimum=0),
             sender=sender,
+            allow_plaintext_auth=env_bool(
+                env, "SMTP_ALLOW_PLAINTEXT_AUTH", default_of(cls, "allow_plaintext_auth")
+            ),
         )
+
+    @property
+    def credentials(self) -> bool:
+        return self.username is not None or self.password is not None
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,14 @@ class Store:
         delay_of = dict(zip(topology.retry_queues, topology.retry_delays_s, strict=True))
         await self._pool.execute(_RECORD_DELAY_QUEUES_SQL, list(delay_of), list(delay_of.values()))
 
+    async def reconcile_figures(self) -> list[asyncpg.Record]:
+        """What `fulfillment reconcile` recorded per account ('' the platform's): sessions
+        ever found without a fulfillment, and its last run's time and finding."""
+        return await self._pool.fetch(
+            "SELECT account, missing_total, last_missing, "
+            "extract(epoch FROM last_run_at)::float8 AS last_run FROM reconcile_accounts"
+        )
+
     async def record_event(self, event: EventEnvelope, session_id: str, outcome: Outcome) -> None:
         """Remember that the event was handled, for one that needed no lock."""
         async with self._pool.acquire() as conn:

@@ -2,6 +2,8 @@
 
 Served endpoints (all ``GET``, ``Authorization: Bearer sk_...`` required)::
 
+    /v1/checkout/sessions                  status, created[gt|gte|lt|lte], limit,
+                                           starting_after, ending_before, expand[]
     /v1/checkout/sessions/{id}             expand[]: line_items, line_items.data.price.product,
                                            customer
     /v1/checkout/sessions/{id}/line_items  limit, starting_after, ending_before, expand[]
@@ -58,6 +60,7 @@ class StripeStandIn(StripeObjects, Faults):
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
+        app.router.add_get("/v1/checkout/sessions", self._list_sessions)
         app.router.add_get("/v1/checkout/sessions/{id}", self._get_session)
         app.router.add_get("/v1/checkout/sessions/{id}/line_items", self._get_line_items)
         app.router.add_get("/v1/events", self._list_events)
@@ -212,6 +215,15 @@ class StripeStandIn(StripeObjects, Faults):
         sid = self._session_id(request)
         expand = list_param(request.query, "expand")
         return web.json_response(self._line_item_list(sid, request.query, expand))
+
+    async def _list_sessions(self, request: web.Request) -> web.Response:
+        """Newest first, as Stripe lists them; a connected account's with ``Stripe-Account``."""
+        sessions = self.matching_sessions(request.query, request.headers.get("Stripe-Account"))
+        page = paginate(sessions, request.query, "/v1/checkout/sessions", "checkout.session")
+        page["data"] = copy.deepcopy(page["data"])
+        for path in list_param(request.query, "expand"):
+            expand_field(page, path.split("."), self.lookup)
+        return web.json_response(page)
 
     async def _list_events(self, request: web.Request) -> web.Response:
         events = self.matching_events(request.query, request.headers.get("Stripe-Account"))

@@ -9,6 +9,7 @@ session paid, sends a signed ``checkout.session.completed`` to the configured we
 from __future__ import annotations
 
 import asyncio
+import copy
 import html
 import time
 from typing import Any
@@ -21,8 +22,9 @@ from devkit import signing
 from devkit.fixtures import fixture
 from devkit.stripe.app import StripeStandIn
 from devkit.stripe.errors import StripeError
+from devkit.stripe.params import expand_field, list_param
 from devkit.stripe.store import new_id
-from worker.order import format_amount
+from shared.money import format_amount
 
 SESSION_ID_TEMPLATE = "{CHECKOUT_SESSION_ID}"
 
@@ -71,6 +73,9 @@ class HostedCheckout:
         price = self.prices.get(request.match_info["id"])
         if price is None:
             raise StripeError.missing("price", request.match_info["id"])
+        price = copy.deepcopy(price)
+        for path in list_param(request.query, "expand"):  # expand[]=product
+            expand_field(price, path.split("."), self.standin.lookup)
         return web.json_response(price)
 
     async def create_session(self, request: web.Request) -> web.Response:

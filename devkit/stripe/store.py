@@ -8,10 +8,11 @@ import fnmatch
 import itertools
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from devkit.fixtures import fixture
+from devkit.stripe.errors import StripeError
 from devkit.stripe.params import bool_param, int_param, list_param
 
 API_VERSION = "2026-10-28.endive"
@@ -20,8 +21,10 @@ LineItem = tuple[str, int | None, int]
 # What the admin route may set on a seeded session: add_session's keywords.
 SEEDABLE = (
     "payment_status", "currency", "customer_email", "customer", "metadata", "account",
-    "mode", "discount", "shipping", "tax", "tax_included",
+    "mode", "discount", "shipping", "tax", "tax_included", "status", "created",
 )  # fmt: skip
+# A Checkout Session's statuses, as Stripe's list filter takes them.
+SESSION_STATUSES = ("open", "complete", "expired")
 
 
 def new_id(prefix: str) -> str:
@@ -41,6 +44,7 @@ class StripeObjects:
         self.events: dict[str, dict[str, Any]] = {}
         self.delivery_success: dict[str, bool] = {}
         self._event_order: dict[str, int] = {}
+        self._session_order: dict[str, int] = {}
         self._sequence = itertools.count()
 
     def add_customer(
@@ -130,8 +134,12 @@ class StripeObjects:
         shipping: int = 0,
         tax: int = 0,
         tax_included: bool = False,
+        status: str = "complete",
+        created: int | None = None,
     ) -> dict[str, Any]:
-        """Seed a completed checkout.session; totals are the sum of ``line_items``.
+        """Seed a checkout.session, completed unless ``status`` says otherwise (``open``,
+        ``expired``), created now unless ``created`` (a Unix time) says when; totals are the
+        sum of ``line_items``.
 
         ``line_items`` are ``(description, quantity, unit_amount)``, default one 2000 T-shirt.
         With ``account`` (Stripe Connect) the session lives on that connected account and,
@@ -164,11 +172,11 @@ class StripeObjects:
             payment_status = "no_payment_required"
         session = fixture("checkout.session")
         sid = session_id or new_id("cs")
-        now = int(time.time())
+        now = int(time.time()) if created is None else created
         session.update(
             id=sid,
             url=None,
-            status="complete",
+            status=status,
             mode=mode,
             payment_status=payment_status,
             currency=None if setup else currency,
@@ -192,6 +200,7 @@ class StripeObjects:
         session["customer_details"]["email"] = customer_email
         self.sessions[sid] = session
         self.line_items[sid] = items
+        self._session_order.setdefault(sid, next(self._sequence))
         if account is not None:
             self.session_accounts[sid] = account
         return session
@@ -231,23 +240,41 @@ class StripeObjects:
         """The object an expandable field's id names (a customer or a product)."""
         return self.customers.get(object_id) or self.products.get(object_id)
 
+    def matching_sessions(
+        self, query: Mapping[str, str], account: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The sessions ``GET /v1/checkout/sessions`` lists for ``query``, newest first."""
+        status = query.get("status")
+        if status is not None and status not in SESSION_STATUSES:
+            raise StripeError.invalid(
+                "status", f"Invalid status: must be one of {', '.join(SESSION_STATUSES)}"
+            )
+        within = _created_filter(query)
+
+        def keep(sid: str, session: dict[str, Any]) -> bool:
+            return (
+                (status is None or session["status"] == status)
+                and within(int(session["created"]))
+                # like Stripe: an account's own sessions only
+                and self.session_accounts.get(sid) == account
+            )
+
+        found = [session for sid, session in self.sessions.items() if keep(sid, session)]
+        found.sort(key=lambda s: (s["created"], self._session_order.get(s["id"], 0)),
+                   reverse=True)  # fmt: skip
+        return found
+
     def matching_events(
         self, query: Mapping[str, str], account: str | None = None
     ) -> list[dict[str, Any]]:
         types = list_param(query, "types") + list_param(query, "type")
-        created_exact = int_param(query, "created")
-        bounds = {op: int_param(query, f"created[{op}]") for op in ("gt", "gte", "lt", "lte")}
+        within = _created_filter(query)
         delivered = bool_param(query, "delivery_success")
 
         def keep(event: dict[str, Any]) -> bool:
-            created = int(event["created"])
             checks = (
                 not types or any(fnmatch.fnmatchcase(event["type"], t) for t in types),
-                created_exact is None or created == created_exact,
-                bounds["gt"] is None or created > bounds["gt"],
-                bounds["gte"] is None or created >= bounds["gte"],
-                bounds["lt"] is None or created < bounds["lt"],
-                bounds["lte"] is None or created <= bounds["lte"],
+                within(int(event["created"])),
                 delivered is None or self.delivery_success[event["id"]] == delivered,
                 # like Stripe: an account's own events only (a connected account's with
                 # Stripe-Account, the platform's without)
@@ -258,3 +285,20 @@ class StripeObjects:
         events = [event for event in self.events.values() if keep(event)]
         events.sort(key=lambda e: (e["created"], self._event_order[e["id"]]), reverse=True)
         return events
+
+
+def _created_filter(query: Mapping[str, str]) -> Callable[[int], bool]:
+    """Stripe's ``created`` filter: an exact time, or ``created[gt|gte|lt|lte]`` bounds."""
+    exact = int_param(query, "created")
+    bounds = {op: int_param(query, f"created[{op}]") for op in ("gt", "gte", "lt", "lte")}
+
+    def within(created: int) -> bool:
+        return (
+            (exact is None or created == exact)
+            and (bounds["gt"] is None or created > bounds["gt"])
+            and (bounds["gte"] is None or created >= bounds["gte"])
+            and (bounds["lt"] is None or created < bounds["lt"])
+            and (bounds["lte"] is None or created <= bounds["lte"])
+        )
+
+    return within

@@ -164,7 +164,11 @@ class _Server(SMTP):
         if not self._greeted:
             self._greeted = True  # the first line pushed is the greeting
             if self._sink.stall_greeting:
-                await asyncio.Event().wait()  # until the client goes (the handler is cancelled)
+                try:
+                    await asyncio.Event().wait()  # until the client goes (handler cancelled)
+                finally:
+                    if self.transport is not None:
+                        self.transport.close()  # aiosmtpd would only once greeted
         await super().push(status)
 
 

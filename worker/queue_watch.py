@@ -22,6 +22,7 @@ from typing import Any
 
 import aiormq
 from aio_pika.abc import (
+    AbstractChannel,
     AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
@@ -60,6 +61,7 @@ class ConsumerWatch:
         self._last_delivery = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: asyncio.Task[None] | None = None
+        self._probe: AbstractChannel | None = None
 
     async def start(self, has_room: Callable[[], bool]) -> str:
         """Consume; the consumer tag. ``has_room``: whether the worker could take another
@@ -77,6 +79,9 @@ class ConsumerWatch:
         tag, self.tag = self.tag, None
         for task in self._tasks:
             task.cancel()
+        if self._probe is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._probe.close(), timeout=timeout_s)
         if tag is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._queue.cancel(tag), timeout=timeout_s)
@@ -149,20 +154,16 @@ class ConsumerWatch:
                 await self._consume_again(waiting)
 
     async def _waiting_messages(self) -> int:
-        """Ready messages in the queue (0 when it cannot be asked, or is missing)."""
+        """Ready messages in the queue (0 when it cannot be asked, or is missing), asked on a
+        channel of the watch's own: a passive declare of a missing queue closes its channel."""
         try:
-            channel = await self._connection.channel(publisher_confirms=False)
-        except Exception:
-            return 0  # reconnecting: aio-pika restores the consumer
-        try:
-            underlay = await channel.get_underlay_channel()
+            if self._probe is None or self._probe.is_closed:
+                self._probe = await self._connection.channel(publisher_confirms=False)
+            underlay = await self._probe.get_underlay_channel()
             declared = await underlay.queue_declare(self._queue.name, passive=True, timeout=5)
             return int(declared.message_count or 0)
         except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError, RuntimeError):
-            return 0
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
+            return 0  # reconnecting (aio-pika restores the consumer), or no queue
 
     async def _consume_again(self, waiting: int) -> None:
         tag = self.tag

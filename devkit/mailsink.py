@@ -7,7 +7,8 @@ keeps it instead of delivering it.
 * ``python -m devkit.mailsink``: the same in its own process; with ``--record`` it appends
   one line per message to a file instead, so a count survives the sink being restarted.
 * :class:`SmtpSink`: a server in its own thread that keeps every message and can be told
-  to refuse, defer or stall, and be stopped and started again on the same port (the tests').
+  to refuse, defer or stall (at RCPT, at the greeting, or in answering the message's end),
+  and be stopped and started again on the same port (the tests').
 """
 
 from __future__ import annotations
@@ -145,7 +146,39 @@ class _Handler:
         hook, self.sink.after_data = self.sink.after_data, None
         if hook is not None:
             await hook()  # runs once, after the message is kept and before the 250
+        if self.sink.data_reply_delay_s:
+            # the message is taken (kept above); the answer saying so comes late
+            await asyncio.sleep(self.sink.data_reply_delay_s)
         return ACCEPTED
+
+
+class _Server(SMTP):
+    """aiosmtpd's server, which can take a connection and never greet (a hung relay)."""
+
+    def __init__(self, handler: _Handler, sink: SmtpSink, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._sink = sink
+        self._greeted = False
+
+    async def push(self, status: Any) -> None:
+        if not self._greeted:
+            self._greeted = True  # the first line pushed is the greeting
+            if self._sink.stall_greeting:
+                try:
+                    await asyncio.Event().wait()  # until the client goes (handler cancelled)
+                finally:
+                    if self.transport is not None:
+                        self.transport.close()  # aiosmtpd would only once greeted
+        await super().push(status)
+
+
+class _Controller(Controller):
+    def __init__(self, sink: SmtpSink, **kwargs: Any) -> None:
+        super().__init__(_Handler(sink), **kwargs)
+        self._sink = sink
+
+    def factory(self) -> SMTP:
+        return _Server(self.handler, self._sink, **self.SMTP_kwargs)
 
 
 class SmtpSink:
@@ -164,12 +197,14 @@ class SmtpSink:
         self.refuse_sender = False  # every MAIL FROM refused with 553 (a relay misconfigured)
         self.relay_denied = False  # every RCPT refused with 554 5.7.1 (we may not relay)
         self.data_answer: str | None = None  # every DATA answered with this, nothing kept
+        self.data_reply_delay_s = 0.0  # each message kept at once, its 250 sent this late
+        self.stall_greeting = False  # connections taken meanwhile are never greeted
         self.after_data: Callable[[], Awaitable[None]] | None = None
         self._controller: Controller | None = None
 
     def start(self) -> None:
-        self._controller = Controller(
-            _Handler(self), hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=self.smtputf8
+        self._controller = _Controller(
+            self, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=self.smtputf8
         )
         self._controller.start()
 

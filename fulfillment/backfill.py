@@ -118,14 +118,15 @@ async def backfill(
         connection = await connect(broker)
         async with connection:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            exchange = await topology.declare(channel)
+            events_exchange = await topology.declare(channel)
             for n, event in enumerate(todo, 1):
                 raw = json.dumps(event).encode()
                 envelope = EventEnvelope.from_dict(event)
+                exchange_name, routing_key = topology.route(envelope.type)
                 await publish_confirmed(
-                    exchange,
+                    events_exchange if exchange_name else channel.default_exchange,
                     event_message(raw, envelope, source="fulfillment-backfill"),
-                    envelope.type,
+                    routing_key,
                     timeout_s=broker.publish_timeout_s,
                 )
                 await pool.execute(

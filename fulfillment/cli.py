@@ -97,6 +97,12 @@ def _session_id(text: str) -> str:
     return text
 
 
+_UNROUTED_HELP = (
+    "instead of dead letters, the handled events no queue took "
+    "(stripe.events.unrouted.handled: sent while the work queue was missing)"
+)
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="fulfillment",
@@ -177,6 +183,7 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--type", help="only this event type")
     p.add_argument("--limit", type=_at_least_one, metavar="N", help="at most N")
+    p.add_argument("--unrouted", action="store_true", help=_UNROUTED_HELP)
     p = add(dsub, "show", commands.dlq_show, "Show one dead letter's headers and body.",
             "fulfillment dlq show evt_1PgcB2B7WZ01zgkW")  # fmt: skip
     p.add_argument("event_id", metavar="EVENT_ID")
@@ -188,6 +195,7 @@ def build_parser() -> Parser:
     p.add_argument("--all", action="store_true", help="every dead letter")
     p.add_argument("--dry-run", action="store_true", help="say what would be replayed")
     p.add_argument("--rate", type=_above_zero, metavar="N", help="at most N replays per second")
+    p.add_argument("--unrouted", action="store_true", help=_UNROUTED_HELP)
     p = add(dsub, "purge", commands.dlq_purge, "Delete dead letters for good (asks unless --yes).",
             "fulfillment dlq purge evt_1PgcB2B7WZ01zgkW --yes")  # fmt: skip
     p.add_argument("event_ids", nargs="*", metavar="EVENT_ID")

@@ -191,7 +191,11 @@ def dlq_list(args: argparse.Namespace) -> int:
     from fulfillment.dlq import print_table, select_dead_letters
 
     _setup("dlq")
-    selection = runtime.run(select_dead_letters(_broker(), event_type=args.type, limit=args.limit))
+    selection = runtime.run(
+        select_dead_letters(
+            _broker(), event_type=args.type, limit=args.limit, unrouted=args.unrouted
+        )
+    )
     if args.json:
         print(json.dumps([dl.summary() for dl in selection.letters], indent=2))
     if args.type and not selection.letters:
@@ -246,6 +250,7 @@ def dlq_replay(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             rate_per_s=args.rate,
             progress=_progress("replayed"),
+            unrouted=args.unrouted,
         )
     )
     if args.type and not result.matched:

@@ -32,6 +32,7 @@ from shared.settings import BrokerSettings
 from shared.topology import Topology, connect
 from shared.vocabulary import (
     HEADER_ATTEMPT,
+    HEADER_DEAD_LETTER_REASON,
     HEADER_ERROR_MESSAGE,
     HEADER_ERROR_TYPE,
     HEADER_EVENT_ID,
@@ -47,6 +48,7 @@ log = get_logger(__name__)
 # Headers that describe a failed attempt; a replayed copy starts without them.
 _FAILURE_HEADERS = (
     HEADER_ATTEMPT,
+    HEADER_DEAD_LETTER_REASON,
     HEADER_FIRST_FAILED_AT,
     HEADER_LAST_FAILED_AT,
     HEADER_ERROR_TYPE,
@@ -83,6 +85,9 @@ class DeadLetter:
     checkout_session_id: str | None  # what it was about, when its body says
     headers: dict[str, Any] = field(repr=False)
     body: bytes = field(repr=False)
+    # the worker's reason (permanent, retries_exhausted, stripe_not_found); None for the
+    # broker's own dead letters and for older ones
+    reason: str | None = None
 
     @classmethod
     def from_message(cls, message: AbstractIncomingMessage, *, delivery_limit: int) -> DeadLetter:
@@ -148,6 +153,7 @@ class DeadLetter:
             checkout_session_id=_session_id(doc),
             headers=headers,
             body=message.body,
+            reason=None if death else _text_or_none(headers.get(HEADER_DEAD_LETTER_REASON)),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -161,7 +167,12 @@ class DeadLetter:
             "last_failed_at": self.last_failed_at,
             "worker_id": self.worker_id,
             "checkout_session_id": self.checkout_session_id,
+            "reason": self.reason,
         }
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _int(value: Any, default: int) -> int:
@@ -225,18 +236,25 @@ def failed_at(dl: DeadLetter) -> float:
     return datetime.fromisoformat(dl.last_failed_at).timestamp() if dl.last_failed_at else 0.0
 
 
+def source_queue(topology: Topology, *, unrouted: bool = False) -> str:
+    """The DLQ, or (``unrouted``) the queue of handled events no queue took, which are
+    listed and replayed as dead letters are."""
+    return topology.unrouted_handled_queue if unrouted else topology.dead_queue
+
+
 @contextlib.asynccontextmanager
 async def dead_letters(
-    settings: BrokerSettings, *, at_most: int | None = None
+    settings: BrokerSettings, *, at_most: int | None = None, unrouted: bool = False
 ) -> AsyncIterator[tuple[AbstractChannel, Topology, Held]]:
-    """The dead letters now in the DLQ (``at_most`` of them), held unacked, oldest failure
-    first; unacked ones go back on exit."""
+    """The dead letters now in the DLQ (or ``source_queue``'s other one), ``at_most`` of
+    them, held unacked, oldest failure first; unacked ones go back on exit."""
     topology = Topology.from_settings(settings)
+    source = source_queue(topology, unrouted=unrouted)
     connection = await connect(settings)
     async with connection:
-        declared = await existing_queue(connection, topology.dead_queue, settings)
+        declared = await existing_queue(connection, source, settings)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        queue = await channel.get_queue(topology.dead_queue, ensure=False)
+        queue = await channel.get_queue(source, ensure=False)
         count = declared.message_count or 0
         if at_most is not None:
             count = min(count, at_most)
@@ -275,18 +293,29 @@ class Selection:
 
 
 async def select_dead_letters(
-    settings: BrokerSettings, *, event_type: str | None = None, limit: int | None = None
+    settings: BrokerSettings,
+    *,
+    event_type: str | None = None,
+    limit: int | None = None,
+    unrouted: bool = False,
 ) -> Selection:
-    async with dead_letters(settings) as (_, _, held):
+    async with dead_letters(settings, unrouted=unrouted) as (_, _, held):
         letters = [dl for dl, _ in held if event_type is None or dl.event_type == event_type]
         types = collections.Counter(dl.event_type for dl, _ in held)
     return Selection(letters[:limit] if limit is not None else letters, types)
 
 
 async def list_dead_letters(
-    settings: BrokerSettings, *, event_type: str | None = None, limit: int | None = None
+    settings: BrokerSettings,
+    *,
+    event_type: str | None = None,
+    limit: int | None = None,
+    unrouted: bool = False,
 ) -> list[DeadLetter]:
-    return (await select_dead_letters(settings, event_type=event_type, limit=limit)).letters
+    selection = await select_dead_letters(
+        settings, event_type=event_type, limit=limit, unrouted=unrouted
+    )
+    return selection.letters
 
 
 async def show_dead_letter(settings: BrokerSettings, event_id: str) -> DeadLetter | None:
@@ -317,11 +346,13 @@ async def replay(
     dry_run: bool = False,
     rate_per_s: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    unrouted: bool = False,
 ) -> ReplayResult:
-    """Move matching dead letters back to the work queue with a fresh attempt count."""
+    """Move matching dead letters (``unrouted``: handled events no queue took) to the work
+    queue with a fresh attempt count."""
     match = _matcher(event_ids, event_type, everything)
     result = ReplayResult()
-    async with dead_letters(settings) as (channel, topology, held):
+    async with dead_letters(settings, unrouted=unrouted) as (channel, topology, held):
         chosen = [(dl, m) for dl, m in held if match(dl)]
         result.matched = len(chosen)
         result.letters = [dl for dl, _ in chosen]
@@ -330,7 +361,8 @@ async def replay(
             result.event_ids.append(dl.event_id)
             if dry_run:
                 continue
-            fresh = copy_message(message, {HEADER_REPLAYED_FROM: topology.dead_queue})
+            source = source_queue(topology, unrouted=unrouted)
+            fresh = copy_message(message, {HEADER_REPLAYED_FROM: source})
             for header in _FAILURE_HEADERS:
                 fresh.headers.pop(header, None)
             try:
@@ -384,7 +416,8 @@ def print_table(letters: Sequence[DeadLetter], out: Any = sys.stdout) -> None:
         return
     print(f"{'EVENT ID':36} {'TYPE':44} {'ATT':>3}  {'LAST FAILURE':25} ERROR", file=out)
     for dl in letters:
-        error = _cell(f"{dl.error_type}: {dl.error}".replace("\n", " "))
+        why = f"{dl.reason}, " if dl.reason else ""  # stripe_not_found, retries_exhausted…
+        error = _cell(f"{why}{dl.error_type}: {dl.error}".replace("\n", " "))
         print(
             f"{_cell(dl.event_id):36} {_cell(dl.event_type):44} {dl.attempts:>3}  "
             f"{_cell(dl.last_failed_at or '-'):25} {error[:100]}",

@@ -150,6 +150,9 @@ def plan_local(env: dict[str, str], *, demo: bool = False) -> LocalPlan:
         plan.standin_port = env_port(env, "STANDIN_PORT", 12111)
         env["STRIPE_API_KEY"] = "sk_test_local_standin"
         env["STRIPE_API_BASE"] = f"http://127.0.0.1:{plan.standin_port}"
+        # the stand-in knows its sessions at once: its 404 is final (the demo's dead letter
+        # then shows at once, not after two delay queues)
+        env.setdefault("STRIPE_NOT_FOUND_RETRIES", "0")
     if not env.get("SMTP_URL") and not _listening("127.0.0.1", MAIL_SINK_PORT):
         plan.mail_sink = True
         env["SMTP_URL"] = f"smtp://127.0.0.1:{MAIL_SINK_PORT}"

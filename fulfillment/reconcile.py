@@ -343,13 +343,19 @@ def request_for(session: dict[str, Any], account: str | None, now: int) -> dict[
 async def publish_request(
     channel: AbstractChannel, topology: Topology, doc: dict[str, Any], *, timeout_s: float
 ) -> None:
-    """Publish one request, confirmed, where the ingress publishes events: the events
-    exchange, routed by its type."""
+    """Publish one request, confirmed, where the ingress publishes events
+    (Topology.route: straight to the work queue, so a missing one is an error, not a
+    request parked where no worker looks)."""
     raw = json.dumps(doc).encode()
     envelope = EventEnvelope.from_dict(doc)
-    exchange = await channel.get_exchange(topology.events_exchange, ensure=False)
+    exchange_name, routing_key = topology.route(envelope.type)
+    exchange = (
+        await channel.get_exchange(exchange_name, ensure=False)
+        if exchange_name
+        else channel.default_exchange
+    )
     message = event_message(raw, envelope, source=SOURCE)
-    await publish_confirmed(exchange, message, envelope.type, timeout_s=timeout_s)
+    await publish_confirmed(exchange, message, routing_key, timeout_s=timeout_s)
 
 
 class _Requests:

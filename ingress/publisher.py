@@ -14,7 +14,7 @@ from ingress import metrics
 from shared.backoff import compute_backoff
 from shared.broker import event_message, publish_confirmed
 from shared.envelope import EventEnvelope
-from shared.errors import BrokerUnavailable, ConfirmTimeout
+from shared.errors import BrokerUnavailable, ConfirmTimeout, Unroutable
 from shared.logging import get_logger
 from shared.settings import BrokerSettings
 from shared.topology import Topology
@@ -23,6 +23,10 @@ log = get_logger(__name__)
 
 RECONNECT_MAX_S = 1.0  # "back within 5 s" needs short gaps between connection attempts
 CLOSE_TIMEOUT_S = 2.0
+# When the work queue is found missing, the topology is declared again this long after:
+# RabbitMQ may never tell the consumers of a queue declared again at once that theirs was
+# deleted (they stay registered and get nothing). Webhooks meanwhile are answered 503.
+REDECLARE_DELAY_S = 1.0
 
 
 class EventPublisher:
@@ -35,8 +39,10 @@ class EventPublisher:
     def __init__(self, settings: BrokerSettings) -> None:
         self._settings = settings
         self._topology = Topology.from_settings(settings)
+        self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
+        self._redeclaring: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._first_attempt_over = asyncio.Event()  # connected, or failed to
         self.stalled = False  # see ``probe``
@@ -97,6 +103,8 @@ class EventPublisher:
 
     async def close(self) -> None:
         """Stop the connection loop; bounded, so shutdown never hangs on a sick broker."""
+        if self._redeclaring is not None:
+            self._redeclaring.cancel()
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=CLOSE_TIMEOUT_S * 2)
@@ -104,18 +112,29 @@ class EventPublisher:
     async def publish(
         self, raw: bytes, event: EventEnvelope, *, message_id: str | None = None
     ) -> None:
-        """Publish one event and return once the broker confirmed it; else BrokerUnavailable.
+        """Publish one event and return once the broker confirmed it; else BrokerUnavailable
+        (Unroutable for a handled type while the work queue is missing: see Topology.route).
         ``message_id``: see shared.broker.event_message."""
         usable = self._usable()
         if usable is None:
             raise BrokerUnavailable("not connected to the broker")
-        exchange, _ = usable
+        events, channel = usable
+        exchange_name, routing_key = self._topology.route(event.type)
+        exchange = events if exchange_name else channel.default_exchange
         message = event_message(raw, event, source="fulfillment-ingress", message_id=message_id)
         started = time.perf_counter()
         try:
             await publish_confirmed(
-                exchange, message, event.type, timeout_s=self._settings.publish_timeout_s
+                exchange, message, routing_key, timeout_s=self._settings.publish_timeout_s
             )
+        except Unroutable:
+            if exchange_name:
+                raise  # the events exchange's alternate exchange is gone: nothing to restore
+            self._declare_again()
+            raise Unroutable(
+                f"the work queue {routing_key} does not exist (deleted?); it is being declared "
+                "again"
+            ) from None
         except ConfirmTimeout:
             if not self.stalled:
                 log.warning("broker not confirming publishes", broker=self._settings.display_url)
@@ -123,6 +142,41 @@ class EventPublisher:
             raise
         self.stalled = False
         metrics.CONFIRM_SECONDS.observe(time.perf_counter() - started)
+
+    def _declare_again(self) -> None:
+        """Declare the topology again in the background, the work queue being gone, one
+        declaration at a time (the workers declare it again too, once the broker tells them,
+        but maybe none is running)."""
+        connection = self._connection
+        if connection is None or (self._redeclaring is not None and not self._redeclaring.done()):
+            return
+        self._redeclaring = asyncio.create_task(self._redeclare(connection), name="redeclare")
+
+    async def _redeclare(self, connection: AbstractConnection) -> None:
+        await asyncio.sleep(REDECLARE_DELAY_S)
+        # on a channel of its own: a failed declaration closes its channel, and the
+        # publishing one must stay open
+        try:
+            async with asyncio.timeout(max(self._settings.publish_timeout_s, 2.0)):
+                channel = await connection.channel()
+                try:
+                    await self._topology.declare(channel)
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(
+                "work queue missing; declaring it again failed",
+                queue=self._topology.work_queue,
+                error=f"{type(exc).__name__}: {str(exc) or 'no answer in time'}",
+            )
+            return
+        log.warning(
+            "work queue was missing; declared it again (webhooks meanwhile answered 503)",
+            queue=self._topology.work_queue,
+        )
 
     async def _maintain(self) -> None:
         failures = 0
@@ -134,7 +188,7 @@ class EventPublisher:
                 )
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 exchange = await self._topology.declare(channel)
-                self._channel, self._exchange = channel, exchange
+                self._connection, self._channel, self._exchange = connection, channel, exchange
                 self.stalled = False  # a new connection: not known to be stalled
                 self._first_attempt_over.set()
                 metrics.BROKER_UP.set(1)
@@ -155,7 +209,7 @@ class EventPublisher:
                 )
             finally:
                 self._first_attempt_over.set()
-                self._channel = self._exchange = None
+                self._connection = self._channel = self._exchange = None
                 metrics.BROKER_UP.set(0)
                 if connection is not None and not connection.is_closed:
                     # bounded: a broker that stopped answering never sends Close-Ok, and a

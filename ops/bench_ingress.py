@@ -272,14 +272,16 @@ async def main() -> None:
 
         # Raw aio-pika publish-with-confirm, same messages, same concurrency, same broker.
         pub_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        exchange = await pub_channel.get_exchange(topo.events_exchange)
+        events = await pub_channel.get_exchange(topo.events_exchange)
         envelopes = [EventEnvelope.parse(b) for b in bodies]
+        routes = [topo.route(e.type) for e in envelopes]  # as the ingress publishes
 
         async def raw_publish(i: int) -> bool:
             j = i % len(bodies)
-            await exchange.publish(
+            exchange_name, routing_key = routes[j]
+            await (events if exchange_name else pub_channel.default_exchange).publish(
                 event_message(bodies[j], envelopes[j], source="bench"),
-                envelopes[j].type,
+                routing_key,
                 mandatory=True,
                 timeout=5,
             )

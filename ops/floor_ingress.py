@@ -41,12 +41,15 @@ async def serve() -> None:
     topology = Topology.from_settings(settings)
     connection = await aio_pika.connect(settings.url)
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    exchange = await channel.get_exchange(topology.events_exchange)
+    exchange_name, routing_key = topology.route(EVENT.type)  # as the ingress publishes
+    exchange = (
+        await channel.get_exchange(exchange_name) if exchange_name else channel.default_exchange
+    )
 
     async def webhook(request: web.Request) -> web.Response:
         body = await request.read()
         message = event_message(body, EVENT, source="fulfillment-ingress")
-        await exchange.publish(message, EVENT.type, mandatory=True, timeout=5)
+        await exchange.publish(message, routing_key, mandatory=True, timeout=5)
         return web.Response(body=ACCEPTED, content_type="application/json")
 
     async def ready(request: web.Request) -> web.Response:

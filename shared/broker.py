@@ -74,10 +74,11 @@ async def publish_confirmed(
     message: aio_pika.Message,
     routing_key: str,
     *,
-    timeout_s: float,
+    timeout_s: float | None,
     mandatory: bool = True,
 ) -> None:
-    """Publish mandatory and wait for the broker's confirm, or raise BrokerUnavailable.
+    """Publish mandatory and wait for the broker's confirm (``timeout_s``; None: as long as
+    it takes), or raise BrokerUnavailable.
 
     The channel must have publisher confirms on and ``on_return_raises=True``, so an
     unroutable message (no queue and no alternate exchange) is an error, not a silent drop.
@@ -85,7 +86,7 @@ async def publish_confirmed(
     try:
         await exchange.publish(message, routing_key, mandatory=mandatory, timeout=timeout_s)
     except TimeoutError:
-        raise ConfirmTimeout(f"no publisher confirm within {timeout_s:g}s") from None
+        raise ConfirmTimeout(f"no publisher confirm within {timeout_s or 0:g}s") from None
     except aiormq.exceptions.PublishError:
         raise Unroutable(f"broker returned the message as unroutable ({routing_key})") from None
     except aiormq.exceptions.DeliveryError:

@@ -22,6 +22,12 @@ class TransientError(FulfillmentError):
         self.retry_after_s = retry_after_s
 
 
+class RetryLater(TransientError):
+    """Raised when trying again later may succeed but trying again at once cannot help or
+    may do harm (an email whose outcome is unknown, a mail relay that does not answer): the
+    in-process retries leave it alone; the delay queues decide."""
+
+
 class PermanentError(FulfillmentError):
     """Raised when retrying cannot help (malformed input, unknown object, a bug)."""
 

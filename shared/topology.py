@@ -7,19 +7,42 @@ start, and a deployment may also run ``fulfillment topology`` ahead of time.
 from __future__ import annotations
 
 import errno
+import functools
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 from shared.errors import BrokerUnavailable, ConfigError, FulfillmentError
 from shared.settings import BrokerSettings
 from shared.vocabulary import WORK_BINDINGS
 
 KEPT_DELIVERY_LIMIT = 1_000_000_000
+
+
+def topic_matches(pattern: str, key: str) -> bool:
+    """Whether a topic exchange routes ``key`` along a binding ``pattern``: dot-separated
+    words, ``*`` standing for one word and ``#`` for any number."""
+
+    def match(words: list[str], at: int, key_words: list[str], k: int) -> bool:
+        if at == len(words):
+            return k == len(key_words)
+        if words[at] == "#":
+            return any(match(words, at + 1, key_words, i) for i in range(k, len(key_words) + 1))
+        if k == len(key_words) or words[at] not in ("*", key_words[k]):
+            return False
+        return match(words, at + 1, key_words, k + 1)
+
+    return match(pattern.split("."), 0, key.split("."), 0)
+
+
+@functools.lru_cache(maxsize=256)
+def handled(event_type: str) -> bool:
+    """Whether the work queue is bound for this event type (a Stripe type or our own)."""
+    return any(topic_matches(binding, event_type) for binding in WORK_BINDINGS)
 
 
 def _delay_label(delay_s: float) -> str:
@@ -61,8 +84,30 @@ class Topology:
         return self.named("stripe.events.unrouted")
 
     @property
+    def unrouted_handled_exchange(self) -> str:
+        """Behind the unrouted fanout exchange: picks out the handled types among what no
+        queue took, which only a publisher not using ``route`` can leave there."""
+        return self.named("stripe.events.unrouted.handled")
+
+    @property
+    def unrouted_handled_queue(self) -> str:
+        return self.named("stripe.events.unrouted.handled")
+
+    @property
     def work_queue(self) -> str:
         return self.named("fulfillment")
+
+    def route(self, event_type: str) -> tuple[str, str]:
+        """Where an event of this type is published: (exchange name, routing key).
+
+        A type the work queue is bound for goes straight to it through the default exchange
+        (""), so that a mandatory publish while the queue is gone comes back to its publisher
+        (who answers 503) instead of being kept by the events exchange's alternate exchange,
+        where no worker looks. Any other type goes to the events exchange, which keeps it in
+        the unrouted queue. The work queue's bindings stay, for other publishers."""
+        if handled(event_type):
+            return "", self.work_queue
+        return self.events_exchange, event_type
 
     @property
     def dead_queue(self) -> str:
@@ -110,6 +155,7 @@ class Topology:
             *self.retry_queues,
             self.dead_queue,
             self.unrouted_queue,
+            self.unrouted_handled_queue,
             self.readiness_queue,
         )
 
@@ -155,6 +201,7 @@ class Topology:
             self.unrouted_queue, durable=True, arguments=self._kept()
         )
         await unrouted_queue.bind(unrouted)
+        await self._declare_unrouted_handled(channel, unrouted)
 
         events = await channel.declare_exchange(
             self.events_exchange,
@@ -163,16 +210,7 @@ class Topology:
             arguments={"alternate-exchange": self.unrouted_exchange},
         )
         await channel.declare_queue(self.dead_queue, durable=True, arguments=self._kept())
-        work = await channel.declare_queue(
-            self.work_queue,
-            durable=True,
-            arguments=self._quorum(
-                **{"x-delivery-limit": self.delivery_limit},
-                **self._dead_lettering(self.dead_queue),
-            ),
-        )
-        for binding in WORK_BINDINGS:
-            await work.bind(events, routing_key=binding)
+        await self.declare_work_queue(channel, events)
         for name, delay_s in zip(self.retry_queues, self.retry_delays_s, strict=True):
             await channel.declare_queue(
                 name,
@@ -190,13 +228,52 @@ class Topology:
         )
         return events
 
+    async def declare_work_queue(
+        self, channel: AbstractChannel, events: AbstractExchange
+    ) -> AbstractQueue:
+        """The work queue and its bindings on the events exchange (declared already). A
+        worker consumes from the queue object this returns: on a robust channel it is
+        declared again, bindings and all, when the broker cancels the consumer because the
+        queue was deleted."""
+        work = await channel.declare_queue(
+            self.work_queue,
+            durable=True,
+            arguments=self._quorum(
+                **{"x-delivery-limit": self.delivery_limit},
+                **self._dead_lettering(self.dead_queue),
+            ),
+        )
+        for binding in WORK_BINDINGS:
+            await work.bind(events, routing_key=binding)
+        return work
+
+    async def _declare_unrouted_handled(
+        self, channel: AbstractChannel, unrouted: AbstractExchange
+    ) -> None:
+        """A copy of every handled-type event no queue took (an alert watches its depth):
+        a topic exchange bound to the unrouted fanout exchange, which stays as it was (a
+        declared object is only ever added to, never changed: PRECONDITION_FAILED)."""
+        picker = await channel.declare_exchange(
+            self.unrouted_handled_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        await picker.bind(unrouted)
+        queue = await channel.declare_queue(
+            self.unrouted_handled_queue, durable=True, arguments=self._kept()
+        )
+        for binding in WORK_BINDINGS:
+            await queue.bind(picker, routing_key=binding)
+
     def describe(self) -> str:
         """The declared names, one per line, for people."""
         lines = [
             f"exchange {self.events_exchange} (topic, alternate {self.unrouted_exchange})",
-            f"exchange {self.unrouted_exchange} (fanout) -> queue {self.unrouted_queue}",
+            f"exchange {self.unrouted_exchange} (fanout) -> queue {self.unrouted_queue}, "
+            f"and exchange {self.unrouted_handled_exchange}",
+            f"exchange {self.unrouted_handled_exchange} (topic, bound {', '.join(WORK_BINDINGS)}) "
+            f"-> queue {self.unrouted_handled_queue} (handled types no queue took: replay them)",
             f"exchange {self.out_exchange} (topic: order.fulfilled, payment.failed)",
-            f"queue {self.work_queue} (quorum, bound {', '.join(WORK_BINDINGS)}, "
+            f"queue {self.work_queue} (quorum, where handled types are published; "
+            f"bound {', '.join(WORK_BINDINGS)}, "
             f"delivery limit {self.delivery_limit}, dead letters -> {self.dead_queue})",
             *(
                 f"queue {name} (delay {delay:g}s, then back to {self.work_queue})"
@@ -211,7 +288,12 @@ class Topology:
         """Remove everything ``declare`` made (tests and teardown only)."""
         for name in self.all_queues:
             await channel.queue_delete(name)
-        for name in (self.events_exchange, self.unrouted_exchange, self.out_exchange):
+        for name in (
+            self.events_exchange,
+            self.unrouted_exchange,
+            self.unrouted_handled_exchange,
+            self.out_exchange,
+        ):
             await channel.exchange_delete(name)
 
 

@@ -50,6 +50,8 @@ HEADER_LAST_FAILED_AT = "fulfillment-last-failed-at"
 HEADER_ERROR_TYPE = "fulfillment-error-type"
 HEADER_ERROR_MESSAGE = "fulfillment-error-message"
 HEADER_WORKER_ID = "fulfillment-worker-id"
+# On a dead letter a worker sent: permanent, retries_exhausted or stripe_not_found.
+HEADER_DEAD_LETTER_REASON = "fulfillment-dead-letter-reason"
 # Set by `dlq replay` on the copy it puts back on the work queue.
 HEADER_REPLAYED_FROM = "replayed-from"
 

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# the ``logs`` fixture: what in-process services logged, as JSON lines
+pytest_plugins = ["tests.captured_logs"]
+
 # Every ingress the tests start (alone or under `up`) serves /metrics on a free port unless
 # a test says which: on the fixed default, runs side by side on one machine would clash.
 os.environ.setdefault("INGRESS_METRICS_PORT", "0")
@@ -295,12 +298,19 @@ def worker_settings(
         broker=broker_settings,
         database_url=database_url,
         smtp=SmtpSettings(
-            host="127.0.0.1", port=smtp.port, timeout_s=2, sender="Shop <orders@shop.test>"
+            host="127.0.0.1",
+            port=smtp.port,
+            connect_timeout_s=2,
+            timeout_s=2,
+            cooldown_s=0.2,  # below the first delay queue's 0.5 s, as the default is below 10 s
+            sender="Shop <orders@shop.test>",
         ),
         concurrency=8,
         metrics_port=0,
         grace_s=5,
         quick_retries=2,
+        stripe_not_found_retries=0,  # an unknown session dead-lettered at once (the rule's
+        # own tests: test_retries_and_dead_letters.py)
         worker_id="test-worker",
     )
 
@@ -346,9 +356,14 @@ async def outbound(
 
 @pytest.fixture
 async def publish(topology: Topology, amqp: AbstractRobustConnection) -> Publish:
-    """Publish a Stripe event document to the events exchange, as the ingress would."""
+    """Publish a Stripe event document where the ingress would (Topology.route); bytes (a
+    body that may be no event) as a checkout.session.completed, unless ``routing_key``."""
     ch = await amqp.channel(publisher_confirms=True, on_return_raises=True)
-    exchange = await ch.get_exchange(topology.events_exchange)
+    events = await ch.get_exchange(topology.events_exchange)
+
+    async def to(message: aio_pika.Message, event_type: str) -> None:
+        exchange_name, key = topology.route(event_type)
+        await (events if exchange_name else ch.default_exchange).publish(message, key)
 
     async def send(doc: dict[str, Any] | bytes, routing_key: str | None = None) -> None:
         if isinstance(doc, bytes):
@@ -358,13 +373,11 @@ async def publish(topology: Topology, amqp: AbstractRobustConnection) -> Publish
                 message_id=uuid.uuid4().hex,
                 content_type="application/json",
             )
-            await exchange.publish(message, routing_key or "checkout.session.completed")
+            await to(message, routing_key or "checkout.session.completed")
             return
         raw = json.dumps(doc).encode()
         envelope = EventEnvelope.parse(raw)
-        await exchange.publish(
-            event_message(raw, envelope, source="test"), routing_key or envelope.type
-        )
+        await to(event_message(raw, envelope, source="test"), routing_key or envelope.type)
 
     return send
 

@@ -9,8 +9,10 @@ the steps those tests repeat, so that a test reads as the behaviour it checks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from email.message import EmailMessage
 from typing import Any
 
@@ -146,6 +148,18 @@ class Pipeline:
         await wait_for(all_dead)
         await worker.stop(grace_s=2)
         return events
+
+    @contextlib.asynccontextmanager
+    async def retrying_every(self, *delays_s: float) -> AsyncIterator[WorkerSettings]:
+        """The pipeline's worker settings with this retry schedule (a fault longer than the
+        default's 1.5 s); the delay queues its workers declare are deleted afterwards."""
+        broker = replace(self.settings.broker, retry_delays_s=delays_s)
+        try:
+            yield replace(self.settings, broker=broker)
+        finally:
+            extra = set(Topology.from_settings(broker).retry_queues)
+            for name in extra - set(self.topology.retry_queues):
+                await self.channel.queue_delete(name)
 
     async def settle(self, worker: Worker, seconds: float = 0.5) -> None:
         """Wait until the work queue is empty and nothing is in flight for a while."""

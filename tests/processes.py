@@ -161,11 +161,15 @@ def worker_env(settings: Any) -> dict[str, str]:
         "STRIPE_API_BASE": settings.stripe.api_base,
         "SMTP_URL": f"smtp://{settings.smtp.host}:{settings.smtp.port}",
         "SMTP_TIMEOUT_S": str(settings.smtp.timeout_s),
+        "SMTP_CONNECT_TIMEOUT_S": str(settings.smtp.connect_timeout_s),
+        "SMTP_DATA_TIMEOUT_S": str(settings.smtp.data_timeout_s),
+        "SMTP_COOLDOWN_S": str(settings.smtp.cooldown_s),
         "MAIL_FROM": settings.smtp.sender,
         "WORKER_METRICS_PORT": "0",
         "WORKER_CONCURRENCY": str(settings.concurrency),
         "WORKER_GRACE_S": str(settings.grace_s),
         "WORKER_QUICK_RETRIES": str(settings.quick_retries),
+        "STRIPE_NOT_FOUND_RETRIES": str(settings.stripe_not_found_retries),
     }
 
 

@@ -55,6 +55,7 @@ REQUIRED_ALERTS = {
     "IngressBrokerDisconnected",
     "FulfillmentNoConsumers",
     "WorkerDeadLetterRate",
+    "FulfillmentHandledEventsUnrouted",
     "ReconcileFoundMissingSessions",
 }
 

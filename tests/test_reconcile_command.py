@@ -20,7 +20,7 @@ from devkit.stripe import StripeStandIn
 from fulfillment import reconcile as reconcile_module
 from fulfillment.reconcile import ReconcileSettings
 from shared.vocabulary import HEADER_CHECKOUT_SESSION_ID, HEADER_EVENT_ID
-from tests.conftest import bind_refusing_queue, db_fetch, depth, free_port, wait_for
+from tests.conftest import db_fetch, depth, free_port, wait_for
 from tests.pipeline import COMPLETED, Pipeline
 from tests.processes import RoleProcess, broker_env, fresh_metrics, run_fulfillment, worker_env
 from worker.settings import WorkerSettings
@@ -284,22 +284,31 @@ async def test_stripes_429s_and_5xxs_mid_listing_are_waited_out_or_end_the_run_c
 
 
 async def test_a_broker_that_refuses_or_is_away_ends_the_run_and_the_next_one_queues_the_rest(
-    pipeline: Pipeline,
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """(The refusal: a full queue the run publishes to instead of the work queue nacks.)"""
+    from shared.errors import BrokerUnavailable
+    from shared.topology import Topology
+
     ago = int(time.time()) - HOUR
     lost = [pipeline.standin.add_session(created=ago - i)["id"] for i in range(2)]
     away = await reconcile(pipeline.settings, RABBITMQ_URL="amqp://guest:guest@127.0.0.1:1/")
-    full = await bind_refusing_queue(pipeline.channel, pipeline.topology, "fulfillment.requested")
-    refused = await reconcile(pipeline.settings)
-    await full.delete(if_unused=False, if_empty=False)
+    full = await pipeline.channel.declare_queue(
+        f"{pipeline.topology.prefix}.full",
+        exclusive=True,
+        arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+    )
+    monkeypatch.setattr(Topology, "route", lambda self, event_type: ("", full.name))
+    s = pipeline.settings
+    with pytest.raises(BrokerUnavailable, match="nack"):
+        await reconcile_module.reconcile(s.stripe, s.broker, s.database_url, ReconcileSettings())
+    monkeypatch.undo()
 
     assert away.code == 2 and "RabbitMQ is not reachable" in away.error
-    assert refused.code == 2 and "nack" in refused.error
     assert (await cursor(pipeline))["resume_from"] is None  # neither run finished
     again = await reconcile(pipeline.settings, "--json")
     assert again.code == 0, again.stderr
     assert again.json["queued"] == 2  # neither was remembered as queued
-    # (the work queue took the refused publish's copy too: a nack says "not every queue")
     queued = {m.headers[HEADER_EVENT_ID] for m in await pipeline.queued()}
     assert queued == {f"reconcile:{sid}" for sid in lost}
     assert (await cursor(pipeline))["resume_from"] is not None

@@ -17,6 +17,7 @@ from devkit import signing as sh
 from devkit.stripe import StripeStandIn
 from shared.vocabulary import (
     HEADER_ATTEMPT,
+    HEADER_DEAD_LETTER_REASON,
     HEADER_ERROR_MESSAGE,
     HEADER_ERROR_TYPE,
     HEADER_EVENT_ID,
@@ -24,6 +25,7 @@ from shared.vocabulary import (
     HEADER_LAST_FAILED_AT,
     HEADER_WORKER_ID,
 )
+from tests.captured_logs import Logs
 from tests.conftest import counted, depth, wait_for
 from tests.pipeline import COMPLETED, Pipeline
 from worker.settings import WorkerSettings
@@ -224,6 +226,42 @@ async def test_stripe_away_for_longer_goes_through_a_delay_queue_and_then_fulfil
     assert [r["outcome"] for r in processed] == ["fulfilled"]
 
 
+@pytest.mark.timeout(90)
+async def test_stripe_answering_404_for_a_while_is_waited_out_and_an_unknown_session_still_dies(
+    logs: Logs, pipeline: Pipeline
+) -> None:
+    """The issue's trial: Stripe answers 404 for every session for 10 s (a key of another
+    account or mode mid-rotation). Every session in that window was dead-lettered at once,
+    none fulfilled after; now each goes through STRIPE_NOT_FOUND_RETRIES delay queues and
+    is fulfilled once Stripe finds it. A session Stripe never knew still ends in the DLQ,
+    as stripe_not_found, after its retries."""
+    labels = {"event_type": COMPLETED, "reason": "stripe_not_found"}
+    before = counted("worker_dead_letters_total", **labels)
+    async with pipeline.retrying_every(6, 6) as settings:
+        await pipeline.start(replace(settings, stripe_not_found_retries=2))
+        pipeline.standin.fail_for(10, 404)
+        never = sh.event(COMPLETED, sh.checkout_session("cs_test_never_known_404"))
+        await pipeline.publish(never)
+        sessions = []
+        for _ in range(10):
+            sessions.append(await pipeline.complete())
+            await asyncio.sleep(0.9)
+
+        for sid in sessions:
+            await pipeline.fulfilled(sid, timeout_s=30)
+        [letter] = await wait_for(pipeline.dead_letters, timeout_s=20)
+    assert letter.headers[HEADER_EVENT_ID] == never["id"]
+    assert letter.headers[HEADER_ERROR_TYPE] == "StripeNotFound"
+    assert letter.headers[HEADER_ATTEMPT] == 3  # the first delivery and two delay queues
+    assert letter.headers[HEADER_DEAD_LETTER_REASON] == "stripe_not_found"
+    assert counted("worker_dead_letters_total", **labels) - before == 1
+    for sid in sessions:
+        assert len(pipeline.mails_for(sid)) == 1
+    [dead] = logs.events("dead-lettered")
+    assert dead["reason"] == "stripe_not_found"
+    logs.assert_no_traceback()
+
+
 async def test_an_unknown_session_or_malformed_body_is_dead_lettered_at_once_with_reasons(
     pipeline: Pipeline,
 ) -> None:
@@ -270,7 +308,7 @@ async def test_a_live_event_with_a_test_key_is_retried_and_says_why_not_session_
     test = sh.event(COMPLETED, sh.checkout_session())
     by_reason = {
         reason: {"event_type": "checkout.session.completed", "reason": reason}
-        for reason in ("retries_exhausted", "permanent")
+        for reason in ("retries_exhausted", "stripe_not_found")
     }
     before = {r: counted("worker_dead_letters_total", **labels) for r, labels in by_reason.items()}
     await pipeline.start()

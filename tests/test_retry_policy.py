@@ -12,6 +12,7 @@ from shared.stripe_client import StripeNotFound
 from shared.topology import Topology
 from shared.vocabulary import (
     HEADER_ATTEMPT,
+    HEADER_DEAD_LETTER_REASON,
     HEADER_ERROR_MESSAGE,
     HEADER_ERROR_TYPE,
     HEADER_FIRST_FAILED_AT,
@@ -66,7 +67,6 @@ def test_a_transient_failure_past_the_schedule_is_dead_lettered_as_retries_exhau
     [
         PermanentError("a handler refused"),
         MalformedEvent("body is not valid JSON"),
-        StripeNotFound("No such checkout.session"),
         Undeliverable("bad address"),
         KeyError("a bug"),
     ],
@@ -77,6 +77,41 @@ def test_a_permanent_failure_or_a_bug_is_dead_lettered_at_once(exc: BaseExceptio
 
     assert (decision.outcome, decision.queue) == (Outcome.DEAD_LETTER, TOPOLOGY.dead_queue)
     assert decision.reason is DeadLetterReason.PERMANENT
+
+
+@pytest.mark.parametrize(("attempt", "queue"), [(1, TEN_S), (2, ONE_MIN), (3, None), (4, None)])
+def test_a_session_stripe_does_not_find_goes_through_the_first_delay_queues_then_the_dlq(
+    attempt: int, queue: str | None
+) -> None:
+    """A 404 for the session a signed event names is rarely final (a key of another mode
+    or account mid-rotation, a read right after creation): STRIPE_NOT_FOUND_RETRIES delay
+    queues first, then a dead letter saying so."""
+    decision = decide(
+        StripeNotFound("No such checkout.session"),
+        attempt,
+        TOPOLOGY,
+        received={},
+        worker_id="w-1",
+        now=NOW,
+        not_found_retries=2,
+    )
+
+    if queue is not None:
+        assert (decision.outcome, decision.queue, decision.reason) == (Outcome.RETRY, queue, None)
+        assert HEADER_DEAD_LETTER_REASON not in decision.headers
+    else:
+        assert (decision.outcome, decision.queue) == (Outcome.DEAD_LETTER, TOPOLOGY.dead_queue)
+        assert decision.reason is DeadLetterReason.STRIPE_NOT_FOUND
+        assert decision.headers[HEADER_DEAD_LETTER_REASON] == "stripe_not_found"
+
+
+def test_stripe_not_finding_the_session_is_dead_lettered_at_once_without_retries() -> None:
+    decision = _decide(StripeNotFound("No such checkout.session"), 1)
+
+    assert (decision.outcome, decision.reason) == (
+        Outcome.DEAD_LETTER,
+        DeadLetterReason.STRIPE_NOT_FOUND,
+    )
 
 
 def test_a_retry_after_longer_than_the_attempts_delay_picks_a_delay_queue_that_long() -> None:
@@ -141,3 +176,27 @@ def test_the_decision_depends_only_on_its_inputs() -> None:
 )
 def test_the_attempt_is_one_more_than_the_copy_says(headers: dict[str, Any], attempt: int) -> None:
     assert attempt_of(headers) == attempt
+
+
+async def test_a_send_in_doubt_or_a_relay_not_answering_is_not_tried_again_in_process() -> None:
+    """Either would wait out the same timeout again, or send the email twice: the delay
+    queue decides. Other transient errors are tried again at once."""
+    from worker.relay import EmailInDoubt, RelayUnavailable
+    from worker.retry import quick_retries
+
+    for error, calls_expected in (
+        (EmailInDoubt("no reply to the message's end"), 1),
+        (RelayUnavailable("relay not answering"), 1),
+        (TransientError("Stripe 503"), 3),
+    ):
+        calls = 0
+
+        async def failing(error: Exception = error) -> None:
+            nonlocal calls
+            calls += 1
+            raise error
+
+        with pytest.raises(type(error)):
+            await quick_retries(3)(failing)
+        assert calls == calls_expected, error
+        assert _decide(error, 1).outcome is Outcome.RETRY

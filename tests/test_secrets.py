@@ -269,7 +269,7 @@ async def test_no_secret_appears_in_any_log_line_of_the_ingress_or_the_worker(
     retried = [e for e in worker.events("retry scheduled") if e.get("event_id") == later["id"]]
     assert retried and "500" in retried[0]["error"]
     [dead] = worker.events("dead-lettered")
-    assert (dead["event_id"], dead["reason"]) == (ghost["id"], "permanent")
+    assert (dead["event_id"], dead["reason"]) == (ghost["id"], "stripe_not_found")
     # every outcome line, whatever the outcome, carries the same fields
     outcome_lines = [*worker.events("event handled"), *retried, dead]
     fields = ("event_id", "event_type", "checkout_session_id", "attempt", "outcome")

@@ -86,19 +86,20 @@ def test_without_a_prefix_names_are_the_bare_names() -> None:
 async def test_every_declared_name_starts_with_the_test_prefix(
     topology: Topology, prefix: str, channel: AbstractChannel
 ) -> None:
-    names = [
-        *topology.all_queues,
+    exchanges = (
         topology.events_exchange,
         topology.unrouted_exchange,
+        topology.unrouted_handled_exchange,
         topology.out_exchange,
-    ]
+    )
+    names = [*topology.all_queues, *exchanges]
 
-    assert len(topology.all_queues) == len(set(topology.all_queues)) == 6
+    assert len(topology.all_queues) == len(set(topology.all_queues)) == 7
     for name in names:
         assert name.startswith(f"{prefix}.")
     for name in topology.all_queues:
         await channel.get_queue(name, ensure=True)
-    for name in (topology.events_exchange, topology.unrouted_exchange, topology.out_exchange):
+    for name in exchanges:
         await channel.get_exchange(name, ensure=True)
 
 
@@ -270,6 +271,7 @@ async def test_the_broker_holds_the_queue_arguments_the_guarantees_rest_on(
         },
         topology.dead_queue: {**quorum, "x-delivery-limit": KEPT_DELIVERY_LIMIT},
         topology.unrouted_queue: {**quorum, "x-delivery-limit": KEPT_DELIVERY_LIMIT},
+        topology.unrouted_handled_queue: {**quorum, "x-delivery-limit": KEPT_DELIVERY_LIMIT},
         **{
             name: {
                 **quorum,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.captured_logs import Logs
+from tests.conftest import database_url_named, db_fetch, drop_database, wait_for
 from tests.pipeline import Pipeline, fulfillment_steps
 from worker.settings import WorkerSettings
 
@@ -144,3 +148,94 @@ async def test_recording_an_effect_after_the_locks_connection_died_stops_the_eve
     finally:
         await admin.close()
         await pool.close()
+
+
+@pytest.fixture
+async def own_database(postgres_url: str) -> AsyncIterator[str]:
+    """A migrated database of this test's own, which it may refuse connections to."""
+    from worker.db import migrate
+
+    name = f"fulfillment_test_{uuid.uuid4().hex[:8]}_refusing"
+    url = database_url_named(postgres_url, name)
+    await migrate(url)
+    yield url
+    await drop_database(postgres_url, name)
+
+
+async def refuse_connections(postgres_url: str, url: str, refuse: bool) -> None:
+    """ALLOW_CONNECTIONS off (and every session of it ended), as during a failover or
+    maintenance; or on again."""
+    import asyncpg
+
+    name = url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(database_url_named(postgres_url, "postgres"))
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(not refuse).lower()}')
+        if refuse:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+            )
+    finally:
+        await admin.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_database_refusing_connections_is_waited_out_never_dead_lettered(
+    logs: Logs, pipeline: Pipeline, own_database: str, postgres_url: str
+) -> None:
+    """The issue's trial: for 15 s the database refuses connections (SQLSTATE 55000, then
+    57P01 for the sessions ended). Every paid session arriving meanwhile was dead-lettered
+    as permanent, with a traceback each; now each is retried through the delay queues and
+    fulfilled once the database is back."""
+    async with pipeline.retrying_every(1, 2, 4, 8, 8) as settings:
+        worker = await pipeline.start(replace(settings, database_url=own_database))
+        before = [await pipeline.complete() for _ in range(5)]
+        await wait_for(lambda: all_fulfilled(own_database, before), timeout_s=20)
+
+        await refuse_connections(postgres_url, own_database, refuse=True)
+        during = []
+        try:
+            for _ in range(15):
+                during.append(await pipeline.complete())
+                await asyncio.sleep(1.0)
+        finally:
+            await refuse_connections(postgres_url, own_database, refuse=False)
+
+        await wait_for(lambda: all_fulfilled(own_database, during), timeout_s=40)
+        await pipeline.settle(worker)
+    assert await pipeline.dead_letters() == []
+    for sid in before + during:
+        assert len(pipeline.mails_for(sid)) == 1
+    retried = logs.events("retry scheduled")
+    assert retried, "the fault was not met"
+    assert {line["error_type"] for line in retried} <= {
+        "ObjectNotInPrerequisiteStateError",
+        "AdminShutdownError",
+        "ConnectionDoesNotExistError",
+        "CannotConnectNowError",
+        "InterfaceError",
+    }, retried
+    logs.assert_no_traceback()
+
+
+async def all_fulfilled(database_url: str, sessions: list[str]) -> bool:
+    rows = await db_fetch(
+        database_url,
+        "SELECT count(*) AS n FROM fulfillment_steps WHERE checkout_session_id = ANY($1)",
+        sessions,
+    )
+    return bool(rows[0]["n"] == 2 * len(sessions))
+
+
+def test_a_database_that_cannot_serve_now_is_transient_whatever_asyncpg_calls_it() -> None:
+    """By SQLSTATE: classes 08, 53 and 57P0x, and 55000, are an unavailable database."""
+    import asyncpg
+
+    from worker.retry import is_transient
+
+    for state in ("08006", "08001", "53300", "53100", "57P01", "57P03", "57P04", "55000"):
+        error = asyncpg.PostgresError.new({"C": state, "M": "unavailable"})
+        assert is_transient(error), state
+    for state in ("23505", "42P01", "22P02", "55006"):
+        error = asyncpg.PostgresError.new({"C": state, "M": "a verdict"})
+        assert not is_transient(error), state

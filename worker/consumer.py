@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiormq
@@ -28,7 +26,6 @@ import asyncpg
 import structlog
 from aio_pika.abc import (
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
@@ -37,14 +34,12 @@ from shared import runtime
 from shared.backoff import compute_backoff
 from shared.broker import bare_copy, copy_message, publish_confirmed, utc_now_iso
 from shared.envelope import EventEnvelope
-from shared.errors import BrokerUnavailable, MalformedEvent, PermanentError, TransientError
+from shared.errors import BrokerUnavailable, PermanentError
 from shared.logging import get_logger
 from shared.stripe_client import AIOHTTPClient
 from shared.topology import Topology
 from shared.vocabulary import (
-    CHECKOUT_SESSION_ID,
     FULFILL_TYPES,
-    FULFILLMENT_REQUESTED,
     HEADER_EVENT_ID,
     HEADER_EVENT_TYPE,
     PAYMENT_FAILED_TYPES,
@@ -52,41 +47,13 @@ from shared.vocabulary import (
     Outcome,
 )
 from worker import db, metrics, retry, startup
+from worker.delivery import Delivery, parse
 from worker.flow import EffectsLog, Fulfiller
+from worker.queue_watch import ConsumerWatch
 from worker.settings import WorkerSettings
 from worker.store import Store
 
 log = get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """What a message says, read once."""
-
-    event: EventEnvelope
-    session_id: str | None
-    attempt: int
-
-
-def parse(message: AbstractIncomingMessage) -> Delivery:
-    """Read the event and its Checkout Session id; MalformedEvent if it is not usable."""
-    attempt = retry.attempt_of(message.headers or {})
-    try:
-        doc = json.loads(message.body)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise MalformedEvent("body is not valid JSON") from None
-    event = EventEnvelope.from_dict(doc)
-    obj = (doc.get("data") or {}).get("object") if isinstance(doc.get("data"), dict) else None
-    session_id = None
-    if event.type.startswith("checkout.session.") or event.type == FULFILLMENT_REQUESTED:
-        # Stripe always says "object": "checkout.session"; without it the cs_ id is enough,
-        # as the session is read from Stripe anyway (which 404s an id that is no session)
-        if not isinstance(obj, dict) or obj.get("object", "checkout.session") != "checkout.session":
-            raise MalformedEvent(f"{event.type} event without a checkout.session in data.object")
-        session_id = obj.get("id")
-        if not isinstance(session_id, str) or not CHECKOUT_SESSION_ID.fullmatch(session_id):
-            raise MalformedEvent("data.object.id is not a Checkout Session id (cs_…)")
-    return Delivery(event, session_id, attempt)
 
 
 class Worker:
@@ -98,7 +65,7 @@ class Worker:
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
-        self._queue: AbstractQueue | None = None
+        self._watch: ConsumerWatch | None = None
         self._consumer_tag: str | None = None
         self._pool: asyncpg.Pool | None = None
         self.store: Store | None = None  # once started
@@ -139,10 +106,10 @@ class Worker:
         await startup.connect(self._connection, s.broker)
         self._channel = await startup.open_channel(self._connection, prefetch=s.concurrency)
         self.store = store = Store(self._pool)
-        await startup.declare(self._channel, self.topology, store)
+        queue = await startup.declare(self._channel, self.topology, store)
         self._fulfiller = await startup.fulfiller(s, store, client, self._channel, self.topology)
-        self._queue = await self._channel.get_queue(self.topology.work_queue)
-        self._consumer_tag = await self._queue.consume(self._on_message)
+        self._watch = ConsumerWatch(self._connection, self._channel, queue, self._on_message)
+        self._consumer_tag = await self._watch.start(lambda: self.in_flight < s.concurrency)
         log.info(
             "worker consuming",
             queue=self.topology.work_queue,
@@ -154,9 +121,8 @@ class Worker:
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking messages, let in-flight ones finish within the grace period, close."""
         grace_s = self.settings.grace_s if grace_s is None else grace_s
-        if self._queue is not None and self._consumer_tag is not None:
-            with contextlib.suppress(Exception):  # bounded: the broker may be away
-                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout=5)
+        if self._watch is not None and self._consumer_tag is not None:
+            await self._watch.stop()  # bounded: the broker may be away
             self._consumer_tag = None
         if self._in_flight:
             log.info("worker draining", in_flight=len(self._in_flight), grace_s=grace_s)
@@ -289,6 +255,7 @@ class Worker:
             received=received,
             worker_id=self.settings.worker_id,
             now=utc_now_iso(),
+            not_found_retries=self.settings.stripe_not_found_retries,
         )
         assert self._channel is not None
         try:
@@ -409,7 +376,7 @@ def _report(
             error=str(exc),
             duration_ms=_ms_since(started),
             # a traceback for what is neither kind of expected failure: a bug
-            exc_info=exc if not isinstance(exc, TransientError | PermanentError) else None,
+            exc_info=None if retry.is_transient(exc) or isinstance(exc, PermanentError) else exc,
         )
 
 

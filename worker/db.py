@@ -33,6 +33,28 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InternalClientError,
 )
 
+# What else a database that cannot serve us now answers, by SQLSTATE (asyncpg has a class for
+# many, not all): classes 08 (connection exception), 53 (insufficient resources: disk,
+# memory, connections), 57P0x (operator intervention: shut down, crashed, starting up,
+# database dropped); 55000 (object not in prerequisite state: what a database that does not
+# allow connections, ALTER DATABASE … ALLOW_CONNECTIONS false, answers a new one); and a
+# statement's own bad luck: 40001 serialization, 40P01 deadlock, 57014 cancelled, 55P03 lock
+# not available.
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P0")
+_TRANSIENT_SQLSTATES = frozenset({"55000", "55P03", "40001", "40P01", "57014"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether failing to get or use a database connection may work later: retried (in
+    process, then through the delay queues), never dead-lettered as permanent."""
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(exc.sqlstate or "")
+        return state.startswith(_TRANSIENT_SQLSTATE_PREFIXES) or state in _TRANSIENT_SQLSTATES
+    return False
+
+
 # No statement waits longer than this (a lock held by a stuck worker, a half-open TCP
 # connection): the handler fails with a transient error and is retried instead of hanging.
 COMMAND_TIMEOUT_S = 30.0
@@ -151,7 +173,11 @@ async def create_pool(url: str, *, max_size: int) -> asyncpg.Pool:
     try:
         pool = await asyncpg.create_pool(
             url,
-            min_size=1,
+            # one connection at once (a bad URL is said at start), and no floor kept: asyncpg
+            # restores a floor in the background, logging a traceback for every attempt
+            # while the database is away; each message's acquire reconnects instead
+            init_size=1,
+            min_size=0,
             max_size=max_size,
             timeout=10,
             command_timeout=COMMAND_TIMEOUT_S,

@@ -25,6 +25,7 @@ from shared.vocabulary import PAYMENT_SUCCEEDED, SESSION_COMPLETED, Outcome
 from worker import mail, metrics
 from worker.order import Order
 from worker.outbound import Outbound
+from worker.relay import EmailInDoubt
 from worker.settings import SmtpSettings
 from worker.store import LockedSession, SessionState, Store
 from worker.stripe_reader import StripeReader
@@ -230,4 +231,15 @@ class Fulfiller:
                 error=str(exc),
             )
             return f"failed: {exc}"[:1000]
+        except EmailInDoubt as exc:
+            # not recorded: the delay queue sends it again (same Message-ID) unless a
+            # recipient's server drops the repeat
+            metrics.EMAILS_IN_DOUBT.labels(build.__name__).inc()
+            log.warning(
+                "email outcome unknown; sent again through the delay queue",
+                checkout_session_id=order.session_id,
+                message_id=message["Message-ID"],
+                error=str(exc),
+            )
+            raise
         return f"sent {message['Message-ID']}"

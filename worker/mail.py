@@ -17,6 +17,7 @@ import idna
 
 from shared.errors import PermanentError, TransientError
 from worker.order import Order, format_amount, one_line
+from worker.relay import RelayBreaker, RelayClient
 from worker.settings import SmtpSettings
 
 
@@ -162,9 +163,11 @@ class Mailer:
         self.max_idle_s = max_idle_s
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []  # (connection, idle since)
         self._tls = ssl.create_default_context() if settings.use_tls else None
+        self._breaker = RelayBreaker(f"{settings.host}:{settings.port}", settings.cooldown_s)
 
     async def send(self, message: Message) -> None:
-        """Hand the message over; TransientError if it may work later, Undeliverable if never."""
+        """Hand the message over; TransientError if it may work later (RetryLater ones,
+        EmailInDoubt and RelayUnavailable, left to the delay queues), Undeliverable if never."""
         try:
             client = self._reuse()
             if client is not None:
@@ -172,11 +175,10 @@ class Mailer:
                     await _send_on(client, message)
                 except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
                     # The relay closed the idle connection meanwhile: once more on a new one.
-                    # (Were it closed after taking the message, the repeat has the same
-                    # Message-ID, as any retry of an unanswered send.)
+                    # (Lost after the message's end, it is EmailInDoubt, never sent again.)
                     client = None
             if client is None:
-                client = await self._connect()
+                client = await self._breaker.connect(self._connect)
                 await _send_on(client, message)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             if all(_never_for_this_message(r.code, r.message) for r in exc.recipients):
@@ -226,13 +228,14 @@ class Mailer:
 
     async def _connect(self) -> aiosmtplib.SMTP:
         s = self.settings
-        client = aiosmtplib.SMTP(
+        client = RelayClient(
+            data_timeout=s.data_timeout_s,
             hostname=s.host,
             port=s.port,
             use_tls=s.use_tls,
             # without credentials, STARTTLS when the server offers it; with them, see below
             start_tls=False if s.credentials else None,
-            timeout=s.timeout_s,
+            timeout=s.connect_timeout_s,  # for the connection's set-up; then timeout_s
             local_hostname=s.local_hostname,
             tls_context=self._tls,
         )
@@ -243,6 +246,7 @@ class Mailer:
         except BaseException:
             _abort(client)
             raise
+        client.timeout = s.timeout_s  # each reply to MAIL, RCPT and DATA
         return client
 
     async def _log_in(self, client: aiosmtplib.SMTP) -> None:

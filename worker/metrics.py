@@ -51,6 +51,23 @@ UNDELIVERABLE_EMAILS = Counter(
     ["purpose"],
 )
 IN_FLIGHT = Gauge("worker_messages_in_flight", "Messages being handled now.")
+EMAILS_IN_DOUBT = Counter(
+    "worker_emails_in_doubt_total",
+    "Customer emails the relay got whole but did not confirm (no reply to the message's end "
+    "within SMTP_DATA_TIMEOUT_S, or the connection lost): maybe taken; sent again through "
+    "the delay queue, same Message-ID.",
+    ["purpose"],
+)
+BROKER_BLOCKED = Gauge(
+    "worker_broker_blocked",
+    "1 while the broker blocks this worker's publishes (connection.blocked: a memory or "
+    "disk alarm) and outbound messages wait for connection.unblocked.",
+)
+SMTP_RELAY_DOWN = Gauge(
+    "worker_smtp_relay_down",
+    "1 while the mail relay does not take connections or greet in time (emails deferred to "
+    "the delay queues without trying, one connection tried every SMTP_COOLDOWN_S).",
+)
 UNCONFIRMED = Counter(
     "worker_outbound_unconfirmed_total",
     "Outbound messages the broker did not confirm within PUBLISH_TIMEOUT_S: they may have "
@@ -135,6 +152,7 @@ def start_at_zero(event_types: tuple[str, ...], email_purposes: tuple[str, ...])
             DEAD_LETTERS.labels(event_type, reason)
     for purpose in email_purposes:
         UNDELIVERABLE_EMAILS.labels(purpose)
+        EMAILS_IN_DOUBT.labels(purpose)
     for kind in OUTBOUND_TYPES:
         UNROUTED.labels(kind)
 

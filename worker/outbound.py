@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractExchange
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from shared.broker import JSON, publish_confirmed
 from shared.envelope import EventEnvelope
@@ -98,12 +100,30 @@ def build_message(
     )
 
 
-class Outbound:
-    """Publishes outbound messages, confirmed; each call returns the detail its step records."""
+# How long aiormq's ready() may take to say the connection is not blocked.
+_BLOCKED_PROBE_S = 0.05
 
-    def __init__(self, exchange: AbstractExchange, *, publish_timeout_s: float) -> None:
+
+class Outbound:
+    """Publishes outbound messages, confirmed; each call returns the detail its step records.
+
+    While the broker blocks publishers (connection.blocked: a memory or disk alarm) it
+    neither takes nor confirms a publish: the wait for a confirm pauses until
+    connection.unblocked instead of timing out, since a publish given up on then may well
+    go out, and its retry would be a second copy."""
+
+    def __init__(
+        self,
+        exchange: AbstractExchange,
+        *,
+        publish_timeout_s: float,
+        channel: AbstractChannel | None = None,
+    ) -> None:
+        """``channel``: the exchange's, whose connection says when the broker blocks us."""
         self._out = exchange
         self._publish_timeout_s = publish_timeout_s
+        self._channel = channel
+        self._waiting_unblocked = 0
 
     async def order_fulfilled(self, event: EventEnvelope, order: Order) -> str:
         return await self._publish(ORDER_FULFILLED, event, order, order_fulfilled_body(order))
@@ -121,7 +141,7 @@ class Outbound:
         # Subscribers bind their own queues (pub/sub). Mandatory: with none bound for it the
         # broker returns it rather than dropping it unseen, and that is said and recorded.
         try:
-            await publish_confirmed(self._out, message, kind, timeout_s=self._publish_timeout_s)
+            await self._confirmed(message, kind)
         except Unroutable:
             metrics.UNROUTED.labels(kind).inc()
             log.warning(
@@ -144,3 +164,59 @@ class Outbound:
             )
             raise
         return f"published {fulfillment_id}"
+
+    async def _confirmed(self, message: aio_pika.Message, routing_key: str) -> None:
+        """publish_confirmed within PUBLISH_TIMEOUT_S, not counting the time the broker
+        blocks publishers; ConfirmTimeout otherwise."""
+        await self._while_blocked()
+        publish = asyncio.ensure_future(
+            publish_confirmed(self._out, message, routing_key, timeout_s=None)
+        )
+        try:
+            while True:
+                done, _ = await asyncio.wait({publish}, timeout=self._publish_timeout_s)
+                if done:
+                    return publish.result()
+                if not await self._while_blocked():
+                    raise ConfirmTimeout(
+                        f"no publisher confirm within {self._publish_timeout_s:g}s"
+                    )
+        finally:
+            if not publish.done():
+                publish.cancel()
+                await asyncio.wait({publish})
+
+    async def _while_blocked(self) -> bool:
+        """Wait while the broker blocks this connection (aiormq's ready() returns once
+        connection.unblocked came); whether it did. Said once per blocking."""
+        if self._channel is None:
+            return False
+        try:  # (a connection being restored is not blocked: the publish fails by itself)
+            underlay = await asyncio.wait_for(
+                self._channel.get_underlay_channel(), _BLOCKED_PROBE_S
+            )
+        except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError):
+            return False
+        connection = underlay.connection
+        if not connection.is_opened:
+            return False
+        ready = asyncio.ensure_future(connection.ready())
+        done, _ = await asyncio.wait({ready}, timeout=_BLOCKED_PROBE_S)
+        if done:
+            return False
+        if self._waiting_unblocked == 0:
+            metrics.BROKER_BLOCKED.set(1)
+            log.warning(
+                "broker blocks publishers (a memory or disk alarm); outbound messages wait "
+                "for it to unblock rather than being published again"
+            )
+        self._waiting_unblocked += 1
+        try:
+            await asyncio.wait({ready, connection.closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            self._waiting_unblocked -= 1
+            if self._waiting_unblocked == 0:
+                metrics.BROKER_BLOCKED.set(0)
+                log.info("broker unblocked publishers")
+        return True

@@ -21,14 +21,16 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.stop import stop_base
 
 from shared.backoff import compute_backoff
-from shared.errors import PermanentError, TransientError
+from shared.errors import PermanentError, RetryLater, TransientError
 from shared.logging import mask_secrets
+from shared.stripe_client import StripeNotFound
 from shared.topology import Topology
 from shared.vocabulary import (
     HEADER_ACCOUNT,
     HEADER_API_VERSION,
     HEADER_ATTEMPT,
     HEADER_CREATED,
+    HEADER_DEAD_LETTER_REASON,
     HEADER_ERROR_MESSAGE,
     HEADER_ERROR_TYPE,
     HEADER_EVENT_ID,
@@ -55,7 +57,13 @@ def is_transient(exc: BaseException) -> bool:
     """Whether trying again later may succeed (outage, overload), as opposed to never."""
     if isinstance(exc, PermanentError):
         return False
-    return isinstance(exc, (TransientError, *db.TRANSIENT_ERRORS))
+    return isinstance(exc, TransientError) or db.is_transient(exc)
+
+
+def retried_in_process(exc: BaseException) -> bool:
+    """Whether a quick retry in process may help: transient, and not one to leave to the
+    delay queues at once (RetryLater)."""
+    return is_transient(exc) and not isinstance(exc, RetryLater)
 
 
 def asked_wait(exc: BaseException | None) -> float:
@@ -144,15 +152,16 @@ class _LongRetryAfter(stop_base):
 
 
 def quick_retries(attempts: int) -> AsyncRetrying:
-    """Up to ``attempts`` tries in process for transient errors, with a short backoff (or the
-    Retry-After asked for, if longer); the last error is raised as it is."""
+    """Up to ``attempts`` tries in process for transient errors (not RetryLater), with a
+    short backoff (or the Retry-After asked for, if longer); the last error is raised as it
+    is."""
     return AsyncRetrying(
         # a Retry-After longer than a quick retry's wait is waited in a delay queue
         stop=stop_after_attempt(attempts) | _LongRetryAfter(),
         wait=lambda state: max(
             compute_backoff(state.attempt_number, base_s=0.2, max_s=2.0), _retry_after(state)
         ),
-        retry=retry_if_exception(is_transient),
+        retry=retry_if_exception(retried_in_process),
         reraise=True,
     )
 
@@ -161,10 +170,12 @@ def quick_retries(attempts: int) -> AsyncRetrying:
 
 
 class DeadLetterReason(StrEnum):
-    """Why a message was dead-lettered (the ``reason`` of its log line and metric)."""
+    """Why a message was dead-lettered (the ``reason`` of its log line, its metric and its
+    header ``fulfillment-dead-letter-reason``)."""
 
     PERMANENT = "permanent"
     RETRIES_EXHAUSTED = "retries_exhausted"
+    STRIPE_NOT_FOUND = "stripe_not_found"  # a 404 for the session, after its retries
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,19 +197,30 @@ def decide(
     received: Mapping[str, Any],
     worker_id: str,
     now: str,
+    not_found_retries: int = 0,
 ) -> Decision:
     """The retry policy for ``exc`` on the ``attempt``-th delivery (1-based) of a message
     that came with headers ``received``; ``now`` is the failure's time as headers carry it.
 
     A transient failure is retried while the schedule (one delay queue per delay) lasts,
-    in the queue whose delay is at least the Retry-After the other side asked for.
+    in the queue whose delay is at least the Retry-After the other side asked for. Stripe
+    not finding the session named in a (signed) event is rarely final (a key of another
+    mode or account mid-rotation, a read right after creation): retried through the first
+    ``not_found_retries`` delay queues (STRIPE_NOT_FOUND_RETRIES), then dead-lettered as
+    ``stripe_not_found``.
     """
     headers = failure_headers(exc, attempt, received=received, worker_id=worker_id, now=now)
     transient = is_transient(exc)
-    if transient and attempt <= len(topology.retry_delays_s):
+    if isinstance(exc, StripeNotFound):
+        retries = min(not_found_retries, len(topology.retry_delays_s))
+        reason = DeadLetterReason.STRIPE_NOT_FOUND
+    else:
+        retries = len(topology.retry_delays_s) if transient else 0
+        reason = DeadLetterReason.RETRIES_EXHAUSTED if transient else DeadLetterReason.PERMANENT
+    if attempt <= retries:
         queue, delay_s = topology.retry_queue_for(attempt, asked_wait(exc))
         return Decision(Outcome.RETRY, queue, delay_s, None, headers)
-    reason = DeadLetterReason.RETRIES_EXHAUSTED if transient else DeadLetterReason.PERMANENT
+    headers[HEADER_DEAD_LETTER_REASON] = str(reason)
     return Decision(Outcome.DEAD_LETTER, topology.dead_queue, None, reason, headers)
 
 

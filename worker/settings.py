@@ -37,7 +37,14 @@ class SmtpSettings:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     use_tls: bool = False
+    # Per stage, as MTAs wait (RFC 5321 4.5.3.2): connecting, the greeting, EHLO, STARTTLS
+    # and AUTH; each reply to MAIL, RCPT and DATA; the reply to the message's end (10 min).
+    connect_timeout_s: float = 10.0
     timeout_s: float = 10.0
+    data_timeout_s: float = 600.0
+    # after the relay failed to take a connection or greet: how long emails are deferred at
+    # once, without trying, before one connection is tried again
+    cooldown_s: float = 5.0
     sender: str = "Orders <orders@localhost>"
     # credentials over a connection without TLS: only for a relay on this host
     allow_plaintext_auth: bool = False
@@ -69,7 +76,14 @@ class SmtpSettings:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             use_tls=parts.scheme == "smtps",
+            connect_timeout_s=env_float(
+                env, "SMTP_CONNECT_TIMEOUT_S", default_of(cls, "connect_timeout_s"), minimum=0.1
+            ),
             timeout_s=env_float(env, "SMTP_TIMEOUT_S", default_of(cls, "timeout_s"), minimum=0.1),
+            data_timeout_s=env_float(
+                env, "SMTP_DATA_TIMEOUT_S", default_of(cls, "data_timeout_s"), minimum=0.1
+            ),
+            cooldown_s=env_float(env, "SMTP_COOLDOWN_S", default_of(cls, "cooldown_s"), minimum=0),
             sender=sender,
             allow_plaintext_auth=env_bool(
                 env, "SMTP_ALLOW_PLAINTEXT_AUTH", default_of(cls, "allow_plaintext_auth")
@@ -94,6 +108,8 @@ class WorkerSettings:
     metrics_host: str = "0.0.0.0"
     grace_s: float = 30.0
     quick_retries: int = 3
+    # delay queues a session Stripe answers 404 for goes through before its dead letter
+    stripe_not_found_retries: int = 2
     worker_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
     )
@@ -113,6 +129,12 @@ class WorkerSettings:
             grace_s=env_float(env, "WORKER_GRACE_S", default_of(cls, "grace_s"), minimum=0),
             quick_retries=env_int(
                 env, "WORKER_QUICK_RETRIES", default_of(cls, "quick_retries"), minimum=1
+            ),
+            stripe_not_found_retries=env_int(
+                env,
+                "STRIPE_NOT_FOUND_RETRIES",
+                default_of(cls, "stripe_not_found_retries"),
+                minimum=0,
             ),
             worker_id=env_str(env, "WORKER_ID", "") or default_of(cls, "worker_id"),
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import aio_pika
 import asyncpg
 import stripe
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
 from aio_pika.connection import make_url
 
 from shared.settings import BrokerSettings
@@ -20,6 +20,11 @@ from worker.outbound import Outbound
 from worker.settings import WorkerSettings
 from worker.store import Store
 from worker.stripe_reader import StripeReader
+
+# How often aio-pika's recovery loop may act: reconnecting after the broker connection
+# dropped, and declaring the work queue again after the broker cancelled the consumer
+# because the queue was deleted (its default, 5 s, is a long pause in consuming).
+RECOVERY_INTERVAL_S = 1.0
 
 
 def start_metrics_at_zero() -> None:
@@ -46,7 +51,7 @@ def broker_connection(settings: BrokerSettings) -> AbstractRobustConnection:
     """A robust connection, not yet connected: the worker keeps it before connecting, since
     cancelling a first connect (a SIGTERM while the broker does not answer) leaves
     aio-pika's reconnect loop running until the connection is closed, which stop() does."""
-    return aio_pika.RobustConnection(make_url(settings.url))
+    return aio_pika.RobustConnection(make_url(settings.url), reconnect_interval=RECOVERY_INTERVAL_S)
 
 
 async def connect(connection: AbstractRobustConnection, settings: BrokerSettings) -> None:
@@ -66,10 +71,17 @@ async def open_channel(
     return channel
 
 
-async def declare(channel: AbstractRobustChannel, topology: Topology, store: Store) -> None:
-    """Declare the topology, and record its delay queues for `status` to find."""
-    await topology.declare(channel)
+async def declare(
+    channel: AbstractRobustChannel, topology: Topology, store: Store
+) -> AbstractRobustQueue:
+    """Declare the topology, record its delay queues for `status` to find; the work queue to
+    consume from (declared again by aio-pika if the broker cancels the consumer because the
+    queue was deleted: see ``worker.queue_watch``)."""
+    events = await topology.declare(channel)
     await store.record_delay_queues(topology)
+    work = await topology.declare_work_queue(channel, events)
+    assert isinstance(work, AbstractRobustQueue)
+    return work
 
 
 async def fulfiller(
@@ -84,6 +96,6 @@ async def fulfiller(
     return Fulfiller(
         store,
         StripeReader(client, live_key=settings.stripe.live_key),
-        Outbound(out, publish_timeout_s=settings.broker.publish_timeout_s),
+        Outbound(out, publish_timeout_s=settings.broker.publish_timeout_s, channel=channel),
         settings.smtp,
     )

@@ -178,8 +178,8 @@ class LockedSession:
                 async with self._pool.acquire(timeout=budget) as fresh:
                     await fresh.execute(_RECORD_STEP_SQL, session_id, step, detail, timeout=budget)
                 break
-            except db.TRANSIENT_ERRORS as exc:
-                if time.monotonic() > deadline:
+            except Exception as exc:
+                if not db.is_transient(exc) or time.monotonic() > deadline:
                     raise
                 log.warning("recording an effect failed; retrying", step=step, error=str(exc)[:200])
                 await asyncio.sleep(compute_backoff(attempt, base_s=0.2, max_s=2.0))

@@ -140,8 +140,8 @@ class StripeStandIn(StripeObjects, Faults):
         return web.json_response(self.sessions[session_id])
 
     async def _admin_faults(self, request: web.Request) -> web.Response:
-        """POST {latency_s?, fail_rate?, statuses?, fail_next?: n, status?, retry_after?,
-        drop_next?, clear?}."""
+        """POST {latency_s?, fail_rate?, statuses?, fail_next?: n, fail_for_s?, status?,
+        retry_after?, drop_next?, clear?}."""
         body = await request.json()
         if body.get("clear"):
             self.clear_faults()
@@ -156,6 +156,8 @@ class StripeStandIn(StripeObjects, Faults):
                 int(body.get("status", 500)),
                 retry_after=None if retry_after is None else float(retry_after),
             )
+        if body.get("fail_for_s"):
+            self.fail_for(float(body["fail_for_s"]), int(body.get("status", 500)))
         if body.get("drop_next"):
             self.drop_next(int(body["drop_next"]))
         return web.json_response({"latency_s": self.latency_s})

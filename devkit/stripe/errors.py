@@ -13,6 +13,7 @@ from aiohttp import web
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 402: "card_error"}
 _ERROR_MESSAGES = {
     401: "Invalid API Key provided.",
+    404: "No such object: the requested resource does not exist.",
     409: "This object cannot be accessed right now because another API request or Stripe "
     "process is currently accessing it.",
     429: "Too many requests hit the API too quickly. We recommend an exponential backoff of "
@@ -63,7 +64,7 @@ class StripeError(Exception):
     def injected(
         cls, status: int, should_retry: bool | None = None, retry_after: float | None = None
     ) -> StripeError:
-        code = {429: "rate_limit", 409: "lock_timeout"}.get(status)
+        code = {429: "rate_limit", 409: "lock_timeout", 404: "resource_missing"}.get(status)
         message = _ERROR_MESSAGES.get(status, "An unknown error occurred")
         return cls(status, message, code=code, should_retry=should_retry, retry_after=retry_after)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
@@ -14,8 +15,8 @@ from devkit.stripe.errors import StripeError
 
 class Faults:
     """What the next requests suffer; the stand-in asks per request, in this order:
-    ``latency_s`` sleep, then a pending :meth:`drop_next`, then a pending :meth:`fail_next`
-    or :meth:`answer_next`, then :meth:`fail_rate`'s dice."""
+    ``latency_s`` sleep, then a pending :meth:`drop_next`, then :meth:`fail_for`'s window,
+    then a pending :meth:`fail_next` or :meth:`answer_next`, then :meth:`fail_rate`'s dice."""
 
     def __init__(self, *, seed: int | None = None, latency_s: float = 0.0) -> None:
         self.latency_s = latency_s
@@ -25,6 +26,8 @@ class Faults:
         self._fail_fraction = 0.0
         self._fail_statuses: tuple[int, ...] = (429, 500)
         self._drops = 0
+        self._failing_until = 0.0  # time.monotonic() until which every request fails
+        self._failing_status = 500
 
     def fail_next(
         self,
@@ -63,6 +66,13 @@ class Faults:
 
         self._fail_queue.extend([(path, answer)] * n)
 
+    def fail_for(self, seconds: float, status: int = 500) -> None:
+        """Every request answers ``status`` with Stripe's error JSON for the next ``seconds``
+        (a 404 for every session while a key of another account is in use, a 5xx incident):
+        a window of time, where ``fail_next`` counts requests. Checked before the others."""
+        self._failing_until = time.monotonic() + seconds
+        self._failing_status = status
+
     def fail_rate(self, fraction: float, statuses: Sequence[int] = (429, 500)) -> None:
         """Fail each request with probability ``fraction``, status drawn from ``statuses``
         (seeded by the constructor's ``seed``). ``fail_rate(0)`` turns it off."""
@@ -81,6 +91,7 @@ class Faults:
         self._fail_queue.clear()
         self._fail_fraction = 0.0
         self._drops = 0
+        self._failing_until = 0.0
         self.latency_s = 0.0
 
     def take_drop(self) -> bool:
@@ -92,6 +103,8 @@ class Faults:
 
     def injected_answer(self, path: str) -> web.Response | None:
         """The fault's answer for this request, if one is due."""
+        if time.monotonic() < self._failing_until:
+            return StripeError.injected(self._failing_status).response()
         if self._fail_queue:
             only, answer = self._fail_queue[0]
             if only is None or fnmatch.fnmatchcase(path, only):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import difflib
 import json
 import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -114,20 +115,34 @@ def _show_status(args: argparse.Namespace, report: dict[str, Any]) -> None:
     print(json.dumps(report, indent=2) if args.json else render(report, colour=colour(sys.stdout)))
 
 
-async def _watch(args: argparse.Namespace, collect: Callable[[], Awaitable[dict[str, Any]]]) -> int:
+async def _watch(
+    args: argparse.Namespace, collect: Callable[[], Coroutine[Any, Any, dict[str, Any]]]
+) -> int:
     """The status again every ``--watch`` seconds, in place on a terminal, until Ctrl-C."""
     clear = sys.stdout.isatty() and not args.json
+    # Ctrl-C ends the watch at once, whatever a look is waiting for (a broker going away)
+    stopping = runtime.stop_requested()
+
+    async def pause() -> bool:
+        """Wait until the next look; True once asked to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), args.watch)
+        return stopping.is_set()
+
     first = True
     while True:
         try:
-            report = await collect()
+            report = await runtime.unless_stopped(collect(), stopping)
         except FulfillmentError as exc:
             if first:
                 raise  # a setting to fix, or nothing there: as without --watch
             # the broker went away while watching: say so, and look again
             _say(args, f"{time.strftime('%H:%M:%S')} {exc}")
-            await asyncio.sleep(args.watch)
+            if await pause():
+                return stopping.exit_code
             continue
+        if report is None:
+            return stopping.exit_code
         first = False
         if clear:
             print("\x1b[H\x1b[2J", end="")  # home, then clear the screen
@@ -139,7 +154,8 @@ async def _watch(args: argparse.Namespace, collect: Callable[[], Awaitable[dict[
             if not clear:
                 print()
         sys.stdout.flush()
-        await asyncio.sleep(args.watch)
+        if await pause():
+            return stopping.exit_code
 
 
 def send(args: argparse.Namespace) -> int:

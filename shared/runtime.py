@@ -9,7 +9,6 @@ the standard library's loop instead (to rule uvloop out when chasing a problem).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import faulthandler
 import os
 import platform
@@ -94,9 +93,15 @@ def stop_requested(*, ignore_for_s: float = 0.0) -> StopRequest:
     return stop
 
 
+# How long a stop waits for cancelled work to unwind (a broker connection closing through a
+# network that no longer answers would otherwise hold the exit forever).
+CANCEL_WAIT_S = 5.0
+
+
 async def unless_stopped(work: Coroutine[Any, Any, T], stopping: asyncio.Event) -> T | None:
     """``work``'s result, or None once ``stopping`` is set first: ``work`` is then cancelled,
-    and whatever it raises on the way out is dropped (we are stopping)."""
+    given ``CANCEL_WAIT_S`` to unwind, and whatever it raises on the way out is dropped (we
+    are stopping)."""
     task = asyncio.ensure_future(work)
     stop = asyncio.ensure_future(stopping.wait())
     await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -104,8 +109,9 @@ async def unless_stopped(work: Coroutine[Any, Any, T], stopping: asyncio.Event) 
     if task.done():
         return task.result()
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+    await asyncio.wait({task}, timeout=CANCEL_WAIT_S)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: dropped, not logged as never retrieved
     return None
 
 

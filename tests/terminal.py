@@ -49,9 +49,10 @@ class Terminal:
     def output(self) -> str:
         return self._output.decode(errors="replace")
 
-    def wait_for(self, text: str, timeout_s: float = 60) -> None:
+    def wait_for(self, text: str, timeout_s: float = 60, *, times: int = 1) -> None:
+        """Until ``text`` has been shown ``times`` times."""
         deadline = time.monotonic() + timeout_s
-        while text not in self.output:
+        while self.output.count(text) < times:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"{text!r} never shown; output:\n{self.output[-4000:]}")
             time.sleep(0.05)

@@ -12,7 +12,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aio_pika
@@ -175,8 +175,7 @@ async def test_status_watch_redraws_in_place_on_a_terminal_until_ctrl_c(
         env["NO_COLOR"] = no_color
     terminal = Terminal(["status", "--watch", "0.5"], env)
     try:
-        await asyncio.to_thread(terminal.wait_for, "Ctrl-C stops")
-        await asyncio.sleep(1.2)  # drawn again
+        await asyncio.to_thread(terminal.wait_for, "Ctrl-C stops", times=2)  # drawn again
         terminal.ctrl_c()
         code = await asyncio.to_thread(terminal.wait)
     finally:
@@ -200,17 +199,14 @@ async def test_status_watch_reads_the_dead_letters_again_only_when_their_number_
     letter = aio_pika.Message(b"{}", headers=failed)
     await channel.default_exchange.publish(letter, topology.dead_queue)
     env = _status_env(broker_settings.url, broker_settings.prefix, database_url)
-    watch = await asyncio.create_subprocess_exec(
+    watch = Watch(await asyncio.create_subprocess_exec(
         sys.executable, "-m", "fulfillment", "status", "--watch", "0.2", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+    ))  # fmt: skip
     try:
-        await asyncio.sleep(3)  # over ten rounds
+        await watch.until(lambda out: len(re.findall(r"oldest dead letter: \d+s old", out)) >= 5)
     finally:
-        watch.send_signal(signal.SIGINT)
-        output, _ = await watch.communicate()
-
-    assert len(re.findall(r"oldest dead letter: \ds old", output.decode())) >= 5
+        await watch.stop()
     [read] = await drain(channel, topology.dead_queue)
     # delivered once before (the first round's read), not once a round
     assert (read.headers or {}).get("x-delivery-count") == 1
@@ -222,26 +218,60 @@ async def test_status_watch_says_when_the_broker_goes_away_and_shows_it_again_wh
     proxy = TcpProxy.in_front_of(broker_settings.url)
     await proxy.start()
     env = _status_env(proxy.url(), broker_settings.prefix, database_url)
-    watch = await asyncio.create_subprocess_exec(
+    watch = Watch(await asyncio.create_subprocess_exec(
         sys.executable, "-m", "fulfillment", "status", "--watch", "0.3", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    ))  # fmt: skip
     try:
-        await asyncio.sleep(1.5)
+        await watch.until(lambda out: "oldest dead letter:" in out)
         await proxy.cut()  # the broker gone (a closed port)
-        await asyncio.sleep(1.5)
+        await watch.until(lambda _: "RabbitMQ is not reachable" in watch.errors)
+        shown_before = watch.output.count("oldest dead letter:")
         await proxy.restore()
-        await asyncio.sleep(1.5)
-        assert watch.returncode is None  # still watching
+        await watch.until(lambda out: out.count("oldest dead letter:") > shown_before)
+        assert watch.process.returncode is None  # still watching
     finally:
-        watch.send_signal(signal.SIGINT)
-        out, err = await watch.communicate()
+        code = await watch.stop()
         await proxy.close()
 
-    assert watch.returncode == 130
-    errors = err.decode().splitlines()
+    assert code == 130
+    errors = watch.errors.splitlines()
     assert errors and all(" RabbitMQ is not reachable at " in line for line in errors), errors
     assert all(line.startswith("fulfillment status: ") for line in errors)
-    # shown before the outage, and again after it
-    tables = out.decode().split("oldest dead letter:")
-    assert len(tables) >= 3
+
+
+class Watch:
+    """A running ``status --watch`` whose output is read as it comes."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self._out = bytearray()
+        self._err = bytearray()
+        self._readers = [
+            asyncio.ensure_future(self._read(process.stdout, self._out)),
+            asyncio.ensure_future(self._read(process.stderr, self._err)),
+        ]
+
+    @staticmethod
+    async def _read(stream: asyncio.StreamReader | None, into: bytearray) -> None:
+        while stream is not None and (chunk := await stream.read(65536)):
+            into += chunk
+
+    @property
+    def output(self) -> str:
+        return self._out.decode(errors="replace")
+
+    @property
+    def errors(self) -> str:
+        return self._err.decode(errors="replace")
+
+    async def until(self, shown: Callable[[str], bool], timeout_s: float = 60) -> None:
+        await wait_for(lambda: shown(self.output), timeout_s=timeout_s)
+
+    async def stop(self) -> int:
+        """Ctrl-C, then its exit code once it ended and its output is all read."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(self.process.wait(), 30)
+        await asyncio.wait_for(asyncio.gather(*self._readers), 10)
+        return code
